@@ -1,0 +1,18 @@
+"""The sparse ops. Importing this package registers them with torch.library."""
+from __future__ import annotations
+
+from .registry import OpDef
+from .nm_linear import NM_LINEAR
+
+OPS: dict[str, OpDef] = {op.name: op for op in (NM_LINEAR,)}
+
+
+def get_op(name: str) -> OpDef:
+    """Look up an op by short (`nm_linear`) or qualified (`sparsecc::nm_linear`) name."""
+    short = name.split("::", 1)[-1]
+    if short not in OPS:
+        raise KeyError(f"unknown sparse op '{name}' (known: {', '.join(sorted(OPS))})")
+    return OPS[short]
+
+
+__all__ = ["OPS", "OpDef", "get_op"]

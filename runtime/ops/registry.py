@@ -1,0 +1,38 @@
+"""One entry per sparse op: schema lives in the op module, everything else is named here.
+
+An `OpDef` is the single place the rest of sparsecc looks an op up:
+the custom op (for FX graphs and fake shapes), the kernels per backend
+(what the Program executor calls), the verifier (what the PassManager calls
+after every pass) and the name of the ONNX export rule (which lives in the
+compiler, so the runtime never imports it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+# verify(*args, **kwargs) receives the op's arguments with tensors replaced by
+# their FakeTensor `meta["val"]`; it returns None when the call is well formed,
+# else a one-line reason.
+Verifier = Callable[..., Optional[str]]
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str                                   # "nm_linear" -> sparsecc::nm_linear
+    op: Any                                     # torch.ops.sparsecc.<name>.default
+    kernels: dict[str, Callable[..., Any]]      # backend ("torch", "triton") -> kernel
+    verify: Verifier
+    onnx_export: Optional[str] = None           # export rule name in sparsecc.onnx_export
+    attrs: tuple[str, ...] = field(default=())  # non-tensor arguments, printed as {k=v}
+
+    @property
+    def qualname(self) -> str:
+        return f"sparsecc::{self.name}"
+
+    def kernel(self, backend: str) -> Callable[..., Any]:
+        try:
+            return self.kernels[backend]
+        except KeyError:
+            have = ", ".join(sorted(self.kernels))
+            raise KeyError(f"op {self.qualname} has no '{backend}' kernel (has: {have})") from None
