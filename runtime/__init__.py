@@ -1,0 +1,12 @@
+"""sparsecc.runtime: the sparse ops, their kernels and the Program executor.
+
+Imports nothing from `sparsecc` outside this package, so a lowered program
+runs without the compiler or the passes.
+"""
+from __future__ import annotations
+
+from .errors import InputMismatchError, RuntimeProgramError
+from .executor import Executor
+from .program import Instruction, Program
+
+__all__ = ["Executor", "InputMismatchError", "Instruction", "Program", "RuntimeProgramError"]

@@ -1,0 +1,151 @@
+"""Benchmark sparsecc::nm_linear (2:4) against a dense linear layer of the same (pruned) weight.
+
+    python bench/nm_linear.py [--quick] [--json PATH] [--no-cpu] [--sweep]
+
+Per shape (out x in) and token count: compressed/dense weight bytes (fp16), CPU
+times (median of timed reps after a warm-up) of dense `F.linear` and of the
+CPU kernel in fp32 and bf16; with CUDA also fp16 cuBLAS, the Triton kernel
+and torch's semi-structured 2:4 (`to_sparse_semi_structured`), timed side by
+side with `triton.testing.do_bench` (median). Ratios are time / dense time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import sparsecc.runtime.ops  # noqa: F401  (registers sparsecc::nm_linear)
+from sparsecc.runtime.kernels.cpu.nm_linear import nm_linear_cpu
+from sparsecc.runtime.nm_format import compress_nm, nm_compressed_bytes, nm_mask
+
+N, M = 2, 4
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
+QUICK_SHAPES = [(1024, 1024), (2752, 1024), (1024, 2752)]
+TOKENS = (1, 512)
+SWEEP = {  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) tried per token count with --sweep
+    "few": [(16, bn, bk, w) for bn in (16, 32, 64) for bk in (64, 128, 256) for w in (2, 4)],
+    "many": [(bm, bn, bk, w) for bm in (64, 128) for bn in (64, 128) for bk in (32, 64) for w in (4, 8)],
+}
+
+
+def cpu_ms(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def gpu_ms(fn) -> float:
+    import triton.testing
+    return triton.testing.do_bench(fn, return_mode="median")
+
+
+def pruned_layer(out_features: int, in_features: int, dtype: torch.dtype, device: str = "cpu") -> dict:
+    weight = torch.randn(out_features, in_features, device=device)
+    pruned = (weight * nm_mask(weight.abs(), N, M)).to(dtype)
+    values, indices = compress_nm(pruned, N, M)
+    return {"dense": pruned, "values": values, "indices": indices, "in": in_features}
+
+
+def cpu_columns(shape: tuple[int, int], tokens: int, reps: int) -> dict:
+    row = {}
+    for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        layer = pruned_layer(*shape, dtype)
+        x = torch.randn(tokens, shape[1], dtype=dtype)
+        row[f"cpu_dense_{tag}_ms"] = cpu_ms(lambda: F.linear(x, layer["dense"]), reps)
+        row[f"cpu_nm_{tag}_ms"] = cpu_ms(
+            lambda: nm_linear_cpu(x, layer["values"], layer["indices"], None, N, M, shape[1]), reps)
+    return row
+
+
+def triton_ms(layer: dict, x: torch.Tensor, sweep: bool) -> tuple[float, str, float]:
+    """(best time, its config, worst relative error vs dense over all configs) of the Triton kernel."""
+    from sparsecc.runtime.kernels.triton.nm_linear import nm_linear_triton
+    configs = SWEEP["few" if x.shape[0] <= 16 else "many"] if sweep else [None]
+    reference = F.linear(x.float(), layer["dense"].float())
+    results = []
+    for config in configs:
+        blocks = {} if config is None else dict(zip(("block_m", "block_n", "block_k", "num_warps"), config))
+        run = lambda: nm_linear_triton(x, layer["values"], layer["indices"], None, N, M, layer["in"], **blocks)  # noqa: E731
+        error = float((run().float() - reference).norm() / reference.norm())
+        results.append((gpu_ms(run), str(config or "default"), error))
+    best = min(results)
+    return best[0], best[1], max(r[2] for r in results)
+
+
+def semi_structured_ms(layer: dict, x: torch.Tensor) -> tuple[float | None, str]:
+    try:
+        sparse = torch.sparse.to_sparse_semi_structured(layer["dense"])
+        F.linear(x, sparse)
+        return gpu_ms(lambda: F.linear(x, sparse)), ""
+    except Exception as err:  # unsupported GPU, shape or build: report why
+        return None, f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"
+
+
+def gpu_columns(shape: tuple[int, int], tokens: int, sweep: bool) -> dict:
+    layer = pruned_layer(*shape, torch.float16, "cuda")
+    x = torch.randn(tokens, shape[1], dtype=torch.float16, device="cuda")
+    row = {"gpu_dense_fp16_ms": gpu_ms(lambda: F.linear(x, layer["dense"]))}
+    row["gpu_triton_ms"], row["gpu_triton_config"], row["gpu_triton_rel_err"] = triton_ms(layer, x, sweep)
+    row["gpu_semi_ms"], row["gpu_semi_note"] = semi_structured_ms(layer, x)
+    return row
+
+
+def fmt(row: dict, key: str, base: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return f"{'-':>17}"
+    return f"{value:9.3f} ({value / row[base]:4.2f}x)"
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = [("cpu_dense_fp32_ms", "cpu_dense_fp32_ms"), ("cpu_nm_fp32_ms", "cpu_dense_fp32_ms"),
+            ("cpu_dense_bf16_ms", "cpu_dense_fp32_ms"), ("cpu_nm_bf16_ms", "cpu_dense_bf16_ms"),
+            ("gpu_dense_fp16_ms", "gpu_dense_fp16_ms"), ("gpu_triton_ms", "gpu_dense_fp16_ms"),
+            ("gpu_semi_ms", "gpu_dense_fp16_ms")]
+    cols = [c for c in cols if any(c[0] in r for r in rows)]
+    print(f"{'out x in':>12} {'tok':>4} {'bytes':>6} " + " ".join(f"{c[0][:-3]:>17}" for c in cols))
+    for r in rows:
+        print(f"{r['shape']:>12} {r['tokens']:>4} {r['bytes_ratio']:6.4f} " + " ".join(fmt(r, *c) for c in cols))
+    for r in rows:
+        if "gpu_triton_config" in r:
+            print(f"{r['shape']} tok={r['tokens']}: triton {r['gpu_triton_config']} rel.err "
+                  f"{r['gpu_triton_rel_err']:.1e} {r['gpu_semi_note']}".rstrip())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller shapes, fewer reps (smoke run)")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    parser.add_argument("--no-cpu", action="store_true", help="skip the CPU columns")
+    parser.add_argument("--sweep", action="store_true", help="on CUDA, report the best of several tile configs")
+    args = parser.parse_args()
+    rows = []
+    for shape in QUICK_SHAPES if args.quick else SHAPES:
+        for tokens in TOKENS:
+            reps = 3 if args.quick else (15 if tokens == 1 else 5)
+            dense_fp16 = shape[0] * shape[1] * 2
+            row = {"shape": f"{shape[0]}x{shape[1]}", "tokens": tokens,
+                   "bytes_ratio": nm_compressed_bytes(*shape, N, M, torch.float16) / dense_fp16}
+            if not args.no_cpu:
+                row |= cpu_columns(shape, tokens, reps)
+            if torch.cuda.is_available():
+                row |= gpu_columns(shape, tokens, args.sweep)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                       "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

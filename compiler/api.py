@@ -1,0 +1,156 @@
+"""`sparsecc.compile` and the `CompiledModel` it returns."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from contextlib import contextmanager
+from typing import Any, Iterable, Optional
+
+import torch
+from torch.utils import _pytree as pytree
+
+from sparsecc.passes import PassContext, PassManager, build_pipeline, print_graph
+from sparsecc.runtime.errors import InputMismatchError
+from sparsecc.runtime.executor import Executor
+from sparsecc.runtime.program import Program
+
+from .capture import Captured, capture, check_model, normalize_inputs
+from .config import parse_sparsity
+from .errors import ConfigError
+from .lower import lower
+from .numerics import relative_error
+from .reference import pruned_state_dict
+from .report import Report
+
+BACKENDS = ("torch", "triton")
+
+
+def compile(model: torch.nn.Module, example_inputs: Any, sparsity: Any = None, calibration: Optional[Iterable] = None,
+            backend: Optional[str] = None, pipeline: Optional[str] = None, dynamic_shapes: Any = None, *,
+            example_kwargs: Optional[dict] = None, check: bool = True, verify: bool = True,
+            print_ir_after_all: bool = False, dump_dir: Optional[str] = None, progress: bool = False) -> "CompiledModel":
+    """Capture `model`, rewrite it for `sparsity`, lower it to a Program and return a callable.
+
+    `sparsity` is "N:M", a dict or a SparsityConfig; `pipeline` (a pass pipeline string)
+    replaces the pipeline the sparsity request implies. `check` computes the output error
+    against the dense model on the example inputs for the report. The model is never modified.
+    """
+    steps = _Steps(progress)
+    check_model(model)
+    config = parse_sparsity(sparsity)
+    args = normalize_inputs(example_inputs)
+    backend = _pick_backend(backend, model)
+    passes = build_pipeline(pipeline if pipeline is not None else config.pipeline())
+    with steps("capture"):
+        captured = capture(model, args, example_kwargs, dynamic_shapes)
+    ctx = PassContext(example_inputs=args, calibration=calibration, progress=progress)
+    with steps("rewrite"):
+        manager = PassManager(passes, verify=verify, print_ir_after_all=print_ir_after_all, dump_dir=dump_dir)
+        gm = manager.run(captured.gm, ctx)
+    with steps("lower"):
+        program, constants = lower(gm, captured.symbol_ranges, captured.in_spec, captured.out_spec)
+    compiled = CompiledModel(program, constants, backend, gm, captured)
+    report = _build_report(model, passes, ctx, compiled, captured)
+    if check:
+        with steps("check"):
+            _check_against_dense(compiled, report, args, example_kwargs or {})
+    report.timings = dict(steps.timings)
+    compiled._report = report
+    return compiled
+
+
+class CompiledModel:
+    """The rewritten program; call it like the original model."""
+
+    def __init__(self, program: Program, constants: dict[str, torch.Tensor], backend: str,
+                 gm: torch.fx.GraphModule, captured: Captured):
+        self.program, self.constants, self.backend = program, constants, backend
+        self.graph_module = gm
+        self._captured = captured
+        self._executor = Executor(program, constants, backend)
+        self._report: Optional[Report] = None
+        self.records: list = []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        if spec != self._captured.in_spec:
+            raise InputMismatchError(f"inputs have structure {spec}, but the model was compiled for "
+                                     f"{self._captured.in_spec}")
+        outputs = self._executor.run(flat)
+        return pytree.tree_unflatten(outputs, self._captured.out_spec)
+
+    def report(self) -> Report:
+        return self._report
+
+    def ir(self) -> str:
+        """The rewritten graph in sparsecc's MLIR-like text form."""
+        return print_graph(self.graph_module)
+
+    def pruned_state_dict(self) -> dict[str, torch.Tensor]:
+        """Dense weights equal to what the compiled program computes with, keyed by the model's names."""
+        return pruned_state_dict(self.records, self.constants)
+
+    def __repr__(self) -> str:
+        return f"CompiledModel(backend={self.backend!r}, {self.program.summary()})"
+
+
+def _pick_backend(backend: Optional[str], model: torch.nn.Module) -> str:
+    if backend is None:
+        on_cuda = any(p.is_cuda for p in model.parameters())
+        return "triton" if on_cuda else "torch"
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend: unknown backend {backend!r} (accepted: {', '.join(BACKENDS)})")
+    if backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("backend 'triton' needs a CUDA device, or TRITON_INTERPRET=1 to run the kernels "
+                          "in Triton's interpreter on CPU")
+    return backend
+
+
+def _build_report(model, passes, ctx: PassContext, compiled: CompiledModel, captured: Captured) -> Report:
+    compiled.records = list(ctx.records)
+    skipped = [{"layer": s.where, "rule": s.rule, "reason": s.reason}
+               for stats in ctx.stats.values() for s in stats.skipped]
+    return Report(
+        model=type(model).__name__,
+        pipeline=",".join(p.spelling() for p in passes),
+        backend=compiled.backend,
+        layers=compiled.records,
+        skipped=skipped,
+        passes={name: stats.to_dict() for name, stats in ctx.stats.items()},
+        model_bytes_before=_state_bytes(captured.dense_gm),
+        model_bytes_after=sum(t.numel() * t.element_size() for t in compiled.constants.values()),
+    )
+
+
+def _state_bytes(gm: torch.fx.GraphModule) -> int:
+    tensors = {id(t): t for t in list(gm.parameters()) + list(gm.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _check_against_dense(compiled: CompiledModel, report: Report, args: tuple, kwargs: dict) -> None:
+    with torch.no_grad():
+        got = compiled(*args, **kwargs)
+        dense = compiled._captured.dense_gm(*args, **kwargs)
+        report.error_vs_dense = relative_error(got, dense)
+        if compiled.records:
+            weights = compiled.pruned_state_dict()
+            pruned = torch.func.functional_call(compiled._captured.dense_gm, weights, args, kwargs, strict=False)
+            report.error_vs_reference = relative_error(got, pruned)
+
+
+class _Steps:
+    """Times each compile step; prints progress to stderr when asked."""
+
+    def __init__(self, progress: bool):
+        self.progress, self.timings = progress, {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        if self.progress:
+            print(f"[sparsecc] {name} ...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        yield
+        self.timings[name] = time.perf_counter() - start
+        if self.progress:
+            print(f"[sparsecc] {name} done in {self.timings[name]:.2f}s", file=sys.stderr, flush=True)

@@ -1,0 +1,80 @@
+"""The `sparsecc` command line: compile a model and print its report, or run a pipeline and print IR."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Optional
+
+from .errors import SparseccError
+
+
+def _sparsity(text: str) -> Any:
+    text = text.strip()
+    return json.loads(text) if text.startswith("{") else text
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("factory", help="MODULE:FACTORY or file.py:FACTORY returning (model, example_inputs)")
+    p.add_argument("--pipeline", help='pass pipeline, e.g. "prune-nm{n=2,m=4},cleanup"')
+    p.add_argument("--print-ir-after-all", action="store_true", help="print the IR after every pass (stderr)")
+    p.add_argument("--dump-dir", help="write the IR (.mlir) and graph (.dot) after every pass here")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsecc", description="A compiler for sparsity in neural networks.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    comp = sub.add_parser("compile", help="compile a model and print its report")
+    _add_model_args(comp)
+    comp.add_argument("--sparsity", type=_sparsity, default="2:4", help='"N:M" or a JSON dict (default 2:4)')
+    comp.add_argument("--backend", choices=("torch", "triton"), help="kernel backend (default: by device)")
+    comp.add_argument("--json", action="store_true", help="print the report as JSON")
+    comp.add_argument("--ir", action="store_true", help="also print the final IR")
+    comp.add_argument("--no-check", action="store_true", help="skip the error check against the dense model")
+    opt = sub.add_parser("opt", help="run a pass pipeline on a captured model and print the IR")
+    _add_model_args(opt)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except (SparseccError, ValueError) as err:
+        print(f"sparsecc {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _compile(args) -> int:
+    import sparsecc
+    from .factory import load_factory
+
+    model, inputs = load_factory(args.factory)
+    compiled = sparsecc.compile(model, inputs, sparsity=args.sparsity, pipeline=args.pipeline,
+                                backend=args.backend, check=not args.no_check, progress=True,
+                                print_ir_after_all=args.print_ir_after_all, dump_dir=args.dump_dir)
+    report = compiled.report()
+    print(report.to_json() if args.json else report)
+    if args.ir:
+        print(compiled.ir())
+    return 0
+
+
+def _opt(args) -> int:
+    from sparsecc.passes import PassContext, PassManager, build_pipeline, print_graph
+    from .capture import capture, normalize_inputs
+    from .factory import load_factory
+
+    model, inputs = load_factory(args.factory)
+    captured = capture(model, normalize_inputs(inputs))
+    manager = PassManager(build_pipeline(args.pipeline or "cleanup"),
+                          print_ir_after_all=args.print_ir_after_all, dump_dir=args.dump_dir)
+    ctx = PassContext(example_inputs=normalize_inputs(inputs), progress=True)
+    print(print_graph(manager.run(captured.gm, ctx)))
+    return 0
+
+
+_COMMANDS = {"compile": _compile, "opt": _opt}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""The compile report: what was rewritten, what it saves, and the error it costs."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from sparsecc.passes.records import RewriteRecord
+
+
+@dataclass
+class Report:
+    model: str
+    pipeline: str
+    backend: str
+    layers: list[RewriteRecord]
+    skipped: list[dict[str, str]]
+    passes: dict[str, dict[str, Any]]
+    model_bytes_before: int
+    model_bytes_after: int
+    error_vs_dense: Optional[float] = None        # relative L2 error of the outputs vs the dense model
+    error_vs_reference: Optional[float] = None    # vs the dense model with the pruned weights (exactness)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def totals(self) -> dict[str, int]:
+        keys = ("params_before", "params_after", "bytes_before", "bytes_after", "flops_before", "flops_after")
+        return {k: sum(getattr(r, k) for r in self.layers) for k in keys}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "pipeline": self.pipeline, "backend": self.backend,
+            "layers": [r.to_dict() for r in self.layers], "skipped": self.skipped,
+            "passes": self.passes, "totals": self.totals(),
+            "model_bytes": {"before": self.model_bytes_before, "after": self.model_bytes_after},
+            "error_vs_dense": self.error_vs_dense, "error_vs_reference": self.error_vs_reference,
+            "timings": self.timings,
+        }
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, default=str)
+
+    def __str__(self) -> str:
+        return format_report(self)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _count(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _ratio(after: float, before: float) -> str:
+    return f"{after / before:.3f}x" if before else "-"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return [line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows]
+
+
+def format_report(report: Report) -> str:
+    out = [f"sparsecc report: {report.model}", f"pipeline: {report.pipeline}", f"backend:  {report.backend}", ""]
+    if report.layers:
+        rows = [[r.layer, r.op, r.pattern, "x".join(map(str, r.shape)),
+                 f"{_count(r.params_before)} -> {_count(r.params_after)}",
+                 f"{_size(r.bytes_before)} -> {_size(r.bytes_after)} ({_ratio(r.bytes_after, r.bytes_before)})",
+                 f"{_count(r.flops_before)} -> {_count(r.flops_after)}"] for r in report.layers]
+        out += _table(["layer", "op", "pattern", "shape", "params", "bytes", "FLOPs"], rows)
+        t = report.totals()
+        out += ["", f"rewritten layers: {len(report.layers)}",
+                f"  weight bytes: {_size(t['bytes_before'])} -> {_size(t['bytes_after'])} "
+                f"({_ratio(t['bytes_after'], t['bytes_before'])})",
+                f"  FLOPs/call:   {_count(t['flops_before'])} -> {_count(t['flops_after'])} "
+                f"({_ratio(t['flops_after'], t['flops_before'])}; FLOPs over kept weights)"]
+    else:
+        out.append("rewritten layers: 0")
+    out.append(f"model constants: {_size(report.model_bytes_before)} -> {_size(report.model_bytes_after)} "
+               f"({_ratio(report.model_bytes_after, report.model_bytes_before)})")
+    out += _skipped_lines(report.skipped) + _error_lines(report) + _timing_lines(report.timings)
+    return "\n".join(out)
+
+
+def _skipped_lines(skipped: list[dict[str, str]]) -> list[str]:
+    if not skipped:
+        return ["skipped layers: 0"]
+    return [f"skipped layers: {len(skipped)}"] + [f"  {s['layer']}: {s['reason']} [{s['rule']}]" for s in skipped]
+
+
+def _error_lines(report: Report) -> list[str]:
+    lines = []
+    if report.error_vs_dense is not None:
+        lines.append(f"error vs dense model:         {report.error_vs_dense:.3e} (relative L2, example inputs)")
+    if report.error_vs_reference is not None:
+        lines.append(f"error vs pruned dense model:  {report.error_vs_reference:.3e} (exactness of the rewrite)")
+    return lines
+
+
+def _timing_lines(timings: dict[str, float]) -> list[str]:
+    if not timings:
+        return []
+    return ["time: " + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items())]

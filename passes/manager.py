@@ -1,0 +1,181 @@
+"""`Pass`, its result and statistics, the shared `PassContext`, and the `PassManager`.
+
+A pass is a frozen dataclass whose `name` and fields are its pipeline
+spelling (`prune-nm{n=2,m=4}`). It rewrites the GraphModule in place and
+returns `PassResult(gm, modified, stats)`. The manager runs passes in order
+and, after each one, lints, recompiles and verifies the graph, records the
+stats in `ctx.stats`, and optionally prints or dumps the IR:
+
+    dump_dir/00-input.mlir, 00-input.dot     the graph before any pass
+    dump_dir/01-prune-nm.mlir, .dot          after pass 1, and so on
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Optional, Sequence, TextIO
+
+from torch.fx import GraphModule
+
+from .graph import to_dot
+from .pipeline import build_pipeline, format_option
+from .printer import print_graph
+from .verify import VerificationError, verify_graph
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A match a rule declined: where (module path or node name), which rule, why."""
+    where: str
+    rule: str
+    reason: str
+
+
+@dataclass
+class PassStats:
+    matched: int = 0
+    rewritten: int = 0
+    skipped: list[Skip] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # pass-specific counters
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"matched": self.matched, "rewritten": self.rewritten,
+                "skipped": [dataclasses.asdict(s) for s in self.skipped], "extra": dict(self.extra)}
+
+    def summary(self) -> str:
+        extra = "".join(f", {k} {v}" for k, v in self.extra.items())
+        return f"matched {self.matched}, rewritten {self.rewritten}, skipped {len(self.skipped)}{extra}"
+
+
+def _log_to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+@dataclass
+class PassContext:
+    """What passes share: inputs for calibration/checks, per-layer records, stats, logging."""
+    example_inputs: tuple = ()                    # flat tensors, in placeholder order
+    calibration: object = None
+    records: list = field(default_factory=list)   # per-layer rewrite records, read by the report
+    stats: dict[str, PassStats] = field(default_factory=dict)
+    progress: bool = False
+    log: Callable[[str], None] = _log_to_stderr
+
+
+@dataclass
+class PassResult:
+    gm: GraphModule
+    modified: bool
+    stats: PassStats = field(default_factory=PassStats)
+
+
+@dataclass(frozen=True)
+class Pass:
+    """Base class; subclasses are `@dataclass(frozen=True)` with a kebab-case `name`."""
+    name: ClassVar[str] = ""
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        raise NotImplementedError(f"pass '{self.name}' does not implement run()")
+
+    @classmethod
+    def option_types(cls) -> dict[str, Any]:
+        """Option name -> resolved type annotation, in declaration order."""
+        hints = typing.get_type_hints(cls)
+        return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+    def spelling(self) -> str:
+        """The pipeline text of this pass; options at their default are left out."""
+        options = [f"{f.name}={format_option(getattr(self, f.name))}"
+                   for f in dataclasses.fields(self) if not _is_default(f, getattr(self, f.name))]
+        return self.name + ("{" + ",".join(options) + "}" if options else "")
+
+
+def _is_default(f: dataclasses.Field, value: Any) -> bool:
+    if f.default is not dataclasses.MISSING:
+        return value == f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return value == f.default_factory()
+    return False
+
+
+def _stats_key(stats: dict[str, PassStats], name: str) -> str:
+    if name not in stats:
+        return name
+    index = 2
+    while f"{name}#{index}" in stats:
+        index += 1
+    return f"{name}#{index}"
+
+
+@dataclass
+class PassManager:
+    passes: Sequence[Pass]
+    verify: bool = True
+    print_ir_after_all: bool = False
+    dump_dir: Optional[str | Path] = None
+    out: Optional[TextIO] = None  # where printed IR goes; stderr when None
+
+    @classmethod
+    def from_pipeline(cls, text: str, **options: Any) -> "PassManager":
+        return cls(build_pipeline(text), **options)
+
+    def spelling(self) -> str:
+        return ",".join(p.spelling() for p in self.passes)
+
+    def run(self, gm: GraphModule, ctx: Optional[PassContext] = None) -> GraphModule:
+        """Run every pass on `gm` (in place) and return the final GraphModule."""
+        ctx = ctx if ctx is not None else PassContext()
+        self._check(gm, "before any pass (input graph)")
+        self._dump(gm, 0, "input")
+        for index, pass_ in enumerate(self.passes, start=1):
+            gm = self._run_one(pass_, gm, ctx, index)
+        return gm
+
+    def _run_one(self, pass_: Pass, gm: GraphModule, ctx: PassContext, index: int) -> GraphModule:
+        start = time.perf_counter()
+        try:
+            result = pass_.run(gm, ctx)
+        except Exception as err:
+            err.add_note(f"while running pass '{pass_.spelling()}'")
+            raise
+        key = _stats_key(ctx.stats, pass_.name)
+        ctx.stats[key] = result.stats
+        gm = result.gm
+        self._check(gm, f"after pass '{key}'")
+        if ctx.progress:
+            ctx.log(f"[{index}/{len(self.passes)}] {key}: {result.stats.summary()} ({time.perf_counter() - start:.2f}s)")
+        self._print(gm, pass_.name)
+        self._dump(gm, index, pass_.name)
+        return gm
+
+    def _check(self, gm: GraphModule, when: str) -> None:
+        """lint, recompile (the generated code must follow the graph), then verify."""
+        try:
+            gm.graph.lint()
+            gm.recompile()
+            if self.verify:
+                verify_graph(gm)
+        except VerificationError as err:
+            raise VerificationError(f"verification failed {when}: {err}", node=err.node) from err
+        except Exception as err:  # lint's and codegen's own errors
+            raise VerificationError(f"verification failed {when}: {err}") from err
+
+    def _print(self, gm: GraphModule, name: str) -> None:
+        if self.print_ir_after_all:
+            out = self.out if self.out is not None else sys.stderr
+            out.write(f"// -----// IR after {name} //----- //\n{print_graph(gm)}\n")
+
+    def _dump(self, gm: GraphModule, index: int, name: str) -> None:
+        if self.dump_dir is None:
+            return
+        folder = Path(self.dump_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{index:02d}-{name}.mlir").write_text(print_graph(gm))
+        (folder / f"{index:02d}-{name}.dot").write_text(to_dot(gm))
+
+
+__all__ = ["Pass", "PassContext", "PassManager", "PassResult", "PassStats", "Skip"]

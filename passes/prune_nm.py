@@ -1,0 +1,198 @@
+"""`prune-nm`: prune constant linear weights to N:M by magnitude and run them as `sparsecc::nm_linear`.
+
+Rules, one per way a linear reaches the graph; `transposed` says whether the
+constant is stored `[in, out]` (GPT-2 Conv1D, `x @ W`) rather than `[out, in]`:
+
+    aten.linear(x, W, b?)                 W [out, in]
+    aten.addmm(b, x, aten.t(W))           W [out, in]   (decomposed linear)
+    aten.mm(x, aten.t(W))                 W [out, in]
+    aten.matmul(x, aten.t(W))             W [out, in]   (x @ W.t())
+    aten.addmm(b, x, W)                   W [in, out]   (Conv1D)
+    aten.mm(x, W) / aten.matmul(x, W)     W [in, out]
+
+The weight is pruned along the reduction dim and compressed once, even when
+several layers share it; a weight that also feeds anything else (a tied
+embedding, say) is skipped with the reason.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch.fx import Node
+
+from sparsecc.runtime.nm_format import check_nm, compress_nm, nm_mask
+from sparsecc.runtime.ops import get_op  # noqa: F401  (registers sparsecc::nm_linear)
+
+from .manager import Pass, PassContext, PassResult
+from .match import Const, Match, Op, Var
+from .records import RewriteRecord
+from .rewrite import CheckResult, Rewriter, Rule, RuleSet, apply_rules, fail, ok
+
+aten = torch.ops.aten
+_W, _X, _B = Const("w"), Var("x"), Var("b")
+
+
+@dataclass(frozen=True)
+class _Form:
+    """How one rule sees the weight: its layout and where the bias comes from."""
+    source_op: str
+    transposed: bool
+
+
+PATTERNS = {
+    "linear": (Op(aten.linear.default, _X, _W, Var("b", optional=True)), _Form("aten.linear", False)),
+    "addmm-t": (Op(aten.addmm.default, _B, _X, Op(aten.t.default, _W)), _Form("aten.addmm", False)),
+    "mm-t": (Op(aten.mm.default, _X, Op(aten.t.default, _W)), _Form("aten.mm", False)),
+    "matmul-t": (Op(aten.matmul.default, _X, Op(aten.t.default, _W)), _Form("aten.matmul", False)),
+    "addmm": (Op(aten.addmm.default, _B, _X, _W), _Form("aten.addmm", True)),
+    "mm": (Op(aten.mm.default, _X, _W), _Form("aten.mm", True)),
+    "matmul": (Op(aten.matmul.default, _X, _W), _Form("aten.matmul", True)),
+}
+# Beta/alpha of addmm are not named in the patterns, so they must be at their default 1.
+# Uses of a weight node this pass can rewrite consistently: (target, argument slot) -> layout.
+_WEIGHT_SLOTS = {(aten.linear.default, 1): False, (aten.addmm.default, 2): True,
+                 (aten.mm.default, 1): True, (aten.matmul.default, 1): True}
+
+
+def layer_path(weight: Node) -> str:
+    """'blocks.0.mlp.up.weight' -> 'blocks.0.mlp.up' (the module owning the weight)."""
+    return weight.target.rpartition(".")[0] or weight.target
+
+
+def _layouts_of(weight: Node) -> dict:
+    """Layout in which each use reads `weight` (True = [in, out]); None for a use this pass cannot rewrite."""
+    layouts = {}
+    for user in weight.users:
+        if user.target is aten.t.default:
+            for u in user.users:
+                slot = _WEIGHT_SLOTS.get((u.target, u.args.index(user) if user in u.args else -1))
+                layouts[u] = None if slot is None else not slot
+        else:
+            layouts[user] = _WEIGHT_SLOTS.get((user.target, user.args.index(weight) if weight in user.args else -1))
+    return layouts
+
+
+def _op_text(node: Node) -> str:
+    return str(node.target).removesuffix(".default")
+
+
+@dataclass(frozen=True)
+class PruneNM(Pass):
+    name: ClassVar[str] = "prune-nm"
+    n: int = 2
+    m: int = 4
+    method: str = "magnitude"
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        check_nm(self.n, self.m)
+        if self.method != "magnitude":
+            raise ValueError(f"prune-nm: unknown method {self.method!r} (available: magnitude)")
+        rewriter = _NMRewrite(self, gm, ctx)
+        stats = apply_rules(gm, rewriter.ruleset(), ctx)
+        return PassResult(gm, stats.rewritten > 0, stats)
+
+
+class _NMRewrite:
+    """The rules of one prune-nm run, sharing a cache of compressed weights."""
+
+    def __init__(self, options: PruneNM, gm: torch.fx.GraphModule, ctx: PassContext):
+        self.options, self.gm, self.ctx = options, gm, ctx
+        self.compressed: dict[str, tuple[str, str]] = {}   # weight name -> (values, indices) attrs
+
+    def ruleset(self) -> RuleSet:
+        rules = [Rule(f"nm-{name}", pattern, self._replacer(form), self._checker(form))
+                 for name, (pattern, form) in PATTERNS.items()]
+        return RuleSet("nm-linear", rules)
+
+    def _checker(self, form: _Form):
+        def check(m: Match, ctx: PassContext) -> CheckResult:
+            result = self.check(m, form)
+            return result if result else fail(result.reason, where=layer_path(m["w"]))
+        return check
+
+    def _replacer(self, form: _Form):
+        return lambda m, rw: self.replace(m, rw, form)
+
+    def weight(self, m: Match, form: _Form) -> torch.Tensor:
+        w = _fetch(self.gm, m["w"].target)
+        return w.t() if form.transposed else w
+
+    def check(self, m: Match, form: _Form) -> CheckResult:
+        path, n, mm = layer_path(m["w"]), self.options.n, self.options.m
+        if not any(fnmatch.fnmatchcase(path, g) for g in self.options.include):
+            return fail(f"not matched by include {list(self.options.include)}")
+        excluded = [g for g in self.options.exclude if fnmatch.fnmatchcase(path, g)]
+        if excluded:
+            return fail(f"excluded by '{excluded[0]}'")
+        w = _fetch(self.gm, m["w"].target)
+        if w.dim() != 2 or not w.is_floating_point():
+            return fail(f"weight is {w.dim()}-D {w.dtype}; prune-nm needs a 2-D floating-point weight")
+        layouts = _layouts_of(m["w"])
+        others = sorted({_op_text(u) for u, layout in layouts.items() if layout is None})
+        if others:
+            return fail(f"weight is tied to {', '.join(others)}; pruning it would change that use too")
+        if len(set(layouts.values())) > 1:
+            return fail("weight is used both as [out, in] and [in, out]; one compressed layout cannot serve both")
+        k = w.shape[0] if form.transposed else w.shape[1]
+        if k % mm:
+            return fail(f"reduction dim {k} is not divisible by M={mm} (pattern {n}:{mm})")
+        if isinstance(m.get("x"), Node) and _val(m["x"]).dtype != w.dtype:
+            return fail(f"input dtype {_val(m['x']).dtype} differs from weight dtype {w.dtype}")
+        return ok()
+
+    def replace(self, m: Match, rw: Rewriter, form: _Form) -> Node:
+        n, mm = self.options.n, self.options.m
+        weight = self.weight(m, form)
+        values, indices = self._compressed(m["w"].target, weight, rw)
+        bias = m.get("b")
+        out = rw.call(torch.ops.sparsecc.nm_linear.default,
+                      m["x"], values, indices, bias, n, mm, weight.shape[1])
+        self.ctx.records.append(self._record(m, form, weight, values, indices))
+        return out
+
+    def _compressed(self, target: str, weight: torch.Tensor, rw: Rewriter) -> tuple[Node, Node]:
+        if target not in self.compressed:
+            mask = nm_mask(weight.abs(), self.options.n, self.options.m)
+            values, indices = compress_nm(weight, self.options.n, self.options.m, mask=mask)
+            v = rw.add_constant(target + "_nm_values", values)
+            i = rw.add_constant(target + "_nm_indices", indices)
+            self.compressed[target] = (v.target, i.target)
+            return v, i
+        return tuple(rw.get_constant(name) for name in self.compressed[target])
+
+    def _record(self, m: Match, form: _Form, weight: torch.Tensor, values: Node, indices: Node) -> RewriteRecord:
+        out_features, k = weight.shape
+        v, i = _fetch(self.gm, values.target), _fetch(self.gm, indices.target)
+        tokens = _tokens(_val(m["x"]), k)
+        flops = 2 * tokens * out_features * k
+        n, mm = self.options.n, self.options.m
+        return RewriteRecord(
+            layer=layer_path(m["w"]), op="sparsecc.nm_linear", source_op=form.source_op, pattern=f"{n}:{mm}",
+            shape=[out_features, k], params_before=weight.numel(), params_after=v.numel(),
+            bytes_before=weight.numel() * weight.element_size(),
+            bytes_after=v.numel() * v.element_size() + i.numel() * i.element_size(),
+            flops_before=flops, flops_after=flops * n // mm,
+            details={"weight": m["w"].target, "values": values.target, "indices": indices.target,
+                     "n": n, "m": mm, "in_features": k, "transposed": form.transposed})
+
+
+def _fetch(gm: torch.fx.GraphModule, target: str) -> torch.Tensor:
+    owner, _, attr = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, attr)
+
+
+def _val(node: Node):
+    return node.meta["val"]
+
+
+def _tokens(x, k: int) -> int:
+    """Rows the linear sees on the example inputs (symbolic sizes use their example hint)."""
+    numel = x.numel()
+    if not isinstance(numel, int):
+        numel = numel.node.hint if numel.node.hint is not None else k
+    return int(numel) // k

@@ -1,0 +1,74 @@
+"""`sparsecc::nm_linear`: a linear layer whose weight is stored N:M-compressed.
+
+    y[..., out] = x[..., in_features] @ decompress_nm(values, indices).T + bias
+
+`values [out, in_features*N/M]` and `indices [out, nm_index_bytes]` are the
+layout defined in `sparsecc.runtime.nm_format`. y has x's dtype.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..kernels.cpu.nm_linear import nm_linear_cpu
+from ..nm_format import check_nm, nm_index_bytes
+from .registry import OpDef
+
+
+def nm_linear_triton(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor],
+                     n: int, m: int, in_features: int) -> Tensor:
+    """The Triton kernel; imported on first call so loading the op registry stays cheap."""
+    from ..kernels.triton.nm_linear import nm_linear_triton as launch
+    return launch(x, values, indices, bias, n, m, in_features)
+
+
+@torch.library.custom_op("sparsecc::nm_linear", mutates_args=(), device_types="cpu")
+def nm_linear(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor],
+              n: int, m: int, in_features: int) -> Tensor:
+    return nm_linear_cpu(x, values, indices, bias, n, m, in_features)
+
+
+nm_linear.register_kernel("cuda")(nm_linear_triton)
+
+
+@nm_linear.register_fake
+def _(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor],
+      n: int, m: int, in_features: int) -> Tensor:
+    return x.new_empty(*x.shape[:-1], values.shape[0])
+
+
+def _weight_problem(values: Tensor, indices: Tensor, n: int, m: int, in_features: int) -> Optional[str]:
+    try:
+        check_nm(n, m)
+    except ValueError as err:
+        return str(err)
+    if in_features % m:
+        return f"in_features={in_features} is not divisible by M={m}"
+    if values.dim() != 2 or values.shape[1] != in_features * n // m:
+        return f"values {list(values.shape)} must be [out, in_features*N/M = {in_features * n // m}]"
+    if indices.dtype != torch.uint8:
+        return f"indices dtype {indices.dtype} must be torch.uint8"
+    index_bytes = nm_index_bytes(in_features, n, m)
+    if list(indices.shape) != [values.shape[0], index_bytes]:
+        return f"indices {list(indices.shape)} must be [{values.shape[0]}, {index_bytes}]"
+    return None
+
+
+def verify_nm_linear(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor],
+                     n: int, m: int, in_features: int) -> Optional[str]:
+    """None when the call is well formed, else the first inconsistency found."""
+    problem = _weight_problem(values, indices, n, m, in_features)
+    if problem or x.dim() < 1 or x.shape[-1] != in_features:
+        return problem or f"x {list(x.shape)} must end in in_features={in_features}"
+    if values.dtype != x.dtype:
+        return f"values dtype {values.dtype} != x dtype {x.dtype}"
+    if bias is not None and (list(bias.shape) != [values.shape[0]] or bias.dtype != x.dtype):
+        return f"bias {bias.dtype}{list(bias.shape)} must be {x.dtype}[{values.shape[0]}]"
+    return None
+
+
+NM_LINEAR = OpDef(name="nm_linear", op=torch.ops.sparsecc.nm_linear.default,
+                  kernels={"torch": nm_linear_cpu, "triton": nm_linear_triton},
+                  verify=verify_nm_linear, onnx_export="nm_linear", attrs=("n", "m", "in_features"))

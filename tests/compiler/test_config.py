@@ -1,0 +1,58 @@
+import pytest
+
+from sparsecc.config import SparsityConfig, WeightsConfig, parse_sparsity
+from sparsecc.errors import ConfigError
+
+
+def test_shorthand_is_magnitude_weights():
+    config = parse_sparsity("2:4")
+    assert config.weights == WeightsConfig(pattern="2:4")
+    assert config.pipeline() == "prune-nm{n=2,m=4,method=magnitude,include=[*]},cleanup"
+
+
+def test_dict_and_dataclass_agree():
+    from_dict = parse_sparsity({"weights": {"pattern": "4:8", "exclude": ["lm_head", "*.gate"]}})
+    from_class = parse_sparsity(SparsityConfig(weights=WeightsConfig(pattern="4:8", exclude=("lm_head", "*.gate"))))
+    assert from_dict == from_class
+    assert "exclude=[lm_head,*.gate]" in from_dict.pipeline()
+
+
+def test_none_means_no_rewrite():
+    assert parse_sparsity(None).pipeline() == "cleanup"
+
+
+@pytest.mark.parametrize("pattern, words", [
+    ("3:2", "0 < N < M"), ("0:4", "0 < N < M"), ("2:3:4", "expected 'N:M'"),
+    ("2:5", "M must be one of"), ("2-4", "expected 'N:M'"), ("4:4", "0 < N < M"),
+])
+def test_invalid_patterns_are_named(pattern, words):
+    with pytest.raises(ConfigError, match=words) as err:
+        parse_sparsity(pattern)
+    assert repr(pattern) in str(err.value) or "expected 'N:M'" in str(err.value)
+
+
+def test_unknown_top_level_key_lists_accepted():
+    with pytest.raises(ConfigError, match=r"unknown key 'weigths' \(accepted: weights"):
+        parse_sparsity({"weigths": "2:4"})
+
+
+def test_unknown_weights_key_lists_accepted():
+    with pytest.raises(ConfigError, match=r"sparsity.weights: unknown key 'patern' \(accepted: pattern, method"):
+        parse_sparsity({"weights": {"patern": "2:4"}})
+
+
+def test_unknown_method_lists_available():
+    with pytest.raises(ConfigError, match=r"unknown method 'obs' \(available: magnitude\)"):
+        parse_sparsity({"weights": {"pattern": "2:4", "method": "obs"}})
+
+
+def test_rewrites_not_built_yet_say_so():
+    with pytest.raises(ConfigError, match="MoE dispatch is not available"):
+        parse_sparsity({"moe": "dispatch"})
+
+
+def test_wrong_types():
+    with pytest.raises(ConfigError, match="expected a string like '2:4'"):
+        parse_sparsity(24)
+    with pytest.raises(ConfigError, match="weights.exclude: expected a list"):
+        parse_sparsity({"weights": {"exclude": "lm_head"}})

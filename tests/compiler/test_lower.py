@@ -1,0 +1,88 @@
+"""Lowering to a Program and running it with the executor, without any rewrite."""
+import json
+
+import pytest
+import torch
+
+from sparsecc.capture import capture
+from sparsecc.lower import lower, op_qualname
+from sparsecc.runtime.errors import InputMismatchError, RuntimeProgramError
+from sparsecc.runtime.executor import Executor
+from sparsecc.runtime.program import Program
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        a, b = torch.split(self.fc(x), 4, dim=-1)
+        return {"sum": a + b, "max": x.max(dim=-1).values}
+
+
+def _lowered(model, args, dynamic_shapes=None):
+    c = capture(model, args, dynamic_shapes=dynamic_shapes)
+    return c, *lower(c.gm, c.symbol_ranges, c.in_spec, c.out_spec)
+
+
+def test_program_runs_like_the_model_and_survives_json():
+    model, x = Net(), torch.randn(3, 16)
+    _, program, constants = _lowered(model, (x,))
+    program = Program.from_dict(json.loads(json.dumps(program.to_dict())))
+    got = Executor(program, constants).run([x])
+    want = model(x)
+    torch.testing.assert_close(got[0], want["sum"])
+    torch.testing.assert_close(got[1], want["max"])
+
+
+def test_tuple_results_unpack_into_registers():
+    _, program, _ = _lowered(Net(), (torch.randn(3, 16),))
+    split = [i for i in program.instructions if i.op.startswith("aten::split")]
+    assert len(split) == 1 and split[0].unpack and len(split[0].outputs) == 2
+
+
+def test_registers_are_reused():
+    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(6)])
+    _, program, _ = _lowered(model, (torch.randn(2, 8),))
+    assert len(program.instructions) == 6
+    assert program.num_registers == 1    # each linear reads its input before writing the same register
+
+
+def test_wrong_shape_and_dtype_are_named():
+    _, program, constants = _lowered(Net(), (torch.randn(3, 16),))
+    ex = Executor(program, constants)
+    with pytest.raises(InputMismatchError, match=r"input 'x' dim 0: expected size 3, got 5"):
+        ex.run([torch.randn(5, 16)])
+    with pytest.raises(InputMismatchError, match=r"expected dtype float32, got float64"):
+        ex.run([torch.randn(3, 16, dtype=torch.float64)])
+    with pytest.raises(InputMismatchError, match=r"expected 1 tensor inputs"):
+        ex.run([])
+
+
+def test_dynamic_dims_accept_other_sizes():
+    batch = torch.export.Dim("batch", min=1, max=64)
+    _, program, constants = _lowered(Net(), (torch.randn(3, 16),), dynamic_shapes={"x": {0: batch}})
+    ex = Executor(program, constants)
+    assert ex.run([torch.randn(7, 16)])[0].shape[0] == 7
+    with pytest.raises(InputMismatchError, match="outside the range"):
+        ex.run([torch.randn(65, 16)])
+
+
+def test_ops_outside_the_allowlist_are_refused():
+    _, program, constants = _lowered(Net(), (torch.randn(3, 16),))
+    data = program.to_dict()
+    data["instructions"][0]["op"] = "os::system"
+    with pytest.raises(RuntimeProgramError, match="outside the allowed namespaces"):
+        Executor(Program.from_dict(data), constants)
+    data["instructions"][0]["op"] = "aten::no_such_op.default"
+    with pytest.raises(RuntimeProgramError, match="unknown ATen op"):
+        Executor(Program.from_dict(data), constants)
+    data["instructions"][0]["op"] = "sparsecc::no_such_op"
+    with pytest.raises(RuntimeProgramError, match="unknown sparse op"):
+        Executor(Program.from_dict(data), constants)
+
+
+def test_qualnames():
+    assert op_qualname(torch.ops.aten.add.Tensor) == "aten::add.Tensor"
+    assert op_qualname(torch.ops.aten.linear.default) == "aten::linear.default"
