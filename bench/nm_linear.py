@@ -26,10 +26,12 @@ N, M = 2, 4
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 QUICK_SHAPES = [(1024, 1024), (2752, 1024), (1024, 2752)]
 TOKENS = (1, 512)
-SWEEP = {  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) tried per token count with --sweep
-    "few": [(16, bn, bk, w) for bn in (16, 32, 64) for bk in (64, 128, 256) for w in (2, 4)],
-    "many": [(bm, bn, bk, w) for bm in (64, 128) for bn in (64, 128) for bk in (32, 64) for w in (4, 8)],
-}
+SWEEP = {  # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps) of the fused kernel tried with --sweep
+    "few": [(16, bn, bk, split, 4) for bn in (16, 32, 64) for bk in (128, 256) for split in (1, 4, 8)],
+    "many": [(64, 64, 64, 1, 4), (64, 128, 64, 1, 4), (128, 64, 64, 1, 8), (128, 128, 64, 1, 8),
+             (64, 128, 128, 1, 4), (128, 128, 128, 1, 8), (128, 64, 32, 1, 8)],
+    "decompress": [(32, 128, 4), (64, 128, 4), (16, 256, 4), (32, 256, 4), (64, 256, 8), (128, 128, 8), (8, 512, 4)],
+}  # (BLOCK_N, BLOCK_K, num_warps) of the decompression kernel
 
 
 def cpu_ms(fn, reps: int) -> float:
@@ -65,15 +67,36 @@ def cpu_columns(shape: tuple[int, int], tokens: int, reps: int) -> dict:
     return row
 
 
-def triton_ms(layer: dict, x: torch.Tensor, sweep: bool) -> tuple[float, str, float]:
-    """(best time, its config, worst relative error vs dense over all configs) of the Triton kernel."""
+def triton_ms(layer: dict, x: torch.Tensor, sweep: bool) -> tuple[float, str, float, list]:
+    """(best time, its config, worst relative error vs dense, all results) of the Triton kernel."""
     from sparsecc.runtime.kernels.triton.nm_linear import nm_linear_triton
-    configs = SWEEP["few" if x.shape[0] <= 16 else "many"] if sweep else [None]
+    configs = SWEEP["few" if x.shape[0] <= 16 else "many"] if sweep else [default_config(x.shape[0])]
     reference = F.linear(x.float(), layer["dense"].float())
     results = []
     for config in configs:
-        blocks = {} if config is None else dict(zip(("block_m", "block_n", "block_k", "num_warps"), config))
-        run = lambda: nm_linear_triton(x, layer["values"], layer["indices"], None, N, M, layer["in"], **blocks)  # noqa: E731
+        blocks = dict(zip(("block_m", "block_n", "block_k", "split_k", "num_warps"), config))
+        run = lambda: nm_linear_triton(x, layer["values"], layer["indices"], None, N, M, layer["in"],  # noqa: E731
+                                       path="fused", **blocks)
+        error = float((run().float() - reference).norm() / reference.norm())
+        results.append((gpu_ms(run), str(config), error))
+    best = min(results)
+    return best[0], best[1], max(r[2] for r in results), results
+
+
+def default_config(tokens: int) -> tuple:
+    from sparsecc.runtime.kernels.triton.nm_linear import default_blocks
+    return default_blocks(tokens, M)
+
+
+def decompress_path_ms(layer: dict, x: torch.Tensor, sweep: bool) -> tuple[float, str, float]:
+    """(best time, its config, worst relative error) of the Triton decompression kernel + cuBLAS."""
+    from sparsecc.runtime.kernels.triton.nm_linear import nm_decompress_triton
+    reference = F.linear(x.float(), layer["dense"].float())
+    results = []
+    for config in SWEEP["decompress"] if sweep else [None]:
+        blocks = dict(zip(("block_n", "block_k", "num_warps"), config or ()))
+        run = lambda: F.linear(x, nm_decompress_triton(  # noqa: E731
+            layer["values"], layer["indices"], N, M, layer["in"], **blocks))
         error = float((run().float() - reference).norm() / reference.norm())
         results.append((gpu_ms(run), str(config or "default"), error))
     best = min(results)
@@ -93,7 +116,10 @@ def gpu_columns(shape: tuple[int, int], tokens: int, sweep: bool) -> dict:
     layer = pruned_layer(*shape, torch.float16, "cuda")
     x = torch.randn(tokens, shape[1], dtype=torch.float16, device="cuda")
     row = {"gpu_dense_fp16_ms": gpu_ms(lambda: F.linear(x, layer["dense"]))}
-    row["gpu_triton_ms"], row["gpu_triton_config"], row["gpu_triton_rel_err"] = triton_ms(layer, x, sweep)
+    triton_row = triton_ms(layer, x, sweep)
+    row["gpu_fused_ms"], row["gpu_fused_config"], row["gpu_fused_rel_err"], row["gpu_fused_sweep"] = triton_row
+    row["gpu_decompress_ms"], row["gpu_decompress_config"], row["gpu_decompress_rel_err"] = \
+        decompress_path_ms(layer, x, sweep)
     row["gpu_semi_ms"], row["gpu_semi_note"] = semi_structured_ms(layer, x)
     return row
 
@@ -108,16 +134,18 @@ def fmt(row: dict, key: str, base: str) -> str:
 def print_table(rows: list[dict]) -> None:
     cols = [("cpu_dense_fp32_ms", "cpu_dense_fp32_ms"), ("cpu_nm_fp32_ms", "cpu_dense_fp32_ms"),
             ("cpu_dense_bf16_ms", "cpu_dense_fp32_ms"), ("cpu_nm_bf16_ms", "cpu_dense_bf16_ms"),
-            ("gpu_dense_fp16_ms", "gpu_dense_fp16_ms"), ("gpu_triton_ms", "gpu_dense_fp16_ms"),
-            ("gpu_semi_ms", "gpu_dense_fp16_ms")]
+            ("gpu_dense_fp16_ms", "gpu_dense_fp16_ms"), ("gpu_fused_ms", "gpu_dense_fp16_ms"),
+            ("gpu_decompress_ms", "gpu_dense_fp16_ms"), ("gpu_semi_ms", "gpu_dense_fp16_ms")]
     cols = [c for c in cols if any(c[0] in r for r in rows)]
     print(f"{'out x in':>12} {'tok':>4} {'bytes':>6} " + " ".join(f"{c[0][:-3]:>17}" for c in cols))
     for r in rows:
         print(f"{r['shape']:>12} {r['tokens']:>4} {r['bytes_ratio']:6.4f} " + " ".join(fmt(r, *c) for c in cols))
     for r in rows:
-        if "gpu_triton_config" in r:
-            print(f"{r['shape']} tok={r['tokens']}: triton {r['gpu_triton_config']} rel.err "
-                  f"{r['gpu_triton_rel_err']:.1e} {r['gpu_semi_note']}".rstrip())
+        if "gpu_fused_config" in r:
+            print(f"{r['shape']} tok={r['tokens']}: fused {r['gpu_fused_config']} rel.err "
+                  f"{r['gpu_fused_rel_err']:.1e}, decompress {r['gpu_decompress_config']} rel.err "
+                  f"{r['gpu_decompress_rel_err']:.1e} "
+                  f"{r['gpu_semi_note']}".rstrip())
 
 
 def main() -> None:
@@ -126,10 +154,11 @@ def main() -> None:
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     parser.add_argument("--no-cpu", action="store_true", help="skip the CPU columns")
     parser.add_argument("--sweep", action="store_true", help="on CUDA, report the best of several tile configs")
+    parser.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="token counts, comma separated")
     args = parser.parse_args()
     rows = []
     for shape in QUICK_SHAPES if args.quick else SHAPES:
-        for tokens in TOKENS:
+        for tokens in map(int, args.tokens.split(",")):
             reps = 3 if args.quick else (15 if tokens == 1 else 5)
             dense_fp16 = shape[0] * shape[1] * 2
             row = {"shape": f"{shape[0]}x{shape[1]}", "tokens": tokens,
@@ -139,7 +168,7 @@ def main() -> None:
             if torch.cuda.is_available():
                 row |= gpu_columns(shape, tokens, args.sweep)
             rows.append(row)
-            print(json.dumps(row), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if k != "gpu_fused_sweep"}), flush=True)
     print_table(rows)
     if args.json:
         with open(args.json, "w") as f:

@@ -41,7 +41,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, sparsity: Any = None, c
     config = parse_sparsity(sparsity)
     args = normalize_inputs(example_inputs)
     backend = _pick_backend(backend, model)
-    passes = build_pipeline(pipeline if pipeline is not None else config.pipeline())
+    pipeline_text = pipeline if pipeline is not None else config.pipeline()
+    passes = build_pipeline(pipeline_text)
     with steps("capture"):
         captured = capture(model, args, example_kwargs, dynamic_shapes)
     ctx = PassContext(example_inputs=args, calibration=calibration, progress=progress)
@@ -51,7 +52,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, sparsity: Any = None, c
     with steps("lower"):
         program, constants = lower(gm, captured.symbol_ranges, captured.in_spec, captured.out_spec)
     compiled = CompiledModel(program, constants, backend, gm, captured)
-    report = _build_report(model, passes, ctx, compiled, captured)
+    report = _build_report(model, pipeline_text, ctx, compiled, captured)
     if check:
         with steps("check"):
             _check_against_dense(compiled, report, args, example_kwargs or {})
@@ -107,13 +108,13 @@ def _pick_backend(backend: Optional[str], model: torch.nn.Module) -> str:
     return backend
 
 
-def _build_report(model, passes, ctx: PassContext, compiled: CompiledModel, captured: Captured) -> Report:
+def _build_report(model, pipeline: str, ctx: PassContext, compiled: CompiledModel, captured: Captured) -> Report:
     compiled.records = list(ctx.records)
     skipped = [{"layer": s.where, "rule": s.rule, "reason": s.reason}
                for stats in ctx.stats.values() for s in stats.skipped]
     return Report(
         model=type(model).__name__,
-        pipeline=",".join(p.spelling() for p in passes),
+        pipeline=pipeline,
         backend=compiled.backend,
         layers=compiled.records,
         skipped=skipped,

@@ -50,7 +50,7 @@ def nm_index_bytes(k: int, n: int, m: int) -> int:
 
 def nm_compressed_bytes(rows: int, k: int, n: int, m: int, dtype: torch.dtype) -> int:
     """Total bytes of values + packed indices for a [rows, k] weight."""
-    value_bytes = k * n // m * torch.empty((), dtype=dtype).element_size()
+    value_bytes = k * n // m * dtype.itemsize
     return rows * (value_bytes + nm_index_bytes(k, n, m))
 
 
@@ -104,7 +104,7 @@ def pack_positions(positions: Tensor, m: int) -> Tensor:
     words = (chunks << shifts).sum(-1, dtype=torch.int32, keepdim=True)
     byte_shifts = torch.arange(chunk_bytes, device=positions.device, dtype=torch.int32) * 8
     stream = ((words >> byte_shifts) & 0xFF).to(torch.uint8).flatten(-2)
-    return stream[..., : math.ceil(j * bits / 8)]
+    return stream[..., : -(-j * bits // 8)]
 
 
 @functools.lru_cache(maxsize=None)

@@ -3,7 +3,10 @@
     y[..., out] = x[..., in_features] @ decompress_nm(values, indices).T + bias
 
 `values [out, in_features*N/M]` and `indices [out, nm_index_bytes]` are the
-layout defined in `sparsecc.runtime.nm_format`. y has x's dtype.
+layout defined in `sparsecc.runtime.nm_format`. y has x's dtype. CPU tensors
+run the blocked CPU kernel; CUDA tensors run the Triton launcher (the fused
+kernel up to 16 tokens, Triton decompression + cuBLAS above). Inference only:
+no autograd formula is registered.
 """
 from __future__ import annotations
 
