@@ -72,6 +72,20 @@ def verify_nm_linear(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[
     return None
 
 
+def _samples() -> list[tuple]:
+    from ..nm_format import compress_nm, nm_mask
+    calls = []
+    for (n, m), x_shape, dtype, has_bias in [((2, 4), (5, 32), torch.float32, True),
+                                              ((1, 8), (2, 3, 32), torch.float32, False),
+                                              ((4, 16), (1, 32), torch.bfloat16, True)]:
+        weight = torch.randn(24, 32, dtype=dtype)
+        values, indices = compress_nm(weight, n, m, mask=nm_mask(weight.abs(), n, m))
+        bias = torch.randn(24, dtype=dtype) if has_bias else None
+        calls.append((torch.randn(*x_shape, dtype=dtype), values, indices, bias, n, m, 32))
+    return calls
+
+
 NM_LINEAR = OpDef(name="nm_linear", op=torch.ops.sparsecc.nm_linear.default,
                   kernels={"torch": nm_linear_cpu, "triton": nm_linear_triton},
-                  verify=verify_nm_linear, onnx_export="nm_linear", attrs=("n", "m", "in_features"))
+                  verify=verify_nm_linear, onnx_export="nm_linear", attrs=("n", "m", "in_features"),
+                  samples=_samples)

@@ -25,6 +25,8 @@ class OpDef:
     verify: Verifier
     onnx_export: Optional[str] = None           # export rule name in sparsecc.onnx_export
     attrs: tuple[str, ...] = field(default=())  # non-tensor arguments, printed as {k=v}
+    # Small well-formed argument tuples (CPU), for the registry test that walks every op.
+    samples: Optional[Callable[[], list[tuple]]] = None
 
     @property
     def qualname(self) -> str:
