@@ -11,6 +11,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from sparsecc.passes import PassContext, PassManager, build_pipeline, print_graph
+from sparsecc.passes.records import RewriteRecord
 from sparsecc.runtime.errors import InputMismatchError
 from sparsecc.runtime.executor import Executor
 from sparsecc.runtime.program import Program
@@ -51,7 +52,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, sparsity: Any = None, c
         gm = manager.run(captured.gm, ctx)
     with steps("lower"):
         program, constants = lower(gm, captured.symbol_ranges, captured.in_spec, captured.out_spec)
-    compiled = CompiledModel(program, constants, backend, gm, captured)
+    compiled = CompiledModel(program, constants, backend, gm, captured, list(ctx.records))
     report = _build_report(model, pipeline_text, ctx, compiled, captured)
     if check:
         with steps("check"):
@@ -65,13 +66,13 @@ class CompiledModel:
     """The rewritten program; call it like the original model."""
 
     def __init__(self, program: Program, constants: dict[str, torch.Tensor], backend: str,
-                 gm: torch.fx.GraphModule, captured: Captured):
+                 gm: torch.fx.GraphModule, captured: Captured, records: list[RewriteRecord]):
         self.program, self.constants, self.backend = program, constants, backend
         self.graph_module = gm
+        self.records = records          # one per rewritten layer, as the passes reported them
         self._captured = captured
         self._executor = Executor(program, constants, backend)
         self._report: Optional[Report] = None
-        self.records: list = []
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         flat, spec = pytree.tree_flatten((args, kwargs))
@@ -109,7 +110,6 @@ def _pick_backend(backend: Optional[str], model: torch.nn.Module) -> str:
 
 
 def _build_report(model, pipeline: str, ctx: PassContext, compiled: CompiledModel, captured: Captured) -> Report:
-    compiled.records = list(ctx.records)
     skipped = [{"layer": s.where, "rule": s.rule, "reason": s.reason}
                for stats in ctx.stats.values() for s in stats.skipped]
     return Report(
