@@ -11,6 +11,7 @@ from .match import AnyArg, Const, Lit, Match, Op, Pattern, Var, match
 from .pipeline import PipelineError, build_pipeline, format_option, parse_pipeline
 from .printer import print_graph
 from .prune_nm import PruneNM
+from .moe_dispatch import MoEDispatch
 from .rewrite import CheckResult, Rule, RuleSet, apply_rules, fail, ok
 from .rewriter import RewriteError, Rewriter
 from .verify import VerificationError, verify_graph
@@ -21,12 +22,13 @@ PASSES: dict[str, type[Pass]] = {
     for cls in (
         Cleanup,
         PruneNM,
+        MoEDispatch,
     )
 }
 
 __all__ = [
     "AnyArg", "CheckResult", "Cleanup", "Const", "Lit", "Match", "Op", "PASSES", "Pass",
-    "PassContext", "PassManager", "PassResult", "PassStats", "Pattern", "PipelineError", "PruneNM",
+    "PassContext", "PassManager", "PassResult", "PassStats", "Pattern", "PipelineError", "PruneNM", "MoEDispatch",
     "RewriteError", "Rewriter", "Rule", "RuleSet", "Skip", "Var", "VerificationError",
     "apply_rules", "build_pipeline", "fail", "format_option", "match", "module_path",
     "module_subgraph", "nodes_in_module", "ok", "parse_pipeline", "print_graph", "to_dot",

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from .registry import OpDef
+from .moe import MOE
 from .nm_linear import NM_LINEAR
 
-OPS: dict[str, OpDef] = {op.name: op for op in (NM_LINEAR,)}
+OPS: dict[str, OpDef] = {op.name: op for op in (NM_LINEAR, MOE)}
 
 
 def get_op(name: str) -> OpDef:

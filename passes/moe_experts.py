@@ -1,0 +1,119 @@
+"""Read expert weights out of an MoE region as the stacked tensors `sparsecc::moe` takes.
+
+    w_gate_up [E, 2I, H]  gate rows first (gated experts), or [E, I, H] (plain)
+    w_down    [E, H, I]
+
+Stacked 3-D constants may come in either orientation; per-expert linears are
+told apart by the graph: `down` reads what the others produced, `gate` feeds
+the activation, `up` is the rest.
+"""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from typing import Optional
+
+import torch
+from torch.fx import GraphModule, Node
+
+from .graph import module_path
+from .moe_regions import ACTIVATIONS, MLPWeights, NotAnMoE, _const, _expert_index, _through, _users_through
+
+aten = torch.ops.aten
+Candidate = tuple[torch.Tensor, torch.Tensor, bool]
+
+
+def _oriented(weight: torch.Tensor, width: int, axis: int) -> list[torch.Tensor]:
+    """Views of a stacked [E, a, b] weight with `width` on `axis` (1 or 2); both when a == b."""
+    views = []
+    if weight.shape[axis] == width:
+        views.append(weight)
+    if weight.shape[3 - axis] == width:
+        views.append(weight.transpose(1, 2))
+    return views
+
+
+def stacked_candidates(consts: list[torch.Tensor], num_experts: int, width: int) -> list[Candidate]:
+    """Every (gate_up, down, gated) reading of two stacked constants consistent with the shapes."""
+    stacked = [c for c in consts if c.dim() == 3 and c.shape[0] == num_experts]
+    if len(stacked) != 2:
+        raise NotAnMoE(f"expected 2 stacked expert weights [E={num_experts}, ., .], found {len(stacked)}")
+    found = []
+    for gate_up, down in (stacked, stacked[::-1]):
+        for d in _oriented(down, width, 1):
+            for g in _oriented(gate_up, width, 2):
+                found += _readings(g, d)
+    if not found:
+        raise NotAnMoE(f"stacked expert weights {[list(c.shape) for c in stacked]} do not fit hidden size {width}")
+    return found
+
+
+def _readings(gate_up: torch.Tensor, down: torch.Tensor) -> list[Candidate]:
+    inner, rows = down.shape[2], gate_up.shape[1]
+    if rows == 2 * inner:
+        gate, up = gate_up[:, :inner], gate_up[:, inner:]
+        return [(gate_up, down, True), (torch.cat([up, gate], 1), down, True)]
+    return [(gate_up, down, False)] if rows == inner else []
+
+
+def _feeds_activation(node: Node) -> Optional[Node]:
+    return next((u for u in _users_through(node) if u.target in ACTIVATIONS), None)
+
+
+def _depends_on(node: Node, targets: set[Node], depth: int = 8) -> bool:
+    frontier = [node]
+    for _ in range(depth):
+        frontier = [a for n in frontier for a in n.all_input_nodes]
+        if any(n in targets for n in frontier):
+            return True
+    return False
+
+
+def mlp_from_linears(gm: GraphModule, linears: list[Node]) -> MLPWeights:
+    """The MLP two or three linears form (see the module docstring)."""
+    downs = [l for l in linears if _depends_on(l.args[0], set(linears) - {l})]
+    firsts = [l for l in linears if l not in downs]
+    gates = [l for l in firsts if _feeds_activation(l) is not None]
+    if len(downs) != 1 or len(gates) != 1 or len(firsts) not in (1, 2):
+        raise NotAnMoE(f"linears {[module_path(l) for l in linears]} do not form a (gated) MLP")
+    gate, down = gates[0], downs[0]
+    up = next((l for l in firsts if l is not gate), None)
+    weights = [_const(gm, l.args[1]) for l in (gate, up, down) if l is not None]
+    activation = ACTIVATIONS[_feeds_activation(gate).target]
+    gate_up = torch.cat(weights[:2], 0) if up is not None else weights[0]
+    sources = [l.args[1].target for l in (gate, up, down) if l is not None]
+    return MLPWeights(gate_up, weights[-1], up is not None, activation, sources)
+
+
+def per_expert_linears(region: list[Node], block_path: str, router: Node) -> tuple[dict[str, list[Node]], list[Node]]:
+    """Linears grouped by expert module (`mlp.experts.3`), and the linears outside any expert."""
+    experts, others = defaultdict(list), []
+    for node in region:
+        if node.target is aten.linear.default and node is not router:
+            key = _expert_index(module_path(node), block_path)
+            (experts[key] if key else others).append(node)
+    numbered = sorted(experts, key=lambda k: int(re.findall(r"\d+", k)[-1]))
+    return {k: experts[k] for k in numbered}, others
+
+
+def per_expert_candidates(gm: GraphModule, groups: dict[str, list[Node]], num_experts: int) -> tuple[Candidate, list[str]]:
+    if len(groups) != num_experts:
+        raise NotAnMoE(f"router has {num_experts} outputs but {len(groups)} expert modules were found")
+    mlps = [mlp_from_linears(gm, linears) for linears in groups.values()]
+    if len({(m.gate_up.shape, m.down.shape, m.gated, m.activation) for m in mlps}) != 1:
+        raise NotAnMoE("experts differ in shape or activation")
+    stacked = (torch.stack([m.gate_up for m in mlps]), torch.stack([m.down for m in mlps]), mlps[0].gated)
+    return stacked, [s for m in mlps for s in m.sources]
+
+
+def shared_expert(gm: GraphModule, linears: list[Node], width: int) -> tuple[Optional[MLPWeights], Optional[torch.Tensor]]:
+    """The shared expert's MLP and its sigmoid gate [1, H] from the linears outside the experts."""
+    gates = [l for l in linears if _const(gm, l.args[1]) is not None and _const(gm, l.args[1]).shape[0] == 1
+             and any(u.target is aten.sigmoid.default for u in _users_through(l))]
+    rest = [l for l in linears if l not in gates]
+    if len(gates) > 1 or (gates and not rest):
+        raise NotAnMoE("found a shared-expert gate without exactly one shared expert")
+    mlp = mlp_from_linears(gm, rest) if rest else None
+    if mlp is not None and mlp.gate_up.shape[1] != width:
+        raise NotAnMoE(f"extra linears {[module_path(l) for l in rest]} are not a shared expert of width {width}")
+    return mlp, (_const(gm, gates[0].args[1]) if gates else None)

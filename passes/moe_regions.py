@@ -1,0 +1,180 @@
+"""Find mixture-of-experts blocks in a captured graph and read off what a dispatch needs.
+
+A block is found from its router's `aten.topk`: the innermost module around the
+topk whose region (nodes made inside it, by `nn_module_stack`) also holds the
+expert weights, either stacked 3-D constants `[E, ., .]` (transformers 5.x
+`grouped_mm` / `batched_mm` forms) or E numbered expert submodules of linears
+(`experts.0.w1` ...: the classic loop and the dense formulation). Structure
+gives the candidates; `moe_dispatch` confirms one by running it.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch.fx import GraphModule, Node
+
+from .fake import resolve_attr
+from .graph import in_module, module_path, module_paths, nodes_in_module
+
+aten = torch.ops.aten
+ACTIVATIONS = {aten.silu.default: "silu", aten.relu.default: "relu", aten.gelu.default: "gelu"}
+_PASS_THROUGH = (aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.clone.default)
+
+
+class NotAnMoE(ValueError):
+    """The region is not a dispatchable MoE block; the message says why."""
+
+
+@dataclass
+class MLPWeights:
+    """One gated (`down(act(gate x) * up x)`) or plain (`down(act(up x))`) MLP."""
+    gate_up: torch.Tensor              # [2I, H] gate rows first when gated, else [I, H]
+    down: torch.Tensor                 # [H, I]
+    gated: bool
+    activation: str
+    sources: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MoEBlock:
+    path: str
+    region: list[Node]
+    topk: Node
+    router: Node                       # the linear producing router logits [.., E]
+    hidden: Node                       # the router's input: the tokens [.., H]
+    output: Node                       # the block's result, replaced by the dispatch
+    form: str                          # grouped_mm | batched_mm | loop | dense
+    top_k: int
+    scoring: str
+    normalize: bool
+    expert_candidates: list[tuple[torch.Tensor, torch.Tensor, bool]]  # (w_gate_up [E,.,H], w_down [E,H,I], gated)
+    activation: str
+    shared: Optional[MLPWeights] = None
+    shared_gate: Optional[torch.Tensor] = None
+    sources: list[str] = field(default_factory=list)
+
+    @property
+    def num_experts(self) -> int:
+        return self.expert_candidates[0][0].shape[0]
+
+
+def topk_nodes(gm: GraphModule) -> list[Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.topk.default]
+
+
+def _const(gm: GraphModule, node) -> Optional[torch.Tensor]:
+    if isinstance(node, Node) and node.op == "get_attr":
+        value = resolve_attr(gm, node.target)
+        return value if isinstance(value, torch.Tensor) else None
+    return None
+
+
+def _region_constants(gm: GraphModule, region: list[Node]) -> dict[str, torch.Tensor]:
+    consts = {}
+    for node in region:
+        for arg in node.all_input_nodes:
+            value = _const(gm, arg)
+            if value is not None:
+                consts[arg.target] = value
+    return consts
+
+
+def _expert_index(path: str, block: str) -> Optional[str]:
+    """'mlp.experts.3.w1' inside 'mlp' -> 'mlp.experts.3' (the expert's own module)."""
+    rest = path[len(block):].lstrip(".") if block else path
+    found = re.match(r"((?:[^.]+\.)*?\d+)(?:\.|$)", rest)
+    return f"{block}.{found.group(1)}".lstrip(".") if found else None
+
+
+def find_block(gm: GraphModule, topk: Node) -> tuple[str, list[Node]]:
+    """The innermost module around `topk` whose region holds expert weights."""
+    for path in reversed(module_paths(topk)):
+        if not path:
+            continue
+        region = nodes_in_module(gm, path)
+        stacked = [v for v in _region_constants(gm, region).values() if v.dim() == 3]
+        experts = {_expert_index(module_path(n), path) for n in region if n.target is aten.linear.default}
+        if len(stacked) >= 2 or len(experts - {None}) >= 2:
+            return path, region
+    raise NotAnMoE("no module around the topk holds expert weights (stacked [E, ., .] or numbered experts)")
+
+
+def _through(node: Node) -> Node:
+    """Skip dtype casts and copies backwards."""
+    while isinstance(node, Node) and node.target in _PASS_THROUGH:
+        node = node.args[0]
+    return node
+
+
+def _users_through(node: Node) -> list[Node]:
+    users = []
+    for user in node.users:
+        users += _users_through(user) if user.target in _PASS_THROUGH else [user]
+    return users
+
+
+def _linear_weight(gm: GraphModule, node: Node) -> Optional[torch.Tensor]:
+    if isinstance(node, Node) and node.target is aten.linear.default:
+        return _const(gm, node.args[1])
+    return None
+
+
+def read_router(gm: GraphModule, topk: Node) -> tuple[Node, str, bool]:
+    """(router linear, scoring, normalize) from the nodes around the topk."""
+    source = _through(topk.args[0])
+    if source.target in (aten.softmax.int, aten._softmax.default, aten.sigmoid.default):
+        scoring = "sigmoid" if source.target is aten.sigmoid.default else "softmax"
+        router = _through(source.args[0])
+        normalize = _normalizes(topk)
+    else:  # top-k of the raw logits, then softmax over the k: normalised softmax weights
+        router, scoring, normalize = source, "softmax", True
+    if _linear_weight(gm, router) is None:
+        raise NotAnMoE("the topk is not fed by a linear router with a constant weight")
+    return router, scoring, normalize
+
+
+def _normalizes(topk: Node) -> bool:
+    """Whether the top-k weights are divided by their sum."""
+    values = [u for u in topk.users if u.args[1] == 0]
+    for user in _users_through(values[0]) if values else []:
+        if user.target in (aten.div.Tensor, aten.div_.Tensor) and user.args[0] is not None:
+            divisor = user.args[1]
+            if isinstance(divisor, Node) and divisor.target is aten.sum.dim_IntList:
+                return True
+    return False
+
+
+def find_output(block_path: str, region: list[Node], hidden: Node, router: Node) -> Node:
+    """The region's result: the last node used outside the region with the tokens' width."""
+    inside = set(region)
+    width = hidden.meta["val"].shape[-1]
+    outs = [n for n in region if n is not router and any(u not in inside for u in n.users)
+            and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].shape[-1] == width]
+    if not outs:
+        raise NotAnMoE(f"no result of width {width} leaves module '{block_path}'")
+    return outs[-1]
+
+
+def block_form(region: list[Node], stacked: bool) -> str:
+    targets = {n.target for n in region}
+    if stacked:
+        return "batched_mm" if aten.bmm.default in targets else "grouped_mm"
+    loop_ops = {aten.nonzero.default, aten.where.default, aten.index_add_.default, aten.index_add.default}
+    return "loop" if targets & loop_ops else "dense"
+
+
+def find_activation(region: list[Node]) -> str:
+    for node in region:
+        if node.target in ACTIVATIONS:
+            name = ACTIVATIONS[node.target]
+            if name == "gelu" and node.kwargs.get("approximate", "none") == "tanh":
+                return "gelu_tanh"
+            return name
+    return "silu"
+
+
+__all__ = ["MLPWeights", "MoEBlock", "NotAnMoE", "block_form", "find_activation", "find_block", "find_output",
+           "in_module", "read_router", "topk_nodes"]

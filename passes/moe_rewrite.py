@@ -1,0 +1,64 @@
+"""Put `sparsecc::moe` in place of a confirmed MoE block and take the block's own nodes out."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch.fx import GraphModule, Node
+
+from .rewriter import Rewriter
+
+if TYPE_CHECKING:
+    from .moe_dispatch import Reading
+    from .moe_regions import MoEBlock
+
+aten = torch.ops.aten
+
+
+def _flat(rw: Rewriter, node: Node) -> Node:
+    """`node` as 2-D [rows, width]; a no-op when it already is."""
+    val = node.meta["val"]
+    return node if val.dim() == 2 else rw.call(aten.reshape.default, node, [-1, val.shape[-1]])
+
+
+def _shaped_like(rw: Rewriter, flat: Node, block: "MoEBlock") -> Node:
+    """The [T, H] result back in the block output's shape and dtype."""
+    want = block.output.meta["val"]
+    out = flat
+    if want.dim() != 2:
+        same = block.hidden.meta["val"].shape == want.shape
+        out = rw.call(aten.view_as.default, out, block.hidden) if same else \
+            rw.call(aten.reshape.default, out, [int(d) for d in want.shape])
+    if want.dtype != out.meta["val"].dtype:
+        out = rw.call(aten.to.dtype, out, want.dtype)
+    return out
+
+
+def insert_dispatch(gm: GraphModule, block: "MoEBlock", reading: "Reading", capacity_factor: float) -> Node:
+    rw = Rewriter(gm, block.output)
+    base = block.path + ".moe_"
+    consts = [rw.add_constant(base + name, tensor) if tensor is not None else None for name, tensor in (
+        ("w_gate_up", reading.w_gate_up), ("w_down", reading.w_down),
+        ("shared_gate_up", block.shared.gate_up if block.shared else None),
+        ("shared_down", block.shared.down if block.shared else None), ("shared_gate", block.shared_gate))]
+    hidden = _flat(rw, block.hidden)
+    if hidden.meta["val"].dtype != reading.w_gate_up.dtype:
+        hidden = rw.call(aten.to.dtype, hidden, reading.w_gate_up.dtype)
+    y = rw.call(torch.ops.sparsecc.moe.default, hidden, _flat(rw, block.router), *consts, block.top_k,
+                reading.normalize, block.scoring, block.activation, reading.gated, capacity_factor)
+    out = _shaped_like(rw, y, block)
+    block.output.replace_all_uses_with(out)
+    return out
+
+
+def erase_region(gm: GraphModule, block: "MoEBlock") -> int:
+    """Erase the block's nodes nothing reads any more, runtime asserts and in-place ops included.
+
+    In-place ops inside a block only write tensors the block made, and the block's
+    result was confirmed against the dispatch, so its dead nodes have no effect left."""
+    erased = 0
+    for node in reversed(block.region):
+        if not node.users and node.graph is gm.graph:
+            gm.graph.erase_node(node)
+            erased += 1
+    return erased

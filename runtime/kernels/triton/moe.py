@@ -1,0 +1,167 @@
+"""Triton kernels for sparsecc::moe: grouped GEMMs over expert tiles (vLLM fused-MoE / ScatterMoE style).
+
+1. `moe_routing.align_to_tiles` (torch, on device) sorts the (token, slot)
+   pairs by expert and pads each expert's segment to whole BLOCK_M tiles.
+2. `moe_gate_up_kernel`, grid (tiles, I / BLOCK_N): a tile's program gathers
+   its pairs' token rows of hidden, multiplies them by its expert's gate rows
+   and up rows (two fp32 accumulators over H) and writes act(gate) * up to
+   row `tile*BLOCK_M + i` of the intermediate [P, I]; not gated, one
+   accumulator and act(x).
+3. `moe_down_kernel`, grid (tiles, H / BLOCK_N): the intermediate tile times
+   the expert's w_down, scaled by each pair's routing weight, written to row
+   `pair` of per-pair outputs [T*k, H] fp32, which are summed over k.
+
+Sentinel slots (pair id == T*k) load nothing and store nothing; tiles from
+num_padded on return at once (the grid has the worst-case tile count so the
+host never waits for the routing). Dropped pairs have no slot, so their
+per-pair rows stay zero. The shared expert is a dense torch GEMM (cuBLAS).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ...moe_routing import align_to_tiles, max_padded_pairs, route_within_capacity
+from ..cpu.moe import shared_expert_output
+
+
+@triton.jit
+def _activation(x, ACTIVATION: tl.constexpr):
+    """act(x) in fp32; tanh(z) = 2*sigmoid(2z) - 1 keeps to functions every backend has."""
+    if ACTIVATION == "silu":
+        y = x * tl.sigmoid(x)
+    elif ACTIVATION == "gelu":
+        y = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    elif ACTIVATION == "gelu_tanh":
+        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        y = x * tl.sigmoid(2.0 * inner)  # 0.5 * (1 + tanh(z)) == sigmoid(2z)
+    else:
+        y = tl.maximum(x, 0.0)
+    return y
+
+
+@triton.jit
+def _tile_pairs(sorted_pair_ids_ptr, tile, num_pairs, BLOCK_M: tl.constexpr):
+    """(slot rows of the tile, their pair ids, which slots hold a pair)."""
+    slot = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_pair_ids_ptr + slot)
+    return slot, pair, pair < num_pairs
+
+
+@triton.jit
+def moe_gate_up_kernel(hidden_ptr, w_gate_up_ptr, sorted_pair_ids_ptr, tile_expert_ptr, num_padded_ptr,
+                       act_ptr, num_pairs, width, inter,
+                       stride_hidden, stride_we, stride_wn, stride_act,
+                       TOP_K: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr,
+                       INPUT_PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    tile = tl.program_id(0)
+    if tile * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    slot, pair, ok = _tile_pairs(sorted_pair_ids_ptr, tile, num_pairs, BLOCK_M)
+    token = pair // TOP_K
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < inter
+    w_rows = w_gate_up_ptr + tl.load(tile_expert_ptr + tile).to(tl.int64) * stride_we + n[:, None] * stride_wn
+    gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, width, BLOCK_K):
+        col = k0 + tl.arange(0, BLOCK_K)
+        col_ok = col < width
+        x = tl.load(hidden_ptr + token[:, None] * stride_hidden + col[None, :],
+                    mask=ok[:, None] & col_ok[None, :], other=0.0)
+        w_mask = n_ok[:, None] & col_ok[None, :]
+        w_gate = tl.load(w_rows + col[None, :], mask=w_mask, other=0.0)
+        gate += tl.dot(x, tl.trans(w_gate), input_precision=INPUT_PRECISION)
+        if GATED:
+            w_up = tl.load(w_rows + inter * stride_wn + col[None, :], mask=w_mask, other=0.0)
+            up += tl.dot(x, tl.trans(w_up), input_precision=INPUT_PRECISION)
+    a = _activation(gate, ACTIVATION)
+    if GATED:
+        a = a * up
+    tl.store(act_ptr + slot[:, None] * stride_act + n[None, :], a.to(act_ptr.dtype.element_ty),
+             mask=ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def moe_down_kernel(act_ptr, w_down_ptr, sorted_pair_ids_ptr, tile_expert_ptr, num_padded_ptr,
+                    pair_weight_ptr, pair_out_ptr, num_pairs, width, inter,
+                    stride_act, stride_we, stride_wn, stride_out,
+                    INPUT_PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    tile = tl.program_id(0)
+    if tile * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    slot, pair, ok = _tile_pairs(sorted_pair_ids_ptr, tile, num_pairs, BLOCK_M)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < width
+    w_rows = w_down_ptr + tl.load(tile_expert_ptr + tile).to(tl.int64) * stride_we + n[:, None] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, inter, BLOCK_K):
+        col = k0 + tl.arange(0, BLOCK_K)
+        col_ok = col < inter
+        a = tl.load(act_ptr + slot[:, None] * stride_act + col[None, :], mask=ok[:, None] & col_ok[None, :],
+                    other=0.0)
+        w = tl.load(w_rows + col[None, :], mask=n_ok[:, None] & col_ok[None, :], other=0.0)
+        acc += tl.dot(a, tl.trans(w), input_precision=INPUT_PRECISION)
+    acc *= tl.load(pair_weight_ptr + pair, mask=ok, other=0.0)[:, None]
+    tl.store(pair_out_ptr + pair[:, None] * stride_out + n[None, :], acc, mask=ok[:, None] & n_ok[None, :])
+
+
+def default_blocks(num_pairs: int, num_experts: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps): vLLM's defaults by pairs per expert; not tuned here."""
+    if num_pairs <= 2 * num_experts:
+        return 16, 64, 64, 4
+    return (32, 64, 64, 4) if num_pairs <= 64 * num_experts else (64, 128, 64, 8)
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    """Same rule as nm_linear: fp32 follows torch's matmul precision setting."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def _grouped_mlp(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, weights: Tensor, experts: Tensor,
+                 activation: str, gated: bool, blocks: tuple[int, int, int, int]) -> Tensor:
+    """Per-pair outputs [T*k, H] fp32: weight * expert(token) for kept pairs, zero for dropped ones."""
+    block_m, block_n, block_k, num_warps = blocks
+    num_pairs, num_experts = experts.numel(), w_down.shape[0]
+    width, inter = hidden.shape[1], w_down.shape[2]
+    sorted_pair_ids, tile_expert, num_padded = align_to_tiles(experts, num_experts, block_m)
+    tiles = max_padded_pairs(num_pairs, num_experts, block_m) // block_m
+    act = hidden.new_empty(tiles * block_m, inter)
+    pair_out = torch.zeros(num_pairs, width, dtype=torch.float32, device=hidden.device)
+    precision = _input_precision(hidden.dtype)
+    moe_gate_up_kernel[(tiles, triton.cdiv(inter, block_n))](
+        hidden, w_gate_up, sorted_pair_ids, tile_expert, num_padded, act, num_pairs, width, inter,
+        hidden.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), act.stride(0),
+        TOP_K=experts.shape[1], GATED=gated, ACTIVATION=activation, INPUT_PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+    pair_weight = weights.to(hidden.dtype).float().reshape(-1)  # the op casts weights to hidden's dtype
+    moe_down_kernel[(tiles, triton.cdiv(width, block_n))](
+        act, w_down, sorted_pair_ids, tile_expert, num_padded, pair_weight, pair_out, num_pairs, width, inter,
+        act.stride(0), w_down.stride(0), w_down.stride(1), pair_out.stride(0),
+        INPUT_PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+    return pair_out
+
+
+def moe_triton(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_down: Tensor,
+               shared_gate_up: Optional[Tensor], shared_down: Optional[Tensor], shared_gate: Optional[Tensor],
+               top_k: int, normalize: bool, scoring: str, activation: str, gated: bool,
+               capacity_factor: float = 0.0, *, block_m: Optional[int] = None, block_n: Optional[int] = None,
+               block_k: Optional[int] = None, num_warps: Optional[int] = None) -> Tensor:
+    """sparsecc::moe with the grouped-GEMM kernels; unset tiles take default_blocks."""
+    hidden, w_gate_up, w_down = hidden.contiguous(), w_gate_up.contiguous(), w_down.contiguous()
+    weights, experts, _ = route_within_capacity(router_logits, top_k, normalize, scoring, capacity_factor)
+    given = (block_m, block_n, block_k, num_warps)
+    blocks = tuple(g or d for g, d in zip(given, default_blocks(experts.numel(), w_down.shape[0])))
+    pair_out = _grouped_mlp(hidden, w_gate_up, w_down, weights, experts, activation, gated, blocks)
+    y = pair_out.view(hidden.shape[0], top_k, hidden.shape[1]).sum(1)
+    if shared_down is not None:
+        y += shared_expert_output(hidden, shared_gate_up, shared_down, shared_gate, activation, gated).float()
+    return y.to(hidden.dtype)
