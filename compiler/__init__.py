@@ -15,6 +15,7 @@ _LAZY = {
     "CompiledModel": ("sparsecc.api", "CompiledModel"),
     "SparsityConfig": ("sparsecc.config", "SparsityConfig"),
     "WeightsConfig": ("sparsecc.config", "WeightsConfig"),
+    "MoEConfig": ("sparsecc.config", "MoEConfig"),
     "SparseccError": ("sparsecc.errors", "SparseccError"),
     "ConfigError": ("sparsecc.errors", "ConfigError"),
     "CaptureError": ("sparsecc.errors", "CaptureError"),

@@ -134,8 +134,8 @@ def _check_against_dense(compiled: CompiledModel, report: Report, args: tuple, k
         got = compiled(*args, **kwargs)
         dense = compiled._captured.dense_gm(*args, **kwargs)
         report.error_vs_dense = relative_error(got, dense)
-        if compiled.records:
-            weights = compiled.pruned_state_dict()
+        weights = compiled.pruned_state_dict()
+        if weights:
             pruned = torch.func.functional_call(compiled._captured.dense_gm, weights, args, kwargs, strict=False)
             report.error_vs_reference = relative_error(got, pruned)
 

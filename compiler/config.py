@@ -18,7 +18,7 @@ from .errors import ConfigError
 NM_GROUP_SIZES = (4, 8, 16)
 WEIGHT_METHODS = ("magnitude",)
 # Parts of the request that later rewrites will handle; named here so the error says so.
-NOT_BUILT = {"attention": "sparse attention", "moe": "MoE dispatch", "tokens": "token routing"}
+NOT_BUILT = {"attention": "sparse attention", "tokens": "token routing"}
 
 
 def parse_pattern(pattern: Any) -> tuple[int, int]:
@@ -56,12 +56,26 @@ class WeightsConfig:
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """Rewrite mixture-of-experts blocks into sorted, grouped expert GEMMs (exact)."""
+    capacity_factor: float = 0.0          # > 0 drops (token, expert) pairs over ceil(cf * T * k / E)
+
+    def __post_init__(self):
+        if not isinstance(self.capacity_factor, (int, float)) or self.capacity_factor < 0:
+            raise ConfigError(f"moe.capacity_factor: expected a number >= 0, got {self.capacity_factor!r}")
+
+
+@dataclass(frozen=True)
 class SparsityConfig:
     weights: Optional[WeightsConfig] = field(default=None)
+    moe: Optional[MoEConfig] = field(default=None)
 
     def pipeline(self) -> str:
         """The pass pipeline this request stands for."""
         steps = []
+        if self.moe is not None:
+            cf = self.moe.capacity_factor
+            steps.append("moe-dispatch" + (f"{{capacity_factor={cf}}}" if cf else ""))
         if self.weights is not None:
             n, m = self.weights.nm
             opts = [f"n={n}", f"m={m}", f"method={self.weights.method}",
@@ -96,8 +110,23 @@ def _from_dict(spec: dict) -> SparsityConfig:
                               f"(available: {', '.join(f.name for f in dataclasses.fields(SparsityConfig))})")
         if key not in accepted:
             raise ConfigError(f"sparsity: unknown key {key!r} (accepted: {', '.join(accepted)})")
-    weights = spec.get("weights")
-    return SparsityConfig(weights=_weights(weights) if weights is not None else None)
+    weights, moe = spec.get("weights"), spec.get("moe")
+    return SparsityConfig(weights=_weights(weights) if weights is not None else None,
+                          moe=_moe(moe) if moe is not None else None)
+
+
+def _moe(spec: Any) -> MoEConfig:
+    if isinstance(spec, MoEConfig):
+        return spec
+    if spec in ("dispatch", True):
+        return MoEConfig()
+    if not isinstance(spec, dict):
+        raise ConfigError(f"sparsity.moe: expected 'dispatch' or a dict, got {spec!r}")
+    accepted = [f.name for f in dataclasses.fields(MoEConfig)]
+    unknown = [k for k in spec if k not in accepted]
+    if unknown:
+        raise ConfigError(f"sparsity.moe: unknown key {unknown[0]!r} (accepted: {', '.join(accepted)})")
+    return MoEConfig(**spec)
 
 
 def _weights(spec: Any) -> WeightsConfig:

@@ -86,8 +86,24 @@ def format_report(report: Report) -> str:
         out.append("rewritten layers: 0")
     out.append(f"model constants: {_size(report.model_bytes_before)} -> {_size(report.model_bytes_after)} "
                f"({_ratio(report.model_bytes_after, report.model_bytes_before)})")
-    out += _skipped_lines(report.skipped) + _error_lines(report) + _timing_lines(report.timings)
+    out += _moe_lines(report.layers) + _skipped_lines(report.skipped) + _error_lines(report)
+    out += _timing_lines(report.timings)
     return "\n".join(out)
+
+
+def _moe_lines(layers: list[RewriteRecord]) -> list[str]:
+    blocks = [r for r in layers if r.op == "sparsecc.moe"]
+    lines = [f"MoE blocks: {len(blocks)}"] if blocks else []
+    for r in blocks:
+        d, t = r.details, r.details["tokens_per_expert"]
+        lines.append(f"  {r.layer}: form {d['form']}, E={d['experts']}, k={d['top_k']}"
+                     f"{', shared expert' if d['shared_expert'] else ''}; tokens/expert min {t['min']} / "
+                     f"median {t['median']:g} / max {t['max']}; FLOPs {_count(r.flops_before)} -> "
+                     f"{_count(r.flops_after)}")
+        if d["capacity_factor"]:
+            lines.append(f"    capacity factor {d['capacity_factor']:g}: dropped {d['dropped_pairs']} of "
+                         f"{d['pairs']} (token, expert) pairs")
+    return lines
 
 
 def _skipped_lines(skipped: list[dict[str, str]]) -> list[str]:

@@ -18,9 +18,10 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
 
-from sparsecc.runtime.moe_routing import route
+from sparsecc.runtime.moe_routing import capacity_mask, route
 from sparsecc.runtime.ops.moe import moe_flops
 
+from .graph import module_path
 from .manager import Pass, PassContext, PassResult, PassStats, Skip
 from .moe_experts import per_expert_candidates, per_expert_linears, shared_expert, stacked_candidates
 from .moe_regions import (MoEBlock, NotAnMoE, _region_constants, block_form, find_activation, find_block,
@@ -50,7 +51,7 @@ class MoEDispatch(Pass):
         return PassResult(gm, stats.rewritten > 0, stats)
 
     def _rewrite(self, gm, block: MoEBlock, values: dict, ctx: PassContext, stats: PassStats) -> None:
-        reading, error = confirm(block, values, self.capacity_factor, self.tolerance)
+        reading, error = confirm(block, values, self.tolerance)   # structure is confirmed without capacity
         if reading is None:
             stats.skipped.append(Skip(block.path, "moe-dispatch", error))
             return
@@ -61,7 +62,6 @@ class MoEDispatch(Pass):
 
 
 def _where(node: Node) -> str:
-    from .graph import module_path
     return module_path(node) or node.name
 
 
@@ -83,7 +83,6 @@ def analyse(gm: GraphModule, topk: Node) -> MoEBlock:
     groups, others = per_expert_linears(region, path, router)
     if any(c.dim() == 3 for c in consts):
         candidates, sources = stacked_candidates(consts, num_experts, width), []
-        others = [n for n in others]
     else:
         stacked, sources = per_expert_candidates(gm, groups, num_experts)
         candidates = [stacked]
@@ -134,8 +133,7 @@ def dispatch(block: MoEBlock, reading: Reading, hidden: torch.Tensor, logits: to
         block.top_k, reading.normalize, block.scoring, block.activation, reading.gated, capacity_factor)
 
 
-def confirm(block: MoEBlock, values: dict, capacity_factor: float, tolerance: float
-            ) -> tuple[Optional[Reading], str]:
+def confirm(block: MoEBlock, values: dict, tolerance: float) -> tuple[Optional[Reading], str]:
     """The first reading whose dispatch reproduces the block output, or None and the closest error."""
     hidden, logits, want = values[block.hidden], values[block.router], values[block.output]
     if hidden.dtype in (torch.float16, torch.bfloat16):
@@ -144,7 +142,7 @@ def confirm(block: MoEBlock, values: dict, capacity_factor: float, tolerance: fl
     for gate_up, down, gated in block.expert_candidates:
         for normalize in (block.normalize, not block.normalize):
             reading = Reading(gate_up.contiguous(), down.contiguous(), gated, normalize)
-            got = dispatch(block, reading, hidden.to(gate_up.dtype), logits, capacity_factor).to(want.dtype)
+            got = dispatch(block, reading, hidden.to(gate_up.dtype), logits, 0.0).to(want.dtype)
             error = _relative_error(got, want.reshape(got.shape))
             if error <= tolerance:
                 return reading, ""
@@ -163,6 +161,7 @@ def moe_record(block: MoEBlock, reading: Reading, values: dict, capacity_factor:
     logits = logits.reshape(-1, logits.shape[-1])
     _, experts = route(logits, block.top_k, reading.normalize, block.scoring)
     counts = torch.bincount(experts.flatten(), minlength=block.num_experts).tolist()
+    dropped = int(capacity_mask(experts, block.num_experts, capacity_factor)[1]) if capacity_factor > 0 else 0
     tokens, (num_experts, rows, width) = logits.shape[0], reading.w_gate_up.shape
     inner = reading.w_down.shape[2]
     dense_flops, dispatch_flops = moe_flops(tokens, width, inner, num_experts, block.top_k, reading.gated)
@@ -176,4 +175,5 @@ def moe_record(block: MoEBlock, reading: Reading, values: dict, capacity_factor:
         details={"form": block.form, "experts": num_experts, "top_k": block.top_k, "scoring": block.scoring,
                  "normalize": reading.normalize, "activation": block.activation, "gated": reading.gated,
                  "shared_expert": block.shared is not None, "capacity_factor": capacity_factor,
+                 "dropped_pairs": dropped, "pairs": tokens * block.top_k,
                  "tokens_per_expert": {"min": min(counts), "median": statistics.median(counts), "max": max(counts)}})

@@ -24,7 +24,7 @@ import torch
 from torch.fx import Node
 
 from sparsecc.runtime.nm_format import check_nm, compress_nm, nm_mask
-from sparsecc.runtime.ops import get_op  # noqa: F401  (registers sparsecc::nm_linear)
+from sparsecc.runtime.ops import get_op  # noqa: F401  (registers the sparsecc ops)
 
 from .manager import Pass, PassContext, PassResult
 from .match import Const, Match, Op, Var
@@ -73,6 +73,19 @@ def _layouts_of(weight: Node) -> dict:
         else:
             layouts[user] = _WEIGHT_SLOTS.get((user.target, user.args.index(weight) if weight in user.args else -1))
     return layouts
+
+
+_RESHAPES = (aten.reshape.default, aten.view.default, aten._to_copy.default, aten.to.dtype)
+
+
+def feeds_moe_router(node: Node) -> bool:
+    """Whether `node` (through reshapes and casts) is the router_logits of a `sparsecc::moe`."""
+    for user in node.users:
+        if user.target is torch.ops.sparsecc.moe.default and user.args[1] is node:
+            return True
+        if user.target in _RESHAPES and feeds_moe_router(user):
+            return True
+    return False
 
 
 def _op_text(node: Node) -> str:
@@ -129,6 +142,8 @@ class _NMRewrite:
         excluded = [g for g in self.options.exclude if fnmatch.fnmatchcase(path, g)]
         if excluded:
             return fail(f"excluded by '{excluded[0]}'")
+        if feeds_moe_router(m.node):
+            return fail("router of an MoE block, kept dense: pruning it would change which experts tokens reach")
         w = _fetch(self.gm, m["w"].target)
         if w.dim() != 2 or not w.is_floating_point():
             return fail(f"weight is {w.dim()}-D {w.dtype}; prune-nm needs a 2-D floating-point weight")

@@ -28,7 +28,7 @@ SCORINGS = ("softmax", "sigmoid")
 
 
 def route(router_logits: Tensor, top_k: int, normalize: bool, scoring: str) -> tuple[Tensor, Tensor]:
-    """(weights fp32 [T, k], experts int64 [T, k]): top_k of softmax/sigmoid(logits), renormalised if asked."""
+    """(weights fp32 [T, k], experts int64 [T, k]): the top_k scores, divided by their sum if normalize."""
     logits = router_logits.float()
     scores = logits.softmax(-1) if scoring == "softmax" else logits.sigmoid()
     weights, experts = scores.topk(top_k, dim=-1)
@@ -86,7 +86,7 @@ def capacity(num_pairs: int, num_experts: int, capacity_factor: float) -> int:
 
 
 def capacity_mask(experts: Tensor, num_experts: int, capacity_factor: float) -> tuple[Tensor, Tensor]:
-    """(keep [T, k] bool, dropped 0-dim int64): each expert keeps its first `capacity` pairs in token order."""
+    """(keep [T, k] bool, dropped 0-dim int64): each expert keeps its first `capacity` pairs (token order)."""
     order, _, _, rank = _segments(experts, num_experts)
     limit = capacity(experts.numel(), num_experts, capacity_factor)
     keep = torch.empty_like(rank, dtype=torch.bool).scatter_(0, order, rank < limit).view_as(experts)

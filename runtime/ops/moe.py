@@ -170,7 +170,8 @@ def _samples() -> list[tuple]:
     return [(*_sample(6, 16, 8, 4, True, True, True), 2, True, "softmax", "silu", True, 0.0),
             (*_sample(5, 16, 8, 16, False, False, False), 1, False, "sigmoid", "gelu", False, 0.0),
             (*_sample(12, 16, 8, 4, True, True, False), 2, False, "softmax", "relu", True, 0.5),
-            (*_sample(3, 16, 8, 4, True, False, False, torch.bfloat16), 2, True, "softmax", "silu", True, 0.0)]
+            (*_sample(3, 16, 8, 4, True, False, False, dtype=torch.bfloat16), 2, True, "softmax", "silu",
+             True, 0.0)]
 
 
 MOE = OpDef(name="moe", op=torch.ops.sparsecc.moe.default,

@@ -47,8 +47,18 @@ def test_unknown_method_lists_available():
 
 
 def test_rewrites_not_built_yet_say_so():
-    with pytest.raises(ConfigError, match="MoE dispatch is not available"):
-        parse_sparsity({"moe": "dispatch"})
+    with pytest.raises(ConfigError, match="sparse attention is not available"):
+        parse_sparsity({"attention": {"policy": "window"}})
+
+
+def test_moe_comes_before_weights():
+    config = parse_sparsity({"weights": "2:4", "moe": {"capacity_factor": 1.25}})
+    assert config.pipeline().startswith("moe-dispatch{capacity_factor=1.25},prune-nm")
+    assert parse_sparsity({"moe": "dispatch"}).pipeline() == "moe-dispatch,cleanup"
+    with pytest.raises(ConfigError, match="unknown key 'capacity'"):
+        parse_sparsity({"moe": {"capacity": 2}})
+    with pytest.raises(ConfigError, match="capacity_factor: expected a number >= 0"):
+        parse_sparsity({"moe": {"capacity_factor": -1}})
 
 
 def test_wrong_types():

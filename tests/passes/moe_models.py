@@ -82,17 +82,32 @@ class DenseMoE(nn.Module):
 
 
 class SharedExpertMoE(nn.Module):
-    """Form 5: routed experts (dense formulation) plus a sigmoid-gated shared expert (Qwen2-MoE)."""
+    """Form 5: routed experts (dense formulation) plus a sigmoid-gated shared expert in one block (Qwen2-MoE)."""
 
     def __init__(self, hidden=32, inner=24, experts=4, top_k=2, shared_inner=40):
         super().__init__()
-        self.routed = DenseMoE(hidden, inner, experts, top_k, normalize=False)
+        self.router = Router(hidden, experts, top_k, normalize=False)
+        self.experts = nn.ModuleList(ExpertMLP(hidden, inner) for _ in range(experts))
         self.shared_expert = ExpertMLP(hidden, shared_inner)
         self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
 
     def forward(self, x):
+        weights, selected = self.router(x)
+        routing = torch.zeros(*x.shape[:-1], len(self.experts), dtype=x.dtype).scatter(-1, selected, weights)
+        routed = sum(routing[..., e:e + 1] * expert(x) for e, expert in enumerate(self.experts))
         shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return self.routed(x) + shared
+        return routed + shared
+
+
+class NotMoE(nn.Module):
+    """Uses topk, but for top-k pooling, not routing: nothing to dispatch."""
+
+    def __init__(self, hidden=32):
+        super().__init__()
+        self.proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x):
+        return torch.topk(self.proj(x), 4, dim=-1).values.sum(-1, keepdim=True) * x
 
 
 class Block(nn.Module):

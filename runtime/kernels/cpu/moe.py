@@ -59,7 +59,7 @@ def _routed_output(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, weights: T
             pair_output[segment] = expert_mlp(sorted_rows[segment], w_gate_up[expert], w_down[expert],
                                               activation, gated)
             start += count
-    pair_output *= weights.reshape(-1)[order][:, None]
+    pair_output *= weights.reshape(-1)[order].to(hidden.dtype)[:, None]
     return torch.zeros_like(hidden).index_add_(0, token_of_pair, pair_output)
 
 
