@@ -27,7 +27,7 @@ from sparsecc.runtime.nm_format import check_nm, compress_nm, nm_mask
 from sparsecc.runtime.ops import get_op  # noqa: F401  (registers the sparsecc ops)
 
 from .manager import Pass, PassContext, PassResult
-from .match import Const, Match, Op, Var
+from .match import AnyArg, Const, Match, Op, Var
 from .records import RewriteRecord
 from .rewrite import CheckResult, Rewriter, Rule, RuleSet, apply_rules, fail, ok
 
@@ -120,7 +120,9 @@ class _NMRewrite:
     def ruleset(self) -> RuleSet:
         rules = [Rule(f"nm-{name}", pattern, self._replacer(form), self._checker(form))
                  for name, (pattern, form) in PATTERNS.items()]
-        return RuleSet("nm-linear", rules)
+        experts = _ExpertRule(self)
+        return RuleSet("nm-linear", rules) + RuleSet("nm-experts", [Rule("nm-moe-experts", MOE_PATTERN,
+                                                                          experts.replace, experts.check)])
 
     def _checker(self, form: _Form):
         def check(m: Match, ctx: PassContext) -> CheckResult:
@@ -194,6 +196,66 @@ class _NMRewrite:
             flops_before=flops, flops_after=flops * n // mm,
             details={"weight": m["w"].target, "values": values.target, "indices": indices.target,
                      "n": n, "m": mm, "in_features": k, "transposed": form.transposed})
+
+
+# sparsecc.moe(hidden, router_logits, w_gate_up, w_down, <9 more arguments>)
+MOE_PATTERN = Op(torch.ops.sparsecc.moe.default, Var("h"), Var("logits"), Const("w"), Const("w2"),
+                 *[AnyArg() for _ in range(9)])
+
+
+class _ExpertRule:
+    """Stacked expert weights of `sparsecc.moe`, pruned per expert along their reduction dims and kept
+    compressed at rest; `sparsecc.nm_decompress` expands them for each call (the grouped GEMMs read dense)."""
+
+    def __init__(self, owner: "_NMRewrite"):
+        self.owner = owner
+
+    def layer(self, m: Match) -> str:
+        return layer_path(m["w"]) + ".experts"
+
+    def check(self, m: Match, ctx: PassContext) -> CheckResult:
+        opts, path = self.owner.options, self.layer(m)
+        if not any(fnmatch.fnmatchcase(path, g) for g in opts.include):
+            return fail(f"not matched by include {list(opts.include)}", where=path)
+        excluded = [g for g in opts.exclude if fnmatch.fnmatchcase(path, g)]
+        if excluded:
+            return fail(f"excluded by '{excluded[0]}'", where=path)
+        for node in (m["w"], m["w2"]):
+            k = _fetch(self.owner.gm, node.target).shape[-1]
+            if k % opts.m:
+                return fail(f"expert reduction dim {k} is not divisible by M={opts.m}", where=path)
+        return ok()
+
+    def replace(self, m: Match, rw: Rewriter) -> Node:
+        opts, gm = self.owner.options, self.owner.gm
+        dense = [self._compressed(rw, _fetch(gm, node.target), node.target) for node in (m["w"], m["w2"])]
+        args = list(m.node.args)
+        args[2:4] = [rw.call(torch.ops.sparsecc.nm_decompress.default, v, i, opts.n, opts.m, k) for v, i, k in dense]
+        self.owner.ctx.records.append(self._record(m, dense))
+        return rw.call(torch.ops.sparsecc.moe.default, *args)
+
+    def _compressed(self, rw: Rewriter, weight: torch.Tensor, target: str):
+        n, mm = self.owner.options.n, self.owner.options.m
+        values, indices = compress_nm(weight, n, mm, mask=nm_mask(weight.abs(), n, mm))
+        return (rw.add_constant(target + "_nm_values", values), rw.add_constant(target + "_nm_indices", indices),
+                weight.shape[-1])
+
+    def _record(self, m: Match, dense) -> RewriteRecord:
+        gm, n, mm = self.owner.gm, self.owner.options.n, self.owner.options.m
+        weights = [_fetch(gm, node.target) for node in (m["w"], m["w2"])]
+        stored = [_fetch(gm, node.target) for v, i, _ in dense for node in (v, i)]
+        tokens = _tokens(_val(m["h"]), weights[0].shape[-1])
+        top_k = m.node.args[7]
+        flops = 2 * tokens * top_k * sum(w[0].numel() for w in weights)
+        return RewriteRecord(
+            layer=self.layer(m), op="sparsecc.moe+nm_decompress", source_op="sparsecc.moe", pattern=f"{n}:{mm}",
+            shape=list(weights[0].shape), params_before=sum(w.numel() for w in weights),
+            params_after=sum(t.numel() for t in stored[::2]),
+            bytes_before=sum(w.numel() * w.element_size() for w in weights),
+            bytes_after=sum(t.numel() * t.element_size() for t in stored),
+            flops_before=flops, flops_after=flops * n // mm,
+            details={"n": n, "m": mm, "reference": "unavailable",
+                     "compressed": {node.target: [v.target, i.target] for node, (v, i, _) in zip((m["w"], m["w2"]), dense)}})
 
 
 def _fetch(gm: torch.fx.GraphModule, target: str) -> torch.Tensor:

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from .registry import OpDef
 from .moe import MOE
+from .nm_decompress import NM_DECOMPRESS
 from .nm_linear import NM_LINEAR
 
-OPS: dict[str, OpDef] = {op.name: op for op in (NM_LINEAR, MOE)}
+OPS: dict[str, OpDef] = {op.name: op for op in (NM_LINEAR, MOE, NM_DECOMPRESS)}
 
 
 def get_op(name: str) -> OpDef:
