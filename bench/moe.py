@@ -3,10 +3,11 @@
     python bench/moe.py [--quick] [--json PATH]
 
 Per block config (E experts, top k, hidden H, expert width I; fp32) and token count T,
-all with the same weights, medians of timed reps after a warm-up under `torch.no_grad()`:
+all with the same weights, medians of timed reps after a warm-up under `torch.no_grad()`,
+the reps of all columns interleaved:
 
     hf_grouped  MixtralSparseMoeBlock, experts_implementation "grouped_mm": what transformers
-                5.x picks by default for a Mixtral model (on CPU: a loop of torch.mm per expert)
+                5.x picks by default for a Mixtral model (on CPU: aten::_grouped_mm, one mm per expert)
     hf_eager    the same block with "eager" (a one_hot mask, torch.where per hit expert): what
                 a bare block falls back to when its config names no implementation
     hf_batched  "batched_mm"; gathers each pair's expert weights, T*k*(3*H*I) floats, so it is
@@ -51,18 +52,6 @@ TOLERANCE = 1e-4           # max |diff| / max |ref| accepted for an exact rewrit
 IMPLEMENTATIONS = {"hf_grouped": "grouped_mm", "hf_eager": "eager", "hf_batched": "batched_mm"}
 
 
-class Root(torch.nn.Module):
-    """Holds the block one level down: moe-dispatch looks for the block among the modules
-    around the router's topk and never takes the root module itself."""
-
-    def __init__(self, block: torch.nn.Module):
-        super().__init__()
-        self.moe = block
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.moe(hidden_states)
-
-
 def mixtral_block(shape: BlockShape, implementation: str) -> MixtralSparseMoeBlock:
     config = transformers.MixtralConfig(hidden_size=shape.hidden, intermediate_size=shape.inter,
                                         num_local_experts=shape.experts, num_experts_per_tok=shape.top_k)
@@ -105,13 +94,17 @@ def first(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def timed_ms(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+def interleaved_ms(runs: dict, reps: dict[str, int]) -> dict[str, list[float]]:
+    """Each run's times in ms; the reps go round-robin so a slow spell of a shared machine hits every
+    column alike instead of one whole column."""
+    times = {name: [] for name in runs}
+    for i in range(max(reps.values())):
+        for name, run in runs.items():
+            if i < reps[name]:
+                start = time.perf_counter()
+                run()
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return times
 
 
 def max_rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -124,7 +117,7 @@ def batched_mm_bytes(shape: BlockShape, tokens: int) -> float:
 
 def compile_block(block: torch.nn.Module, x: torch.Tensor) -> tuple:
     start = time.perf_counter()
-    compiled = sparsecc.compile(Root(block), (x,), sparsity={"moe": "dispatch"}, check=False)
+    compiled = sparsecc.compile(block, (x,), sparsity={"moe": "dispatch"}, check=False)
     seconds = time.perf_counter() - start
     report = compiled.report()
     if not any(r.op == "sparsecc.moe" for r in report.layers):
@@ -147,10 +140,12 @@ def measure(shape: BlockShape, blocks: dict, tokens: int, reps: int, dense_reps:
         del runs["hf_batched"]
         row["notes"].append(f"hf_batched skipped: would copy {batched_mm_bytes(shape, tokens) / 1e9:.1f} GB "
                             f"of expert weights (> {BATCHED_MM_LIMIT / 1e9:.0f} GB)")
-    reference = runs["hf_grouped"]()  # also the warm-up of each run below
-    for column, run in runs.items():
+    reference = runs["hf_grouped"]()
+    for column, run in runs.items():  # checks each against the reference and warms it up
         row[f"err_{column}"] = max_rel_error(run(), reference)
-        row[f"{column}_ms"] = timed_ms(run, dense_reps if column == "dense" else reps)
+    samples = interleaved_ms(runs, {c: dense_reps if c == "dense" else reps for c in runs})
+    row["samples_ms"] = samples
+    row.update({f"{column}_ms": statistics.median(t) for column, t in samples.items()})
     return finish_row(row)
 
 
@@ -203,15 +198,16 @@ def main() -> None:
     parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     args = parser.parse_args()
     shapes, token_counts = (QUICK_SHAPES, QUICK_TOKENS) if args.quick else (SHAPES, TOKENS)
-    reps = 3 if args.quick else 5
+    reps = 3 if args.quick else 7
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"{torch.get_num_threads()} threads, fp32, reps {reps} (dense: 2, E >= 64 at T >= 2048: 1)")
+          f"{torch.get_num_threads()} threads, fp32, reps {reps} (dense: 3, E >= 64 at T >= 2048: 2), "
+          "interleaved across columns")
     rows = []
     with torch.no_grad():
         for shape in shapes:
             blocks = blocks_sharing(shape, random_weights(shape))
             for tokens in token_counts:
-                dense_reps = 1 if shape.experts >= 64 and tokens >= 2048 else 2
+                dense_reps = 2 if shape.experts >= 64 and tokens >= 2048 else 3
                 rows.append(measure(shape, blocks, tokens, reps, dense_reps))
                 print(f"done {shape.name} T={tokens}", flush=True)
     print_times(rows)

@@ -168,7 +168,7 @@ def moe_record(block: MoEBlock, reading: Reading, values: dict, capacity_factor:
     params = reading.w_gate_up.numel() + reading.w_down.numel()
     size = reading.w_gate_up.element_size()
     return RewriteRecord(
-        layer=block.path, op="sparsecc.moe", source_op=f"moe/{block.form}", pattern=f"E={num_experts},k={block.top_k}",
+        layer=block.path or "<root>", op="sparsecc.moe", source_op=f"moe/{block.form}", pattern=f"E={num_experts},k={block.top_k}",
         shape=[num_experts, rows, width], params_before=params, params_after=params,
         bytes_before=params * size, bytes_after=params * size,
         flops_before=dense_flops if block.form == "dense" else dispatch_flops, flops_after=dispatch_flops,

@@ -92,8 +92,6 @@ def _expert_index(path: str, block: str) -> Optional[str]:
 def find_block(gm: GraphModule, topk: Node) -> tuple[str, list[Node]]:
     """The innermost module around `topk` whose region holds expert weights."""
     for path in reversed(module_paths(topk)):
-        if not path:
-            continue
         region = nodes_in_module(gm, path)
         stacked = [v for v in _region_constants(gm, region).values() if v.dim() == 3]
         experts = {_expert_index(module_path(n), path) for n in region if n.target is aten.linear.default}

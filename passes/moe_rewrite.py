@@ -36,7 +36,7 @@ def _shaped_like(rw: Rewriter, flat: Node, block: "MoEBlock") -> Node:
 
 def insert_dispatch(gm: GraphModule, block: "MoEBlock", reading: "Reading", capacity_factor: float) -> Node:
     rw = Rewriter(gm, block.output)
-    base = block.path + ".moe_"
+    base = f"{block.path}.moe_" if block.path else "moe_"
     consts = [rw.add_constant(base + name, tensor) if tensor is not None else None for name, tensor in (
         ("w_gate_up", reading.w_gate_up), ("w_down", reading.w_down),
         ("shared_gate_up", block.shared.gate_up if block.shared else None),

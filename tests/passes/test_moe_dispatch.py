@@ -142,3 +142,10 @@ def test_pruned_experts_under_the_triton_interpreter_match_the_torch_backend():
     on_torch = sparsecc.compile(model, (ids,), sparsity=config, check=False)
     on_triton = sparsecc.compile(model, (ids,), sparsity=config, backend="triton", check=False)
     torch.testing.assert_close(on_triton(ids)["logits"], on_torch(ids)["logits"], rtol=1e-4, atol=1e-4)
+
+
+def test_a_bare_moe_block_is_its_own_root_module():
+    block, x = mixtral(layers=1).model.layers[0].mlp, torch.randn(1, 6, 32)
+    compiled = _compile(block, (x,))
+    assert [r.layer for r in compiled.report().layers] == ["<root>"]
+    torch.testing.assert_close(compiled(x), block(x), rtol=1e-5, atol=1e-5)
