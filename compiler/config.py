@@ -122,11 +122,15 @@ def _moe(spec: Any) -> MoEConfig:
         return MoEConfig()
     if not isinstance(spec, dict):
         raise ConfigError(f"sparsity.moe: expected 'dispatch' or a dict, got {spec!r}")
-    accepted = [f.name for f in dataclasses.fields(MoEConfig)]
+    _check_keys("moe", spec, MoEConfig)
+    return MoEConfig(**spec)
+
+
+def _check_keys(section: str, spec: dict, cls: type) -> None:
+    accepted = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in spec if k not in accepted]
     if unknown:
-        raise ConfigError(f"sparsity.moe: unknown key {unknown[0]!r} (accepted: {', '.join(accepted)})")
-    return MoEConfig(**spec)
+        raise ConfigError(f"sparsity.{section}: unknown key {unknown[0]!r} (accepted: {', '.join(accepted)})")
 
 
 def _weights(spec: Any) -> WeightsConfig:
@@ -136,9 +140,6 @@ def _weights(spec: Any) -> WeightsConfig:
         return WeightsConfig(pattern=spec)
     if not isinstance(spec, dict):
         raise ConfigError(f"sparsity.weights: expected a pattern string or a dict, got {type(spec).__name__}")
-    accepted = [f.name for f in dataclasses.fields(WeightsConfig)]
-    unknown = [k for k in spec if k not in accepted]
-    if unknown:
-        raise ConfigError(f"sparsity.weights: unknown key {unknown[0]!r} (accepted: {', '.join(accepted)})")
+    _check_keys("weights", spec, WeightsConfig)
     values = {k: tuple(v) if k in ("include", "exclude") and isinstance(v, list) else v for k, v in spec.items()}
     return WeightsConfig(**values)
