@@ -16,6 +16,7 @@ _LAZY = {
     "SparsityConfig": ("sparsecc.config", "SparsityConfig"),
     "WeightsConfig": ("sparsecc.config", "WeightsConfig"),
     "MoEConfig": ("sparsecc.config", "MoEConfig"),
+    "AttentionConfig": ("sparsecc.config", "AttentionConfig"),
     "SparseccError": ("sparsecc.errors", "SparseccError"),
     "ConfigError": ("sparsecc.errors", "ConfigError"),
     "CaptureError": ("sparsecc.errors", "CaptureError"),

@@ -46,7 +46,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, sparsity: Any = None, c
     passes = build_pipeline(pipeline_text)
     with steps("capture"):
         captured = capture(model, args, example_kwargs, dynamic_shapes)
-    ctx = PassContext(example_inputs=args, calibration=calibration, progress=progress)
+    flat_inputs = _tensor_leaves((args, example_kwargs or {}))   # the graph's placeholders, in order
+    ctx = PassContext(example_inputs=flat_inputs, calibration=calibration, progress=progress)
     with steps("rewrite"):
         manager = PassManager(passes, verify=verify, print_ir_after_all=print_ir_after_all, dump_dir=dump_dir)
         gm = manager.run(captured.gm, ctx)
@@ -79,7 +80,7 @@ class CompiledModel:
         if spec != self._captured.in_spec:
             raise InputMismatchError(f"inputs have structure {spec}, but the model was compiled for "
                                      f"{self._captured.in_spec}")
-        outputs = self._executor.run(flat)
+        outputs = self._executor.run(_tensor_leaves(flat))
         return pytree.tree_unflatten(outputs, self._captured.out_spec)
 
     def report(self) -> Report:
@@ -95,6 +96,11 @@ class CompiledModel:
 
     def __repr__(self) -> str:
         return f"CompiledModel(backend={self.backend!r}, {self.program.summary()})"
+
+
+def _tensor_leaves(tree: Any) -> tuple:
+    """The tensors of a pytree, in flattening order: what the captured graph takes as placeholders."""
+    return tuple(leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, torch.Tensor))
 
 
 def _pick_backend(backend: Optional[str], model: torch.nn.Module) -> str:

@@ -18,7 +18,8 @@ from .errors import ConfigError
 NM_GROUP_SIZES = (4, 8, 16)
 WEIGHT_METHODS = ("magnitude",)
 # Parts of the request that later rewrites will handle; named here so the error says so.
-NOT_BUILT = {"attention": "sparse attention", "tokens": "token routing"}
+NOT_BUILT = {"tokens": "token routing"}
+ATTENTION_POLICIES = ("mask",)
 
 
 def parse_pattern(pattern: Any) -> tuple[int, int]:
@@ -66,9 +67,24 @@ class MoEConfig:
 
 
 @dataclass(frozen=True)
+class AttentionConfig:
+    """Block-sparse attention; `mask` is exact (the layout the model's mask implies)."""
+    policy: str = "mask"
+    block: int = 128
+
+    def __post_init__(self):
+        if self.policy not in ATTENTION_POLICIES:
+            raise ConfigError(f"attention.policy: unknown or not yet available policy {self.policy!r} "
+                              f"(available: {', '.join(ATTENTION_POLICIES)})")
+        if self.block not in (64, 128):
+            raise ConfigError(f"attention.block: expected 64 or 128, got {self.block!r}")
+
+
+@dataclass(frozen=True)
 class SparsityConfig:
     weights: Optional[WeightsConfig] = field(default=None)
     moe: Optional[MoEConfig] = field(default=None)
+    attention: Optional[AttentionConfig] = field(default=None)
 
     def pipeline(self) -> str:
         """The pass pipeline this request stands for."""
@@ -76,6 +92,8 @@ class SparsityConfig:
         if self.moe is not None:
             cf = self.moe.capacity_factor
             steps.append("moe-dispatch" + (f"{{capacity_factor={cf}}}" if cf else ""))
+        if self.attention is not None:
+            steps.append(f"sparse-attention{{policy={self.attention.policy},block={self.attention.block}}}")
         if self.weights is not None:
             n, m = self.weights.nm
             opts = [f"n={n}", f"m={m}", f"method={self.weights.method}",
@@ -110,9 +128,21 @@ def _from_dict(spec: dict) -> SparsityConfig:
                               f"(available: {', '.join(f.name for f in dataclasses.fields(SparsityConfig))})")
         if key not in accepted:
             raise ConfigError(f"sparsity: unknown key {key!r} (accepted: {', '.join(accepted)})")
-    weights, moe = spec.get("weights"), spec.get("moe")
+    weights, moe, attention = spec.get("weights"), spec.get("moe"), spec.get("attention")
     return SparsityConfig(weights=_weights(weights) if weights is not None else None,
-                          moe=_moe(moe) if moe is not None else None)
+                          moe=_moe(moe) if moe is not None else None,
+                          attention=_attention(attention) if attention is not None else None)
+
+
+def _attention(spec: Any) -> AttentionConfig:
+    if isinstance(spec, AttentionConfig):
+        return spec
+    if isinstance(spec, str):
+        return AttentionConfig(policy=spec)
+    if not isinstance(spec, dict):
+        raise ConfigError(f"sparsity.attention: expected a policy name or a dict, got {spec!r}")
+    _check_keys("attention", spec, AttentionConfig)
+    return AttentionConfig(**spec)
 
 
 def _moe(spec: Any) -> MoEConfig:

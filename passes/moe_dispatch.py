@@ -16,7 +16,6 @@ from typing import ClassVar, Optional
 
 import torch
 from torch.fx import GraphModule, Node
-from torch.utils import _pytree as pytree
 
 from sparsecc.runtime.moe_routing import capacity_mask, route
 from sparsecc.runtime.ops.moe import moe_flops
@@ -28,6 +27,7 @@ from .moe_regions import (MoEBlock, NotAnMoE, _region_constants, block_form, fin
                           find_output, read_router, topk_nodes)
 from .moe_rewrite import erase_region, insert_dispatch
 from .records import RewriteRecord
+from .recording import record_values
 
 
 @dataclass(frozen=True)
@@ -91,28 +91,6 @@ def analyse(gm: GraphModule, topk: Node) -> MoEBlock:
     return MoEBlock(path, region, topk, router, hidden, output, block_form(region, bool(not sources)),
                     int(topk.args[1]), scoring, normalize, candidates, find_activation(region),
                     shared, shared_gate, sources)
-
-
-class _Recorder(torch.fx.Interpreter):
-    def __init__(self, gm: GraphModule, wanted: set[Node]):
-        super().__init__(gm)
-        self.wanted, self.values = wanted, {}
-
-    def run_node(self, node: Node):
-        result = super().run_node(node)
-        if node in self.wanted:
-            self.values[node] = result
-        return result
-
-
-def record_values(gm: GraphModule, ctx: PassContext, wanted: list[Node]) -> dict[Node, torch.Tensor]:
-    """The values of `wanted` nodes when the graph runs on the example inputs."""
-    if not wanted:
-        return {}
-    recorder = _Recorder(gm, set(wanted))
-    with torch.no_grad():
-        recorder.run(*pytree.tree_leaves(ctx.example_inputs))
-    return recorder.values
 
 
 @dataclass(frozen=True)
