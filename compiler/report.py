@@ -86,7 +86,8 @@ def format_report(report: Report) -> str:
         out.append("rewritten layers: 0")
     out.append(f"model constants: {_size(report.model_bytes_before)} -> {_size(report.model_bytes_after)} "
                f"({_ratio(report.model_bytes_after, report.model_bytes_before)})")
-    out += _moe_lines(report.layers) + _skipped_lines(report.skipped) + _error_lines(report)
+    out += _moe_lines(report.layers) + _attention_lines(report.layers)
+    out += _skipped_lines(report.skipped) + _error_lines(report)
     out += _timing_lines(report.timings)
     return "\n".join(out)
 
@@ -103,6 +104,16 @@ def _moe_lines(layers: list[RewriteRecord]) -> list[str]:
         if d["capacity_factor"]:
             lines.append(f"    capacity factor {d['capacity_factor']:g}: dropped {d['dropped_pairs']} of "
                          f"{d['pairs']} (token, expert) pairs")
+    return lines
+
+
+def _attention_lines(layers: list[RewriteRecord]) -> list[str]:
+    sites = [r for r in layers if r.op == "sparsecc.block_attention"]
+    lines = [f"attention layers: {len(sites)}"] if sites else []
+    for r in sites:
+        d = r.details
+        lines.append(f"  {r.layer}: policy {d['policy']}, block {d['block']}, block density {d['density']:.3f} "
+                     f"on the example inputs, error vs dense attention {d['error_vs_dense']:.1e}")
     return lines
 
 

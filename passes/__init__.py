@@ -12,6 +12,7 @@ from .pipeline import PipelineError, build_pipeline, format_option, parse_pipeli
 from .printer import print_graph
 from .prune_nm import PruneNM
 from .moe_dispatch import MoEDispatch
+from .sparse_attention import SparseAttention
 from .rewrite import CheckResult, Rule, RuleSet, apply_rules, fail, ok
 from .rewriter import RewriteError, Rewriter
 from .verify import VerificationError, verify_graph
@@ -23,12 +24,13 @@ PASSES: dict[str, type[Pass]] = {
         Cleanup,
         PruneNM,
         MoEDispatch,
+        SparseAttention,
     )
 }
 
 __all__ = [
     "AnyArg", "CheckResult", "Cleanup", "Const", "Lit", "Match", "Op", "PASSES", "Pass",
-    "PassContext", "PassManager", "PassResult", "PassStats", "Pattern", "PipelineError", "PruneNM", "MoEDispatch",
+    "PassContext", "PassManager", "PassResult", "PassStats", "Pattern", "PipelineError", "PruneNM", "MoEDispatch", "SparseAttention",
     "RewriteError", "Rewriter", "Rule", "RuleSet", "Skip", "Var", "VerificationError",
     "apply_rules", "build_pipeline", "fail", "format_option", "match", "module_path",
     "module_subgraph", "nodes_in_module", "ok", "parse_pipeline", "print_graph", "to_dot",

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from .registry import OpDef
+from .block_attention import BLOCK_ATTENTION
+from .block_layout import BLOCK_LAYOUT
 from .moe import MOE
 from .nm_decompress import NM_DECOMPRESS
 from .nm_linear import NM_LINEAR
 
-OPS: dict[str, OpDef] = {op.name: op for op in (NM_LINEAR, MOE, NM_DECOMPRESS)}
+OPS: dict[str, OpDef] = {op.name: op for op in (NM_LINEAR, MOE, NM_DECOMPRESS, BLOCK_LAYOUT, BLOCK_ATTENTION)}
 
 
 def get_op(name: str) -> OpDef:

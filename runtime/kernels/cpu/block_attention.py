@@ -1,0 +1,414 @@
+"""CPU kernel for sparsecc::block_attention: ATen's CPU flash attention over pieces of the layout.
+
+`aten._scaled_dot_product_flash_attention_for_cpu` returns each row's
+logsumexp beside its output, so attention over disjoint sets of keys merges
+exactly: with (o_p, lse_p) per piece p of a row,
+
+    lse = log sum_p exp(lse_p),    o = sum_p exp(lse_p - lse) o_p.
+
+A piece is one flash call, over strided views of q, k, v (no copies) or over
+gathered blocks:
+
+    run      full key blocks [s, s+L) for query blocks q0, q0+d, ..., q0+(n-1)d whose
+             runs start at s, s+e, ..., (e = 0 or d): the query blocks form the batch
+             dimension, or one slice of rows when d = 1 and e = 0
+    partial  every query block's partial key blocks, gathered and padded to the most
+             any block has, under the per-element mask as an additive -inf mask
+
+Full runs longer than CHUNK_KEYS are cut, from their end, into CHUNK_KEYS
+pieces: the causal staircase then becomes a few bands and a piece's keys stay
+in cache. With threshold > 0 `_blockwise` visits the blocks one by one in
+order (full, then partial) and skips as the op's semantics say.
+
+Heads: a layout slice (one Bm, Hm entry) covers a set of (batch, query head)
+pairs, described as two axes over the flat heads of q [B*Hq] and k [B*Hkv]
+(`HeadSet`); with GQA the inner axis walks the Hq/Hkv query heads of one kv
+head with k step 0, so k and v are never repeated.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ...attention_layout import as_4d
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+CHUNK_KEYS = 1024  # keys per cut piece of a long full run: K and V of one head stay in L2
+
+
+class Run(NamedTuple):
+    """Key blocks [start + i*key_step, +length) for query blocks first + i*q_step, i < count."""
+    first: int
+    q_step: int
+    start: int
+    key_step: int
+    length: int
+    count: int
+
+
+class Axis(NamedTuple):
+    size: int
+    q_step: int  # in flat query heads (b*Hq + h)
+    k_step: int  # in flat kv heads (b*Hkv + h // groups)
+
+
+class HeadSet(NamedTuple):
+    q_head: int
+    k_head: int
+    outer: Axis
+    inner: Axis
+
+
+class Problem(NamedTuple):
+    q: Tensor             # [B*Hq, NQ*rows, D], rows = min(block_q, S)
+    k: Tensor             # [B*Hkv, NK*block_k, D]
+    v: Tensor             # [B*Hkv, NK*block_k, Dv]
+    out: Tensor           # fp32 [B*Hq, NQ*rows, Dv], merged so far
+    lse: Tensor           # fp32 [B*Hq, NQ*rows], -inf where nothing was seen yet
+    mask: Optional[Tensor]
+    seq: int
+    keys: int
+    heads: int
+    rows: int
+    block_k: int
+    scale: float
+
+
+def _runs_of(indices: list[int]) -> list[tuple[int, int]]:
+    """(start, length) of the maximal runs of consecutive block numbers in an ascending list."""
+    runs: list[list[int]] = []
+    for block in indices:
+        if runs and runs[-1][0] + runs[-1][1] == block:
+            runs[-1][1] += 1
+        else:
+            runs.append([block, 1])
+    return [(start, length) for start, length in runs]
+
+
+def _cut(start: int, length: int, chunk: int) -> list[tuple[int, int]]:
+    """[start, start+length) as chunk-block pieces counted from its end (the remainder first)."""
+    rest = length % chunk
+    pieces = [(start, rest)] if rest else []
+    return pieces + [(s, chunk) for s in range(start + rest, start + length, chunk)]
+
+
+def _progressions(members: list[tuple[int, int]], band: bool) -> list[tuple[int, int, int, int]]:
+    """(first block, start, q step, count) of greedy maximal progressions of sorted (block, start)."""
+    groups: list[list[tuple[int, int]]] = []
+    for qb, start in members:
+        group = groups[-1] if groups else None
+        step = qb - group[-1][0] if group else 0
+        if group and (len(group) == 1 or step == group[1][0] - group[0][0]) \
+                and start - group[-1][1] == (step if band else 0):
+            group.append((qb, start))
+        else:
+            groups.append([(qb, start)])
+    return [(g[0][0], g[0][1], g[1][0] - g[0][0] if len(g) > 1 else 1, len(g)) for g in groups]
+
+
+def plan_runs(full_counts: list[int], full_indices: list[list[int]], chunk: int) -> list[Run]:
+    """Group the full runs of all query blocks into batched calls: bands first, then shared columns."""
+    pieces = [(qb, s, n) for qb, (count, indices) in enumerate(zip(full_counts, full_indices))
+              for start, length in _runs_of(indices[:count]) for s, n in _cut(start, length, chunk)]
+    plan, by_band, by_column = [], defaultdict(list), defaultdict(list)
+    for qb, s, n in pieces:
+        by_band[(qb - s, n)].append((qb, s))
+    for (_, length), members in by_band.items():
+        for qb, s, q_step, count in _progressions(members, band=True):
+            if count > 1 and q_step == 1:
+                plan.append(Run(qb, 1, s, 1, length, count))
+            else:
+                by_column[(s, length)].extend((qb + i * q_step, s + i * q_step) for i in range(count))
+    for (start, length), members in by_column.items():
+        for qb, s, q_step, count in _progressions(sorted(members), band=False):
+            plan.append(Run(qb, q_step, s, 0, length, count))
+    return plan
+
+
+def head_sets(batch: int, heads: int, kv_heads: int, slice_b: Optional[int], slice_h: Optional[int]) -> HeadSet:
+    """The (batch, head) pairs of a layout slice; None = every batch / every head."""
+    groups, batches = heads // kv_heads, batch if slice_b is None else 1
+    b0 = slice_b or 0
+    if slice_h is not None:
+        return HeadSet(b0 * heads + slice_h, b0 * kv_heads + slice_h // groups,
+                       Axis(batches, heads, kv_heads), Axis(1, 0, 0))
+    return HeadSet(b0 * heads, b0 * kv_heads, Axis(batches * kv_heads, groups, 1), Axis(groups, 1, 0))
+
+
+def strided(t: Tensor, head: int, axes: list[tuple[int, int, int]], row: int, rows: int) -> Tensor:
+    """View [*sizes, rows, *tail] of contiguous t [heads, L, *tail]; axes are (size, head step, row step)."""
+    per_row = math.prod(t.shape[2:])
+    per_head = t.shape[1] * per_row
+    shape = [n for n, _, _ in axes] + [rows, *t.shape[2:]]
+    strides = [h * per_head + r * per_row for _, h, r in axes] + [per_row, *t.stride()[2:]]
+    return t.as_strided(shape, strides, head * per_head + row * per_row)
+
+
+def merge_into(out: Tensor, lse: Tensor, piece_out: Tensor, piece_lse: Tensor) -> None:
+    """Add a normalised partial attention of the same rows to (out, lse), fp32, in place: the two
+    weights exp(lse - total) and exp(piece_lse - total) sum to one, so this is one lerp."""
+    total = torch.logaddexp(lse, piece_lse)
+    safe = total.masked_fill(total == float("-inf"), 0.0)  # rows that have seen nothing stay 0
+    out.lerp_(piece_out.to(out.dtype), torch.exp(piece_lse - safe)[..., None])
+    lse.copy_(total)
+
+
+def fill_empty_rows(out: Tensor, lse: Tensor, v: Tensor, empty_rows: str) -> Tensor:
+    """out [B, Hq, S, Dv] with the rows that saw no key (lse = -inf) set as `empty_rows` says."""
+    empty = (lse == float("-inf"))[..., None]
+    if not empty.any():
+        return out
+    if empty_rows == "uniform":
+        fill = v.float().mean(2).repeat_interleave(out.shape[1] // v.shape[1], 1)[:, :, None, :]
+    else:
+        fill = torch.tensor(0.0 if empty_rows == "zero" else float("nan"), device=out.device)
+    return torch.where(empty, fill, out)
+
+
+def _axes(hs: HeadSet, side: str) -> list[tuple[int, int, int]]:
+    """The two head axes of a head set as (size, head step, row step) over q's or k's flat heads."""
+    pick = (lambda a: a.q_step) if side == "q" else (lambda a: a.k_step)
+    return [(hs.outer.size, pick(hs.outer), 0), (hs.inner.size, pick(hs.inner), 0)]
+
+
+def _attend(p: Problem, heads: tuple[int, int], axes: tuple[list, list], rows: tuple[int, int],
+            keys: tuple[int, int], causal: bool, bias: Optional[Tensor], fresh: bool) -> None:
+    """One flash call over 4-d views of q and k/v (causal: top-left within the piece; bias: an additive
+    mask broadcast over the batch and heads), merged into the accumulators in place."""
+    (q_head, k_head), (q_axes, k_axes) = heads, axes
+    q = strided(p.q, q_head, q_axes, *rows)
+    k, v = (strided(t, k_head, k_axes, *keys) for t in (p.k, p.v))
+    piece_out, piece_lse = _flash(q, k, v, is_causal=causal, attn_mask=bias, scale=p.scale)
+    out, lse = strided(p.out, q_head, q_axes, *rows), strided(p.lse, q_head, q_axes, *rows)
+    if fresh:  # the first piece of these rows
+        out.copy_(piece_out)
+        lse.copy_(piece_lse)
+    else:
+        merge_into(out, lse, piece_out, piece_lse)
+
+
+def _run(p: Problem, hs: HeadSet, run: Run, causal: bool, bias: Optional[Tensor], fresh: bool) -> None:
+    keys = (run.start * p.block_k, run.length * p.block_k)
+    if run.q_step == 1 and run.key_step == 0:  # consecutive query blocks, same keys: one slice of rows
+        _attend(p, (hs.q_head, hs.k_head), (_axes(hs, "q"), _axes(hs, "k")),
+                (run.first * p.rows, run.count * p.rows), keys, causal, bias, fresh)
+        return
+    q_entries = (run.count, 0, run.q_step * p.rows)
+    k_entries = (run.count, 0, run.key_step * p.block_k)
+    q_outer, k_outer = _axes(hs, "q")[0], _axes(hs, "k")[0]
+    for i in range(hs.inner.size):  # the query blocks take the batch dimension, so GQA groups loop
+        heads = (hs.q_head + i * hs.inner.q_step, hs.k_head + i * hs.inner.k_step)
+        _attend(p, heads, ([q_entries, q_outer], [k_entries, k_outer]), (run.first * p.rows, p.rows), keys,
+                causal, bias, fresh)
+
+
+def _visibility(p: Problem, hs: HeadSet, q_blocks: Tensor, k_blocks: Tensor, valid: Tensor) -> Tensor:
+    """Bool [E, O|1, I|1, rows, P*block_k]: which elements of the gathered partial blocks may attend."""
+    device = q_blocks.device
+    rows = q_blocks[:, None] * p.rows + torch.arange(p.rows, device=device)                  # [E, rows]
+    cols = (k_blocks[:, :, None] * p.block_k + torch.arange(p.block_k, device=device)).flatten(1)  # [E, P*bk]
+    ok = (rows < p.seq)[:, :, None] & ((cols < p.keys) & valid.repeat_interleave(p.block_k, 1))[:, None, :]
+    if p.mask is None:
+        return (ok & (cols[:, None, :] <= rows[:, :, None] + (p.keys - p.seq)))[:, None, None]
+    flat = (hs.q_head + torch.arange(hs.outer.size, device=device)[:, None] * hs.outer.q_step
+            + torch.arange(hs.inner.size, device=device)[None, :] * hs.inner.q_step)     # [O, I] flat q heads
+    mask_b = flat // p.heads if p.mask.shape[0] > 1 else torch.zeros(1, 1, dtype=torch.long, device=device)
+    mask_h = flat % p.heads if p.mask.shape[1] > 1 else torch.zeros(1, 1, dtype=torch.long, device=device)
+    values = p.mask[mask_b[None, :, :, None, None], mask_h[None, :, :, None, None],
+                    rows.clamp(max=p.seq - 1)[:, None, None, :, None], cols.clamp(max=p.keys - 1)[:, None, None, None, :]]
+    return values & ok[:, None, None]
+
+
+def _gather_kv(p: Problem, hs: HeadSet, k_blocks: Tensor) -> tuple[Tensor, Tensor]:
+    """k, v of the gathered key blocks [E, P] as [E, O, I, P*block_k, D] (I: a stride-0 view)."""
+    entries, per_entry = k_blocks.shape
+    outer = hs.outer
+
+    def gather(t: Tensor) -> Tensor:
+        blocks = strided(t, hs.k_head, [(t.shape[1] // p.block_k, 0, p.block_k), (outer.size, outer.k_step, 0)],
+                         0, p.block_k).index_select(0, k_blocks.flatten())             # [E*P, O, bk, D]
+        blocks = blocks.view(entries, per_entry, outer.size, p.block_k, -1).transpose(1, 2)
+        return blocks.reshape(entries, outer.size, 1, per_entry * p.block_k, -1).expand(
+            -1, -1, hs.inner.size, -1, -1)
+    return gather(p.k), gather(p.v)
+
+
+def _padded_table(lists: list[list[int]], device) -> tuple[Tensor, Tensor]:
+    """([E, P] long, [E, P] valid) of ragged lists, padded with block 0."""
+    width = max(1, max(len(x) for x in lists))
+    table = torch.tensor([x + [0] * (width - len(x)) for x in lists], dtype=torch.long, device=device)
+    valid = torch.tensor([[True] * len(x) + [False] * (width - len(x)) for x in lists], device=device)
+    return table, valid
+
+
+def _partial(p: Problem, hs: HeadSet, q_block_list: list[int], k_block_lists: list[list[int]]) -> None:
+    """The partial blocks of the listed query blocks: one masked flash call, merged in place."""
+    device = p.q.device
+    q_blocks = torch.tensor(q_block_list, dtype=torch.long, device=device)
+    k_blocks, valid = _padded_table(k_block_lists, device)
+    entries, (o, i) = len(q_block_list), (hs.outer.size, hs.inner.size)
+    shape = (entries, o) if i == 1 else (entries * o, i)  # heads as flash heads unless GQA needs a loop-free fold
+    q_axes = [(p.q.shape[1] // p.rows, 0, p.rows), *_axes(hs, "q")]
+    q = strided(p.q, hs.q_head, q_axes, 0, p.rows).index_select(0, q_blocks)
+    k, v = _gather_kv(p, hs, k_blocks)
+    visible = _visibility(p, hs, q_blocks, k_blocks, valid)
+    bias = torch.zeros((), dtype=q.dtype).masked_fill(~visible, float("-inf"))  # [E, O|1, I|1, rows, keys]
+    if i > 1:  # flash batch is (entry, outer head): a mask shared by the outer heads is repeated
+        bias = bias.expand(entries, o, *bias.shape[2:])
+    bias = bias.reshape(shape[0], -1, *bias.shape[3:])
+    piece_out, piece_lse = _flash(q.reshape(*shape, p.rows, -1), k.reshape(*shape, *k.shape[3:]),
+                                  v.reshape(*shape, *v.shape[3:]), attn_mask=bias, scale=p.scale)
+    piece_lse = piece_lse.reshape(entries, o, i, p.rows).masked_fill(~visible.any(-1), float("-inf"))
+    out, lse = strided(p.out, hs.q_head, q_axes, 0, p.rows), strided(p.lse, hs.q_head, q_axes, 0, p.rows)
+    merged_out, merged_lse = out[q_blocks], lse[q_blocks]
+    merge_into(merged_out, merged_lse, piece_out.reshape(entries, o, i, p.rows, -1), piece_lse)
+    out[q_blocks], lse[q_blocks] = merged_out, merged_lse
+
+
+def _blockwise(p: Problem, hs: HeadSet, orders: list[list[int]], partial_counts: list[int],
+               threshold: float) -> None:
+    """Online softmax over each query block's key blocks in order (full, then partial), skipping a
+    block when, for every row, its largest logit is below log(threshold) + the running maximum."""
+    device, nq = p.q.device, len(orders)
+    k_blocks, valid = _padded_table(orders, device)
+    is_partial = torch.arange(k_blocks.shape[1], device=device) >= (valid.sum(1) - torch.tensor(
+        partial_counts, device=device))[:, None]
+    q_axes = [(nq, 0, p.rows), *_axes(hs, "q")]
+    q = strided(p.q, hs.q_head, q_axes, 0, p.rows).float()                 # [NQ, O, I, rows, D]
+    q_blocks = torch.arange(nq, device=device)
+    run_max = torch.full(q.shape[:-1], float("-inf"), device=device)
+    total, acc = torch.zeros_like(run_max), torch.zeros(*q.shape[:-1], p.v.shape[-1], device=device)
+    for t in range(k_blocks.shape[1]):
+        k, v = (x.float() for x in _gather_kv(p, hs, k_blocks[:, t:t + 1]))
+        logits = q @ k.transpose(-1, -2) * p.scale                          # [NQ, O, I, rows, bk]
+        seen = _visibility(p, hs, q_blocks, k_blocks[:, t:t + 1], valid[:, t:t + 1])
+        seen = torch.where(is_partial[:, t, None, None, None, None], seen, valid[:, t, None, None, None, None])
+        logits = logits.masked_fill(~seen, float("-inf"))
+        block_max = logits.amax(-1)
+        gap = torch.where(block_max == float("-inf"), float("-inf"), block_max - run_max)
+        keep = gap.amax(-1, keepdim=True) >= math.log(threshold)
+        new_max = torch.where(keep, torch.maximum(run_max, block_max), run_max)
+        safe = new_max.masked_fill(new_max == float("-inf"), 0.0)
+        prob = torch.exp(logits - safe[..., None]) * keep[..., None]
+        alpha = torch.exp(run_max - safe)
+        total, acc, run_max = total * alpha + prob.sum(-1), acc * alpha[..., None] + prob @ v, new_max
+    lse = torch.where(total > 0, run_max + torch.log(total), float("-inf"))
+    strided(p.out, hs.q_head, q_axes, 0, p.rows).copy_(acc / total.clamp_min(1e-30)[..., None])
+    strided(p.lse, hs.q_head, q_axes, 0, p.rows).copy_(lse)
+
+
+def _problem(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, block_q: int,
+             block_k: int) -> Problem:
+    """Flat, contiguous, block-padded operands and fresh accumulators."""
+    batch, heads, seq, _ = q.shape
+    rows = min(block_q, seq)
+    q_len, k_len = math.ceil(seq / rows) * rows, math.ceil(k.shape[2] / block_k) * block_k
+
+    def flat(t: Tensor, length: int) -> Tensor:
+        t = F.pad(t, (0, 0, 0, length - t.shape[2])) if length > t.shape[2] else t
+        return t.reshape(-1, length, t.shape[3]).contiguous()
+    out = torch.empty(batch * heads, q_len, v.shape[3], device=q.device)  # `_clear` sets what no piece writes
+    lse = torch.empty(batch * heads, q_len, device=q.device)
+    return Problem(flat(q, q_len), flat(k, k_len), flat(v, k_len), out, lse,
+                   None if mask is None else as_4d(mask), seq, k.shape[2], heads, rows, block_k, scale)
+
+
+def _causal_diagonals(p: Problem, hs: HeadSet, partial: dict[int, list[int]]) -> set[int]:
+    """Query blocks whose only partial block is the aligned diagonal block under the exact causal
+    triangle (from the causal rule, or checked on the mask): flash's causal path serves them, no gather."""
+    if p.rows != p.block_k or (p.keys - p.seq) % p.block_k:
+        return set()
+    shift = (p.keys - p.seq) // p.block_k
+    whole = [qb for qb, blocks in partial.items() if blocks == [qb + shift] and (qb + 1) * p.rows <= p.seq
+             and (qb + shift + 1) * p.block_k <= p.keys]
+    if p.mask is not None and whole:
+        q_blocks = torch.tensor(whole, device=p.q.device)
+        visible = _visibility(p, hs, q_blocks, q_blocks[:, None] + shift,
+                              torch.ones(len(whole), 1, dtype=torch.bool, device=p.q.device))
+        triangle = torch.ones(p.rows, p.block_k, dtype=torch.bool, device=p.q.device).tril()
+        exact = (visible == triangle).flatten(1).all(1).tolist()
+        whole = [qb for qb, ok in zip(whole, exact) if ok]
+    return set(whole)
+
+
+def _triangle_bias(p: Problem, length: int) -> Tensor:
+    """Additive [1, 1, rows, (length+1)*block_k]: `length` visible blocks, then the causal diagonal block."""
+    bias = torch.zeros(p.rows, (length + 1) * p.block_k, dtype=p.q.dtype, device=p.q.device)
+    upper = torch.ones(p.rows, p.block_k, dtype=torch.bool, device=p.q.device).triu(1)
+    bias[:, length * p.block_k:].masked_fill_(upper, float("-inf"))
+    return bias[None, None]
+
+
+def _pieces(p: Problem, runs: list[Run], diagonals: set[int]) -> list[tuple[Run, str, Optional[Tensor]]]:
+    """(run, kind, bias): a band whose every block is followed by its causal diagonal takes the diagonal
+    along under a shared additive mask; the other diagonals become runs of flash's causal path."""
+    shift = (p.keys - p.seq) // p.block_k
+    pieces = []
+    for run in runs:
+        blocks = [run.first + i * run.q_step for i in range(run.count)]
+        if run.key_step == run.q_step and run.start + run.length == run.first + shift \
+                and diagonals.issuperset(blocks):
+            diagonals.difference_update(blocks)
+            pieces.append((run._replace(length=run.length + 1), "masked", _triangle_bias(p, run.length)))
+        else:
+            pieces.append((run, "full", None))
+    sorted_diagonals = [(qb, qb + shift) for qb in sorted(diagonals)]
+    return pieces + [(Run(qb, 1, kb, 1, 1, n), "causal", None)
+                     for qb, kb, _, n in _progressions(sorted_diagonals, band=True)]
+
+
+def _slice_plan(p: Problem, hs: HeadSet, layout: list, threshold: float) -> None:
+    """Every piece of one layout slice: [kv_num, kv_indices, full_num, full_indices] as lists."""
+    kv_num, kv_indices, full_num, full_indices = layout
+    if threshold > 0:
+        orders = [f[:nf] + pa[:np] for nf, f, np, pa in zip(full_num, full_indices, kv_num, kv_indices)]
+        if any(orders):
+            _blockwise(p, hs, orders, kv_num, threshold)
+        return
+    partial = {qb: kv_indices[qb][:n] for qb, n in enumerate(kv_num) if n}
+    diagonals = _causal_diagonals(p, hs, partial)
+    for qb in diagonals:
+        del partial[qb]
+    touched: set[int] = set()
+    for run, kind, bias in _pieces(p, plan_runs(full_num, full_indices, max(1, CHUNK_KEYS // p.block_k)),
+                                   diagonals):
+        blocks = {run.first + i * run.q_step for i in range(run.count)}
+        fresh = touched.isdisjoint(blocks)
+        touched |= _clear(p, hs, blocks - touched) if not fresh else blocks
+        _run(p, hs, run, kind == "causal", bias, fresh)
+    if partial:
+        touched |= _clear(p, hs, set(partial) - touched)
+        _partial(p, hs, list(partial), list(partial.values()))
+    _clear(p, hs, set(range(len(kv_num))) - touched)
+
+
+def _clear(p: Problem, hs: HeadSet, q_blocks: set[int]) -> set[int]:
+    """Set output 0 and lse -inf on query blocks no piece has written yet; returns them."""
+    if q_blocks:
+        index = torch.tensor(sorted(q_blocks), device=p.q.device)
+        q_axes = [(p.q.shape[1] // p.rows, 0, p.rows), *_axes(hs, "q")]
+        strided(p.out, hs.q_head, q_axes, 0, p.rows).index_fill_(0, index, 0.0)
+        strided(p.lse, hs.q_head, q_axes, 0, p.rows).index_fill_(0, index, float("-inf"))
+    return q_blocks
+
+
+def block_attention_cpu(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
+                        full_num_blocks: Tensor, full_indices: Tensor, mask: Optional[Tensor], scale: float,
+                        block_q: int, block_k: int, threshold: float = 0.0, empty_rows: str = "zero") -> Tensor:
+    """sparsecc::block_attention on CPU tensors (semantics in `sparsecc.runtime.ops.block_attention`)."""
+    batch, heads, seq, _ = q.shape
+    p = _problem(q, k, v, mask, scale, block_q, block_k)
+    layout = [t.tolist() for t in (kv_num_blocks, kv_indices, full_num_blocks, full_indices)]
+    layout_b, layout_h = full_num_blocks.shape[:2]
+    for b in range(layout_b):
+        for h in range(layout_h):
+            hs = head_sets(batch, heads, k.shape[1], b if layout_b > 1 else None, h if layout_h > 1 else None)
+            _slice_plan(p, hs, [x[b][h] for x in layout], threshold)
+    out = p.out.view(batch, heads, -1, p.out.shape[-1])[:, :, :seq]
+    lse = p.lse.view(batch, heads, -1)[:, :, :seq]
+    return fill_empty_rows(out, lse, v, empty_rows).to(q.dtype)

@@ -1,0 +1,153 @@
+"""Triton kernel for sparsecc::block_attention: flash-attention forward that walks the block layout.
+
+Grid (query tiles, B * Hq). A program holds BLOCK_M query rows of one head:
+the whole query block (BLOCK_M = block_q), or, when S < block_q (decode), the
+S rows rounded up to a power of two >= 16. It reads its block's lists from the
+layout (batch and head strides 0 where the layout broadcasts) and visits
+
+    full blocks     q k^T * scale, no per-element mask
+    partial blocks  the same under the mask tile (or the causal rule j <= i + Skv - S)
+
+with an online softmax in fp32 (running row max m, row sum l, accumulator);
+kv head = h // (Hq / Hkv) by index arithmetic. THRESHOLD: a block whose largest
+logit lies, on every row, more than log(1/threshold) below m is skipped before
+its V tile is loaded. The program writes out = acc / l and lse = m + log(l)
+(-inf when a row saw nothing); the launcher fills such rows as `empty_rows` says.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ...attention_layout import as_4d
+from ..cpu.block_attention import fill_empty_rows
+
+
+@triton.jit
+def _visit(q, m_i, l_i, acc, kb, row, b, h, kvh, k_ptr, v_ptr, mask_ptr, scale, log_threshold, seq, keys,
+           stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_mb, stride_mh, stride_ms,
+           HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+           BLOCK_K: tl.constexpr, PARTIAL: tl.constexpr, HAS_MASK: tl.constexpr,
+           HAS_THRESHOLD: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """One key block into the running (m, l, acc) of the program's rows."""
+    col = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    d = tl.arange(0, BLOCK_D)
+    k = tl.load(k_ptr + b * stride_kb + kvh * stride_kh + col[:, None] * stride_ks + d[None, :],
+                mask=(col < keys)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * scale
+    if PARTIAL:
+        inside = (row < seq)[:, None] & (col < keys)[None, :]
+        if HAS_MASK:
+            visible = tl.load(mask_ptr + b * stride_mb + h * stride_mh + row[:, None] * stride_ms + col[None, :],
+                              mask=inside, other=0) != 0
+        else:
+            visible = col[None, :] <= row[:, None] + (keys - seq)
+        s = tl.where(visible & inside, s, float("-inf"))
+    block_max = tl.max(s, 1)
+    keep = True
+    if HAS_THRESHOLD:
+        gap = tl.where(block_max == float("-inf"), float("-inf"), block_max - m_i)
+        keep = tl.max(gap, 0) >= log_threshold
+    if keep:
+        m_new = tl.maximum(m_i, block_max)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        dv = tl.arange(0, BLOCK_DV)
+        v = tl.load(v_ptr + b * stride_vb + kvh * stride_vh + col[:, None] * stride_vs + dv[None, :],
+                    mask=(col < keys)[:, None] & (dv < V_DIM)[None, :], other=0.0)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def block_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr,
+                           full_idx_ptr, mask_ptr, scale, log_threshold, seq, keys, heads, groups,
+                           stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+                           stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
+                           stride_nb, stride_nh, stride_ib, stride_ih, stride_iq,
+                           stride_mb, stride_mh, stride_ms,
+                           HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                           BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
+                           BLOCK_K: tl.constexpr, HAS_MASK: tl.constexpr, HAS_THRESHOLD: tl.constexpr,
+                           INPUT_PRECISION: tl.constexpr):
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // heads).to(tl.int64)
+    h = bh % heads
+    kvh = h // groups
+    row = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    qb = tile * BLOCK_M // BLOCK_Q
+    d = tl.arange(0, BLOCK_D)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + row[:, None] * stride_qs + d[None, :],
+                mask=(row < seq)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
+    counts = b * stride_nb + h * stride_nh + qb
+    lists = b * stride_ib + h * stride_ih + qb * stride_iq
+    for i in range(tl.load(full_num_ptr + counts)):
+        m_i, l_i, acc = _visit(q, m_i, l_i, acc, tl.load(full_idx_ptr + lists + i), row, b, h, kvh, k_ptr, v_ptr,
+                               mask_ptr, scale, log_threshold, seq, keys, stride_kb, stride_kh, stride_ks,
+                               stride_vb, stride_vh, stride_vs, stride_mb, stride_mh, stride_ms,
+                               HEAD_DIM, V_DIM, BLOCK_D, BLOCK_DV, BLOCK_K, False, HAS_MASK, HAS_THRESHOLD,
+                               INPUT_PRECISION)
+    for i in range(tl.load(kv_num_ptr + counts)):
+        m_i, l_i, acc = _visit(q, m_i, l_i, acc, tl.load(kv_idx_ptr + lists + i), row, b, h, kvh, k_ptr, v_ptr,
+                               mask_ptr, scale, log_threshold, seq, keys, stride_kb, stride_kh, stride_ks,
+                               stride_vb, stride_vh, stride_vs, stride_mb, stride_mh, stride_ms,
+                               HEAD_DIM, V_DIM, BLOCK_D, BLOCK_DV, BLOCK_K, True, HAS_MASK, HAS_THRESHOLD,
+                               INPUT_PRECISION)
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    dv = tl.arange(0, BLOCK_DV)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + row[:, None] * stride_os + dv[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=(row < seq)[:, None] & (dv < V_DIM)[None, :])
+    lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
+    tl.store(lse_ptr + bh.to(tl.int64) * seq + row, lse, mask=row < seq)
+
+
+def _broadcast_strides(t: Tensor, dims: int) -> list[int]:
+    """Strides of the first `dims` dims, 0 where the size is 1 (the layout or mask broadcasts there)."""
+    return [0 if t.shape[i] == 1 else t.stride(i) for i in range(dims)]
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    """Same rule as nm_linear: fp32 follows torch's matmul precision setting."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
+                           full_num_blocks: Tensor, full_indices: Tensor, mask: Optional[Tensor], scale: float,
+                           block_q: int, block_k: int, threshold: float = 0.0, empty_rows: str = "zero", *,
+                           num_warps: int = 4, num_stages: int = 2) -> Tensor:
+    """sparsecc::block_attention with the Triton kernel (semantics in `sparsecc.runtime.ops.block_attention`)."""
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    batch, heads, seq, dim = q.shape
+    out = q.new_empty(batch, heads, seq, v.shape[3])
+    lse = torch.empty(batch, heads, seq, dtype=torch.float32, device=q.device)
+    block_m = block_q if seq >= block_q else max(16, triton.next_power_of_2(seq))
+    mask4 = None if mask is None else as_4d(mask).view(torch.uint8)
+    mask_strides = [0, 0, 0] if mask4 is None else [*_broadcast_strides(mask4, 2), mask4.stride(2)]
+    grid = (triton.cdiv(seq, block_m), batch * heads)
+    block_attention_kernel[grid](
+        q, k, v, out, lse, kv_num_blocks, kv_indices, full_num_blocks, full_indices,
+        mask4 if mask4 is not None else lse, scale, math.log(threshold) if threshold > 0 else 0.0,
+        seq, k.shape[2], heads, heads // k.shape[1],
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        *_broadcast_strides(full_num_blocks, 2), *_broadcast_strides(full_indices, 2), full_indices.stride(2),
+        *mask_strides,
+        HEAD_DIM=dim, V_DIM=v.shape[3], BLOCK_D=max(16, triton.next_power_of_2(dim)),
+        BLOCK_DV=max(16, triton.next_power_of_2(v.shape[3])), BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_K=block_k,
+        HAS_MASK=mask4 is not None, HAS_THRESHOLD=threshold > 0, INPUT_PRECISION=_input_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages)
+    return fill_empty_rows(out, lse, v, empty_rows).to(q.dtype)

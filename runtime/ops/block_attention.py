@@ -1,0 +1,194 @@
+"""`sparsecc::block_attention`: flash attention that visits only the key blocks a layout lists.
+
+    q [B, Hq, S, D], k [B, Hkv, Skv, D], v [B, Hkv, Skv, Dv]  ->  out [B, Hq, S, Dv] (q's dtype)
+    layout: kv_num_blocks, kv_indices, full_num_blocks, full_indices ([Bm, Hm, NQ(, NK)], see
+            `sparsecc.runtime.attention_layout`); mask [Bm', Hm', S, Skv] bool or None
+
+    visible(i, j) = block(i, j) is full, or block(i, j) is partial and rule(i, j), where
+                    rule = mask, or without a mask the causal rule j <= i + Skv - S
+    out_i         = softmax_j(q_i . k_j * scale over visible j) v     (fp32 accumulation)
+
+Query head h reads kv head h // (Hq / Hkv); k and v are never repeated. A row
+that sees no key gives, by `empty_rows`: "zero" 0; "uniform" the mean of v
+over all Skv keys (HF eager attention with a finfo.min additive mask); "nan"
+NaN. Measured in torch 2.13 on CPU: `F.scaled_dot_product_attention` with an
+all-False boolean row returns 0 on both the math and the flash backend, not
+NaN, so such SDPA calls are "zero"; the eager softmax of an all -inf row is NaN.
+
+threshold > 0 (BLASST): each query block visits its full blocks, then its
+partial blocks, in ascending order, and skips a block when for every row r of
+the block  max_j logit(r, j) - m_r < log(threshold),  m_r being the largest
+logit of r over the blocks not skipped so far; 0 visits every listed block.
+CPU tensors run `block_attention_cpu`, CUDA tensors the Triton kernel.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..attention_layout import Layout, as_4d, block_states, causal_layout, layout_from_mask
+from ..kernels.cpu.block_attention import block_attention_cpu, fill_empty_rows
+from .block_layout import block_size_problem
+from .registry import OpDef
+
+EMPTY_ROWS = ("zero", "uniform", "nan")
+
+
+def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
+                           full_num_blocks: Tensor, full_indices: Tensor, mask: Optional[Tensor], scale: float,
+                           block_q: int, block_k: int, threshold: float = 0.0, empty_rows: str = "zero") -> Tensor:
+    """The Triton kernel; imported on first call so loading the op registry stays cheap."""
+    from ..kernels.triton.block_attention import block_attention_triton as launch
+    return launch(q, k, v, kv_num_blocks, kv_indices, full_num_blocks, full_indices, mask, scale,
+                  block_q, block_k, threshold, empty_rows)
+
+
+@torch.library.custom_op("sparsecc::block_attention", mutates_args=(), device_types="cpu")
+def block_attention(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
+                    full_num_blocks: Tensor, full_indices: Tensor, mask: Optional[Tensor], scale: float,
+                    block_q: int, block_k: int, threshold: float = 0.0, empty_rows: str = "zero") -> Tensor:
+    return block_attention_cpu(q, k, v, kv_num_blocks, kv_indices, full_num_blocks, full_indices, mask, scale,
+                               block_q, block_k, threshold, empty_rows)
+
+
+block_attention.register_kernel("cuda")(block_attention_triton)
+
+
+@block_attention.register_fake
+def _(q, k, v, kv_num_blocks, kv_indices, full_num_blocks, full_indices, mask, scale, block_q, block_k,
+      threshold=0.0, empty_rows="zero"):
+    return q.new_empty(*q.shape[:3], v.shape[3])
+
+
+def visible_elements(layout: Layout, mask: Optional[Tensor], seq: int, keys: int, block_q: int,
+                     block_k: int) -> Tensor:
+    """Bool [Bm|Bm', Hm|Hm', S, Skv]: the elements the op attends to (before threshold skipping)."""
+    full, partial = block_states(layout)
+
+    def elements(blocks: Tensor) -> Tensor:
+        return blocks.repeat_interleave(block_q, -2).repeat_interleave(block_k, -1)[..., :seq, :keys]
+    if mask is None:
+        rows, cols = torch.arange(seq)[:, None], torch.arange(keys)[None, :]
+        mask = (cols <= rows + keys - seq).to(full.device)
+    return elements(full) | (elements(partial) & as_4d(mask))
+
+
+def _skipped(logits: Tensor, layout: Layout, threshold: float, block_q: int, block_k: int) -> Tensor:
+    """Bool like logits: the elements of blocks the threshold rule skips (loops, for tests only)."""
+    skipped = torch.zeros_like(logits, dtype=torch.bool)
+    batch, heads, seq, _ = logits.shape
+    for b, h, qb in ((b, h, qb) for b in range(batch) for h in range(heads) for qb in range(math.ceil(seq / block_q))):
+        pick = [min(b, layout.full_num_blocks.shape[0] - 1), min(h, layout.full_num_blocks.shape[1] - 1), qb]
+        order = layout.full_indices[(*pick,)][: layout.full_num_blocks[(*pick,)]].tolist() + \
+            layout.kv_indices[(*pick,)][: layout.kv_num_blocks[(*pick,)]].tolist()
+        rows = slice(qb * block_q, (qb + 1) * block_q)
+        run_max = torch.full_like(logits[b, h, rows, 0], float("-inf"))
+        for kb in order:
+            block_max = logits[b, h, rows, kb * block_k:(kb + 1) * block_k].amax(-1)
+            gap = torch.where(block_max == float("-inf"), float("-inf"), block_max - run_max)
+            if gap.max() < math.log(threshold):
+                skipped[b, h, rows, kb * block_k:(kb + 1) * block_k] = True
+            else:
+                run_max = torch.maximum(run_max, block_max)
+    return skipped
+
+
+def block_attention_reference(q, k, v, kv_num_blocks, kv_indices, full_num_blocks, full_indices, mask, scale,
+                              block_q, block_k, threshold=0.0, empty_rows="zero") -> Tensor:
+    """The semantics above as one dense masked softmax in fp32, for tests."""
+    batch, heads, seq, _ = q.shape
+    groups = heads // k.shape[1]
+    layout = Layout(kv_num_blocks, kv_indices, full_num_blocks, full_indices)
+    visible = visible_elements(layout, mask, seq, k.shape[2], block_q, block_k).expand(batch, heads, -1, -1)
+    logits = q.float() @ k.float().repeat_interleave(groups, 1).transpose(-1, -2) * scale
+    logits = logits.masked_fill(~visible, float("-inf"))
+    if threshold > 0:
+        logits = logits.masked_fill(_skipped(logits, layout, threshold, block_q, block_k), float("-inf"))
+    seen = logits.amax(-1) > float("-inf")
+    weights = torch.softmax(logits.masked_fill(~seen[..., None], 0.0), -1) * seen[..., None]
+    out = weights @ v.float().repeat_interleave(groups, 1)
+    lse = torch.where(seen, 0.0, float("-inf"))
+    return fill_empty_rows(out, lse, v, empty_rows).to(q.dtype)
+
+
+def _shape(t: Tensor) -> list[int]:
+    return list(t.shape)
+
+
+def _operand_problem(q: Tensor, k: Tensor, v: Tensor) -> Optional[str]:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return f"q {_shape(q)}, k {_shape(k)}, v {_shape(v)} must be [B, H, S, D]"
+    if k.shape[0] != q.shape[0] or _shape(v)[:3] != _shape(k)[:3] or k.shape[3] != q.shape[3]:
+        return f"k {_shape(k)} and v {_shape(v)} do not match q {_shape(q)} (same B, Skv, D)"
+    if q.shape[1] % k.shape[1]:
+        return f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} kv heads"
+    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
+        return f"q, k, v dtypes {q.dtype}, {k.dtype}, {v.dtype} must be one floating dtype"
+    return None
+
+
+def _layout_problem(q: Tensor, k: Tensor, counts: list[Tensor], indices: list[Tensor], block_q: int,
+                    block_k: int) -> Optional[str]:
+    batch, heads, seq = q.shape[:3]
+    nq, nk = math.ceil(seq / block_q), math.ceil(k.shape[2] / block_k)
+    if counts[0].shape != counts[1].shape:
+        return f"kv_num_blocks {_shape(counts[0])} and full_num_blocks {_shape(counts[1])} differ"
+    for count, index in zip(counts, indices):
+        lead = _shape(count)[:2]
+        if count.dim() != 3 or lead[0] not in (1, batch) or lead[1] not in (1, heads) or count.shape[2] != nq:
+            return f"block counts {_shape(count)} must be [1|{batch}, 1|{heads}, NQ={nq}]"
+        if _shape(index) != [*lead, nq, nk]:
+            return f"block indices {_shape(index)} must be [{lead[0]}, {lead[1]}, {nq}, NK={nk}]"
+        if count.dtype != torch.int32 or index.dtype != torch.int32:
+            return f"layout dtypes {count.dtype}, {index.dtype} must be torch.int32"
+    return None
+
+
+def _mask_problem(q: Tensor, k: Tensor, mask: Optional[Tensor]) -> Optional[str]:
+    if mask is None:
+        return None
+    batch, heads, seq = q.shape[:3]
+    if mask.dtype != torch.bool or not 2 <= mask.dim() <= 4:
+        return f"mask {mask.dtype}{_shape(mask)} must be bool [Bm, Hm, S, Skv]"
+    lead = [1] * (4 - mask.dim()) + _shape(mask)[:-2]
+    if lead[0] not in (1, batch) or lead[1] not in (1, heads) or _shape(mask)[-2:] != [seq, k.shape[2]]:
+        return f"mask {_shape(mask)} must be [1|{batch}, 1|{heads}, {seq}, {k.shape[2]}]"
+    return None
+
+
+def verify_block_attention(q, k, v, kv_num_blocks, kv_indices, full_num_blocks, full_indices, mask, scale,
+                           block_q, block_k, threshold=0.0, empty_rows="zero") -> Optional[str]:
+    """None when the call is well formed, else the first inconsistency found."""
+    problem = _operand_problem(q, k, v) or block_size_problem(block_q, block_k)
+    problem = problem or _layout_problem(q, k, [kv_num_blocks, full_num_blocks], [kv_indices, full_indices],
+                                         block_q, block_k)
+    problem = problem or _mask_problem(q, k, mask)
+    if problem:
+        return problem
+    if not 0.0 <= threshold < 1.0:
+        return f"threshold={threshold} must be in [0, 1)"
+    return None if empty_rows in EMPTY_ROWS else f"empty_rows {empty_rows!r} is not one of {', '.join(EMPTY_ROWS)}"
+
+
+def _qkv(batch, heads, kv_heads, seq, keys, dim, dtype=torch.float32):
+    return (torch.randn(batch, heads, seq, dim, dtype=dtype), torch.randn(batch, kv_heads, keys, dim, dtype=dtype),
+            torch.randn(batch, kv_heads, keys, dim, dtype=dtype))
+
+
+def _samples() -> list[tuple]:
+    causal = causal_layout(40, 40, 16, 16)
+    padding = torch.rand(2, 1, 24, 50) > 0.3
+    return [(*_qkv(1, 4, 2, 40, 40, 16), *causal, None, 0.25, 16, 16, 0.0, "zero"),
+            (*_qkv(2, 2, 2, 24, 50, 16), *layout_from_mask(padding, 16, 32), padding, 0.25, 16, 32, 0.0, "nan"),
+            (*_qkv(1, 2, 1, 1, 40, 16, torch.bfloat16), *causal_layout(1, 40, 16, 16), None, 0.25, 16, 16, 0.0,
+             "uniform"),
+            (*_qkv(1, 2, 2, 40, 40, 16), *causal, None, 0.25, 16, 16, 0.5, "zero")]
+
+
+BLOCK_ATTENTION = OpDef(name="block_attention", op=torch.ops.sparsecc.block_attention.default,
+                        kernels={"torch": block_attention_cpu, "triton": block_attention_triton},
+                        verify=verify_block_attention,
+                        attrs=("scale", "block_q", "block_k", "threshold", "empty_rows"), samples=_samples)
