@@ -128,48 +128,28 @@ def _from_dict(spec: dict) -> SparsityConfig:
                               f"(available: {', '.join(f.name for f in dataclasses.fields(SparsityConfig))})")
         if key not in accepted:
             raise ConfigError(f"sparsity: unknown key {key!r} (accepted: {', '.join(accepted)})")
-    weights, moe, attention = spec.get("weights"), spec.get("moe"), spec.get("attention")
-    return SparsityConfig(weights=_weights(weights) if weights is not None else None,
-                          moe=_moe(moe) if moe is not None else None,
-                          attention=_attention(attention) if attention is not None else None)
+    return SparsityConfig(**{key: _section(key, value) for key, value in spec.items() if value is not None})
 
 
-def _attention(spec: Any) -> AttentionConfig:
-    if isinstance(spec, AttentionConfig):
+def _section(name: str, spec: Any) -> Any:
+    """One part of the request: its config object, a string shorthand, or a dict of its fields."""
+    cls, shorthand = _SECTIONS[name]
+    if isinstance(spec, cls):
         return spec
     if isinstance(spec, str):
-        return AttentionConfig(policy=spec)
+        spec = shorthand(spec)
     if not isinstance(spec, dict):
-        raise ConfigError(f"sparsity.attention: expected a policy name or a dict, got {spec!r}")
-    _check_keys("attention", spec, AttentionConfig)
-    return AttentionConfig(**spec)
-
-
-def _moe(spec: Any) -> MoEConfig:
-    if isinstance(spec, MoEConfig):
-        return spec
-    if spec in ("dispatch", True):
-        return MoEConfig()
-    if not isinstance(spec, dict):
-        raise ConfigError(f"sparsity.moe: expected 'dispatch' or a dict, got {spec!r}")
-    _check_keys("moe", spec, MoEConfig)
-    return MoEConfig(**spec)
-
-
-def _check_keys(section: str, spec: dict, cls: type) -> None:
+        raise ConfigError(f"sparsity.{name}: expected a string or a dict, got {spec!r}")
     accepted = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in spec if k not in accepted]
     if unknown:
-        raise ConfigError(f"sparsity.{section}: unknown key {unknown[0]!r} (accepted: {', '.join(accepted)})")
+        raise ConfigError(f"sparsity.{name}: unknown key {unknown[0]!r} (accepted: {', '.join(accepted)})")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()})
 
 
-def _weights(spec: Any) -> WeightsConfig:
-    if isinstance(spec, WeightsConfig):
-        return spec
-    if isinstance(spec, str):
-        return WeightsConfig(pattern=spec)
-    if not isinstance(spec, dict):
-        raise ConfigError(f"sparsity.weights: expected a pattern string or a dict, got {type(spec).__name__}")
-    _check_keys("weights", spec, WeightsConfig)
-    values = {k: tuple(v) if k in ("include", "exclude") and isinstance(v, list) else v for k, v in spec.items()}
-    return WeightsConfig(**values)
+# section -> (config class, what its string shorthand means)
+_SECTIONS = {
+    "weights": (WeightsConfig, lambda text: {"pattern": text}),
+    "moe": (MoEConfig, lambda text: {} if text == "dispatch" else text),
+    "attention": (AttentionConfig, lambda text: {"policy": text}),
+}
