@@ -61,7 +61,7 @@ def block_states(layout: Layout) -> tuple[Tensor, Tensor]:
 
 
 def as_4d(mask: Tensor) -> Tensor:
-    """A [S, Skv] or [Bm, S, Skv] mask viewed as [Bm, Hm, S, Skv] (leading ones)."""
+    """A [S, Skv] or [Hm, S, Skv] mask viewed as 4-d with leading ones (torch's broadcasting)."""
     return mask.reshape(*(1,) * (4 - mask.dim()), *mask.shape)
 
 
@@ -155,7 +155,7 @@ def _block_means(x: Tensor, block: int) -> Tensor:
 def topk_layout(q: Tensor, k: Tensor, fraction_or_k: Union[float, int], block_q: int, block_k: int,
                 keep_diagonal: bool = True, sinks_blocks: int = 1, causal: bool = True) -> Layout:
     """SeerAttention-style [B, Hq, ...] layout: per query block, the key blocks of highest
-    mean(q block) . mean(k block), k kv heads shared by Hq / Hkv query heads.
+    mean(q block) . mean(k block), each kv head's pooled keys serving its Hq / Hkv query heads.
 
     Keeps `fraction_or_k` blocks (a float in (0, 1]: that fraction of NK, at least one), plus
     always the diagonal blocks and the first `sinks_blocks`. causal: only blocks with a

@@ -60,7 +60,7 @@ def test_empty_rows_modes_are_what_torch_attention_gives(backend):
 
 
 @pytest.mark.parametrize("seq,keys,block_q,block_k", [(64, 64, 16, 16), (50, 70, 16, 32), (70, 70, 32, 16),
-                                                      (1, 45, 16, 16), (5, 45, 16, 16)])
+                                                      (1, 45, 16, 16), (5, 45, 16, 16), (40, 30, 16, 16)])
 def test_causal_without_mask(seq, keys, block_q, block_k):
     q, k, v = qkv(seq=seq, keys=keys)
     got = assert_matches_reference(q, k, v, causal_layout(seq, keys, block_q, block_k), None, block_q, block_k)
@@ -106,6 +106,13 @@ def test_gqa_with_a_per_head_layout_and_a_shared_mask():
     assert layout.full_indices.shape[:2] == (2, 4)
     assert_matches_reference(q, k, v, layout, mask)
     assert_matches_reference(q, k, v, causal_layout(80, 80, 16, 16), None)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (2, 2)])
+def test_a_shared_layout_with_a_per_head_mask(heads, kv_heads):
+    q, k, v = qkv(batch=2, heads=heads, kv_heads=kv_heads, seq=64, keys=64)
+    mask = torch.rand(2, heads, 64, 64) > 0.3
+    assert_matches_reference(q, k, v, causal_layout(64, 64, 16, 16), mask, empty_rows="uniform")
 
 
 def test_decode_step_with_a_cache_and_bf16():
@@ -172,3 +179,13 @@ def test_cpu_kernel_is_the_op_on_cpu():
     args = (q, k, v, *window_layout(48, 48, 16, 1, 16, 16), None, 0.25, 16, 16)
     assert torch.equal(op(*args), block_attention_cpu(*args))
     assert sum(block_states(causal_layout(48, 48, 16, 16))).sum() == 6
+
+
+@pytest.mark.parametrize("gather_runs", [0, 10**6])
+def test_scattered_full_blocks_run_as_runs_or_gathered(monkeypatch, gather_runs):
+    import sparsecc.runtime.kernels.cpu.block_attention as cpu_kernel
+    monkeypatch.setattr(cpu_kernel, "GATHER_RUNS", gather_runs)
+    q, k, v = qkv(heads=4, kv_heads=2, seq=112, keys=112)
+    assert_matches_reference(q, k, v, topk_layout(q, k, 0.3, 16, 16), None)
+    mask = torch.rand(1, 1, 112, 112) > 0.2
+    assert_matches_reference(q, k, v, layout_from_mask(mask, 16, 16), mask, empty_rows="nan")

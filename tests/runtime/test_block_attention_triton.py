@@ -1,4 +1,9 @@
 """The Triton block-attention kernel vs the op's reference: interpreter on CPU (small tiles), CUDA at real sizes."""
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -48,13 +53,21 @@ def test_random_mask_with_fully_masked_rows(empty_rows):
 
 def test_padding_mask_per_batch():
     q, k, v = qkv(batch=2, seq=32, keys=32)
-    mask = (torch.arange(32) < torch.tensor([[32], [9]]))[:, None, None, :] & torch.ones(32, 32, dtype=torch.bool).tril()
+    lengths = torch.tensor([[32], [9]])
+    mask = (torch.arange(32) < lengths)[:, None, None, :] & torch.ones(32, 32, dtype=torch.bool).tril()
     assert_kernel_matches(q, k, v, layout_from_mask(mask, 16, 16), mask, empty_rows="uniform")
 
 
 def test_gqa_with_a_per_head_layout():
     q, k, v = qkv(heads=4, kv_heads=2, seq=64, keys=64)
     assert_kernel_matches(q, k, v, intersect(topk_layout(q, k, 2, 16, 16), causal_layout(64, 64, 16, 16)))
+
+
+def test_shared_layout_per_head_mask_and_more_queries_than_keys():
+    q, k, v = qkv(heads=4, kv_heads=2, seq=40, keys=32)
+    mask = torch.rand(1, 4, 40, 32) > 0.3
+    assert_kernel_matches(q, k, v, causal_layout(40, 32, 16, 16), mask, empty_rows="uniform")
+    assert_kernel_matches(q, k, v, causal_layout(40, 32, 16, 16), None, empty_rows="nan")
 
 
 def test_decode_step_and_wider_key_blocks():
@@ -94,3 +107,25 @@ def test_mask_policy_and_decode_on_cuda():
     decode = (q[:, :, :1], k, v, *causal_layout(1, 700, 128, 128, "cuda"), None, 0.125, 128, 128)
     torch.testing.assert_close(triton_attention.block_attention_triton(*decode),
                                F.scaled_dot_product_attention(q[:, :, :1], k, v), rtol=2e-3, atol=2e-3)
+
+
+# Cross-compiling runs in a fresh process without TRITON_INTERPRET (see test_nm_linear_triton.py).
+AOT_SCRIPT = """
+import json, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from sparsecc.runtime.kernels.triton.block_attention import aot_specialization, block_attention_kernel
+signature, constexprs, options = aot_specialization(torch.float16, 64, 64, has_mask=True, has_threshold=True)
+source = ASTSource(fn=block_attention_kernel, signature=signature, constexprs=constexprs)
+compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+print(json.dumps([len(compiled.asm["cubin"]), compiled.metadata.name]))
+"""
+
+
+def test_compiled_kernel_builds_for_sm90_without_a_gpu():
+    """The interpreter never runs the compiled path: masked, threshold-skipping fp16 kernel to a cubin."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    size, name = json.loads(run.stdout.strip().splitlines()[-1])
+    assert size > 0 and name == "block_attention_kernel"

@@ -4,26 +4,33 @@
 logsumexp beside its output, so attention over disjoint sets of keys merges
 exactly: with (o_p, lse_p) per piece p of a row,
 
-    lse = log sum_p exp(lse_p),    o = sum_p exp(lse_p - lse) o_p.
+    lse = log sum_p exp(lse_p),    o = sum_p exp(lse_p - lse) o_p     (one lerp per piece)
 
 A piece is one flash call, over strided views of q, k, v (no copies) or over
 gathered blocks:
 
-    run      full key blocks [s, s+L) for query blocks q0, q0+d, ..., q0+(n-1)d whose
-             runs start at s, s+e, ..., (e = 0 or d): the query blocks form the batch
-             dimension, or one slice of rows when d = 1 and e = 0
-    partial  every query block's partial key blocks, gathered and padded to the most
-             any block has, under the per-element mask as an additive -inf mask
+    run       full key blocks [s, s+L) for query blocks q0, q0+d, ..., q0+(n-1)d whose
+              runs start at s, s+e, ..., (e = 0 or d): the query blocks form a dimension
+              of the call, or one slice of rows when d = 1 and e = 0. A band (e = d = 1)
+              whose blocks are each followed by their causal diagonal block takes it
+              along under one shared additive mask.
+    diagonal  the aligned diagonal blocks under the exact causal triangle (the causal
+              rule, or a mask checked to equal it): flash's own causal path
+    gathered  the remaining partial blocks of every query block, gathered and padded to
+              the most any block has, under the per-element mask as an additive -inf
+              mask; also the full blocks of a slice whose runs are scattered (top-k)
 
 Full runs longer than CHUNK_KEYS are cut, from their end, into CHUNK_KEYS
 pieces: the causal staircase then becomes a few bands and a piece's keys stay
 in cache. With threshold > 0 `_blockwise` visits the blocks one by one in
-order (full, then partial) and skips as the op's semantics say.
+order (full, then partial) and skips as the op's semantics say (plain torch,
+slow: it exists for exactness, the Triton kernel is where skipping pays).
 
 Heads: a layout slice (one Bm, Hm entry) covers a set of (batch, query head)
 pairs, described as two axes over the flat heads of q [B*Hq] and k [B*Hkv]
 (`HeadSet`); with GQA the inner axis walks the Hq/Hkv query heads of one kv
-head with k step 0, so k and v are never repeated.
+head with k step 0, so k and v are never repeated (gathered pieces copy only
+the blocks they use).
 """
 from __future__ import annotations
 
@@ -39,6 +46,8 @@ from ...attention_layout import as_4d
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 CHUNK_KEYS = 1024  # keys per cut piece of a long full run: K and V of one head stay in L2
+GATHER_RUNS = 16   # more run calls than this, averaging under GATHER_BELOW full blocks: gather instead
+GATHER_BELOW = 8
 
 
 class Run(NamedTuple):
@@ -201,27 +210,34 @@ def _run(p: Problem, hs: HeadSet, run: Run, causal: bool, bias: Optional[Tensor]
     q_entries = (run.count, 0, run.q_step * p.rows)
     k_entries = (run.count, 0, run.key_step * p.block_k)
     q_outer, k_outer = _axes(hs, "q")[0], _axes(hs, "k")[0]
-    for i in range(hs.inner.size):  # the query blocks take the batch dimension, so GQA groups loop
+    for i in range(hs.inner.size):  # the query blocks take the heads dimension, so GQA groups loop
         heads = (hs.q_head + i * hs.inner.q_step, hs.k_head + i * hs.inner.k_step)
-        _attend(p, heads, ([q_entries, q_outer], [k_entries, k_outer]), (run.first * p.rows, p.rows), keys,
+        # heads outermost: flash walks one head's overlapping key ranges in turn, which stay in cache
+        _attend(p, heads, ([q_outer, q_entries], [k_outer, k_entries]), (run.first * p.rows, p.rows), keys,
                 causal, bias, fresh)
 
 
 def _visibility(p: Problem, hs: HeadSet, q_blocks: Tensor, k_blocks: Tensor, valid: Tensor) -> Tensor:
-    """Bool [E, O|1, I|1, rows, P*block_k]: which elements of the gathered partial blocks may attend."""
+    """Bool [E, O|1, I|1, rows, P*block_k]: which elements of the gathered partial blocks [E, P] may attend."""
     device = q_blocks.device
     rows = q_blocks[:, None] * p.rows + torch.arange(p.rows, device=device)                  # [E, rows]
     cols = (k_blocks[:, :, None] * p.block_k + torch.arange(p.block_k, device=device)).flatten(1)  # [E, P*bk]
     ok = (rows < p.seq)[:, :, None] & ((cols < p.keys) & valid.repeat_interleave(p.block_k, 1))[:, None, :]
     if p.mask is None:
         return (ok & (cols[:, None, :] <= rows[:, :, None] + (p.keys - p.seq)))[:, None, None]
+    return _mask_values(p, hs, rows.clamp(max=p.seq - 1), cols.clamp(max=p.keys - 1)) & ok[:, None, None]
+
+
+def _mask_values(p: Problem, hs: HeadSet, rows: Tensor, cols: Tensor) -> Tensor:
+    """Bool [E, O|1, I|1, rows, cols] of the mask at rows [E, rows] x cols [E, cols] for the head set."""
+    device = rows.device
     flat = (hs.q_head + torch.arange(hs.outer.size, device=device)[:, None] * hs.outer.q_step
             + torch.arange(hs.inner.size, device=device)[None, :] * hs.inner.q_step)     # [O, I] flat q heads
-    mask_b = flat // p.heads if p.mask.shape[0] > 1 else torch.zeros(1, 1, dtype=torch.long, device=device)
-    mask_h = flat % p.heads if p.mask.shape[1] > 1 else torch.zeros(1, 1, dtype=torch.long, device=device)
-    values = p.mask[mask_b[None, :, :, None, None], mask_h[None, :, :, None, None],
-                    rows.clamp(max=p.seq - 1)[:, None, None, :, None], cols.clamp(max=p.keys - 1)[:, None, None, None, :]]
-    return values & ok[:, None, None]
+    zero = torch.zeros(1, 1, dtype=torch.long, device=device)
+    mask_b = flat // p.heads if p.mask.shape[0] > 1 else zero   # the mask's own batch and head broadcasting
+    mask_h = flat % p.heads if p.mask.shape[1] > 1 else zero
+    return p.mask[mask_b[None, :, :, None, None], mask_h[None, :, :, None, None],
+                  rows[:, None, None, :, None], cols[:, None, None, None, :]]
 
 
 def _gather_kv(p: Problem, hs: HeadSet, k_blocks: Tensor) -> tuple[Tensor, Tensor]:
@@ -246,28 +262,38 @@ def _padded_table(lists: list[list[int]], device) -> tuple[Tensor, Tensor]:
     return table, valid
 
 
-def _partial(p: Problem, hs: HeadSet, q_block_list: list[int], k_block_lists: list[list[int]]) -> None:
-    """The partial blocks of the listed query blocks: one masked flash call, merged in place."""
+def _gathered(p: Problem, hs: HeadSet, lists: dict[int, list[int]], full: bool, fresh: bool) -> None:
+    """The listed key blocks of each listed query block (all full, or all partial), gathered and padded:
+    one flash call under an additive -inf mask (per key for full blocks, per element for partial ones),
+    merged into the accumulators in place (written, when fresh)."""
     device = p.q.device
-    q_blocks = torch.tensor(q_block_list, dtype=torch.long, device=device)
-    k_blocks, valid = _padded_table(k_block_lists, device)
-    entries, (o, i) = len(q_block_list), (hs.outer.size, hs.inner.size)
+    q_blocks = torch.tensor(list(lists), dtype=torch.long, device=device)
+    k_blocks, valid = _padded_table(list(lists.values()), device)
+    entries, (o, i) = len(lists), (hs.outer.size, hs.inner.size)
     shape = (entries, o) if i == 1 else (entries * o, i)  # heads as flash heads unless GQA needs a loop-free fold
     q_axes = [(p.q.shape[1] // p.rows, 0, p.rows), *_axes(hs, "q")]
     q = strided(p.q, hs.q_head, q_axes, 0, p.rows).index_select(0, q_blocks)
     k, v = _gather_kv(p, hs, k_blocks)
-    visible = _visibility(p, hs, q_blocks, k_blocks, valid)
-    bias = torch.zeros((), dtype=q.dtype).masked_fill(~visible, float("-inf"))  # [E, O|1, I|1, rows, keys]
+    if full:  # full blocks: only padding slots are masked, the same for every row
+        visible = valid.repeat_interleave(p.block_k, 1)[:, None, None, None, :]
+    else:
+        visible = _visibility(p, hs, q_blocks, k_blocks, valid)
+    bias = torch.zeros((), dtype=q.dtype).masked_fill(~visible, float("-inf"))  # [E, O|1, I|1, rows|1, keys]
     if i > 1:  # flash batch is (entry, outer head): a mask shared by the outer heads is repeated
         bias = bias.expand(entries, o, *bias.shape[2:])
     bias = bias.reshape(shape[0], -1, *bias.shape[3:])
     piece_out, piece_lse = _flash(q.reshape(*shape, p.rows, -1), k.reshape(*shape, *k.shape[3:]),
                                   v.reshape(*shape, *v.shape[3:]), attn_mask=bias, scale=p.scale)
-    piece_lse = piece_lse.reshape(entries, o, i, p.rows).masked_fill(~visible.any(-1), float("-inf"))
+    piece_out = piece_out.reshape(entries, o, i, p.rows, -1)
+    piece_lse = piece_lse.reshape(entries, o, i, p.rows)
+    if not full:
+        piece_lse = piece_lse.masked_fill(~visible.any(-1), float("-inf"))
     out, lse = strided(p.out, hs.q_head, q_axes, 0, p.rows), strided(p.lse, hs.q_head, q_axes, 0, p.rows)
-    merged_out, merged_lse = out[q_blocks], lse[q_blocks]
-    merge_into(merged_out, merged_lse, piece_out.reshape(entries, o, i, p.rows, -1), piece_lse)
-    out[q_blocks], lse[q_blocks] = merged_out, merged_lse
+    if not fresh:
+        merged_out, merged_lse = out[q_blocks], lse[q_blocks]
+        merge_into(merged_out, merged_lse, piece_out, piece_lse)
+        piece_out, piece_lse = merged_out, merged_lse
+    out[q_blocks], lse[q_blocks] = piece_out.to(out.dtype), piece_lse
 
 
 def _blockwise(p: Problem, hs: HeadSet, orders: list[list[int]], partial_counts: list[int],
@@ -281,13 +307,15 @@ def _blockwise(p: Problem, hs: HeadSet, orders: list[list[int]], partial_counts:
     q_axes = [(nq, 0, p.rows), *_axes(hs, "q")]
     q = strided(p.q, hs.q_head, q_axes, 0, p.rows).float()                 # [NQ, O, I, rows, D]
     q_blocks = torch.arange(nq, device=device)
+    in_rows = (q_blocks[:, None] * p.rows + torch.arange(p.rows, device=device) < p.seq)[:, None, None, :, None]
     run_max = torch.full(q.shape[:-1], float("-inf"), device=device)
     total, acc = torch.zeros_like(run_max), torch.zeros(*q.shape[:-1], p.v.shape[-1], device=device)
     for t in range(k_blocks.shape[1]):
         k, v = (x.float() for x in _gather_kv(p, hs, k_blocks[:, t:t + 1]))
         logits = q @ k.transpose(-1, -2) * p.scale                          # [NQ, O, I, rows, bk]
         seen = _visibility(p, hs, q_blocks, k_blocks[:, t:t + 1], valid[:, t:t + 1])
-        seen = torch.where(is_partial[:, t, None, None, None, None], seen, valid[:, t, None, None, None, None])
+        full = valid[:, t, None, None, None, None] & in_rows
+        seen = torch.where(is_partial[:, t, None, None, None, None], seen, full)
         logits = logits.masked_fill(~seen, float("-inf"))
         block_max = logits.amax(-1)
         gap = torch.where(block_max == float("-inf"), float("-inf"), block_max - run_max)
@@ -370,20 +398,25 @@ def _slice_plan(p: Problem, hs: HeadSet, layout: list, threshold: float) -> None
         if any(orders):
             _blockwise(p, hs, orders, kv_num, threshold)
         return
+    runs = plan_runs(full_num, full_indices, max(1, CHUNK_KEYS // p.block_k))
+    touched: set[int] = set()
+    if len(runs) > GATHER_RUNS and sum(full_num) < GATHER_BELOW * len(runs):  # scattered (top-k): gather
+        touched = {qb for qb, n in enumerate(full_num) if n}
+        _gathered(p, hs, {qb: full_indices[qb][:full_num[qb]] for qb in sorted(touched)}, full=True, fresh=True)
+        runs = []
     partial = {qb: kv_indices[qb][:n] for qb, n in enumerate(kv_num) if n}
     diagonals = _causal_diagonals(p, hs, partial)
     for qb in diagonals:
         del partial[qb]
-    touched: set[int] = set()
-    for run, kind, bias in _pieces(p, plan_runs(full_num, full_indices, max(1, CHUNK_KEYS // p.block_k)),
-                                   diagonals):
+    for run, kind, bias in _pieces(p, runs, diagonals):
         blocks = {run.first + i * run.q_step for i in range(run.count)}
         fresh = touched.isdisjoint(blocks)
         touched |= _clear(p, hs, blocks - touched) if not fresh else blocks
         _run(p, hs, run, kind == "causal", bias, fresh)
     if partial:
-        touched |= _clear(p, hs, set(partial) - touched)
-        _partial(p, hs, list(partial), list(partial.values()))
+        fresh = touched.isdisjoint(partial)
+        touched |= _clear(p, hs, set(partial) - touched) if not fresh else set(partial)
+        _gathered(p, hs, partial, full=False, fresh=fresh)
     _clear(p, hs, set(range(len(kv_num))) - touched)
 
 

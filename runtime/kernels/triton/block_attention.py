@@ -48,6 +48,8 @@ def _visit(q, m_i, l_i, acc, kb, row, b, h, kvh, k_ptr, v_ptr, mask_ptr, scale, 
         else:
             visible = col[None, :] <= row[:, None] + (keys - seq)
         s = tl.where(visible & inside, s, float("-inf"))
+    else:  # rows past S only exist in a tile wider than S (decode); they must not steer skipping
+        s = tl.where((row < seq)[:, None], s, float("-inf"))
     block_max = tl.max(s, 1)
     keep = True
     if HAS_THRESHOLD:
@@ -132,11 +134,13 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tenso
                            num_warps: int = 4, num_stages: int = 2) -> Tensor:
     """sparsecc::block_attention with the Triton kernel (semantics in `sparsecc.runtime.ops.block_attention`)."""
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    kv_num_blocks, kv_indices, full_num_blocks, full_indices = (  # the kernel reads counts with stride 1
+        t.to(q.device).contiguous() for t in (kv_num_blocks, kv_indices, full_num_blocks, full_indices))
     batch, heads, seq, dim = q.shape
     out = q.new_empty(batch, heads, seq, v.shape[3])
     lse = torch.empty(batch, heads, seq, dtype=torch.float32, device=q.device)
     block_m = block_q if seq >= block_q else max(16, triton.next_power_of_2(seq))
-    mask4 = None if mask is None else as_4d(mask).view(torch.uint8)
+    mask4 = None if mask is None else as_4d(mask).to(q.device).view(torch.uint8)
     mask_strides = [0, 0, 0] if mask4 is None else [*_broadcast_strides(mask4, 2), mask4.stride(2)]
     grid = (triton.cdiv(seq, block_m), batch * heads)
     block_attention_kernel[grid](
@@ -151,3 +155,20 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tenso
         HAS_MASK=mask4 is not None, HAS_THRESHOLD=threshold > 0, INPUT_PRECISION=_input_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages)
     return fill_empty_rows(out, lse, v, empty_rows).to(q.dtype)
+
+
+def aot_specialization(dtype: torch.dtype, head_dim: int, block: int, has_mask: bool,
+                       has_threshold: bool) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, options) of block_attention_kernel for square blocks and one head dim:
+    `triton.compile(ASTSource(block_attention_kernel, signature, constexprs), target=..., options=options)`."""
+    ty = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    pointers = {**dict.fromkeys(["q_ptr", "k_ptr", "v_ptr", "out_ptr"], f"*{ty}"), "lse_ptr": "*fp32",
+                **dict.fromkeys(["kv_num_ptr", "kv_idx_ptr", "full_num_ptr", "full_idx_ptr"], "*i32"),
+                "mask_ptr": "*u8", "scale": "fp32", "log_threshold": "fp32"}
+    names = block_attention_kernel.arg_names
+    scalars = dict.fromkeys(names[names.index("seq"):names.index("HEAD_DIM")], "i32")
+    constexprs = {"HEAD_DIM": head_dim, "V_DIM": head_dim, "BLOCK_D": head_dim, "BLOCK_DV": head_dim,
+                  "BLOCK_M": block, "BLOCK_Q": block, "BLOCK_K": block, "HAS_MASK": has_mask,
+                  "HAS_THRESHOLD": has_threshold, "INPUT_PRECISION": _input_precision(dtype)}
+    signature = {**pointers, **scalars, **dict.fromkeys(constexprs, "constexpr")}
+    return signature, constexprs, {"num_warps": 4, "num_stages": 2}
