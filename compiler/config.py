@@ -19,7 +19,7 @@ NM_GROUP_SIZES = (4, 8, 16)
 WEIGHT_METHODS = ("magnitude",)
 # Parts of the request that later rewrites will handle; named here so the error says so.
 NOT_BUILT = {"tokens": "token routing"}
-ATTENTION_POLICIES = ("mask",)
+ATTENTION_POLICIES = ("mask", "window")
 
 
 def parse_pattern(pattern: Any) -> tuple[int, int]:
@@ -71,6 +71,8 @@ class AttentionConfig:
     """Block-sparse attention; `mask` is exact (the layout the model's mask implies)."""
     policy: str = "mask"
     block: int = 128
+    window: int = 1024
+    sinks: int = 4
 
     def __post_init__(self):
         if self.policy not in ATTENTION_POLICIES:
@@ -93,7 +95,9 @@ class SparsityConfig:
             cf = self.moe.capacity_factor
             steps.append("moe-dispatch" + (f"{{capacity_factor={cf}}}" if cf else ""))
         if self.attention is not None:
-            steps.append(f"sparse-attention{{policy={self.attention.policy},block={self.attention.block}}}")
+            a = self.attention
+            extra = f",window={a.window},sinks={a.sinks}" if a.policy == "window" else ""
+            steps.append(f"sparse-attention{{policy={a.policy},block={a.block}{extra}}}")
         if self.weights is not None:
             n, m = self.weights.nm
             opts = [f"n={n}", f"m={m}", f"method={self.weights.method}",

@@ -1,5 +1,9 @@
 """`sparse-attention`: run attention as block-sparse flash attention over a layout.
 
+Policy `window` (lossy) narrows the mask to a sliding window plus attention
+sinks (StreamingLLM) after the site is confirmed exact under `mask`, and reports
+the error that costs on the example inputs.
+
 Policy `mask` (exact): the layout is the one the model's own boolean mask
 implies, computed once per call on the device (`sparsecc.block_layout`): key
 blocks the mask hides entirely are never visited, fully visible blocks need no
@@ -24,7 +28,7 @@ from .records import RewriteRecord
 from .recording import record_values
 from .rewriter import Rewriter
 
-POLICIES = ("mask",)
+POLICIES = ("mask", "window")
 EMPTY_ROWS = ("zero", "uniform", "nan")
 
 
@@ -33,6 +37,8 @@ class SparseAttention(Pass):
     name: ClassVar[str] = "sparse-attention"
     policy: str = "mask"
     block: int = 128
+    window: int = 1024          # policy window: keys i - window < j <= i stay visible ...
+    sinks: int = 4              # ... plus the first `sinks` keys (StreamingLLM)
     tolerance: float = 1e-4
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
@@ -68,11 +74,24 @@ class SparseAttention(Pass):
         if empty_rows is None:
             stats.skipped.append(Skip(where, "sparse-attention", error))
             return
+        if self.policy == "window":
+            site, error = self._windowed(gm, site, values, empty_rows)
         out = insert_block_attention(gm, site, self.block, empty_rows)
         site.root.replace_all_uses_with(out)
         erase_dead_producers(gm, site.root)
         ctx.records.append(self._record(where, site, values, empty_rows, error))
         stats.rewritten += 1
+
+    def _windowed(self, gm, site: AttentionSite, values: dict, empty_rows: str) -> tuple[AttentionSite, float]:
+        """The site with its mask narrowed to the window (never widened), and the error that costs."""
+        seq, keys = values[site.q].shape[-2], values[site.k].shape[-2]
+        window = window_mask(seq, keys, self.window, self.sinks).to(values[site.mask].device)
+        rw = Rewriter(gm, site.root)
+        narrowed = rw.call(torch.ops.aten.logical_and.default, site.mask, rw.add_constant("attention_window", window))
+        values[narrowed] = values[site.mask] & window
+        dense = values[site.root]
+        site = AttentionSite(site.root, site.q, site.k, site.v, narrowed, site.scale, site.form)
+        return site, relative_error_nan(run_block_attention(site, values, self.block, empty_rows), dense)
 
     def _confirm(self, site: AttentionSite, values: dict) -> tuple[Optional[str], float | str]:
         want, best = values[site.root], float("inf")
@@ -96,6 +115,13 @@ class SparseAttention(Pass):
             flops_before=flops, flops_after=int(flops * kept),
             details={"policy": self.policy, "block": self.block, "density": kept, "error_vs_dense": error,
                      "empty_rows": empty_rows, "gqa": k.shape[1] != heads})
+
+
+def window_mask(seq: int, keys: int, window: int, sinks: int) -> torch.Tensor:
+    """[seq, keys] bool: query i (aligned to the last keys) sees keys i - window < j, and the first `sinks`."""
+    query = torch.arange(seq)[:, None] + (keys - seq)
+    key = torch.arange(keys)[None, :]
+    return (query - key < window) | (key < sinks)
 
 
 def run_block_attention(site: AttentionSite, values: dict, block: int, empty_rows: str) -> torch.Tensor:

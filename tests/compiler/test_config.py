@@ -49,8 +49,8 @@ def test_unknown_method_lists_available():
 def test_rewrites_not_built_yet_say_so():
     with pytest.raises(ConfigError, match="token routing is not available"):
         parse_sparsity({"tokens": {"capacity": 0.5}})
-    with pytest.raises(ConfigError, match="policy 'window' .*available: mask"):
-        parse_sparsity({"attention": {"policy": "window"}})
+    with pytest.raises(ConfigError, match="policy 'topk' .*available: mask, window"):
+        parse_sparsity({"attention": {"policy": "topk"}})
     with pytest.raises(ConfigError, match="attention.block: expected 64 or 128"):
         parse_sparsity({"attention": {"block": 96}})
 

@@ -82,3 +82,21 @@ def test_config_spelling():
     compiled = sparsecc.compile(model, (ids,), sparsity={"attention": {"policy": "mask", "block": 64}})
     assert compiled.report().pipeline.startswith("sparse-attention{policy=mask,block=64}")
     assert "sparsecc.block_attention" in compiled.ir()
+
+
+def test_window_policy_narrows_the_mask_and_reports_its_error():
+    from sparsecc.passes.sparse_attention import window_mask
+
+    model = llama("sdpa")
+    ids, attention_mask = ids_and_padding(seq=320)
+    kwargs = {"attention_mask": attention_mask}
+    config = {"attention": {"policy": "window", "block": 64, "window": 48, "sinks": 4}}
+    compiled = sparsecc.compile(model, (ids,), example_kwargs=kwargs, sparsity=config)
+    layer = compiled.report().layers[0]
+    exact = sparsecc.compile(model, (ids,), example_kwargs=kwargs, sparsity={"attention": {"block": 64}})
+    assert layer.details["policy"] == "window"
+    assert layer.details["density"] < exact.report().layers[0].details["density"]
+    assert 0 < layer.details["error_vs_dense"] < 1 and compiled.report().error_vs_dense > 0
+    visible = window_mask(5, 7, window=2, sinks=1)
+    # the last query sits at key 6: keys 5, 6 and the sink 0; causality stays the model mask's job
+    assert visible.tolist()[4] == [True, False, False, False, False, True, True]
