@@ -17,7 +17,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .graph import module_path
-from .moe_regions import ACTIVATIONS, MLPWeights, NotAnMoE, _const, _expert_index, _through, _users_through
+from .moe_regions import ACTIVATIONS, MLPWeights, NotAnMoE, _const, _expert_index, _users_through
 
 aten = torch.ops.aten
 Candidate = tuple[torch.Tensor, torch.Tensor, bool]

@@ -17,7 +17,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .fake import resolve_attr
-from .graph import in_module, module_path, module_paths, nodes_in_module
+from .graph import module_path, module_paths, nodes_in_module
 
 aten = torch.ops.aten
 ACTIVATIONS = {aten.silu.default: "silu", aten.relu.default: "relu", aten.gelu.default: "gelu"}
@@ -175,4 +175,4 @@ def find_activation(region: list[Node]) -> str:
 
 
 __all__ = ["MLPWeights", "MoEBlock", "NotAnMoE", "block_form", "find_activation", "find_block", "find_output",
-           "in_module", "read_router", "topk_nodes"]
+           "read_router", "topk_nodes"]

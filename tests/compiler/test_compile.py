@@ -3,7 +3,6 @@ import pytest
 import torch
 
 import sparsecc
-from sparsecc.runtime.nm_format import decompress_nm
 
 from .models import Projections, TiedLM
 
