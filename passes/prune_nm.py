@@ -26,6 +26,7 @@ from torch.fx import Node
 from sparsecc.runtime.nm_format import check_nm, compress_nm, nm_mask
 from sparsecc.runtime.ops import get_op  # noqa: F401  (registers the sparsecc ops)
 
+from .fake import resolve_attr
 from .manager import Pass, PassContext, PassResult
 from .match import AnyArg, Const, Match, Op, Var
 from .records import RewriteRecord
@@ -101,6 +102,13 @@ class PruneNM(Pass):
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
 
+    def selects(self, path: str) -> CheckResult:
+        """Whether the layer at module path `path` is inside `include` and outside `exclude`."""
+        if not any(fnmatch.fnmatchcase(path, g) for g in self.include):
+            return fail(f"not matched by include {list(self.include)}")
+        excluded = [g for g in self.exclude if fnmatch.fnmatchcase(path, g)]
+        return fail(f"excluded by '{excluded[0]}'") if excluded else ok()
+
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         check_nm(self.n, self.m)
         if self.method != "magnitude":
@@ -134,19 +142,17 @@ class _NMRewrite:
         return lambda m, rw: self.replace(m, rw, form)
 
     def weight(self, m: Match, form: _Form) -> torch.Tensor:
-        w = _fetch(self.gm, m["w"].target)
+        w = resolve_attr(self.gm, m["w"].target)
         return w.t() if form.transposed else w
 
     def check(self, m: Match, form: _Form) -> CheckResult:
         path, n, mm = layer_path(m["w"]), self.options.n, self.options.m
-        if not any(fnmatch.fnmatchcase(path, g) for g in self.options.include):
-            return fail(f"not matched by include {list(self.options.include)}")
-        excluded = [g for g in self.options.exclude if fnmatch.fnmatchcase(path, g)]
-        if excluded:
-            return fail(f"excluded by '{excluded[0]}'")
+        chosen = self.options.selects(path)
+        if not chosen:
+            return chosen
         if feeds_moe_router(m.node):
             return fail("router of an MoE block, kept dense: pruning it would change which experts tokens reach")
-        w = _fetch(self.gm, m["w"].target)
+        w = resolve_attr(self.gm, m["w"].target)
         if w.dim() != 2 or not w.is_floating_point():
             return fail(f"weight is {w.dim()}-D {w.dtype}; prune-nm needs a 2-D floating-point weight")
         layouts = _layouts_of(m["w"])
@@ -184,7 +190,7 @@ class _NMRewrite:
 
     def _record(self, m: Match, form: _Form, weight: torch.Tensor, values: Node, indices: Node) -> RewriteRecord:
         out_features, k = weight.shape
-        v, i = _fetch(self.gm, values.target), _fetch(self.gm, indices.target)
+        v, i = resolve_attr(self.gm, values.target), resolve_attr(self.gm, indices.target)
         tokens = _tokens(_val(m["x"]), k)
         flops = 2 * tokens * out_features * k
         n, mm = self.options.n, self.options.m
@@ -215,20 +221,18 @@ class _ExpertRule:
 
     def check(self, m: Match, ctx: PassContext) -> CheckResult:
         opts, path = self.owner.options, self.layer(m)
-        if not any(fnmatch.fnmatchcase(path, g) for g in opts.include):
-            return fail(f"not matched by include {list(opts.include)}", where=path)
-        excluded = [g for g in opts.exclude if fnmatch.fnmatchcase(path, g)]
-        if excluded:
-            return fail(f"excluded by '{excluded[0]}'", where=path)
+        chosen = opts.selects(path)
+        if not chosen:
+            return fail(chosen.reason, where=path)
         for node in (m["w"], m["w2"]):
-            k = _fetch(self.owner.gm, node.target).shape[-1]
+            k = resolve_attr(self.owner.gm, node.target).shape[-1]
             if k % opts.m:
                 return fail(f"expert reduction dim {k} is not divisible by M={opts.m}", where=path)
         return ok()
 
     def replace(self, m: Match, rw: Rewriter) -> Node:
         opts, gm = self.owner.options, self.owner.gm
-        dense = [self._compressed(rw, _fetch(gm, node.target), node.target) for node in (m["w"], m["w2"])]
+        dense = [self._compressed(rw, resolve_attr(gm, node.target), node.target) for node in (m["w"], m["w2"])]
         args = list(m.node.args)
         args[2:4] = [rw.call(torch.ops.sparsecc.nm_decompress.default, v, i, opts.n, opts.m, k) for v, i, k in dense]
         self.owner.ctx.records.append(self._record(m, dense))
@@ -242,8 +246,8 @@ class _ExpertRule:
 
     def _record(self, m: Match, dense) -> RewriteRecord:
         gm, n, mm = self.owner.gm, self.owner.options.n, self.owner.options.m
-        weights = [_fetch(gm, node.target) for node in (m["w"], m["w2"])]
-        stored = [_fetch(gm, node.target) for v, i, _ in dense for node in (v, i)]
+        weights = [resolve_attr(gm, node.target) for node in (m["w"], m["w2"])]
+        stored = [resolve_attr(gm, node.target) for v, i, _ in dense for node in (v, i)]
         tokens = _tokens(_val(m["h"]), weights[0].shape[-1])
         top_k = m.node.args[7]
         flops = 2 * tokens * top_k * sum(w[0].numel() for w in weights)
@@ -256,11 +260,6 @@ class _ExpertRule:
             flops_before=flops, flops_after=flops * n // mm,
             details={"n": n, "m": mm, "reference": "unavailable",
                      "compressed": {node.target: [v.target, i.target] for node, (v, i, _) in zip((m["w"], m["w2"]), dense)}})
-
-
-def _fetch(gm: torch.fx.GraphModule, target: str) -> torch.Tensor:
-    owner, _, attr = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, attr)
 
 
 def _val(node: Node):
