@@ -16,6 +16,7 @@ import networkx as nx
 import torch
 from torch.utils import _pytree as pytree
 
+from sparsecc.passes.fake import resolve_attr
 from sparsecc.runtime.program import InputSpec, Instruction, Program
 
 from .errors import LoweringError
@@ -91,8 +92,7 @@ def _lower_node(gm, node: torch.fx.Node, draft: _Draft) -> None:
 
 
 def _fetch_constant(gm, node) -> torch.Tensor:
-    owner, _, attr = node.target.rpartition(".")
-    value = getattr(gm.get_submodule(owner) if owner else gm, attr)
+    value = resolve_attr(gm, node.target)
     if not isinstance(value, torch.Tensor):
         raise LoweringError(f"constant '{node.target}' is a {type(value).__name__}, not a tensor")
     return value.detach()
