@@ -5,8 +5,10 @@ runs without the compiler or the passes.
 """
 from __future__ import annotations
 
-from .errors import InputMismatchError, RuntimeProgramError
+from .artifact import load
+from .errors import ArtifactError, InputMismatchError, RuntimeProgramError
 from .executor import Executor
 from .program import Instruction, Program
 
-__all__ = ["Executor", "InputMismatchError", "Instruction", "Program", "RuntimeProgramError"]
+__all__ = ["ArtifactError", "Executor", "InputMismatchError", "Instruction", "Program", "RuntimeProgramError",
+           "load"]

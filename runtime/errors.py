@@ -9,3 +9,7 @@ class RuntimeProgramError(ValueError):
 
 class InputMismatchError(ValueError):
     """Inputs that differ from what the program was compiled for."""
+
+
+class ArtifactError(ValueError):
+    """A saved artifact that cannot be loaded: tampered, truncated, wrong version, missing target."""

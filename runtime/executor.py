@@ -18,6 +18,8 @@ from .ops import get_op
 from .program import Program
 
 ALLOWED_NAMESPACES = ("aten", "sparsecc")
+# ATen ops that reach outside tensors (files, stdout): never run from a program, even a loaded one.
+DENIED_ATEN_OPS = ("from_file", "_print", "save", "load")
 PY_OPS: dict[str, Callable[..., Any]] = {
     "py::getitem": operator.getitem,
     "py::add": operator.add,
@@ -27,6 +29,12 @@ PY_OPS: dict[str, Callable[..., Any]] = {
     "py::truediv": operator.truediv,
     "py::mod": operator.mod,
     "py::neg": operator.neg,
+    "py::eq": operator.eq,
+    "py::ne": operator.ne,
+    "py::lt": operator.lt,
+    "py::le": operator.le,
+    "py::gt": operator.gt,
+    "py::ge": operator.ge,
 }
 BACKENDS = ("torch", "triton")
 
@@ -49,6 +57,8 @@ def resolve_op(qualname: str, backend: str) -> Callable[..., Any]:
         except KeyError as err:
             raise RuntimeProgramError(str(err.args[0])) from None
     name, _, overload = rest.partition(".")
+    if name in DENIED_ATEN_OPS:
+        raise RuntimeProgramError(f"ATen op '{qualname}' is outside the runtime's allowlist (it reaches outside tensors)")
     packet = getattr(torch.ops.aten, name, None) if name.isidentifier() else None
     op = getattr(packet, overload or "default", None) if packet is not None else None
     if not isinstance(op, torch._ops.OpOverload):
@@ -102,16 +112,19 @@ def _fill(template: Any, regs: list[Any]) -> Any:
 class Executor:
     """Executes `program` with `constants` on one backend."""
 
-    def __init__(self, program: Program, constants: dict[str, torch.Tensor], backend: str = "torch"):
+    def __init__(self, program: Program, constants: dict[str, torch.Tensor], backend: str = "torch",
+                 kernels: dict[str, Callable[..., Any]] | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend '{backend}' (expected one of {', '.join(BACKENDS)})")
         self.program, self.backend = program, backend
+        self.kernels = kernels or {}   # qualname -> callable that replaces the registry's kernel
         self.steps = [self._prepare(inst, constants) for inst in program.instructions]
         self.outputs = [decode_arg(o, constants) for o in program.outputs]
         self.device = next((c.device for c in constants.values()), None)
 
     def _prepare(self, inst, constants):
         fn = resolve_op(inst.op, self.backend)
+        fn = self.kernels.get(inst.op, fn)
         args = [decode_arg(a, constants) for a in inst.args]
         kwargs = {k: decode_arg(v, constants) for k, v in inst.kwargs.items()}
         dynamic_args = [i for i, a in enumerate(args) if _has_reg(a)]

@@ -64,7 +64,10 @@ def test_ragged_shapes_and_several_k_steps():
 
 
 def test_default_tiles():
-    assert triton_moe.default_blocks(8, 4) == (16, 64, 64, 4)
+    assert triton_moe.default_blocks(8, 4) == (16, 128, 128, 4)        # decode: a few pairs per expert
+    assert triton_moe.default_blocks(1024, 64) == (32, 128, 64, 4)
+    assert triton_moe.default_blocks(1024, 8) == (64, 128, 64, 4)
+    assert triton_moe.default_blocks(8192, 8) == (128, 128, 64, 8)     # prefill: tall tiles
     assert_kernel_matches(tiles={})
 
 

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ...moe_routing import align_to_tiles, max_padded_pairs, route_within_capacity
 from ..cpu.moe import shared_expert_output
+from .launch import launcher
 
 
 @triton.jit
@@ -113,10 +114,14 @@ def moe_down_kernel(act_ptr, w_down_ptr, sorted_pair_ids_ptr, tile_expert_ptr, n
 
 
 def default_blocks(num_pairs: int, num_experts: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps): vLLM's defaults by pairs per expert; not tuned here."""
-    if num_pairs <= 2 * num_experts:
-        return 16, 64, 64, 4
-    return (32, 64, 64, 4) if num_pairs <= 64 * num_experts else (64, 128, 64, 8)
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) by pairs per expert; the best of `bench/gpu_tune.py`'s
+    sweep on an H200 (bf16; E=8 H=4096 I=14336 and E=64 H=2048 I=1024; docs/benchmarks.md)."""
+    per_expert = num_pairs / num_experts
+    if per_expert <= 4:
+        return 16, 128, 128, 4
+    if per_expert <= 32:
+        return 32, 128, 64, 4
+    return (64, 128, 64, 4) if per_expert <= 256 else (128, 128, 64, 8)
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -137,13 +142,13 @@ def _grouped_mlp(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, weights: Ten
     act = hidden.new_empty(tiles * block_m, inter)
     pair_out = torch.zeros(num_pairs, width, dtype=torch.float32, device=hidden.device)
     precision = _input_precision(hidden.dtype)
-    moe_gate_up_kernel[(tiles, triton.cdiv(inter, block_n))](
+    launcher(moe_gate_up_kernel, (tiles, triton.cdiv(inter, block_n)))(
         hidden, w_gate_up, sorted_pair_ids, tile_expert, num_padded, act, num_pairs, width, inter,
         hidden.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), act.stride(0),
         TOP_K=experts.shape[1], GATED=gated, ACTIVATION=activation, INPUT_PRECISION=precision,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
     pair_weight = weights.to(hidden.dtype).float().reshape(-1)  # the op casts weights to hidden's dtype
-    moe_down_kernel[(tiles, triton.cdiv(width, block_n))](
+    launcher(moe_down_kernel, (tiles, triton.cdiv(width, block_n)))(
         act, w_down, sorted_pair_ids, tile_expert, num_padded, pair_weight, pair_out, num_pairs, width, inter,
         act.stride(0), w_down.stride(0), w_down.stride(1), pair_out.stride(0),
         INPUT_PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)

@@ -36,6 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ...nm_format import check_nm, index_bits
+from .launch import launcher
 
 TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # H200, 2:4 fp16, shapes of bench/nm_linear.py: at 1 token the fused kernel took 35-76 us, decompress +
@@ -180,7 +181,7 @@ def nm_decompress_triton(values: Tensor, indices: Tensor, n: int, m: int, in_fea
         raise ValueError(f"block_k={block_k} must be a multiple of M={m}")
     dense = torch.empty(values.shape[0], in_features, dtype=dtype or values.dtype, device=values.device)
     grid = (triton.cdiv(values.shape[0], block_n), triton.cdiv(in_features, block_k))
-    nm_decompress_kernel[grid](values, indices, dense, values.shape[0], in_features,
+    launcher(nm_decompress_kernel, grid)(values, indices, dense, values.shape[0], in_features,
                                values.stride(0), indices.stride(0), dense.stride(0),
                                N=n, M=m, BITS=index_bits(m), PACKED=packed_tiles(n, m, block_k),
                                BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
@@ -213,7 +214,7 @@ def nm_linear_triton(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[
     y = tokens.new_empty(tokens.shape[0], out_features) if split == 1 else \
         torch.zeros(tokens.shape[0], out_features, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(tokens.shape[0], bm), triton.cdiv(out_features, bn), split)
-    nm_linear_kernel[grid](
+    launcher(nm_linear_kernel, grid)(
         tokens, values, indices, bias if bias is not None else y, y,
         tokens.shape[0], out_features, in_features,
         tokens.stride(0), values.stride(0), indices.stride(0), y.stride(0),

@@ -1,0 +1,84 @@
+"""Write an AOT artifact folder (format: `sparsecc.runtime.artifact`): data only, never pickle."""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import save_file
+
+import sparsecc
+from sparsecc.runtime.artifact import (ARTIFACT_FORMAT, ARTIFACT_VERSION, MANIFEST, MANIFEST_HASH, WEIGHTS,
+                                       sha256_file, target_dir)
+from sparsecc.runtime.kernels.triton.launch import KernelSpec
+from sparsecc.runtime.program import Program
+
+from .errors import SparseccError
+from .kernel_build import BuiltKernel, triton_version
+
+LAUNCH_FIELDS = ("entry", "shared", "num_warps", "warp_size", "num_ctas", "num_stages", "global_scratch",
+                 "profile_scratch", "launch_cooperative_grid", "launch_pdl", "param_bytes", "triton_hash",
+                 "build_seconds")
+
+
+def prepare_folder(root: Path) -> None:
+    """An empty folder, or an earlier artifact (replaced); anything else is left alone with an error."""
+    if root.exists() and any(root.iterdir()):
+        if not (root / MANIFEST).is_file():
+            raise SparseccError(f"{root} exists and is not a sparsecc artifact; refusing to overwrite it")
+        for name in (MANIFEST, MANIFEST_HASH, WEIGHTS):
+            (root / name).unlink(missing_ok=True)
+        shutil.rmtree(root / "kernels", ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+
+
+def write_weights(path: Path, constants: dict[str, torch.Tensor]) -> None:
+    """safetensors wants contiguous tensors that share no storage: give it private copies."""
+    save_file({name: t.detach().to("cpu").contiguous().clone() for name, t in constants.items()}, str(path))
+
+
+def kernel_table(root: Path, specs: Sequence[tuple[KernelSpec, list[str]]], built: Sequence[BuiltKernel]) -> list:
+    by_spec = {}
+    for b in built:
+        by_spec.setdefault(b.spec.key(), []).append(b)
+    table = []
+    for index, (spec, users) in enumerate(specs):
+        kernel_id = f"k{index}_{spec.entry}"
+        binaries = {}
+        for b in by_spec.get(spec.key(), []):
+            kind = b.kernel.metadata["binary_file"].rpartition(".")[2]
+            name = f"kernels/{target_dir(b.target)}/{kernel_id}.{kind}"
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_bytes(b.kernel.binary)
+            binaries[b.target] = {"file": name, "cache_key": b.key,
+                                  **{k: b.kernel.metadata[k] for k in LAUNCH_FIELDS if k in b.kernel.metadata}}
+        table.append({"id": kernel_id, **spec.to_dict(), "used_by": users, "binaries": binaries})
+    return table
+
+
+def write_artifact(root: Path, program: Program, constants: dict[str, torch.Tensor], targets: Sequence[str],
+                   specs: Sequence[tuple[KernelSpec, list[str]]], built: Sequence[BuiltKernel]) -> dict[str, Any]:
+    prepare_folder(root)
+    write_weights(root / WEIGHTS, {name: constants[name] for name in program.constant_names})
+    kernels = kernel_table(root, specs, built)
+    listed = [WEIGHTS] + [b["file"] for k in kernels for b in k["binaries"].values()]
+    manifest = {
+        "format": ARTIFACT_FORMAT,
+        "format_version": ARTIFACT_VERSION,
+        "versions": {"sparsecc": sparsecc.__version__, "torch": torch.__version__, "triton": triton_version(),
+                     "safetensors": importlib.metadata.version("safetensors")},
+        "targets": list(targets),
+        "program": program.to_dict(),
+        "weights": WEIGHTS,
+        "kernels": kernels,
+        "files": {name: {"sha256": sha256_file(root / name), "bytes": (root / name).stat().st_size}
+                  for name in listed},
+    }
+    text = json.dumps(manifest, indent=1, sort_keys=False)
+    (root / MANIFEST).write_bytes(text.encode())
+    (root / MANIFEST_HASH).write_text(hashlib.sha256(text.encode()).hexdigest() + "  " + MANIFEST + "\n")
+    return manifest

@@ -1,0 +1,41 @@
+"""`sparsecc build` (compile a model and write an AOT artifact) and `sparsecc inspect` (describe one)."""
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+
+def add_parsers(sub: argparse._SubParsersAction, add_model_args: Callable, sparsity_type: Callable) -> None:
+    build = sub.add_parser("build", help="compile a model and write an AOT artifact (program, weights, kernels)")
+    add_model_args(build)
+    build.add_argument("--sparsity", type=sparsity_type, default="2:4", help='"N:M" or a JSON dict (default 2:4)')
+    build.add_argument("--target", action="append", dest="targets", metavar="TARGET",
+                       help="cpu, cuda:80, cuda:86, cuda:89, cuda:90 or hip:gfx942; repeat for several (default cpu)")
+    build.add_argument("-o", "--output", required=True, help="artifact folder to write")
+    build.add_argument("--workers", type=int, help="parallel kernel build processes (default: CPU count)")
+    build.add_argument("--cache-dir", help="kernel cache folder (default $SPARSECC_KERNEL_CACHE or ~/.cache/sparsecc)")
+    build.add_argument("--no-check", action="store_true", help="skip the error check against the dense model")
+    inspect = sub.add_parser("inspect", help="check an artifact's hashes and print what it holds")
+    inspect.add_argument("artifact", help="artifact folder")
+
+
+def build_command(args) -> int:
+    import sparsecc
+    from .factory import load_factory
+
+    model, inputs = load_factory(args.factory)
+    compiled = sparsecc.compile(model, inputs, sparsity=args.sparsity, pipeline=args.pipeline,
+                                check=not args.no_check, progress=True,
+                                print_ir_after_all=args.print_ir_after_all, dump_dir=args.dump_dir)
+    manifest = compiled.save(args.output, targets=args.targets or ["cpu"], cache_dir=args.cache_dir,
+                             workers=args.workers)
+    binaries = sum(len(k["binaries"]) for k in manifest["kernels"])
+    print(f"wrote {args.output}: targets {', '.join(manifest['targets'])}; {len(manifest['kernels'])} kernel "
+          f"specialisations, {binaries} binaries; {compiled.program.summary()}")
+    return 0
+
+
+def inspect_command(args) -> int:
+    from .inspect_artifact import describe_artifact
+    print(describe_artifact(args.artifact))
+    return 0

@@ -1,0 +1,46 @@
+"""`sparsecc inspect DIR`: what an artifact holds (targets, kernels, sizes, the program), after checking it."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sparsecc.runtime.artifact import read_manifest, verify_files
+from sparsecc.runtime.program import Program
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _constexprs(kernel: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in kernel["constexprs"].items())
+
+
+def describe_artifact(path: str) -> str:
+    root = Path(path)
+    manifest = read_manifest(root)
+    verify_files(root, manifest)
+    program = Program.from_dict(manifest["program"])
+    files = manifest["files"]
+    versions = ", ".join(f"{k} {v}" for k, v in manifest["versions"].items())
+    lines = [f"sparsecc artifact {root} (format {manifest['format_version']}; built with {versions})",
+             f"hashes: {len(files)} files verified",
+             f"targets: {', '.join(manifest['targets'])}",
+             f"program: {program.summary()}",
+             f"weights: {manifest['weights']} {_size(files[manifest['weights']]['bytes'])}, "
+             f"{len(program.constant_names)} tensors",
+             f"kernels: {len(manifest['kernels'])} specialisations"]
+    for kernel in manifest["kernels"]:
+        lines.append(f"  {kernel['id']}  used by {', '.join(kernel['used_by'])}")
+        lines.append(f"    {_constexprs(kernel)}")
+        for target, binary in kernel["binaries"].items():
+            lines.append(f"    {target:11s} {binary['file']}  {_size(files[binary['file']]['bytes'])}, "
+                         f"shared {binary['shared']} B, {binary['num_warps']} warps, "
+                         f"{binary.get('num_stages', '?')} stages, entry {binary['entry']}")
+    total = sum(f["bytes"] for f in files.values())
+    lines.append(f"total: {_size(total)} in {len(files)} files (+ manifest)")
+    return "\n".join(lines)

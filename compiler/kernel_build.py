@@ -1,0 +1,130 @@
+"""Cross-compile kernel specialisations for GPU targets, through the kernel cache, in parallel processes.
+
+Each job (spec, target) has a cache key over the kernel module's source, the
+spec, the target and the triton version. Misses are split over worker
+processes (`python -m sparsecc.build_worker`, started without TRITON_INTERPRET
+so Triton compiles rather than interprets); each worker compiles its jobs
+with `triton.compile(ASTSource(...), target=GPUTarget(...))`, stores them in
+the cache and reports one JSON line per job, which drives the progress bar.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from tqdm import tqdm
+
+from sparsecc.runtime.kernel_cache import CachedKernel, KernelCache, cache_key
+from sparsecc.runtime.kernels.triton.launch import KERNEL_MODULE_PREFIX, KernelSpec
+
+from .errors import SparseccError
+
+
+@dataclass(frozen=True)
+class KernelJob:
+    spec: KernelSpec
+    target: str
+    key: str
+
+
+@dataclass(frozen=True)
+class BuiltKernel:
+    spec: KernelSpec
+    target: str
+    key: str
+    kernel: CachedKernel
+    from_cache: bool
+
+
+def triton_version() -> str:
+    return importlib.metadata.version("triton")
+
+
+def source_sha256(kernel: str) -> str:
+    """SHA-256 of the file that defines `kernel` ("module:function"): any edit there invalidates its entries."""
+    module = kernel.partition(":")[0]
+    if not module.startswith(KERNEL_MODULE_PREFIX):
+        raise SparseccError(f"{kernel} is not a sparsecc Triton kernel")
+    origin = importlib.util.find_spec(module).origin
+    with open(origin, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def kernel_jobs(specs: Sequence[KernelSpec], targets: Sequence[str]) -> list[KernelJob]:
+    version, jobs = triton_version(), []
+    for spec in specs:
+        source = source_sha256(spec.kernel)
+        jobs += [KernelJob(spec, t, cache_key(source, spec.to_dict(), t, version)) for t in targets]
+    return jobs
+
+
+def build_kernels(specs: Sequence[KernelSpec], targets: Sequence[str], *, cache_dir: Optional[os.PathLike] = None,
+                  workers: Optional[int] = None, progress: bool = True) -> list[BuiltKernel]:
+    """Every (spec, target) compiled or taken from the cache."""
+    cache = KernelCache(cache_dir)
+    jobs = kernel_jobs(specs, targets)
+    cached = {job.key: cache.get(job.key) for job in jobs}
+    misses = list({job.key: job for job in jobs if cached[job.key] is None}.values())
+    if misses:
+        run_workers(misses, cache, workers, progress)
+    built = []
+    for job in jobs:
+        entry = cached[job.key] or cache.get(job.key)
+        if entry is None:
+            raise SparseccError(f"kernel {job.spec.entry} for {job.target} is missing from the cache after building")
+        built.append(BuiltKernel(job.spec, job.target, job.key, entry, cached[job.key] is not None))
+    return built
+
+
+def run_workers(jobs: Sequence[KernelJob], cache: KernelCache, workers: Optional[int], progress: bool) -> None:
+    count = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    chunks = [list(jobs[i::count]) for i in range(count)]
+    bar = tqdm(total=len(jobs), desc="sparsecc build", unit="kernel", disable=not progress, file=sys.stderr)
+    try:
+        with ThreadPoolExecutor(count) as pool:
+            failures = [f for result in pool.map(lambda chunk: _run_worker(chunk, cache, bar), chunks) for f in result]
+    finally:
+        bar.close()
+    if failures:
+        raise SparseccError("kernel build failed:\n" + "\n".join(failures))
+
+
+def _worker_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # Triton 3.9's default, stated so it does not warn
+    return env
+
+
+def _run_worker(chunk: list[KernelJob], cache: KernelCache, bar: tqdm) -> list[str]:
+    request = {"cache_dir": str(cache.root),
+               "jobs": [{"key": j.key, "target": j.target, "spec": j.spec.to_dict()} for j in chunk]}
+    done, failures = set(), []
+    with tempfile.TemporaryFile("w+") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "sparsecc.build_worker"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=stderr, text=True, env=_worker_env())
+        proc.stdin.write(json.dumps(request))
+        proc.stdin.close()
+        for line in proc.stdout:
+            report = json.loads(line)
+            done.add(report["key"])
+            if "error" in report:
+                failures.append(f"  {report['entry']} for {report['target']}: {report['error']}")
+            bar.set_postfix_str(f"{report['entry']} {report['target']} {report.get('seconds', 0):.1f}s")
+            bar.update(1)
+        proc.wait()
+        stderr.seek(0)
+        tail = stderr.read()[-2000:]
+    lost = [j for j in chunk if j.key not in done]
+    if proc.returncode != 0 or lost:
+        failures.append(f"  a build worker exited with status {proc.returncode} before finishing "
+                        f"{len(lost)} kernel(s):\n{tail}")
+    return failures

@@ -1,0 +1,89 @@
+"""A content-addressed cache of compiled kernels, shared by every build on a machine.
+
+    key   = sha256(kernel source, specialisation, target, triton version, entry format)
+    entry = <root>/<key[:2]>/<key>/  holding  kernel.<cubin|hsaco>  and  metadata.json
+
+An entry is written into a private temporary folder and renamed into place
+(`os.replace`), so a reader sees a whole entry or none. When two processes
+build the same kernel at once, one rename wins and the other process drops its
+copy (both copies are valid). metadata.json records the binary's SHA-256; an
+entry whose binary does not match is treated as absent and replaced.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+ENTRY_FORMAT = 2        # bump when the metadata an entry holds changes: older entries become misses
+
+
+def default_cache_dir() -> Path:
+    explicit = os.environ.get("SPARSECC_KERNEL_CACHE")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sparsecc" / "kernels"
+
+
+def cache_key(source_sha256: str, spec: dict[str, Any], target: str, triton_version: str) -> str:
+    text = json.dumps({"source": source_sha256, "spec": spec, "target": target, "triton": triton_version,
+                       "entry_format": ENTRY_FORMAT},
+                      sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class CachedKernel:
+    binary: bytes
+    metadata: dict[str, Any]      # launch metadata: entry name, shared memory, warps, scratch, ...
+
+
+class KernelCache:
+    def __init__(self, root: Optional[os.PathLike] = None):
+        self.root = Path(root) if root is not None else default_cache_dir()
+
+    def _entry(self, key: str) -> Path:
+        return self.root / key[:2] / key
+
+    def get(self, key: str) -> Optional[CachedKernel]:
+        entry = self._entry(key)
+        try:
+            metadata = json.loads((entry / "metadata.json").read_text())
+            binary = (entry / metadata["binary_file"]).read_bytes()
+        except (OSError, ValueError, KeyError):
+            return None
+        if hashlib.sha256(binary).hexdigest() != metadata.get("binary_sha256"):
+            return None
+        return CachedKernel(binary, metadata)
+
+    def put(self, key: str, binary: bytes, metadata: dict[str, Any], kind: str) -> CachedKernel:
+        """Store atomically; returns the entry that ends up in the cache (ours or a concurrent writer's)."""
+        metadata = {**metadata, "binary_file": f"kernel.{kind}", "binary_sha256": hashlib.sha256(binary).hexdigest()}
+        entry = self._entry(key)
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key[:16]}-", dir=entry.parent))
+        try:
+            (tmp / metadata["binary_file"]).write_bytes(binary)
+            (tmp / "metadata.json").write_text(json.dumps(metadata, sort_keys=True, indent=1))
+            self._publish(tmp, entry)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return self.get(key) or CachedKernel(binary, metadata)
+
+    def _publish(self, tmp: Path, entry: Path) -> None:
+        if entry.exists() and not self._valid(entry):
+            shutil.rmtree(entry, ignore_errors=True)      # a corrupt entry: replace it
+        try:
+            os.replace(tmp, entry)
+        except OSError:
+            if not entry.exists():                        # not a lost race: a real error
+                raise
+
+    def _valid(self, entry: Path) -> bool:
+        return self.get(entry.name) is not None
