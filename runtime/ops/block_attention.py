@@ -76,24 +76,36 @@ def visible_elements(layout: Layout, mask: Optional[Tensor], seq: int, keys: int
     return elements(full) | (elements(partial) & as_4d(mask))
 
 
-def _skipped(logits: Tensor, layout: Layout, threshold: float, block_q: int, block_k: int) -> Tensor:
-    """Bool like logits: the elements of blocks the threshold rule skips (loops, for tests only)."""
-    skipped = torch.zeros_like(logits, dtype=torch.bool)
-    batch, heads, seq, _ = logits.shape
-    for b, h, qb in ((b, h, qb) for b in range(batch) for h in range(heads) for qb in range(math.ceil(seq / block_q))):
-        pick = [min(b, layout.full_num_blocks.shape[0] - 1), min(h, layout.full_num_blocks.shape[1] - 1), qb]
-        order = layout.full_indices[(*pick,)][: layout.full_num_blocks[(*pick,)]].tolist() + \
-            layout.kv_indices[(*pick,)][: layout.kv_num_blocks[(*pick,)]].tolist()
-        rows = slice(qb * block_q, (qb + 1) * block_q)
-        run_max = torch.full_like(logits[b, h, rows, 0], float("-inf"))
-        for kb in order:
-            block_max = logits[b, h, rows, kb * block_k:(kb + 1) * block_k].amax(-1)
-            gap = torch.where(block_max == float("-inf"), float("-inf"), block_max - run_max)
-            if gap.max() < math.log(threshold):
-                skipped[b, h, rows, kb * block_k:(kb + 1) * block_k] = True
-            else:
-                run_max = torch.maximum(run_max, block_max)
+def skipped_blocks(logits: Tensor, layout: Layout, threshold: float, block_q: int, block_k: int) -> Tensor:
+    """Bool [B, H, NQ, NK]: the listed blocks the threshold rule skips, given logits [B, H, S, Skv] that are
+    -inf where not visible. Vectorised over (batch, head, query block); steps through the visiting order."""
+    batch, heads, seq, keys = logits.shape
+    padded = torch.nn.functional.pad(logits, (0, -keys % block_k, 0, -seq % block_q), value=float("-inf"))
+    block_max = padded.unflatten(-1, (-1, block_k)).amax(-1).unflatten(-2, (-1, block_q))  # [B, H, NQ, bq, NK]
+    nk = block_max.shape[-1]
+    lead = (batch, heads, block_max.shape[2])
+    full_num, kv_num = (n.expand(*lead).long() for n in (layout.full_num_blocks, layout.kv_num_blocks))
+    full_idx, kv_idx = (i.expand(*lead, nk).long() for i in (layout.full_indices, layout.kv_indices))
+    run_max = torch.full(block_max.shape[:-1], float("-inf"), device=logits.device)
+    skipped = torch.zeros(*lead, nk, dtype=torch.bool, device=logits.device)
+    for step in range(nk):
+        listed = step < full_num + kv_num
+        in_full = step < full_num
+        block = torch.where(in_full, full_idx[..., min(step, nk - 1)],
+                            kv_idx.gather(-1, (step - full_num).clamp(0, nk - 1)[..., None])[..., 0])
+        this_max = block_max.gather(-1, block[..., None, None].expand(*lead, block_q, 1))[..., 0]
+        gap = torch.where(this_max == float("-inf"), float("-inf"), this_max - run_max)
+        keep = gap.amax(-1) >= math.log(threshold)
+        run_max = torch.where((keep & listed)[..., None], torch.maximum(run_max, this_max), run_max)
+        skipped |= torch.nn.functional.one_hot(block, nk).bool() & (listed & ~keep)[..., None]
     return skipped
+
+
+def _skipped(logits: Tensor, layout: Layout, threshold: float, block_q: int, block_k: int) -> Tensor:
+    """Bool like logits: the elements of blocks the threshold rule skips."""
+    blocks = skipped_blocks(logits, layout, threshold, block_q, block_k)
+    seq, keys = logits.shape[-2:]
+    return blocks.repeat_interleave(block_q, -2).repeat_interleave(block_k, -1)[..., :seq, :keys]
 
 
 def block_attention_reference(q, k, v, kv_num_blocks, kv_indices, full_num_blocks, full_indices, mask, scale,

@@ -189,3 +189,33 @@ def test_scattered_full_blocks_run_as_runs_or_gathered(monkeypatch, gather_runs)
     assert_matches_reference(q, k, v, topk_layout(q, k, 0.3, 16, 16), None)
     mask = torch.rand(1, 1, 112, 112) > 0.2
     assert_matches_reference(q, k, v, layout_from_mask(mask, 16, 16), mask, empty_rows="nan")
+
+
+@pytest.mark.parametrize("seq", [1, 5])
+def test_decode_reads_keys_in_place_without_gathering(monkeypatch, seq):
+    import sparsecc.runtime.kernels.cpu.block_attention as cpu_kernel
+    from sparsecc.runtime.attention_policies import topk_layout_from_mask, window_layout_from_mask
+
+    def no_gather(*args, **kwargs):
+        raise AssertionError("decode must not gather key blocks")
+    monkeypatch.setattr(cpu_kernel, "_gathered", no_gather)
+    q, k, v = qkv(batch=2, heads=4, kv_heads=2, seq=seq, keys=150)
+    mask = causal_mask(seq, 150)[None, None] & (torch.arange(150) >= torch.tensor([[0], [37]]))[:, None, None, :]
+    mask[1, :, :, 60:64] = False
+    for layout in (layout_from_mask(mask, 32, 32), window_layout_from_mask(mask, 40, 3, 32, 32),
+                   topk_layout_from_mask(mask, q, k, 2, 0, 32, 32)):
+        assert_matches_reference(q, k, v, layout, mask, 32, 32, empty_rows="nan")
+    assert_matches_reference(q, k, v, causal_layout(seq, 150, 32, 32), None, 32, 32)
+    assert_matches_reference(q, k, v, layout_from_mask(torch.zeros_like(mask), 32, 32), torch.zeros_like(mask),
+                             32, 32, empty_rows="uniform")
+
+
+@pytest.mark.parametrize("per_head_layout", [False, True])
+def test_diagonal_triangle_check_is_per_batch_and_head_of_the_mask(per_head_layout):
+    q, k, v = qkv(batch=2, heads=4, kv_heads=2, seq=64, keys=64)
+    mask = causal_mask(64, 64)[None, None].repeat(2, 4, 1, 1)
+    mask[1, 2, 20, 17] = False   # batch 1, head 2: query block 1's diagonal block is no longer the triangle
+    mask[0, 0, 40, 40] = False   # batch 0, head 0: a diagonal element itself
+    layout = topk_layout(q, k, 4, 16, 16) if per_head_layout else layout_from_mask(mask, 16, 16)
+    layout = intersect(layout, layout_from_mask(mask, 16, 16))
+    assert_matches_reference(q, k, v, layout, mask)

@@ -129,3 +129,30 @@ def test_compiled_kernel_builds_for_sm90_without_a_gpu():
     assert run.returncode == 0, run.stderr[-2000:]
     size, name = json.loads(run.stdout.strip().splitlines()[-1])
     assert size > 0 and name == "block_attention_kernel"
+
+
+@pytest.mark.parametrize("seq", [1, 24])
+def test_policy_layouts_from_a_padding_mask_and_decode(seq):
+    from sparsecc.runtime.attention_policies import topk_layout_from_mask, window_layout_from_mask
+
+    q, k, v = qkv(batch=2, heads=4, kv_heads=2, seq=seq, keys=48)
+    mask = (torch.arange(48)[None, :] <= torch.arange(seq)[:, None] + 48 - seq) & \
+        (torch.arange(48) >= torch.tensor([[0], [9]]))[:, None, None, :]
+    assert_kernel_matches(q, k, v, window_layout_from_mask(mask, 20, 2, 16, 16), mask, empty_rows="nan")
+    assert_kernel_matches(q, k, v, topk_layout_from_mask(mask, q, k, 2, 0, 16, 16), mask, empty_rows="nan")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seq", [1, 700])
+def test_policy_layouts_and_threshold_on_cuda(seq):
+    """What the window / topk / threshold policies run on a GPU: the layout op on the device, then the kernel."""
+    q, k, v = (t.cuda() for t in qkv(batch=2, heads=8, kv_heads=2, seq=seq, keys=700, dim=64, dtype=torch.float16))
+    mask = (torch.arange(700, device="cuda")[None, :] <= torch.arange(seq, device="cuda")[:, None] + 700 - seq) & \
+        (torch.arange(700, device="cuda") >= torch.tensor([[0], [90]], device="cuda"))[:, None, None, :]
+    for extra, threshold in [(("window", 256, 4), 0.0), (("topk", 0, 4, 0.25, q, k), 0.0), ((), 1e-3)]:
+        layout = torch.ops.sparsecc.block_layout(mask, 64, 64, *extra)
+        assert layout[0].device.type == "cuda"
+        args = (q, k, v, *layout, mask, 0.125, 64, 64, threshold, "zero")
+        got = torch.ops.sparsecc.block_attention(*args)
+        want = block_attention_reference(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args])
+        torch.testing.assert_close(got.cpu().float(), want.float(), rtol=2e-3, atol=2e-3)

@@ -21,7 +21,7 @@ class Run(NamedTuple):
     count: int
 
 
-def _runs_of(indices: list[int]) -> list[tuple[int, int]]:
+def runs_of(indices: list[int]) -> list[tuple[int, int]]:
     """(start, length) of the maximal runs of consecutive block numbers in an ascending list."""
     runs: list[list[int]] = []
     for block in indices:
@@ -56,7 +56,7 @@ def progressions(members: list[tuple[int, int]], band: bool) -> list[tuple[int, 
 def plan_runs(full_counts: list[int], full_indices: list[list[int]], chunk: int) -> list[Run]:
     """Group the full runs of all query blocks into batched calls: bands first, then shared columns."""
     pieces = [(qb, s, n) for qb, (count, indices) in enumerate(zip(full_counts, full_indices))
-              for start, length in _runs_of(indices[:count]) for s, n in _cut(start, length, chunk)]
+              for start, length in runs_of(indices[:count]) for s, n in _cut(start, length, chunk)]
     plan, by_band, by_column = [], defaultdict(list), defaultdict(list)
     for qb, s, n in pieces:
         by_band[(qb - s, n)].append((qb, s))

@@ -20,6 +20,10 @@ gathered blocks:
               the most any block has, under the per-element mask as an additive -inf
               mask; also the full blocks of a slice whose runs are scattered (top-k)
 
+With fewer query rows than a block (decode, short chunks) every block is partial (rows past S count
+as masked), so `_direct` instead reads the listed key blocks in place: one flash call per run of
+consecutive blocks under an additive mask over that run's keys, no gather.
+
 Full runs longer than CHUNK_KEYS are cut, from their end, into CHUNK_KEYS
 pieces: the causal staircase then becomes a few bands and a piece's keys stay
 in cache. With threshold > 0 `_blockwise` visits the blocks one by one in
@@ -42,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...attention_layout import as_4d
-from .attention_runs import Run, plan_runs, progressions
+from .attention_runs import Run, plan_runs, progressions, runs_of
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 CHUNK_KEYS = 1024  # keys per cut piece of a long full run: K and V of one head stay in L2
@@ -132,8 +136,13 @@ def _attend(p: Problem, heads: tuple[int, int], axes: tuple[list, list], rows: t
     q = strided(p.q, q_head, q_axes, *rows)
     k, v = (strided(t, k_head, k_axes, *keys) for t in (p.k, p.v))
     piece_out, piece_lse = _flash(q, k, v, is_causal=causal, attn_mask=bias, scale=p.scale)
-    out, lse = strided(p.out, q_head, q_axes, *rows), strided(p.lse, q_head, q_axes, *rows)
-    if fresh:  # the first piece of these rows
+    _accumulate(strided(p.out, q_head, q_axes, *rows), strided(p.lse, q_head, q_axes, *rows), piece_out, piece_lse,
+                fresh)
+
+
+def _accumulate(out: Tensor, lse: Tensor, piece_out: Tensor, piece_lse: Tensor, fresh: bool) -> None:
+    """Write the first piece of these rows (fresh), or merge a later one into them."""
+    if fresh:
         out.copy_(piece_out)
         lse.copy_(piece_lse)
     else:
@@ -285,22 +294,41 @@ def _problem(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: flo
                    None if mask is None else as_4d(mask), seq, k.shape[2], heads, rows, block_k, scale)
 
 
-def _causal_diagonals(p: Problem, hs: HeadSet, partial: dict[int, list[int]]) -> set[int]:
+def _causal_diagonals(p: Problem, partial: dict[int, list[int]], exact: Optional[list[bool]]) -> set[int]:
     """Query blocks whose only partial block is the aligned diagonal block under the exact causal
-    triangle (from the causal rule, or checked on the mask): flash's causal path serves them, no gather."""
+    triangle (the causal rule, or the mask where `exact` says so): flash's causal path serves them."""
     if p.rows != p.block_k or (p.keys - p.seq) % p.block_k:
         return set()
     shift = (p.keys - p.seq) // p.block_k
-    whole = [qb for qb, blocks in partial.items() if blocks == [qb + shift] and (qb + 1) * p.rows <= p.seq
-             and (qb + shift + 1) * p.block_k <= p.keys]
-    if p.mask is not None and whole:
-        q_blocks = torch.tensor(whole, device=p.q.device)
-        visible = _visibility(p, hs, q_blocks, q_blocks[:, None] + shift,
-                              torch.ones(len(whole), 1, dtype=torch.bool, device=p.q.device))
-        triangle = torch.ones(p.rows, p.block_k, dtype=torch.bool, device=p.q.device).tril()
-        exact = (visible == triangle).flatten(1).all(1).tolist()
-        whole = [qb for qb, ok in zip(whole, exact) if ok]
-    return set(whole)
+    whole = {qb for qb, blocks in partial.items() if blocks == [qb + shift] and (qb + 1) * p.rows <= p.seq
+             and (qb + shift + 1) * p.block_k <= p.keys}
+    return whole if p.mask is None else {qb for qb in whole if exact[qb]}
+
+
+def _triangles(p: Problem) -> Optional[Tensor]:
+    """Bool [Bm, Hm, NQ'] of the mask: is the aligned diagonal block of query block qb exactly the causal
+    triangle (for the NQ' query blocks whose diagonal block is whole)? One strided view, no gather."""
+    if p.mask is None or p.rows != p.block_k or (p.keys - p.seq) % p.block_k:
+        return None
+    shift, block = (p.keys - p.seq) // p.block_k, p.block_k
+    count = max(0, min(p.seq // block, p.keys // block - shift))
+    s0, s1, s2, s3 = p.mask.stride()
+    diagonal = p.mask.as_strided((*p.mask.shape[:2], count, block, block), (s0, s1, block * (s2 + s3), s2, s3),
+                                 p.mask.storage_offset() + shift * block * s3)
+    triangle = torch.ones(block, block, dtype=torch.bool, device=p.mask.device).tril()
+    return (diagonal == triangle).flatten(-2).all(-1)
+
+
+def _slice_triangles(triangles: Optional[Tensor], nq: int, b: Optional[int], h: Optional[int]) -> Optional[list]:
+    """Per query block of one layout slice (batch b, head h; None = all): exact triangle for all its heads."""
+    if triangles is None:
+        return None
+    if b is not None and triangles.shape[0] > 1:
+        triangles = triangles[b:b + 1]
+    if h is not None and triangles.shape[1] > 1:
+        triangles = triangles[:, h:h + 1]
+    exact = triangles.flatten(0, 1).all(0).tolist()
+    return exact + [False] * (nq - len(exact))
 
 
 def _triangle_bias(p: Problem, length: int) -> Tensor:
@@ -325,17 +353,48 @@ def _pieces(p: Problem, runs: list[Run], diagonals: set[int]) -> list[tuple[Run,
         else:
             pieces.append((run, "full", None))
     sorted_diagonals = [(qb, qb + shift) for qb in sorted(diagonals)]
-    return pieces + [(Run(qb, 1, kb, 1, 1, n), "causal", None)
-                     for qb, kb, _, n in progressions(sorted_diagonals, band=True)]
+    return pieces + [(Run(qb, step, kb, step, 1, n), "causal", None)
+                     for qb, kb, step, n in progressions(sorted_diagonals, band=True)]
 
 
-def _slice_plan(p: Problem, hs: HeadSet, layout: list, threshold: float) -> None:
-    """Every piece of one layout slice: [kv_num, kv_indices, full_num, full_indices] as lists."""
+def _direct(p: Problem, hs: HeadSet, layout: list) -> None:
+    """Fewer query rows than a block (decode, short chunks): the one query block reads its listed key
+    blocks in place, one flash call per run of consecutive blocks under an additive mask over the run's
+    keys (full blocks: every key in range; partial blocks: the mask, or the causal rule)."""
+    kv_num, kv_indices, full_num, full_indices = (x[0] for x in layout)
+    full, device, fresh = set(full_indices[:full_num]), p.q.device, True
+    q_axes, k_axes = _axes(hs, "q"), _axes(hs, "k")
+    q = strided(p.q, hs.q_head, q_axes, 0, p.rows)
+    out, lse = (strided(t, hs.q_head, q_axes, 0, p.rows) for t in (p.out, p.lse))
+    for start, length in runs_of(sorted(full.union(kv_indices[:kv_num]))):
+        keys = (start * p.block_k, length * p.block_k)
+        whole = torch.tensor([b in full for b in range(start, start + length)], device=device)
+        by_rule = _visibility(p, hs, torch.zeros(1, dtype=torch.long, device=device),
+                              torch.arange(start, start + length, device=device)[None],
+                              torch.ones(1, length, dtype=torch.bool, device=device))[0]
+        in_range = torch.arange(keys[0], keys[0] + keys[1], device=device) < p.keys
+        visible = torch.where(whole.repeat_interleave(p.block_k) & in_range, True, by_rule)
+        bias = torch.zeros((), dtype=p.q.dtype, device=device).masked_fill(~visible, float("-inf"))
+        k, v = (strided(t, hs.k_head, k_axes, *keys) for t in (p.k, p.v))
+        piece_out, piece_lse = _flash(q, k, v, attn_mask=bias, scale=p.scale)
+        _accumulate(out, lse, piece_out, piece_lse.masked_fill(~visible.any(-1), float("-inf")), fresh)
+        fresh = False
+    if fresh:
+        _clear(p, hs, {0})
+
+
+def _slice_plan(p: Problem, hs: HeadSet, layout: list, threshold: float, direct: bool,
+                exact: Optional[list[bool]]) -> None:
+    """Every piece of one layout slice: [kv_num, kv_indices, full_num, full_indices] as lists; `exact`: per
+    query block, whether the mask's diagonal block is the causal triangle for every head of the slice."""
     kv_num, kv_indices, full_num, full_indices = layout
     if threshold > 0:
         orders = [f[:nf] + pa[:np] for nf, f, np, pa in zip(full_num, full_indices, kv_num, kv_indices)]
         if any(orders):
             _blockwise(p, hs, orders, kv_num, threshold)
+        return
+    if direct:
+        _direct(p, hs, layout)
         return
     runs = plan_runs(full_num, full_indices, max(1, CHUNK_KEYS // p.block_k))
     touched: set[int] = set()
@@ -344,7 +403,7 @@ def _slice_plan(p: Problem, hs: HeadSet, layout: list, threshold: float) -> None
         _gathered(p, hs, {qb: full_indices[qb][:full_num[qb]] for qb in sorted(touched)}, full=True, fresh=True)
         runs = []
     partial = {qb: kv_indices[qb][:n] for qb, n in enumerate(kv_num) if n}
-    diagonals = _causal_diagonals(p, hs, partial)
+    diagonals = _causal_diagonals(p, partial, exact)
     for qb in diagonals:
         del partial[qb]
     for run, kind, bias in _pieces(p, runs, diagonals):
@@ -377,10 +436,13 @@ def block_attention_cpu(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, 
     p = _problem(q, k, v, mask, scale, block_q, block_k)
     layout = [t.tolist() for t in (kv_num_blocks, kv_indices, full_num_blocks, full_indices)]
     layout_b, layout_h = full_num_blocks.shape[:2]
+    triangles = _triangles(p)
     for b in range(layout_b):
         for h in range(layout_h):
-            hs = head_sets(batch, heads, k.shape[1], b if layout_b > 1 else None, h if layout_h > 1 else None)
-            _slice_plan(p, hs, [x[b][h] for x in layout], threshold)
+            slice_b, slice_h = b if layout_b > 1 else None, h if layout_h > 1 else None
+            hs = head_sets(batch, heads, k.shape[1], slice_b, slice_h)
+            exact = _slice_triangles(triangles, full_num_blocks.shape[2], slice_b, slice_h)
+            _slice_plan(p, hs, [x[b][h] for x in layout], threshold, seq < block_q, exact)
     out = p.out.view(batch, heads, -1, p.out.shape[-1])[:, :, :seq]
     lse = p.lse.view(batch, heads, -1)[:, :, :seq]
     return fill_empty_rows(out, lse, v, empty_rows).to(q.dtype)

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ...attention_layout import as_4d
 from ..cpu.block_attention import fill_empty_rows
+from .launch import launcher
 
 
 @triton.jit
@@ -116,6 +117,11 @@ def block_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, kv_num_ptr, kv
     tl.store(lse_ptr + bh.to(tl.int64) * seq + row, lse, mask=row < seq)
 
 
+def default_warps(block_m: int, block_k: int) -> int:
+    """8 warps for 128x128 tiles, else 4: the best of `bench/gpu_tune.py` on an H200 (fp16, head dim 128)."""
+    return 8 if block_m >= 128 and block_k >= 128 else 4
+
+
 def _broadcast_strides(t: Tensor, dims: int) -> list[int]:
     """Strides of the first `dims` dims, 0 where the size is 1 (the layout or mask broadcasts there)."""
     return [0 if t.shape[i] == 1 else t.stride(i) for i in range(dims)]
@@ -131,7 +137,7 @@ def _input_precision(dtype: torch.dtype) -> str:
 def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
                            full_num_blocks: Tensor, full_indices: Tensor, mask: Optional[Tensor], scale: float,
                            block_q: int, block_k: int, threshold: float = 0.0, empty_rows: str = "zero", *,
-                           num_warps: int = 4, num_stages: int = 2) -> Tensor:
+                           num_warps: Optional[int] = None, num_stages: int = 2) -> Tensor:
     """sparsecc::block_attention with the Triton kernel (semantics in `sparsecc.runtime.ops.block_attention`)."""
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     kv_num_blocks, kv_indices, full_num_blocks, full_indices = (  # the kernel reads counts with stride 1
@@ -143,7 +149,7 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tenso
     mask4 = None if mask is None else as_4d(mask).to(q.device).view(torch.uint8)
     mask_strides = [0, 0, 0] if mask4 is None else [*_broadcast_strides(mask4, 2), mask4.stride(2)]
     grid = (triton.cdiv(seq, block_m), batch * heads)
-    block_attention_kernel[grid](
+    launcher(block_attention_kernel, grid)(
         q, k, v, out, lse, kv_num_blocks, kv_indices, full_num_blocks, full_indices,
         mask4 if mask4 is not None else lse, scale, math.log(threshold) if threshold > 0 else 0.0,
         seq, k.shape[2], heads, heads // k.shape[1],
@@ -153,7 +159,7 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tenso
         HEAD_DIM=dim, V_DIM=v.shape[3], BLOCK_D=max(16, triton.next_power_of_2(dim)),
         BLOCK_DV=max(16, triton.next_power_of_2(v.shape[3])), BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_K=block_k,
         HAS_MASK=mask4 is not None, HAS_THRESHOLD=threshold > 0, INPUT_PRECISION=_input_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages)
+        num_warps=num_warps or default_warps(block_m, block_k), num_stages=num_stages)
     return fill_empty_rows(out, lse, v, empty_rows).to(q.dtype)
 
 
@@ -171,4 +177,4 @@ def aot_specialization(dtype: torch.dtype, head_dim: int, block: int, has_mask: 
                   "BLOCK_M": block, "BLOCK_Q": block, "BLOCK_K": block, "HAS_MASK": has_mask,
                   "HAS_THRESHOLD": has_threshold, "INPUT_PRECISION": _input_precision(dtype)}
     signature = {**pointers, **scalars, **dict.fromkeys(constexprs, "constexpr")}
-    return signature, constexprs, {"num_warps": 4, "num_stages": 2}
+    return signature, constexprs, {"num_warps": default_warps(block, block), "num_stages": 2}
