@@ -15,5 +15,6 @@ def pruned_state_dict(records: list[RewriteRecord], constants: dict[str, torch.T
         if "values" not in d:
             continue
         dense = decompress_nm(constants[d["values"]], constants[d["indices"]], d["n"], d["m"], d["in_features"])
+        dense = dense.reshape(d["weight_shape"]) if "weight_shape" in d else dense   # conv: [out, C, kh, kw]
         weights[d["weight"]] = dense.t() if d["transposed"] else dense
     return weights

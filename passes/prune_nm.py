@@ -1,4 +1,4 @@
-"""`prune-nm`: prune constant linear weights to N:M by magnitude and run them as `sparsecc::nm_linear`.
+"""`prune-nm`: prune constant linear/conv weights to N:M and run them as `sparsecc::nm_linear` / `nm_conv2d`.
 
 Rules, one per way a linear reaches the graph; `transposed` says whether the
 constant is stored `[in, out]` (GPT-2 Conv1D, `x @ W`) rather than `[out, in]`:
@@ -9,7 +9,11 @@ constant is stored `[in, out]` (GPT-2 Conv1D, `x @ W`) rather than `[out, in]`:
     aten.matmul(x, aten.t(W))             W [out, in]   (x @ W.t())
     aten.addmm(b, x, W)                   W [in, out]   (Conv1D)
     aten.mm(x, W) / aten.matmul(x, W)     W [in, out]
+    aten.conv2d(x, W, b?, ...)            W [out, C, kh, kw], pruned along C*kh*kw (passes/nm_conv.py)
 
+The kept N of every M are chosen by `method` (passes/nm_methods.py): magnitude,
+or Wanda / SparseGPT from calibration activations, computed layer by layer
+before the rules run; the rules then compress what the method chose.
 The weight is pruned along the reduction dim and compressed once, even when
 several layers share it; a weight that also feeds anything else (a tied
 embedding, say) is skipped with the reason.
@@ -27,8 +31,11 @@ from sparsecc.runtime.nm_format import check_nm, compress_nm, nm_mask
 from sparsecc.runtime.ops import get_op  # noqa: F401  (registers the sparsecc ops)
 
 from .fake import resolve_attr
+from .layerwise import LayerTarget
 from .manager import Pass, PassContext, PassResult
-from .match import AnyArg, Const, Match, Op, Var
+from .match import AnyArg, Const, Match, Op, Var, match
+from .nm_conv import CONV_PATTERN, ConvRule
+from .nm_methods import check_method, prune_calibrated
 from .records import RewriteRecord
 from .rewrite import CheckResult, Rewriter, Rule, RuleSet, apply_rules, fail, ok
 
@@ -55,7 +62,7 @@ PATTERNS = {
 # Beta/alpha of addmm are not named in the patterns, so they must be at their default 1.
 # Uses of a weight node this pass can rewrite consistently: (target, argument slot) -> layout.
 _WEIGHT_SLOTS = {(aten.linear.default, 1): False, (aten.addmm.default, 2): True,
-                 (aten.mm.default, 1): True, (aten.matmul.default, 1): True}
+                 (aten.mm.default, 1): True, (aten.matmul.default, 1): True, (aten.conv2d.default, 1): False}
 
 
 def layer_path(weight: Node) -> str:
@@ -101,6 +108,8 @@ class PruneNM(Pass):
     method: str = "magnitude"
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
+    percdamp: float = 0.01     # sparsegpt: dampening, a fraction of mean(diag H)
+    blocksize: int = 128       # sparsegpt: columns updated together (a multiple of M)
 
     def selects(self, path: str) -> CheckResult:
         """Whether the layer at module path `path` is inside `include` and outside `exclude`."""
@@ -111,10 +120,17 @@ class PruneNM(Pass):
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         check_nm(self.n, self.m)
-        if self.method != "magnitude":
-            raise ValueError(f"prune-nm: unknown method {self.method!r} (available: magnitude)")
+        check_method(self.method)
+        if self.blocksize <= 0 or self.blocksize % self.m or not 0 <= self.percdamp:
+            raise ValueError(f"prune-nm: blocksize must be a positive multiple of M={self.m} and percdamp >= 0, "
+                             f"got blocksize={self.blocksize}, percdamp={self.percdamp}")
         rewriter = _NMRewrite(self, gm, ctx)
+        if self.method != "magnitude":
+            rewriter.pruned, rewriter.calibration = prune_calibrated(self, gm, ctx, rewriter.targets())
         stats = apply_rules(gm, rewriter.ruleset(), ctx)
+        stats.extra["method"] = self.method
+        if rewriter.calibration:
+            stats.extra["calibration"] = rewriter.calibration
         return PassResult(gm, stats.rewritten > 0, stats)
 
 
@@ -124,13 +140,41 @@ class _NMRewrite:
     def __init__(self, options: PruneNM, gm: torch.fx.GraphModule, ctx: PassContext):
         self.options, self.gm, self.ctx = options, gm, ctx
         self.compressed: dict[str, tuple[str, str]] = {}   # weight name -> (values, indices) attrs
+        self.pruned: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # weight -> ([out, K] weight, mask)
+        self.calibration = ""                                # where the method's activations came from
+        self.conv = ConvRule(self)
 
-    def ruleset(self) -> RuleSet:
+    def linear_rules(self) -> RuleSet:
         rules = [Rule(f"nm-{name}", pattern, self._replacer(form), self._checker(form))
                  for name, (pattern, form) in PATTERNS.items()]
+        return RuleSet("nm-linear", rules) + RuleSet("nm-conv", [Rule("nm-conv2d", CONV_PATTERN,
+                                                                      self.conv.replace, self.conv.check)])
+
+    def ruleset(self) -> RuleSet:
         experts = _ExpertRule(self)
-        return RuleSet("nm-linear", rules) + RuleSet("nm-experts", [Rule("nm-moe-experts", MOE_PATTERN,
-                                                                          experts.replace, experts.check)])
+        return self.linear_rules() + RuleSet("nm-experts", [Rule("nm-moe-experts", MOE_PATTERN,
+                                                                 experts.replace, experts.check)])
+
+    def targets(self) -> list[LayerTarget]:
+        """The layers the linear and conv rules will rewrite, in graph order, with how to read their inputs."""
+        found = []
+        for node in self.gm.graph.nodes:
+            if node.op != "call_function":
+                continue
+            for rule in self.linear_rules():
+                m = match(rule.pattern, node)
+                if m is not None and rule.check(m, self.ctx):
+                    is_conv = rule.name == "nm-conv2d"
+                    found.append(self.conv.target(m) if is_conv else self._target(m, PATTERNS[rule.name[3:]][1]))
+                    break
+        return found
+
+    def _target(self, m: Match, form: _Form) -> LayerTarget:
+        k = self.weight(m, form).shape[1]
+        flip = (lambda w: w.t()) if form.transposed else (lambda w: w)
+        return LayerTarget(node=m.node, x=m["x"], weight=m["w"], layer=layer_path(m["w"]),
+                           columns=lambda x: x.reshape(-1, k), to_matrix=flip, from_matrix=flip,
+                           between=tuple(m.nodes[1:]))
 
     def _checker(self, form: _Form):
         def check(m: Match, ctx: PassContext) -> CheckResult:
@@ -171,16 +215,20 @@ class _NMRewrite:
     def replace(self, m: Match, rw: Rewriter, form: _Form) -> Node:
         n, mm = self.options.n, self.options.m
         weight = self.weight(m, form)
-        values, indices = self._compressed(m["w"].target, weight, rw)
+        values, indices = self.compress(m["w"].target, weight, rw)
         bias = m.get("b")
         out = rw.call(torch.ops.sparsecc.nm_linear.default,
                       m["x"], values, indices, bias, n, mm, weight.shape[1])
         self.ctx.records.append(self._record(m, form, weight, values, indices))
         return out
 
-    def _compressed(self, target: str, weight: torch.Tensor, rw: Rewriter) -> tuple[Node, Node]:
+    def compress(self, target: str, weight: torch.Tensor, rw: Rewriter) -> tuple[Node, Node]:
+        """(values, indices) constants of `weight` [out, K] pruned by the method (once per weight)."""
         if target not in self.compressed:
-            mask = nm_mask(weight.abs(), self.options.n, self.options.m)
+            if target in self.pruned:
+                weight, mask = self.pruned[target]
+            else:
+                mask = nm_mask(weight.abs(), self.options.n, self.options.m)
             values, indices = compress_nm(weight, self.options.n, self.options.m, mask=mask)
             v = rw.add_constant(target + "_nm_values", values)
             i = rw.add_constant(target + "_nm_indices", indices)
@@ -201,7 +249,14 @@ class _NMRewrite:
             bytes_after=v.numel() * v.element_size() + i.numel() * i.element_size(),
             flops_before=flops, flops_after=flops * n // mm,
             details={"weight": m["w"].target, "values": values.target, "indices": indices.target,
-                     "n": n, "m": mm, "in_features": k, "transposed": form.transposed})
+                     "n": n, "m": mm, "in_features": k, "transposed": form.transposed, **self.method_details()})
+
+    def method_details(self) -> dict:
+        """What the report says about how the mask was chosen."""
+        details = {"method": self.options.method}
+        if self.calibration:
+            details["calibration"] = self.calibration
+        return details
 
 
 # sparsecc.moe(hidden, router_logits, w_gate_up, w_down, <9 more arguments>)
@@ -258,7 +313,7 @@ class _ExpertRule:
             bytes_before=sum(w.numel() * w.element_size() for w in weights),
             bytes_after=sum(t.numel() * t.element_size() for t in stored),
             flops_before=flops, flops_after=flops * n // mm,
-            details={"n": n, "m": mm, "reference": "unavailable",
+            details={"n": n, "m": mm, "reference": "unavailable", "method": "magnitude",
                      "compressed": {node.target: [v.target, i.target] for node, (v, i, _) in zip((m["w"], m["w2"]), dense)}})
 
 

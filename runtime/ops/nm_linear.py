@@ -4,9 +4,10 @@
 
 `values [out, in_features*N/M]` and `indices [out, nm_index_bytes]` are the
 layout defined in `sparsecc.runtime.nm_format`. y has x's dtype. CPU tensors
-run the blocked CPU kernel; CUDA tensors run the Triton launcher (the fused
-kernel up to 16 tokens, Triton decompression + cuBLAS above). Inference only:
-no autograd formula is registered.
+run the blocked CPU kernel; CUDA tensors run the path autotuned for the shape
+(`kernels/nm_autotune.py`): the Triton launcher (the fused kernel up to 16
+tokens, Triton decompression + cuBLAS above) or torch's 2:4 semi-structured
+GEMM. Inference only: no autograd formula is registered.
 """
 from __future__ import annotations
 
@@ -22,7 +23,11 @@ from .registry import OpDef
 
 def nm_linear_triton(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor],
                      n: int, m: int, in_features: int) -> Tensor:
-    """The Triton kernel; imported on first call so loading the op registry stays cheap."""
+    """The CUDA path: Triton or torch's 2:4 semi-structured, autotuned per shape (kernels/nm_autotune.py);
+    the Triton kernel alone on CPU tensors (TRITON_INTERPRET=1). Imported on first call to keep the registry cheap."""
+    if x.is_cuda:
+        from ..kernels.nm_autotune import nm_linear_cuda
+        return nm_linear_cuda(x, values, indices, bias, n, m, in_features)
     from ..kernels.triton.nm_linear import nm_linear_triton as launch
     return launch(x, values, indices, bias, n, m, in_features)
 

@@ -1,0 +1,153 @@
+"""The CUDA path of sparsecc::nm_linear, chosen per shape by timing the candidates once.
+
+Candidates for y = x @ W^T + b with W N:M-compressed:
+  "triton"           the Triton launcher (fused decompress-in-tile kernel up to
+                     16 tokens, Triton decompression + cuBLAS above)
+  "semi_structured"  torch's 2:4 semi-structured weight (cuSPARSELt, or CUTLASS
+                     where cuSPARSELt is absent) through F.linear; only 2:4,
+                     fp16/bf16, and shapes to_sparse_semi_structured accepts;
+                     tried from MIN_SEMI_STRUCTURED_TOKENS tokens (large batched GEMMs)
+The first call for a key (device name, dtype, N:M, out x in, token bucket =
+next power of two) times each candidate that runs and keeps the fastest. The
+choice lives in memory and in a JSON file ($SPARSECC_CACHE_DIR, default
+~/.cache/sparsecc, file nm_autotune.json, written atomically), so a later
+process does not tune again. SPARSECC_NM_PATH=triton|semi_structured forces a path.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+from ..nm_format import decompress_nm
+
+PATHS = ("triton", "semi_structured")
+MIN_SEMI_STRUCTURED_TOKENS = 64
+_choices: dict[str, dict] = {}
+_semi_weights = WeakIdKeyDictionary()     # values tensor -> (version, SparseSemiStructuredTensor)
+_lock = threading.Lock()
+
+
+def cache_file() -> Path:
+    root = os.environ.get("SPARSECC_CACHE_DIR") or Path.home() / ".cache" / "sparsecc"
+    return Path(root) / "nm_autotune.json"
+
+
+def tuning_key(tokens: int, out_features: int, in_features: int, n: int, m: int, dtype: torch.dtype,
+               device: torch.device) -> str:
+    bucket = 1 << max(tokens - 1, 0).bit_length()
+    return f"{torch.cuda.get_device_name(device)}|{str(dtype).removeprefix('torch.')}|{n}:{m}|" \
+           f"{out_features}x{in_features}|tokens<={bucket}"
+
+
+def _load() -> None:
+    if _choices or not cache_file().exists():
+        return
+    try:
+        _choices.update(json.loads(cache_file().read_text()))
+    except (OSError, ValueError):
+        pass  # an unreadable cache is re-tuned, never fatal
+
+
+def _store(key: str, entry: dict) -> None:
+    _choices[key] = entry
+    path = cache_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".nm_autotune.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(_choices, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def semi_structured_weight(values: Tensor, indices: Tensor, n: int, m: int, in_features: int, dtype: torch.dtype):
+    """The dense pruned weight as a SparseSemiStructuredTensor, converted once per weight (and version)."""
+    cached = _semi_weights.get(values)
+    if cached is not None and cached[0] == values._version:
+        return cached[1]
+    from torch.sparse import to_sparse_semi_structured
+    weight = to_sparse_semi_structured(decompress_nm(values, indices, n, m, in_features).to(dtype))
+    _semi_weights[values] = (values._version, weight)
+    return weight
+
+
+def _run_triton(x, values, indices, bias, n, m, in_features):
+    from .triton.nm_linear import nm_linear_triton
+    return nm_linear_triton(x, values, indices, bias, n, m, in_features)
+
+
+def _run_semi_structured(x, values, indices, bias, n, m, in_features):
+    weight = semi_structured_weight(values, indices, n, m, in_features, x.dtype)
+    tokens = x.reshape(-1, in_features)
+    y = F.linear(tokens, weight, None if bias is None else bias.to(x.dtype))
+    return y.reshape(*x.shape[:-1], values.shape[0])
+
+
+RUNNERS: dict[str, Callable] = {"triton": _run_triton, "semi_structured": _run_semi_structured}
+
+
+def candidates(tokens: int, n: int, m: int, dtype: torch.dtype) -> list[str]:
+    paths = ["triton"]
+    if (n, m) == (2, 4) and dtype in (torch.float16, torch.bfloat16) and tokens >= MIN_SEMI_STRUCTURED_TOKENS:
+        paths.append("semi_structured")
+    return paths
+
+
+def _time_ms(run: Callable[[], Tensor], repeats: int = 10) -> float:
+    for _ in range(3):
+        run()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        run()
+    stop.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(stop) / repeats
+
+
+def autotune(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], n: int, m: int,
+             in_features: int) -> dict:
+    """{"path": fastest, "ms": {path: time or error}} for this call's shape; a failing candidate is left out."""
+    timings: dict[str, object] = {}
+    for path in candidates(x.numel() // in_features, n, m, x.dtype):
+        try:
+            timings[path] = _time_ms(lambda run=RUNNERS[path]: run(x, values, indices, bias, n, m, in_features))
+        except (RuntimeError, ValueError, NotImplementedError) as err:
+            timings[path] = f"unavailable: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+    timed = {p: t for p, t in timings.items() if isinstance(t, float)}
+    if not timed:
+        raise RuntimeError(f"nm_linear: no CUDA path ran for x {list(x.shape)}, weight "
+                           f"[{values.shape[0]}, {in_features}] {n}:{m}: {timings}")
+    return {"path": min(timed, key=timed.get), "ms": timings}
+
+
+def choose_path(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], n: int, m: int,
+                in_features: int) -> str:
+    forced = os.environ.get("SPARSECC_NM_PATH")
+    if forced:
+        if forced not in PATHS:
+            raise ValueError(f"SPARSECC_NM_PATH={forced!r}: expected one of {PATHS}")
+        return forced
+    tokens = x.numel() // in_features
+    if len(candidates(tokens, n, m, x.dtype)) == 1:
+        return "triton"
+    key = tuning_key(tokens, values.shape[0], in_features, n, m, x.dtype, x.device)
+    with _lock:
+        _load()
+        if key not in _choices:
+            _store(key, autotune(x, values, indices, bias, n, m, in_features))
+        return _choices[key]["path"]
+
+
+def nm_linear_cuda(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], n: int, m: int,
+                   in_features: int) -> Tensor:
+    """sparsecc::nm_linear on CUDA through the path tuned for this shape."""
+    path = choose_path(x, values, indices, bias, n, m, in_features)
+    return RUNNERS[path](x, values, indices, bias, n, m, in_features)
