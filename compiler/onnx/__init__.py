@@ -1,0 +1,1 @@
+"""ONNX export of compiled (sparse) models and ONNX import into sparsecc's FX form."""

@@ -1,0 +1,324 @@
+"""Import an ONNX model as a torch module whose forward runs the ONNX graph with ATen ops.
+
+    load_model(path)            -> ModelProto, with a clear error for a corrupt or truncated
+                                   file and for every unsupported op (named with its node)
+    OnnxModule(model, inputs)   -> nn.Module: initializers as parameters named after the
+                                   ONNX names (dotted names become submodules), forward(inputs)
+    torch.export(OnnxModule)    -> the FX GraphModule of ATen ops (meta["val"] fake tensors)
+                                   that sparsecc.compile rewrites like any captured model
+
+Values computable at import time (Constant, Shape of the example inputs' static shapes,
+and anything computed only from those and initializers) are folded once: ops that need
+Python numbers (Reshape's shape, Slice's starts, axes...) read them from there, so the
+imported graph is specialised to the example input shapes. A MatMul/Gemm with a constant
+2-D float B runs as F.linear over B stored [out, in], named after the layer that produced
+it when the file says (torch exporter's name_scopes), else after the initializer.
+"""
+from __future__ import annotations
+
+import inspect
+import keyword
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from google.protobuf.message import DecodeError
+from onnx import numpy_helper
+from sparsecc.errors import SparseccError
+
+from . import onnx_ops_nn, onnx_ops_shape  # noqa: F401  (fill the op table)
+from .onnx_ops import OPS, to_torch, torch_dtype
+
+
+class OnnxImportError(SparseccError):
+    """The ONNX file cannot be imported; the message names the op, node or problem."""
+
+
+def supported_ops() -> list[str]:
+    return sorted(OPS)
+
+
+def load_model(path: str) -> onnx.ModelProto:
+    """Read and validate an ONNX file: corrupt, truncated or unsupported models fail here."""
+    try:
+        model = onnx.load(path)
+    except FileNotFoundError:
+        raise OnnxImportError(f"{path}: no such file") from None
+    except (DecodeError, ValueError, RuntimeError, OSError) as err:
+        raise OnnxImportError(f"{path} is not a readable ONNX model (corrupt or truncated file?): {err}") from None
+    if not model.graph.node and not model.graph.output:
+        raise OnnxImportError(f"{path} holds no graph (empty, corrupt or truncated file?)")
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as err:
+        raise OnnxImportError(f"{path} is not a valid ONNX model: {str(err).splitlines()[0]}") from None
+    check_supported(model)
+    return model
+
+
+def check_supported(model: onnx.ModelProto) -> None:
+    for i, node in enumerate(model.graph.node):
+        if node.domain not in ("", "ai.onnx") or node.op_type not in OPS:
+            op_name = f"{node.domain}.{node.op_type}" if node.domain else node.op_type
+            raise OnnxImportError(f"unsupported ONNX op '{op_name}' at node '{node.name or '#' + str(i)}' "
+                                  f"(node {i}); supported ops: {', '.join(supported_ops())}")
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The real inputs (old files also list initializers as inputs)."""
+    initializers = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in initializers]
+
+
+def python_name(text: str) -> str:
+    name = re.sub(r"\W", "_", text)
+    name = "_" + name if not name or name[0].isdigit() or keyword.iskeyword(name) else name
+    return name
+
+
+class _Ctx:
+    """What an op function sees of its node."""
+
+    def __init__(self, module: OnnxModule, node: onnx.NodeProto, index: int):
+        self.module, self.node, self.index = module, node, index
+        self.op_type, self.opset = node.op_type, module.opset
+        self._attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+    def attr(self, name: str, default: Any = None) -> Any:
+        value = self._attrs.get(name, default)
+        return value.decode() if isinstance(value, bytes) else value
+
+    def const(self, i: int) -> np.ndarray:
+        """Input i as numbers; it must have been folded at import time."""
+        name, module = self.node.input[i], self.module
+        if name in module.numbers:   # read while folding: torch.export fakes tensor attributes later
+            return module.numbers[name]
+        live = getattr(module, "_live", {})
+        if name not in module.folded and module.freeze_number_inputs and module._folding and name in live:
+            module.folded[name] = live[name]
+        if name not in module.folded or not module._folding:
+            raise OnnxImportError(f"{self.op_type} node '{self.node.name or self.index}': input {i} ('{name}') "
+                                  "must be known at import time (it depends on input data)")
+        value = module.folded[name]
+        module.numbers[name] = (value.float() if value.dtype in (torch.bfloat16, torch.float16) else value).numpy()
+        return module.numbers[name]
+
+    def linear_weight(self, i: int, transposed: bool = False) -> torch.Tensor | None:
+        """B of a MatMul/Gemm as an [out, in] parameter when B is a constant 2-D float, else None."""
+        return self.module.linear_weight(self.node, i, transposed)
+
+
+class OnnxModule(torch.nn.Module):
+    """forward(*inputs) runs the ONNX graph with torch ops; see the module docstring."""
+
+    def __init__(self, model: onnx.ModelProto, example_inputs: Sequence[torch.Tensor],
+                 freeze_number_inputs: bool = False):
+        super().__init__()
+        # True: an input an op needs as numbers (a Reshape shape, Slice starts) is frozen to its example
+        # value, so the module is specialised to it (the node test suite feeds axes and shapes as inputs)
+        self.freeze_number_inputs = freeze_number_inputs
+        self.opset = _opset(model)
+        self.graph = model.graph
+        self.input_names = [i.name for i in graph_inputs(model)]
+        self.output_names = [o.name for o in model.graph.output]
+        self.folded: dict[str, torch.Tensor] = {}       # import-time values (not module state)
+        self.numbers: dict[str, np.ndarray] = {}         # the folded values ops read as numbers
+        self._state: dict[str, str] = {}                 # ONNX value -> attribute path of its tensor
+        self._linear: dict[tuple[str, bool], str] = {}   # (B value, transposed) -> attribute path
+        self._fold(list(example_inputs))
+
+    # ---- import time -------------------------------------------------------------------
+    def _fold(self, example_inputs: list[torch.Tensor]) -> None:
+        """Run the graph once on the examples; keep the values that do not depend on input data."""
+        self._initializers = {t.name for t in self.graph.initializer}
+        for t in self.graph.initializer:
+            self.folded[t.name] = to_torch(numpy_helper.to_array(t))
+        self._live = dict(zip(self.input_names, example_inputs))
+        self._dynamic = set(self.input_names)
+        self._folding = True
+        for index, node in enumerate(self.graph.node):
+            self._run_node(node, index)
+        self._folding = False
+        del self._live
+
+    def _is_static(self, node: onnx.NodeProto) -> bool:
+        if node.op_type in ("Shape", "Size"):
+            return True
+        return not any(name in self._dynamic for name in node.input if name)
+
+    def _store(self, value: str, tensor: torch.Tensor, path_hint: str) -> str:
+        """Register a folded tensor used as data by the traced graph; returns its attribute path."""
+        if value in self._state:
+            return self._state[value]
+        path = self._free_path(path_hint)
+        module, _, leaf = path.rpartition(".")
+        owner = self._owner(module)
+        if tensor.is_floating_point():
+            owner.register_parameter(leaf, torch.nn.Parameter(tensor, requires_grad=False))
+        else:
+            owner.register_buffer(leaf, tensor)
+        self._state[value] = path
+        return path
+
+    def _owner(self, module_path: str) -> torch.nn.Module:
+        owner: torch.nn.Module = self
+        for part in module_path.split(".") if module_path else []:
+            if not hasattr(owner, part):
+                owner.add_module(part, torch.nn.Module())
+            owner = getattr(owner, part)
+        return owner
+
+    def _free_path(self, hint: str) -> str:
+        # torch.onnx names its own constants val_<n>: an imported one of that name would collide on re-export
+        hint = "onnx_" + hint if re.fullmatch(r"val_\d+", hint) else hint
+        parts = [re.sub(r"\W", "_", p) for p in hint.split(".") if p] or ["value"]
+        owner: Any = self
+        for i, part in enumerate(parts[:-1]):   # a module name must not shadow an attribute (graph, training...)
+            while hasattr(owner, part) and not isinstance(getattr(owner, part), torch.nn.Module):
+                part += "_"
+            parts[i] = part
+            owner = getattr(owner, part, torch.nn.Module())
+        path = ".".join(parts)
+        n = 0
+        while self._taken(path):
+            n += 1
+            path = ".".join(parts[:-1] + [f"{parts[-1]}_{n}"])
+        return path
+
+    def _taken(self, path: str) -> bool:
+        owner: Any = self
+        for part in path.split("."):
+            if not hasattr(owner, part):
+                return False
+            owner = getattr(owner, part)
+            if not isinstance(owner, torch.nn.Module):
+                return True
+        return True
+
+    def linear_weight(self, node: onnx.NodeProto, i: int, transposed: bool) -> torch.Tensor | None:
+        name = node.input[i]
+        folded = self.folded.get(name)
+        if folded is None or folded.dim() != 2 or not folded.is_floating_point() or name in self._dynamic:
+            return None
+        if not any(i in self._dynamic for i in node.input if i):
+            return None   # folded at import time: no layer to keep
+        key = (name, transposed)
+        if key not in self._linear:
+            weight = folded if transposed else folded.t().contiguous()
+            self._linear[key] = self._store(f"{name}#linear{int(transposed)}", weight, _layer_name(node, name))
+        return self._attribute(self._linear[key])
+
+    def _attribute(self, path: str) -> torch.Tensor:
+        owner: Any = self
+        for part in path.split("."):
+            owner = getattr(owner, part)
+        return owner
+
+    # ---- run time ----------------------------------------------------------------------
+    def _value(self, name: str) -> torch.Tensor | None:
+        if not name:
+            return None
+        if name in self._live:
+            return self._live[name]
+        path = None if self._folding else self._state.get(name)
+        return self._attribute(path) if path else self.folded[name]   # other folded values: constants
+
+    def _run_node(self, node: onnx.NodeProto, index: int) -> None:
+        static = self._folding and self._is_static(node)
+        if not self._folding and all(o in self.folded for o in node.output if o):
+            return
+        if self._folding and not static:
+            for i, name in enumerate(node.input):   # float initializers read by traced ops: parameters
+                linear = node.op_type in ("MatMul", "Gemm") and i == 1 and self.folded[name].dim() == 2 \
+                    if name in self.folded else False   # stored [out, in] by linear_weight instead
+                if name in self._initializers and self.folded[name].is_floating_point() and not linear:
+                    self._store(name, self.folded[name], name)
+        inputs = [self._value(name) for name in node.input]
+        try:
+            out = OPS[node.op_type](_Ctx(self, node, index), *inputs)
+        except OnnxImportError:
+            raise
+        except Exception as err:
+            raise OnnxImportError(f"{node.op_type} node '{node.name or index}' failed: "
+                                  f"{type(err).__name__}: {err}") from err
+        outs = out if isinstance(out, tuple) else (out,)
+        for name, value in zip(node.output, outs):
+            if not name:
+                continue
+            if static:
+                self.folded[name] = value
+            else:
+                self._live[name] = value
+                if self._folding:
+                    self._dynamic.add(name)
+
+    def run(self, inputs: Sequence[torch.Tensor]) -> Any:
+        if self._folding:
+            raise RuntimeError("run() during folding")
+        self._live = dict(zip(self.input_names, inputs))
+        try:
+            for index, node in enumerate(self.graph.node):
+                if any(o in self._dynamic for o in node.output):
+                    self._run_node(node, index)
+            outs = [self._value(name) for name in self.output_names]
+        finally:
+            self._live = {}
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def _layer_name(node: onnx.NodeProto, value: str) -> str:
+    """'model.layers.0.mlp.up_proj.weight' from the torch exporter's name scopes, else the value name."""
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            scopes = re.findall(r"'([^']*)'", prop.value)
+            if len(scopes) >= 2 and scopes[-2]:
+                return scopes[-2] + ".weight"
+    return value
+
+
+def make_module(model: onnx.ModelProto, example_inputs: Sequence[torch.Tensor],
+                freeze_number_inputs: bool = False) -> OnnxModule:
+    """An OnnxModule whose forward takes the graph inputs by their (Python-safe) names."""
+    module = OnnxModule(model, example_inputs, freeze_number_inputs)
+    names = [python_name(n) for n in module.input_names]
+
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        return self.run(inputs)
+
+    # torch.export names the graph's placeholders after the signature: the ONNX input names
+    forward.__signature__ = inspect.Signature(
+        [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        + [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
+    module.__class__ = type("OnnxModel", (OnnxModule,), {"forward": forward})
+    return module
+
+
+def parse_dims(items: Sequence[str]) -> dict[str, int]:
+    """['batch=2', 'seq=16'] -> {'batch': 2, 'seq': 16}."""
+    dims = {}
+    for item in items:
+        name, sep, size = item.partition("=")
+        if not sep or not size.strip().isdigit():
+            raise OnnxImportError(f"--dim expects NAME=SIZE, got {item!r}")
+        dims[name.strip()] = int(size)
+    return dims
+
+
+def example_inputs(model: onnx.ModelProto, dims: dict[str, int] | None = None) -> tuple[torch.Tensor, ...]:
+    """Inputs of the declared shapes (symbolic dims from `dims`, else 1): zeros for integers, randn for floats."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = []
+    for value in graph_inputs(model):
+        kind = value.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else (dims or {}).get(d.dim_param, 1) for d in kind.shape.dim]
+        dtype = torch_dtype(kind.elem_type)
+        tensors.append(torch.randn(shape, generator=generator).to(dtype) if dtype.is_floating_point
+                       else torch.zeros(shape, dtype=dtype))
+    return tuple(tensors)
