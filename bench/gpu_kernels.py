@@ -17,7 +17,8 @@ Attention (fp16, B=1, 32 heads, head dim 128, causal LM shapes):
     sdpa_causal  SDPA is_causal=True (flash)
     flex         torch.compile(flex_attention) with a causal BlockMask
     mask         sparsecc::block_layout + sparsecc::block_attention from the bool mask (exact)
-    window       sparsecc::block_attention over a 1024 + 4 sinks window layout (lossy)
+    window       sparsecc::block_attention over a 1024 + 4 sinks window layout (lossy), layout built once
+    window_mask  what a compiled model runs: block_layout(mask, policy window) per call + block_attention
     topk         top-k 10 % key blocks from pooled q/k, per call (lossy)
 Errors of lossy policies are ||out - causal|| / ||causal||.
 """
@@ -154,6 +155,9 @@ def attention_rows(quick: bool) -> list[dict]:
                "sdpa_causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
                "mask": masked,
                "window": lambda: run(window, False),
+               "window_mask": lambda: torch.ops.sparsecc.block_attention(
+                   q, k, v, *torch.ops.sparsecc.block_layout(mask, 128, 128, "window", 1024, 4), mask, scale,
+                   128, 128),
                "topk": lambda: run(topk_layout(q, k, 0.1, 128, 128), False)}
         try:
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -180,7 +184,7 @@ def attention_rows(quick: bool) -> list[dict]:
 
 def format_attention(row: dict) -> str:
     parts = [f"attention S={row['S']}:"]
-    for name in ("sdpa_mask", "sdpa_causal", "flex", "mask", "window", "topk"):
+    for name in ("sdpa_mask", "sdpa_causal", "flex", "mask", "window", "window_mask", "topk"):
         ms = row.get(name)
         if ms is None:
             parts.append(f"{name} n/a ({row.get(name + '_why', '')})")

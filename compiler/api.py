@@ -16,6 +16,7 @@ from sparsecc.runtime.errors import InputMismatchError
 from sparsecc.runtime.executor import Executor
 from sparsecc.runtime.program import Program
 
+from .calibrate import calibration_inputs
 from .capture import Captured, capture, check_model, normalize_inputs
 from .config import parse_sparsity
 from .errors import ConfigError
@@ -27,7 +28,7 @@ from .report import Report
 BACKENDS = ("torch", "triton")
 
 
-def compile(model: torch.nn.Module, example_inputs: Any, sparsity: Any = None, calibration: Optional[Iterable] = None,
+def compile(model: torch.nn.Module, example_inputs: Any = None, sparsity: Any = None, calibration: Optional[Iterable] = None,
             backend: Optional[str] = None, pipeline: Optional[str] = None, dynamic_shapes: Any = None, *,
             example_kwargs: Optional[dict] = None, check: bool = True, verify: bool = True,
             print_ir_after_all: bool = False, dump_dir: Optional[str] = None, progress: bool = False) -> "CompiledModel":
@@ -36,7 +37,14 @@ def compile(model: torch.nn.Module, example_inputs: Any, sparsity: Any = None, c
     `sparsity` is "N:M", a dict or a SparsityConfig; `pipeline` (a pass pipeline string)
     replaces the pipeline the sparsity request implies. `check` computes the output error
     against the dense model on the example inputs for the report. The model is never modified.
+    `calibration` is an iterable of batches shaped like `example_inputs`: the activations the
+    Wanda/SparseGPT weight methods observe (the example inputs when None; the report says which).
+    `model` may be the path of an ONNX file (docs/onnx.md): its graph is imported as ATen ops,
+    specialised to `example_inputs` (a tuple or {input name: tensor}; declared shapes when None).
     """
+    if isinstance(model, (str, os.PathLike)):
+        from .onnx.import_model import import_for_compile
+        model, example_inputs = import_for_compile(model, example_inputs)
     steps = _Steps(progress)
     check_model(model)
     config = parse_sparsity(sparsity)
@@ -47,13 +55,15 @@ def compile(model: torch.nn.Module, example_inputs: Any, sparsity: Any = None, c
     with steps("capture"):
         captured = capture(model, args, example_kwargs, dynamic_shapes)
     flat_inputs = _tensor_leaves((args, example_kwargs or {}))   # the graph's placeholders, in order
-    ctx = PassContext(example_inputs=flat_inputs, calibration=calibration, progress=progress)
+    batches = calibration_inputs(calibration, captured.in_spec, example_kwargs)
+    ctx = PassContext(example_inputs=flat_inputs, calibration=batches, progress=progress)
     with steps("rewrite"):
         manager = PassManager(passes, verify=verify, print_ir_after_all=print_ir_after_all, dump_dir=dump_dir)
         gm = manager.run(captured.gm, ctx)
     with steps("lower"):
         program, constants = lower(gm, captured.symbol_ranges, captured.in_spec, captured.out_spec)
     compiled = CompiledModel(program, constants, backend, gm, captured, list(ctx.records))
+    compiled.example_inputs = flat_inputs   # what `save` runs to find the kernel specialisations to build
     report = _build_report(model, pipeline_text, ctx, compiled, captured)
     if check:
         with steps("check"):
@@ -89,6 +99,24 @@ class CompiledModel:
     def ir(self) -> str:
         """The rewritten graph in sparsecc's MLIR-like text form."""
         return print_graph(self.graph_module)
+
+    def save(self, path: str, targets: Iterable[str] = ("cpu",), *, example_inputs: Any = None,
+             cache_dir: Optional[str] = None, workers: Optional[int] = None, progress: bool = True) -> dict:
+        """Write an AOT artifact (program, weights, kernels cross-compiled for `targets`) that
+        `sparsecc.runtime.load` runs; returns its manifest. See docs/aot.md."""
+        from .build import save_artifact
+        inputs = getattr(self, "example_inputs", None) if example_inputs is None else _tensor_leaves(example_inputs)
+        if inputs is None:
+            raise ConfigError("save: pass example_inputs (this CompiledModel was not made by sparsecc.compile)")
+        return save_artifact(self.program, self.constants, inputs, path, list(targets), cache_dir=cache_dir,
+                             workers=workers, progress=progress)
+
+    def export_onnx(self, path: str, contrib: bool = False, opset: Optional[int] = None, *,
+                    compare_dense: bool = False):
+        """Write the rewritten model as ONNX that stock onnxruntime runs; see docs/onnx.md.
+        Returns an ExportResult (file size, sparse/contrib node counts, the export log)."""
+        from .onnx.export import export_compiled
+        return export_compiled(self, path, contrib=contrib, opset=opset, compare_dense=compare_dense)
 
     def pruned_state_dict(self) -> dict[str, torch.Tensor]:
         """Dense weights equal to what the compiled program computes with, keyed by the model's names."""

@@ -83,7 +83,14 @@ class _eval_mode:
 
 def _unlifted(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule:
     """ep.module() without the input-guard call: the runtime checks inputs itself."""
-    gm = ep.module()
+    try:
+        gm = ep.module()
+    except KeyError as err:  # a parameter or buffer named like a GraphModule attribute ("meta", "graph", ...)
+        blank = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())
+        reserved = set(dir(blank)) | set(vars(blank))
+        clashes = [name for name in [*ep.state_dict, *ep.constants] if name.rpartition(".")[2] in reserved]
+        raise CaptureError(f"cannot rebuild the captured graph: {err}; the tensor(s) {clashes or '?'} are named "
+                           "like attributes torch.fx.GraphModule reserves; rename them") from err
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
             gm.graph.erase_node(node)

@@ -6,6 +6,8 @@ import json
 import sys
 from typing import Any, Optional
 
+from . import cli_build, cli_onnx
+from .config import WEIGHT_METHODS
 from .errors import SparseccError
 
 
@@ -27,12 +29,28 @@ def _parser() -> argparse.ArgumentParser:
     comp = sub.add_parser("compile", help="compile a model and print its report")
     _add_model_args(comp)
     comp.add_argument("--sparsity", type=_sparsity, default="2:4", help='"N:M" or a JSON dict (default 2:4)')
+    comp.add_argument("--method", choices=WEIGHT_METHODS, help="how N:M masks are chosen (sets weights.method)")
     comp.add_argument("--backend", choices=("torch", "triton"), help="kernel backend (default: by device)")
     comp.add_argument("--json", action="store_true", help="print the report as JSON")
     comp.add_argument("--ir", action="store_true", help="also print the final IR")
     comp.add_argument("--no-check", action="store_true", help="skip the error check against the dense model")
     opt = sub.add_parser("opt", help="run a pass pipeline on a captured model and print the IR")
     _add_model_args(opt)
+    cli_build.add_parsers(sub, _add_model_args, _sparsity)
+    cli_onnx.add_parsers(sub, _add_model_args, _sparsity)
+    sweep = sub.add_parser("sweep", help="measure output error against the amount of sparsity")
+    kinds = sweep.add_subparsers(dest="sweep_kind", required=True)
+    weights = kinds.add_parser("weights", help="error per layer group pruned alone, and whole-model error "
+                                               "at 1:4 / 2:4 / 4:8 / unstructured 50%%")
+    weights.add_argument("factory", help="MODULE:FACTORY or file.py:FACTORY returning (model, example_inputs)")
+    weights.add_argument("--pattern", default="2:4", help="N:M pattern of the per-group rows (default 2:4)")
+    weights.add_argument("--method", choices=WEIGHT_METHODS, default="magnitude", help="mask method")
+    weights.add_argument("--depth", type=int, help="group layers by the first DEPTH parts of their module path")
+    weights.add_argument("--exclude", nargs="*", default=[], help="module-path globs kept dense")
+    weights.add_argument("--json", action="store_true", help="print the sweep as JSON")
+    weights.set_defaults(run=_sweep_weights)
+    from .sweep_tokens import add_sweep_tokens_parser
+    add_sweep_tokens_parser(kinds)
     return parser
 
 
@@ -50,13 +68,38 @@ def _compile(args) -> int:
     from .factory import load_factory
 
     model, inputs = load_factory(args.factory)
-    compiled = sparsecc.compile(model, inputs, sparsity=args.sparsity, pipeline=args.pipeline,
+    sparsity = _with_method(args.sparsity, args.method)
+    compiled = sparsecc.compile(model, inputs, sparsity=sparsity, pipeline=args.pipeline,
                                 backend=args.backend, check=not args.no_check, progress=True,
                                 print_ir_after_all=args.print_ir_after_all, dump_dir=args.dump_dir)
     report = compiled.report()
     print(report.to_json() if args.json else report)
     if args.ir:
         print(compiled.ir())
+    return 0
+
+
+def _with_method(sparsity: Any, method: Optional[str]) -> Any:
+    """The --sparsity request with weights.method set by --method."""
+    if method is None:
+        return sparsity
+    if isinstance(sparsity, str):
+        return {"weights": {"pattern": sparsity, "method": method}}
+    weights = sparsity.get("weights")
+    if weights is None:
+        raise ValueError("--method needs a weights section in --sparsity")
+    weights = {"pattern": weights} if isinstance(weights, str) else dict(weights)
+    return {**sparsity, "weights": {**weights, "method": method}}
+
+
+def _sweep_weights(args) -> int:
+    from .factory import load_factory
+    from .sweep_weights import sweep_weights
+
+    model, inputs = load_factory(args.factory)
+    sweep = sweep_weights(model, inputs, pattern=args.pattern, method=args.method, depth=args.depth,
+                          exclude=args.exclude)
+    print(json.dumps(sweep.to_dict(), indent=2) if args.json else sweep)
     return 0
 
 
@@ -74,7 +117,9 @@ def _opt(args) -> int:
     return 0
 
 
-_COMMANDS = {"compile": _compile, "opt": _opt}
+_COMMANDS = {"compile": _compile, "opt": _opt, "build": cli_build.build_command,
+             "inspect": cli_build.inspect_command, "sweep": lambda args: args.run(args),
+             "export": cli_onnx.export_command, "sparsify": cli_onnx.sparsify_command}
 
 if __name__ == "__main__":
     sys.exit(main())

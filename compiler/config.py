@@ -9,6 +9,7 @@ Validation errors name the bad key and the accepted values.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -16,10 +17,12 @@ from typing import Any, Optional
 from .errors import ConfigError
 
 NM_GROUP_SIZES = (4, 8, 16)
-WEIGHT_METHODS = ("magnitude",)
+WEIGHT_METHODS = ("magnitude", "wanda", "sparsegpt")
 # Parts of the request that later rewrites will handle; named here so the error says so.
-NOT_BUILT = {"tokens": "token routing"}
-ATTENTION_POLICIES = ("mask", "window")
+NOT_BUILT: dict[str, str] = {}
+TOKEN_WHERE = ("mlp", "layer")
+TOKEN_ROUTERS = ("norm", "calibrated", "weights")
+ATTENTION_POLICIES = ("mask", "window", "topk", "threshold")
 
 
 def parse_pattern(pattern: Any) -> tuple[int, int]:
@@ -40,11 +43,17 @@ class WeightsConfig:
     method: str = "magnitude"
     include: tuple[str, ...] = ("*",)     # module-path globs a weight's layer must match
     exclude: tuple[str, ...] = ()         # module-path globs that are kept dense
+    percdamp: float = 0.01                # sparsegpt: Hessian dampening, fraction of mean(diag H)
+    blocksize: int = 128                  # sparsegpt: columns updated together (a multiple of M)
 
     def __post_init__(self):
         parse_pattern(self.pattern)
         if self.method not in WEIGHT_METHODS:
             raise ConfigError(f"weights.method: unknown method {self.method!r} (available: {', '.join(WEIGHT_METHODS)})")
+        if not isinstance(self.percdamp, (int, float)) or self.percdamp < 0:
+            raise ConfigError(f"weights.percdamp: expected a number >= 0, got {self.percdamp!r}")
+        if not isinstance(self.blocksize, int) or self.blocksize <= 0 or self.blocksize % self.nm[1]:
+            raise ConfigError(f"weights.blocksize: expected a positive multiple of M={self.nm[1]}, got {self.blocksize!r}")
         for key in ("include", "exclude"):
             value = getattr(self, key)
             if isinstance(value, str) or not all(isinstance(v, str) for v in value):
@@ -68,11 +77,13 @@ class MoEConfig:
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    """Block-sparse attention; `mask` is exact (the layout the model's mask implies)."""
+    """Block-sparse attention; `mask` is exact (the layout the model's mask implies), the others lossy."""
     policy: str = "mask"
     block: int = 128
-    window: int = 1024
-    sinks: int = 4
+    window: int = 1024          # window: keys each query sees besides the sinks
+    sinks: int = 4              # window, topk: first keys always kept
+    topk: float = 0.1           # topk: fraction in (0, 1) of a query block's visible key blocks, or a count >= 1
+    threshold: float = 1e-4     # threshold: skip key blocks whose logits lie log(1/threshold) below the row max
 
     def __post_init__(self):
         if self.policy not in ATTENTION_POLICIES:
@@ -80,6 +91,58 @@ class AttentionConfig:
                               f"(available: {', '.join(ATTENTION_POLICIES)})")
         if self.block not in (64, 128):
             raise ConfigError(f"attention.block: expected 64 or 128, got {self.block!r}")
+        checks = {"window": (isinstance(self.window, int) and self.window >= 1, "an integer >= 1"),
+                  "sinks": (isinstance(self.sinks, int) and self.sinks >= 0, "an integer >= 0"),
+                  "topk": (isinstance(self.topk, (int, float)) and (0 < self.topk < 1 or (
+                      self.topk >= 1 and float(self.topk).is_integer())),
+                      "a fraction in (0, 1) or a whole count >= 1"),
+                  "threshold": (isinstance(self.threshold, (int, float)) and 0 < self.threshold < 1,
+                                "a number in (0, 1)")}
+        for key, (ok, expected) in checks.items():
+            if not ok:
+                raise ConfigError(f"attention.{key}: expected {expected}, got {getattr(self, key)!r}")
+
+    def pass_options(self) -> str:
+        """The sparse-attention pass options this section stands for."""
+        extra = {"window": f",window={self.window},sinks={self.sinks}",
+                 "topk": f",topk={self.topk!r},sinks={self.sinks}",
+                 "threshold": f",threshold={self.threshold!r}"}.get(self.policy, "")
+        return f"policy={self.policy},block={self.block}{extra}"
+
+
+@dataclass(frozen=True)
+class TokensConfig:
+    """Token routing (lossy, reported): only the top `capacity` fraction of tokens run routed blocks."""
+    capacity: float = 0.5                 # kept tokens per sequence: ceil(capacity * S), at least 1
+    where: str = "mlp"                    # mlp: the MLP residual sub-block; layer: the whole decoder layer
+    router: str = "norm"                  # norm | calibrated | weights
+    layers: Optional[tuple[str, ...]] = None   # block indices or module globs; None: all but first and last
+    weights_file: Optional[str] = None    # router "weights": safetensors with <block>.router.weight/bias
+
+    def __post_init__(self):
+        if isinstance(self.capacity, bool) or not isinstance(self.capacity, (int, float)) or not 0 < self.capacity <= 1:
+            raise ConfigError(f"tokens.capacity: expected a number in (0, 1], got {self.capacity!r}")
+        if self.where not in TOKEN_WHERE:
+            raise ConfigError(f"tokens.where: unknown or not yet available {self.where!r} "
+                              f"(available: {', '.join(TOKEN_WHERE)})")
+        if self.router not in TOKEN_ROUTERS:
+            raise ConfigError(f"tokens.router: unknown router {self.router!r} (available: {', '.join(TOKEN_ROUTERS)})")
+        if self.router == "weights" and not self.weights_file:
+            raise ConfigError("tokens.weights_file: router 'weights' needs a .safetensors file of router weights")
+        if self.layers is not None:
+            layers = (self.layers,) if isinstance(self.layers, (str, int)) else tuple(self.layers)
+            if not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in layers):
+                raise ConfigError(f"tokens.layers: expected block indices or module-path globs, got {self.layers!r}")
+            object.__setattr__(self, "layers", tuple(str(v) for v in layers))
+
+    def pass_options(self) -> str:
+        """The token-routing pass options this section stands for."""
+        opts = [f"capacity={self.capacity!r}", f"where={self.where}", f"router={self.router}"]
+        if self.layers is not None:
+            opts.append(f"layers=[{','.join(self.layers)}]")
+        if self.weights_file:
+            opts.append(f"weights_file={json.dumps(self.weights_file)}")
+        return ",".join(opts)
 
 
 @dataclass(frozen=True)
@@ -87,6 +150,7 @@ class SparsityConfig:
     weights: Optional[WeightsConfig] = field(default=None)
     moe: Optional[MoEConfig] = field(default=None)
     attention: Optional[AttentionConfig] = field(default=None)
+    tokens: Optional[TokensConfig] = field(default=None)
 
     def pipeline(self) -> str:
         """The pass pipeline this request stands for."""
@@ -94,19 +158,28 @@ class SparsityConfig:
         if self.moe is not None:
             cf = self.moe.capacity_factor
             steps.append("moe-dispatch" + (f"{{capacity_factor={cf}}}" if cf else ""))
+        if self.tokens is not None:   # after moe-dispatch: only routed tokens reach the experts
+            steps.append(f"token-routing{{{self.tokens.pass_options()}}}")
         if self.attention is not None:
-            a = self.attention
-            extra = f",window={a.window},sinks={a.sinks}" if a.policy == "window" else ""
-            steps.append(f"sparse-attention{{policy={a.policy},block={a.block}{extra}}}")
+            steps.append(f"sparse-attention{{{self.attention.pass_options()}}}")
         if self.weights is not None:
             n, m = self.weights.nm
             opts = [f"n={n}", f"m={m}", f"method={self.weights.method}",
                     f"include=[{','.join(self.weights.include)}]"]
             if self.weights.exclude:
                 opts.append(f"exclude=[{','.join(self.weights.exclude)}]")
+            if self.weights.method == "sparsegpt":
+                opts += [f"percdamp={self.weights.percdamp}", f"blocksize={self.weights.blocksize}"]
             steps.append("prune-nm{" + ",".join(opts) + "}")
         steps.append("cleanup")
         return ",".join(steps)
+
+
+def _number(key: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{key}: expected a number such as '0.5', got {text!r}") from None
 
 
 def parse_sparsity(spec: Any) -> SparsityConfig:
@@ -156,4 +229,5 @@ _SECTIONS = {
     "weights": (WeightsConfig, lambda text: {"pattern": text}),
     "moe": (MoEConfig, lambda text: {} if text == "dispatch" else text),
     "attention": (AttentionConfig, lambda text: {"policy": text}),
+    "tokens": (TokensConfig, lambda text: {"capacity": _number("tokens.capacity", text)}),
 }

@@ -17,12 +17,12 @@ import torch
 from torch.utils import _pytree as pytree
 
 from sparsecc.passes.fake import resolve_attr
+from sparsecc.runtime.executor import PY_OPS
 from sparsecc.runtime.program import InputSpec, Instruction, Program
 
 from .errors import LoweringError
 
-_PY_OPS = {operator.getitem: "getitem", operator.add: "add", operator.sub: "sub", operator.mul: "mul",
-           operator.floordiv: "floordiv", operator.truediv: "truediv", operator.mod: "mod", operator.neg: "neg"}
+_PY_OPS = {fn: qualname.partition("::")[2] for qualname, fn in PY_OPS.items()}  # the executor's own table
 
 
 @dataclass

@@ -23,8 +23,18 @@ class Report:
     timings: dict[str, float] = field(default_factory=dict)
 
     def totals(self) -> dict[str, int]:
-        keys = ("params_before", "params_after", "bytes_before", "bytes_after", "flops_before", "flops_after")
-        return {k: sum(getattr(r, k) for r in self.layers) for k in keys}
+        """Sums over the rows, each weight and each FLOP counted once where rewrites compose: an MoE
+        dispatch row leaves its expert weights' bytes to the N:M row that prunes them (if any), and a
+        pruned-expert row (expanded per call, so no FLOPs saved) leaves the FLOPs to the dispatch row."""
+        pruned_experts = {r.layer.rpartition(".")[0] for r in self.layers if r.op.endswith("+nm_decompress")}
+        totals = {}
+        for kind in ("params", "bytes", "flops"):
+            for when in ("before", "after"):
+                key = f"{kind}_{when}"
+                totals[key] = sum(getattr(r, key) for r in self.layers if not (
+                    (kind != "flops" and r.op == "sparsecc.moe" and r.layer in pruned_experts)
+                    or (kind == "flops" and r.op.endswith("+nm_decompress"))))
+        return totals
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -86,10 +96,24 @@ def format_report(report: Report) -> str:
         out.append("rewritten layers: 0")
     out.append(f"model constants: {_size(report.model_bytes_before)} -> {_size(report.model_bytes_after)} "
                f"({_ratio(report.model_bytes_after, report.model_bytes_before)})")
-    out += _moe_lines(report.layers) + _attention_lines(report.layers)
+    out += _nm_method_lines(report.layers) + _moe_lines(report.layers) + _attention_lines(report.layers)
+    out += _routing_lines(report.layers)
     out += _skipped_lines(report.skipped) + _error_lines(report)
     out += _timing_lines(report.timings)
     return "\n".join(out)
+
+
+def _nm_method_lines(layers: list[RewriteRecord]) -> list[str]:
+    """How N:M masks were chosen: method per count of layers, and where the activations came from."""
+    methods: dict[str, int] = {}
+    for r in layers:
+        if "method" in r.details:
+            methods[r.details["method"]] = methods.get(r.details["method"], 0) + 1
+    if not methods:
+        return []
+    sources = sorted({r.details["calibration"] for r in layers if "calibration" in r.details})
+    line = "N:M mask method: " + ", ".join(f"{name} ({count} layers)" for name, count in methods.items())
+    return [line] + [f"  activations from {source}" for source in sources]
 
 
 def _moe_lines(layers: list[RewriteRecord]) -> list[str]:
@@ -112,9 +136,32 @@ def _attention_lines(layers: list[RewriteRecord]) -> list[str]:
     lines = [f"attention layers: {len(sites)}"] if sites else []
     for r in sites:
         d = r.details
-        lines.append(f"  {r.layer}: policy {d['policy']}, block {d['block']}, block density {d['density']:.3f} "
-                     f"on the example inputs, error vs dense attention {d['error_vs_dense']:.1e}")
+        lines.append(f"  {r.layer}: policy {d['policy']}{_policy_params(d)}, block {d['block']}, block density "
+                     f"{d['density']:.3f} on the example inputs, error vs dense attention {d['error_vs_dense']:.1e}")
     return lines
+
+
+def _policy_params(d: dict[str, Any]) -> str:
+    if d["policy"] == "window":
+        return f" ({d['window']} keys + {d['sinks']} sinks)"
+    if d["policy"] == "topk":
+        keep = f"{d['topk']:.0%} of visible" if d["topk"] < 1 else f"{d['topk']:g}"
+        return f" ({keep} key blocks + {d['sinks']} sinks)"
+    return f" ({d['threshold']:g})" if d["policy"] == "threshold" else ""
+
+
+def _routing_lines(layers: list[RewriteRecord]) -> list[str]:
+    """Token routing: per routed block, router, capacity, tokens kept, FLOPs saved, block error."""
+    blocks = [r for r in layers if r.op == "sparsecc.route"]
+    lines = [f"token-routed blocks: {len(blocks)}"] if blocks else []
+    for r in blocks:
+        d = r.details
+        fit = f", probe fit R^2 {d['probe_r2']:.2f}" if "probe_r2" in d else ""
+        lines.append(f"  {r.layer}: router {d['router']}{fit}, capacity {d['capacity']:g}: {d['kept']} of "
+                     f"{d['tokens']} tokens per sequence; FLOPs {_count(r.flops_before)} -> {_count(r.flops_after)} "
+                     f"(saved {_count(d['flops_saved'])}); block error vs dense {d['block_error']:.2e}")
+    sources = sorted({r.details["router_data"] for r in blocks if r.details.get("router_data")})
+    return lines + [f"  routers from {source}" for source in sources]
 
 
 def _skipped_lines(skipped: list[dict[str, str]]) -> list[str]:

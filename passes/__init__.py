@@ -13,6 +13,7 @@ from .printer import print_graph
 from .prune_nm import PruneNM
 from .moe_dispatch import MoEDispatch
 from .sparse_attention import SparseAttention
+from .token_routing import TokenRouting
 from .rewrite import CheckResult, Rule, RuleSet, apply_rules, fail, ok
 from .rewriter import RewriteError, Rewriter
 from .verify import VerificationError, verify_graph
@@ -25,12 +26,13 @@ PASSES: dict[str, type[Pass]] = {
         PruneNM,
         MoEDispatch,
         SparseAttention,
+        TokenRouting,
     )
 }
 
 __all__ = [
     "AnyArg", "CheckResult", "Cleanup", "Const", "Lit", "Match", "Op", "PASSES", "Pass",
-    "PassContext", "PassManager", "PassResult", "PassStats", "Pattern", "PipelineError", "PruneNM", "MoEDispatch", "SparseAttention",
+    "PassContext", "PassManager", "PassResult", "PassStats", "Pattern", "PipelineError", "PruneNM", "MoEDispatch", "SparseAttention", "TokenRouting",
     "RewriteError", "Rewriter", "Rule", "RuleSet", "Skip", "Var", "VerificationError",
     "apply_rules", "build_pipeline", "fail", "format_option", "match", "module_path",
     "module_subgraph", "nodes_in_module", "ok", "parse_pipeline", "print_graph", "to_dot",

@@ -79,12 +79,17 @@ def _constant_groups(gm: GraphModule) -> Iterator[list[tuple[Node, torch.Tensor]
 
 
 def merge_equal_constants(gm: GraphModule) -> int:
-    """Merge distinct constants with identical content; returns the number merged."""
+    """Merge distinct constants with identical content; returns the number merged.
+
+    Only constants of one kind merge: a parameter (requires_grad) never stands in for a
+    buffer, since ops such as batch norm refuse a running statistic that requires grad.
+    """
     merged = 0
     for group in list(_constant_groups(gm)):
         kept: list[tuple[Node, torch.Tensor]] = []
         for node, value in group:
-            twin = next((k for k, v in kept if v is value or torch.equal(v, value)), None)
+            twin = next((k for k, v in kept if v is value or (v.requires_grad == value.requires_grad
+                                                               and torch.equal(v, value))), None)
             if twin is None:
                 kept.append((node, value))
             else:

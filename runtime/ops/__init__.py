@@ -7,8 +7,13 @@ from .block_layout import BLOCK_LAYOUT
 from .moe import MOE
 from .nm_decompress import NM_DECOMPRESS
 from .nm_linear import NM_LINEAR
+from .nm_conv2d import NM_CONV2D
+from .route import ROUTE
+from .route_gather import ROUTE_GATHER
+from .route_unroute import UNROUTE
 
-OPS: dict[str, OpDef] = {op.name: op for op in (NM_LINEAR, MOE, NM_DECOMPRESS, BLOCK_LAYOUT, BLOCK_ATTENTION)}
+OPS: dict[str, OpDef] = {op.name: op for op in (NM_LINEAR, MOE, NM_DECOMPRESS, BLOCK_LAYOUT, BLOCK_ATTENTION,
+                                                ROUTE, ROUTE_GATHER, UNROUTE, NM_CONV2D)}
 
 
 def get_op(name: str) -> OpDef:

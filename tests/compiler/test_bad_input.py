@@ -80,3 +80,18 @@ def test_calls_with_other_shapes_or_dtypes():
         compiled(torch.randn(2, 32, dtype=torch.float16))
     with pytest.raises(InputMismatchError, match="structure"):
         compiled(torch.randn(2, 32), torch.randn(2, 32))
+
+
+class MetaBuffer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+        self.register_buffer("meta", torch.ones(8))   # clashes with GraphModule.meta
+
+    def forward(self, x):
+        return self.fc(x) * self.meta
+
+
+def test_tensor_named_like_a_graph_module_attribute_is_named_in_the_error():
+    with pytest.raises(CaptureError, match=r"\['meta'\].*rename"):
+        sparsecc.compile(MetaBuffer(), (torch.randn(2, 8),), sparsity="2:4")

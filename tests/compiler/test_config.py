@@ -42,15 +42,15 @@ def test_unknown_weights_key_lists_accepted():
 
 
 def test_unknown_method_lists_available():
-    with pytest.raises(ConfigError, match=r"unknown method 'obs' \(available: magnitude\)"):
+    with pytest.raises(ConfigError, match=r"unknown method 'obs' \(available: magnitude, wanda, sparsegpt\)"):
         parse_sparsity({"weights": {"pattern": "2:4", "method": "obs"}})
 
 
-def test_rewrites_not_built_yet_say_so():
-    with pytest.raises(ConfigError, match="token routing is not available"):
-        parse_sparsity({"tokens": {"capacity": 0.5}})
-    with pytest.raises(ConfigError, match="policy 'topk' .*available: mask, window"):
-        parse_sparsity({"attention": {"policy": "topk"}})
+def test_bad_section_values_are_named():
+    with pytest.raises(ConfigError, match=r"tokens.capacity: expected a number in \(0, 1\], got 1.5"):
+        parse_sparsity({"tokens": {"capacity": 1.5}})
+    with pytest.raises(ConfigError, match="policy 'blasst' .*available: mask, window, topk, threshold"):
+        parse_sparsity({"attention": {"policy": "blasst"}})
     with pytest.raises(ConfigError, match="attention.block: expected 64 or 128"):
         parse_sparsity({"attention": {"block": 96}})
 

@@ -68,3 +68,13 @@ def test_content_hash_depends_on_bytes_only():
     a = torch.arange(6.0).reshape(2, 3)
     assert content_hash(a) == content_hash(a.clone()) == content_hash(a.t().contiguous().t().contiguous())
     assert content_hash(a) != content_hash(a + 1) and content_hash(torch.tensor(True)) != content_hash(torch.tensor(False))
+
+
+def test_parameter_never_merges_into_an_equal_buffer():
+    """A default BatchNorm has weight == running_var and bias == running_mean; merging them broke batch norm."""
+    import sparsecc
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3), torch.nn.BatchNorm2d(16), torch.nn.ReLU()).eval()
+    x = torch.randn(1, 8, 8, 8)
+    compiled = sparsecc.compile(model, (x,), sparsity="2:4")
+    assert compiled.report().error_vs_reference < 1e-5
