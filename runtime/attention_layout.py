@@ -117,6 +117,18 @@ def causal_layout(seq: int, keys: int, block_q: int, block_k: int, device=None) 
     return layout_from_blocks(full[None, None], (any_visible & ~full)[None, None])
 
 
+def window_blocks(seq: int, keys: int, window: int, sinks: int, block_q: int, block_k: int, device=None) -> Tensor:
+    """[NQ, NK] bool: the key blocks the window and the sinks reach, causal blocks only."""
+    causal_any, _ = _causal_blocks(seq, keys, block_q, block_k, device)
+    nq, nk = causal_any.shape
+    q_first, q_last = _block_bounds(seq, block_q, nq, device)
+    k_first, k_last = _block_bounds(keys, block_k, nk, device)
+    offset = keys - seq
+    low = torch.maximum(k_first[None, :], q_first[:, None] + offset - window + 1)
+    in_window = low <= torch.minimum(k_last[None, :], q_last[:, None] + offset)
+    return causal_any & (in_window | (k_first < sinks)[None, :])
+
+
 def window_layout(seq: int, keys: int, window: int, sinks: int, block_q: int, block_k: int,
                   device=None) -> Layout:
     """StreamingLLM: query i sees keys i' - window < j <= i' (i' = i + keys - seq) and the first `sinks`.
@@ -124,14 +136,8 @@ def window_layout(seq: int, keys: int, window: int, sinks: int, block_q: int, bl
     Block-granular: a causal block is kept whole (up to the causal rule) when any of its
     elements lies in the window or the sinks, so a query sees a little more than `window` keys.
     """
-    causal_any, causal_full = _causal_blocks(seq, keys, block_q, block_k, device)
-    nq, nk = causal_any.shape
-    q_first, q_last = _block_bounds(seq, block_q, nq, device)
-    k_first, k_last = _block_bounds(keys, block_k, nk, device)
-    offset = keys - seq
-    low = torch.maximum(k_first[None, :], q_first[:, None] + offset - window + 1)
-    in_window = low <= torch.minimum(k_last[None, :], q_last[:, None] + offset)
-    kept = causal_any & (in_window | (k_first < sinks)[None, :])
+    kept = window_blocks(seq, keys, window, sinks, block_q, block_k, device)
+    causal_full = _causal_blocks(seq, keys, block_q, block_k, device)[1]
     return layout_from_blocks((kept & causal_full)[None, None], (kept & ~causal_full)[None, None])
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .attention_layout import (Layout, _block_any_all, _block_bounds, _block_means, _causal_blocks, _diagonal_blocks,
-                               as_4d, block_states, layout_from_blocks, layout_from_mask, pad_to_blocks)
+                               as_4d, block_states, layout_from_blocks, layout_from_mask, pad_to_blocks, window_blocks)
 
 
 def _distinct(mask: Tensor) -> Tensor:
@@ -32,18 +32,6 @@ def _distinct(mask: Tensor) -> Tensor:
     mask = as_4d(mask)
     shared = [n if stride else 1 for n, stride in zip(mask.shape[:2], mask.stride()[:2])]
     return mask[: shared[0], : shared[1]]
-
-
-def window_blocks(seq: int, keys: int, window: int, sinks: int, block_q: int, block_k: int, device=None) -> Tensor:
-    """[NQ, NK] bool: the key blocks the window and the sinks reach, causal blocks only."""
-    causal_any, _ = _causal_blocks(seq, keys, block_q, block_k, device)
-    nq, nk = causal_any.shape
-    q_first, q_last = _block_bounds(seq, block_q, nq, device)
-    k_first, k_last = _block_bounds(keys, block_k, nk, device)
-    offset = keys - seq
-    low = torch.maximum(k_first[None, :], q_first[:, None] + offset - window + 1)
-    in_window = low <= torch.minimum(k_last[None, :], q_last[:, None] + offset)
-    return causal_any & (in_window | (k_first < sinks)[None, :])
 
 
 def mask_block_states(mask: Tensor, q_blocks: Tensor, k_blocks: Tensor, block_q: int,

@@ -10,6 +10,7 @@ from onnx import TensorProto
 from .functions_attention import block_attention_function, block_layout_function
 from .functions_moe import moe_function
 from .functions_nm import nm_conv2d_function, nm_decompress_function, nm_linear_function
+from .functions_route import route_function, route_gather_function, unroute_function
 from .spec import CallSpec
 
 
@@ -30,6 +31,9 @@ EXPORT_RULES: dict[str, ExportRule] = {
     "moe": ExportRule(moe_function, _like(0)),
     "block_layout": ExportRule(block_layout_function, lambda spec: [TensorProto.INT32] * 4),
     "block_attention": ExportRule(block_attention_function, _like(0)),
+    "route": ExportRule(route_function, lambda spec: [TensorProto.INT64]),
+    "route_gather": ExportRule(route_gather_function, _like(0)),
+    "unroute": ExportRule(unroute_function, _like(0)),
 }
 
 

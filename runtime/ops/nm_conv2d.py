@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..kernels.cpu.nm_conv2d import conv_out_size, nm_conv2d_cpu, nm_conv2d_with
-from .nm_linear import _weight_problem, nm_linear_triton
+from .nm_linear import _weight_problem, nm_linear_triton, operand_dtype_problem
 from .registry import OpDef
 
 
@@ -61,11 +61,7 @@ def verify_nm_conv2d(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[
         return f"x {list(x.shape)} must be [B, C, H, W] or [C, H, W]"
     if x.shape[-3] * math.prod(kernel_size) != in_features:
         return f"x has {x.shape[-3]} channels; C*kh*kw = {x.shape[-3] * math.prod(kernel_size)} != in_features={in_features}"
-    if values.dtype != x.dtype:
-        return f"values dtype {values.dtype} != x dtype {x.dtype}"
-    if bias is not None and (list(bias.shape) != [values.shape[0]] or bias.dtype != x.dtype):
-        return f"bias {bias.dtype}{list(bias.shape)} must be {x.dtype}[{values.shape[0]}]"
-    return None
+    return operand_dtype_problem(x, values, bias)
 
 
 def _samples() -> list[tuple]:

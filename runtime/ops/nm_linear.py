@@ -70,6 +70,11 @@ def verify_nm_linear(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[
     problem = _weight_problem(values, indices, n, m, in_features)
     if problem or x.dim() < 1 or x.shape[-1] != in_features:
         return problem or f"x {list(x.shape)} must end in in_features={in_features}"
+    return operand_dtype_problem(x, values, bias)
+
+
+def operand_dtype_problem(x: Tensor, values: Tensor, bias: Optional[Tensor]) -> Optional[str]:
+    """values in x's dtype, bias (if any) x's dtype and one per output row; shared by nm_conv2d."""
     if values.dtype != x.dtype:
         return f"values dtype {values.dtype} != x dtype {x.dtype}"
     if bias is not None and (list(bias.shape) != [values.shape[0]] or bias.dtype != x.dtype):

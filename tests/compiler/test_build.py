@@ -66,7 +66,8 @@ def test_tiny_transformer_loads_on_cpu_and_matches(tiny):
 def test_mixed_model_builds_every_kernel_it_uses(mixed):
     compiled, _, path, manifest = mixed
     entries = sorted(k["kernel"].rpartition(":")[2] for k in manifest["kernels"])
-    assert entries == ["block_attention_kernel", "moe_down_kernel", "moe_gate_up_kernel", "nm_decompress_kernel"]
+    assert entries == ["block_attention_kernel", "count_kernel", "moe_down_kernel", "moe_gate_up_kernel",
+                       "nm_decompress_kernel", "offsets_kernel", "scatter_kernel"]
     _check_binaries(path, manifest)
     attention = next(k for k in manifest["kernels"] if k["id"].endswith("block_attention_kernel"))
     assert attention["constexprs"]["HAS_MASK"] and attention["constexprs"]["BLOCK_Q"] == 64
@@ -95,7 +96,7 @@ def test_dynamic_programs_also_record_other_token_counts(mixed):
     static = record_kernels(compiled.program, compiled.constants, compiled.example_inputs)
     dynamic = record_kernels(compiled.program, compiled.constants, compiled.example_inputs, variants=True)
     entries = [spec.entry for spec, _ in dynamic]
-    assert len(static) == 4 and entries.count("moe_gate_up_kernel") >= 3 and "nm_linear_kernel" in entries
+    assert len(static) == 7 and entries.count("moe_gate_up_kernel") >= 3 and "nm_linear_kernel" in entries
 
 
 def test_unknown_target_is_refused(tiny, tmp_path):

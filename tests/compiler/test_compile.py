@@ -98,6 +98,7 @@ def test_output_structure_and_dynamic_batch():
     assert set(out) == {"a", "pair"} and out["a"].shape == (9, 8) and out["pair"][0].shape == (9, 4)
 
 
+@pytest.mark.interpreter
 def test_triton_backend_matches_torch_backend():
     model, x = Projections(dim=32), torch.randn(8, 32)
     on_torch = sparsecc.compile(model, (x,), sparsity="2:4", backend="torch")

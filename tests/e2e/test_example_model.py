@@ -1,4 +1,5 @@
 """The README's main job: the bundled example transformer compiled with 2:4."""
+import pytest
 import torch
 
 import sparsecc
@@ -17,6 +18,7 @@ def test_example_compiles_with_every_linear_rewritten():
     torch.testing.assert_close(compiled(*inputs), reference, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.interpreter
 def test_example_under_triton_interpreter_matches_pruned_dense():
     torch.manual_seed(0)
     model = TinyTransformer(vocab=64, dim=32, heads=2, hidden=64, layers=1).eval()

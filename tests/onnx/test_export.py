@@ -109,3 +109,17 @@ def test_capacity_factor_in_function_form(tmp_path):
     result = compiled.export_onnx(path, contrib=True)
     assert any("capacity_factor" in line for line in result.log)
     assert_close(run_ort(path, ids)[0], compiled(ids)["logits"])
+
+
+def test_token_routing_runs_in_onnxruntime(tmp_path):
+    from ..passes.routing_models import stack
+
+    torch.manual_seed(0)
+    model, x = stack(layers=3).eval(), torch.randn(2, 16, 32)
+    compiled = sparsecc.compile(model, (x,), sparsity={"tokens": {"capacity": 0.5, "layers": ["*"]},
+                                                       "weights": "2:4"})
+    path = str(tmp_path / "routed.onnx")
+    result = compiled.export_onnx(path)
+    assert {"route", "route_gather", "unroute"} <= set(result.sparse_nodes)
+    onnx.checker.check_model(onnx.load(path), full_check=True)
+    assert_close(run_ort(path, x)[0], compiled(x))

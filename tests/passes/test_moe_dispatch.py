@@ -111,6 +111,7 @@ def test_two_to_four_on_top_keeps_routers_dense_and_matches_pruned_model():
     assert report.error_vs_reference < 1e-5
 
 
+@pytest.mark.interpreter
 def test_dispatch_under_the_triton_interpreter():
     model, ids = mixtral(layers=1), tokens(1, 4)
     compiled = sparsecc.compile(model, (ids,), sparsity={"moe": "dispatch"}, backend="triton")
@@ -136,6 +137,7 @@ def test_expert_weights_pruned_two_to_four_are_exact_against_the_pruned_experts(
     assert pruned.report().error_vs_reference is None
 
 
+@pytest.mark.interpreter
 def test_pruned_experts_under_the_triton_interpreter_match_the_torch_backend():
     model, ids = mixtral(layers=1), tokens(1, 4)
     config = {"moe": "dispatch", "weights": "2:4"}

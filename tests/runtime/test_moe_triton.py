@@ -68,6 +68,8 @@ def test_default_tiles():
     assert triton_moe.default_blocks(1024, 64) == (32, 128, 64, 4)
     assert triton_moe.default_blocks(1024, 8) == (64, 128, 64, 4)
     assert triton_moe.default_blocks(8192, 8) == (128, 128, 64, 8)     # prefill: tall tiles
+    assert triton_moe.default_blocks(8, 4, itemsize=4) == (16, 128, 64, 4)  # fp32: tiles fit shared memory
+    assert triton_moe.default_blocks(8192, 8, itemsize=4) == (128, 128, 32, 8)
     assert_kernel_matches(tiles={})
 
 

@@ -109,6 +109,7 @@ def test_cuda_kernel_matches_the_pruned_dense_conv():
     torch.testing.assert_close(got.float().cpu(), want, rtol=2e-2, atol=5e-2)
 
 
+@pytest.mark.interpreter
 def test_triton_backend_kernel_under_the_interpreter():
     values, indices, dense = _compressed(8, 4, 3, 3, 2, 4)
     x = torch.randn(1, 4, 5, 5)

@@ -1,7 +1,8 @@
 """Triton kernels for sparsecc::moe: grouped GEMMs over expert tiles (vLLM fused-MoE / ScatterMoE style).
 
-1. `moe_routing.align_to_tiles` (torch, on device) sorts the (token, slot)
-   pairs by expert and pads each expert's segment to whole BLOCK_M tiles.
+1. `moe_align.align_to_tiles_triton` (3 small Triton launches; the layout of
+   `moe_routing.align_to_tiles`) groups the (token, slot) pairs by expert and
+   pads each expert's segment to whole BLOCK_M tiles.
 2. `moe_gate_up_kernel`, grid (tiles, I / BLOCK_N): a tile's program gathers
    its pairs' token rows of hidden, multiplies them by its expert's gate rows
    and up rows (two fp32 accumulators over H) and writes act(gate) * up to
@@ -25,9 +26,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ...moe_routing import align_to_tiles, max_padded_pairs, route_within_capacity
+from ...moe_routing import max_padded_pairs, route_within_capacity
 from ..cpu.moe import shared_expert_output
 from .launch import launcher
+from .moe_align import align_to_tiles_triton
 
 
 @triton.jit
@@ -113,15 +115,26 @@ def moe_down_kernel(act_ptr, w_down_ptr, sorted_pair_ids_ptr, tile_expert_ptr, n
     tl.store(pair_out_ptr + pair[:, None] * stride_out + n[None, :], acc, mask=ok[:, None] & n_ok[None, :])
 
 
-def default_blocks(num_pairs: int, num_experts: int) -> tuple[int, int, int, int]:
+SHARED_MEMORY_BUDGET = 220 * 1024   # bytes the gate/up kernel's pipelined tiles may take (H100/H200: 227 KiB)
+
+
+def default_blocks(num_pairs: int, num_experts: int, itemsize: int = 2) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) by pairs per expert; the best of `bench/gpu_tune.py`'s
-    sweep on an H200 (bf16; E=8 H=4096 I=14336 and E=64 H=2048 I=1024; docs/benchmarks.md)."""
+    sweep on an H200 (bf16; E=8 H=4096 I=14336 and E=64 H=2048 I=1024; docs/benchmarks.md).
+    For wider dtypes BLOCK_K halves until 3 pipeline stages of the x, gate and up tiles fit
+    SHARED_MEMORY_BUDGET (fp32 at the bf16 tiles would need up to 418 KiB)."""
     per_expert = num_pairs / num_experts
     if per_expert <= 4:
-        return 16, 128, 128, 4
-    if per_expert <= 32:
-        return 32, 128, 64, 4
-    return (64, 128, 64, 4) if per_expert <= 256 else (128, 128, 64, 8)
+        block_m, block_n, block_k, warps = 16, 128, 128, 4
+    elif per_expert <= 32:
+        block_m, block_n, block_k, warps = 32, 128, 64, 4
+    elif per_expert <= 256:
+        block_m, block_n, block_k, warps = 64, 128, 64, 4
+    else:
+        block_m, block_n, block_k, warps = 128, 128, 64, 8
+    while 3 * (block_m + 2 * block_n) * block_k * itemsize > SHARED_MEMORY_BUDGET and block_k > 16:
+        block_k //= 2
+    return block_m, block_n, block_k, warps
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -137,7 +150,7 @@ def _grouped_mlp(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, weights: Ten
     block_m, block_n, block_k, num_warps = blocks
     num_pairs, num_experts = experts.numel(), w_down.shape[0]
     width, inter = hidden.shape[1], w_down.shape[2]
-    sorted_pair_ids, tile_expert, num_padded = align_to_tiles(experts, num_experts, block_m)
+    sorted_pair_ids, tile_expert, num_padded = align_to_tiles_triton(experts, num_experts, block_m)
     tiles = max_padded_pairs(num_pairs, num_experts, block_m) // block_m
     act = hidden.new_empty(tiles * block_m, inter)
     pair_out = torch.zeros(num_pairs, width, dtype=torch.float32, device=hidden.device)
@@ -164,7 +177,8 @@ def moe_triton(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_down:
     hidden, w_gate_up, w_down = hidden.contiguous(), w_gate_up.contiguous(), w_down.contiguous()
     weights, experts, _ = route_within_capacity(router_logits, top_k, normalize, scoring, capacity_factor)
     given = (block_m, block_n, block_k, num_warps)
-    blocks = tuple(g or d for g, d in zip(given, default_blocks(experts.numel(), w_down.shape[0])))
+    blocks = tuple(g or d for g, d in zip(given, default_blocks(experts.numel(), w_down.shape[0],
+                                                                hidden.element_size())))
     pair_out = _grouped_mlp(hidden, w_gate_up, w_down, weights, experts, activation, gated, blocks)
     y = pair_out.view(hidden.shape[0], top_k, hidden.shape[1]).sum(1)
     if shared_down is not None:
