@@ -26,6 +26,7 @@ from .moe_experts import per_expert_candidates, per_expert_linears, shared_exper
 from .moe_regions import (MoEBlock, NotAnMoE, _region_constants, block_form, find_activation, find_block,
                           find_output, read_router, topk_nodes)
 from .moe_rewrite import erase_region, insert_dispatch
+from .numerics import relative_error
 from .records import RewriteRecord
 from .recording import record_values
 
@@ -121,17 +122,12 @@ def confirm(block: MoEBlock, values: dict, tolerance: float) -> tuple[Optional[R
         for normalize in (block.normalize, not block.normalize):
             reading = Reading(gate_up.contiguous(), down.contiguous(), gated, normalize)
             got = dispatch(block, reading, hidden.to(gate_up.dtype), logits, 0.0).to(want.dtype)
-            error = _relative_error(got, want.reshape(got.shape))
+            error = relative_error(got, want.reshape(got.shape))
             if error <= tolerance:
                 return reading, ""
             best = min(best, error)
     return None, (f"no dispatch of the recognised structure reproduces the block "
                   f"(closest relative error {best:.2e} > {tolerance:.0e})")
-
-
-def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    scale = want.double().norm().item()
-    return (got.double() - want.double()).norm().item() / (scale if scale > 0 else 1.0)
 
 
 def moe_record(block: MoEBlock, reading: Reading, values: dict, capacity_factor: float) -> RewriteRecord:

@@ -33,6 +33,7 @@ from sparsecc.runtime.ops.block_layout import policy_problem
 from .attention_match import AttentionSite, NotAttention, attention_site
 from .graph import module_path
 from .manager import Pass, PassContext, PassResult, PassStats, Skip
+from .numerics import relative_error
 from .records import RewriteRecord
 from .recording import record_values
 from .rewriter import Rewriter
@@ -107,7 +108,7 @@ class SparseAttention(Pass):
         call = BlockCall(self.block, self.layout_args(), self.threshold if self.policy == "threshold" else 0.0,
                          empty_rows)
         if self.policy != "mask":  # lossy: the error against the dense attention it replaces
-            error = relative_error_nan(run_block_attention(site, values, call), values[site.root])
+            error = relative_error(run_block_attention(site, values, call), values[site.root], same_nans=True)
         out = insert_block_attention(gm, site, call)
         site.root.replace_all_uses_with(out)
         erase_dead_producers(gm, site.root)
@@ -118,7 +119,7 @@ class SparseAttention(Pass):
         want, best = values[site.root], float("inf")
         for empty_rows in EMPTY_ROWS:
             got = run_block_attention(site, values, BlockCall(self.block, (), 0.0, empty_rows))
-            error = relative_error_nan(got, want)
+            error = relative_error(got, want, same_nans=True)
             if error <= self.tolerance:
                 return empty_rows, error
             best = min(best, error)
@@ -180,16 +181,6 @@ def achieved_density(site: AttentionSite, values: dict, call: BlockCall) -> floa
     listed = (layout.kv_num_blocks.long() + layout.full_num_blocks.long()).expand(*q.shape[:2], -1).sum().item()
     nq, nk = layout.full_indices.shape[-2:]
     return (listed - skipped) / (q.shape[0] * q.shape[1] * nq * nk)
-
-
-def relative_error_nan(got: torch.Tensor, want: torch.Tensor) -> float:
-    """Relative L2 error where NaNs must sit in the same places."""
-    nan = torch.isnan(want)
-    if not torch.equal(nan, torch.isnan(got)):
-        return float("inf")
-    got, want = got.double().masked_fill(nan, 0), want.double().masked_fill(nan, 0)
-    scale = want.norm().item()
-    return (got - want).norm().item() / (scale if scale > 0 else 1.0)
 
 
 def erase_dead_producers(gm: GraphModule, root: Node) -> None:

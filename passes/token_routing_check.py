@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule
 
+from .numerics import relative_error
 from .token_routing_copy import gather_input, standalone_body
 from .token_routing_regions import ResidualBlock, routed_body
 from .token_routing_routers import scores
@@ -22,11 +23,6 @@ ops = torch.ops.sparsecc
 
 def _eager(target, *args):
     return target(*args)
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    scale = want.double().norm().item()
-    return (got.double() - want.double()).norm().item() / (scale if scale > 0 else 1.0)
 
 
 def gathered_inputs(block: ResidualBlock, values: dict, indices: torch.Tensor) -> list[torch.Tensor]:
@@ -84,4 +80,4 @@ def routed_error(gm: GraphModule, block: ResidualBlock, values: dict, router: st
     return relative_error(got, values[block.output])
 
 
-__all__ = ["confirm", "gathered_inputs", "relative_error", "routed_error", "run_routed"]
+__all__ = ["confirm", "gathered_inputs", "routed_error", "run_routed"]

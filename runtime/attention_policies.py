@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .attention_layout import (Layout, _block_any_all, _block_bounds, _block_means, _causal_blocks, _diagonal_blocks,
+from .attention_layout import (Layout, _block_any_all, _block_means, _causal_blocks, _diagonal_blocks,
                                as_4d, block_states, layout_from_blocks, layout_from_mask, pad_to_blocks, window_blocks)
 
 
