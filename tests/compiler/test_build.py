@@ -130,3 +130,26 @@ def test_dynamic_token_count_records_both_nm_linear_paths():
     entries = sorted(spec.entry for spec, _ in record_kernels(compiled.program, compiled.constants,
                                                               compiled.example_inputs))
     assert entries == ["nm_decompress_kernel", "nm_linear_kernel"]    # fused up to 16 tokens, decompress above
+
+
+SHARED_MEMORY_LIMIT = {"cuda:80": 163 * 1024, "cuda:90": 227 * 1024}   # max dynamic shared memory per block
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_default_moe_tiles_fit_shared_memory_on_a100_and_h100(request, dtype):
+    """The cross-compiled default tiles of every regime report the shared memory they need: it must fit."""
+    from sparsecc.kernel_build import build_kernels
+    from sparsecc.runtime.kernels.triton.launch import bind_launch, use_launcher
+    from sparsecc.runtime.kernels.triton.moe import moe_triton
+
+    specs = []
+    with use_launcher(lambda kernel, grid, *args, **kwargs: specs.append(bind_launch(kernel, args, kwargs)[0])):
+        for tokens in (1, 128, 1024, 8192):  # 0.25, 32, 256 and 2048 pairs per expert: every default_blocks regime
+            hidden, logits = torch.zeros(tokens, 64, dtype=dtype), torch.randn(tokens, 8)
+            moe_triton(hidden, logits, torch.zeros(8, 128, 64, dtype=dtype), torch.zeros(8, 64, 64, dtype=dtype),
+                       None, None, None, 2, True, "softmax", "silu", True)
+    gemms = list({spec.key(): spec for spec in specs if "moe_" in spec.entry}.values())
+    built = build_kernels(gemms, list(SHARED_MEMORY_LIMIT), cache_dir=kernel_cache(request.config), progress=False)
+    for kernel in built:
+        assert kernel.kernel.metadata["shared"] <= SHARED_MEMORY_LIMIT[kernel.target], (kernel.spec.constexprs,
+                                                                                        kernel.target)
