@@ -24,17 +24,21 @@ class Report:
 
     def totals(self) -> dict[str, int]:
         """Sums over the rows, each weight and each FLOP counted once where rewrites compose: an MoE
-        dispatch row leaves its expert weights' bytes to the N:M row that prunes them (if any), and a
-        pruned-expert row (expanded per call, so no FLOPs saved) leaves the FLOPs to the dispatch row."""
+        dispatch row leaves its expert weights' bytes to the N:M row that prunes them (if any); a
+        pruned-expert row (expanded per call, so no FLOPs saved) leaves the FLOPs to the dispatch row;
+        a routed block's row counts the FLOPs of everything inside the block."""
         pruned_experts = {r.layer.rpartition(".")[0] for r in self.layers if r.op.endswith("+nm_decompress")}
-        totals = {}
-        for kind in ("params", "bytes", "flops"):
-            for when in ("before", "after"):
-                key = f"{kind}_{when}"
-                totals[key] = sum(getattr(r, key) for r in self.layers if not (
-                    (kind != "flops" and r.op == "sparsecc.moe" and r.layer in pruned_experts)
-                    or (kind == "flops" and r.op.endswith("+nm_decompress"))))
-        return totals
+        routed = {r.layer for r in self.layers if r.op == "sparsecc.route"}
+
+        def counted(r: RewriteRecord, kind: str) -> bool:
+            if kind != "flops":
+                return not (r.op == "sparsecc.moe" and r.layer in pruned_experts)
+            inside_routed = r.op != "sparsecc.route" and any(
+                r.layer == block or r.layer.startswith(block + ".") for block in routed)
+            return not (inside_routed or r.op.endswith("+nm_decompress"))
+
+        return {f"{kind}_{when}": sum(getattr(r, f"{kind}_{when}") for r in self.layers if counted(r, kind))
+                for kind in ("params", "bytes", "flops") for when in ("before", "after")}
 
     def to_dict(self) -> dict[str, Any]:
         return {

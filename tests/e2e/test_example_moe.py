@@ -32,3 +32,16 @@ def test_moe_loop_form_compiles_without_the_moe_rewrite():
     model, inputs = build(batch=1, seq=32)
     compiled = sparsecc.compile(model, inputs, sparsity="2:4")
     assert compiled.report().error_vs_reference < 1e-5
+
+
+def test_report_totals_count_each_flop_once_when_rewrites_nest():
+    """Routing wraps the MoE block, which holds pruned experts: the routed row alone counts their FLOPs."""
+    model, inputs = build(batch=1, seq=64)
+    report = sparsecc.compile(model, inputs, check=False, sparsity={
+        "moe": "dispatch", "tokens": {"capacity": 0.5, "layers": ["*"]}, "weights": "2:4"}).report()
+    routed = [r for r in report.layers if r.op == "sparsecc.route"]
+    outside = [r for r in report.layers if not r.layer.startswith("layers.0.moe")
+               and not r.layer.startswith("layers.1.moe")]
+    assert len(routed) == 2
+    assert report.totals()["flops_before"] == sum(r.flops_before for r in routed + outside)
+    assert report.totals()["flops_after"] == sum(r.flops_after for r in routed + outside)
