@@ -57,13 +57,17 @@ class SparseAttention(Pass):
         problem = self.options_problem()
         if problem:
             raise ValueError(f"sparse-attention: {problem}")
-        if self.policy != "mask":  # `mask` leaves is_causal to SDPA: its causal kernel already skips blocks
-            causal_sdpa_as_mask(gm)
+        # `mask` leaves is_causal to SDPA: its causal kernel already skips blocks
+        converted = causal_sdpa_as_mask(gm) if self.policy != "mask" else {}
         sites, stats = self._sites(gm)
         stats.matched = len(sites)
         values = record_values(gm, ctx, [n for s in sites for n in (s.root, s.q, s.k, s.v, s.mask)])
         for site in sites:
             self._rewrite(gm, site, values, ctx, stats)
+        remaining = set(gm.graph.nodes)
+        for node, (args, kwargs) in converted.items():  # left dense: back to SDPA's causal fast path
+            if node in remaining:
+                node.args, node.kwargs = args, kwargs
         return PassResult(gm, stats.rewritten > 0, stats)
 
     def options_problem(self) -> Optional[str]:
@@ -210,11 +214,12 @@ def insert_block_attention(gm: GraphModule, site: AttentionSite, call: BlockCall
     return out
 
 
-def causal_sdpa_as_mask(gm: GraphModule) -> int:
+def causal_sdpa_as_mask(gm: GraphModule) -> dict[Node, tuple[tuple, dict]]:
     """Give every SDPA call with is_causal=True (no mask, no dropout, S == Skv) the explicit boolean
     causal mask it implies, `arange(S)[None, :] <= arange(S)[:, None]`, and is_causal=False: the same
-    attention, now a site the lossy policies narrow. Returns how many calls changed."""
-    changed = 0
+    attention, now a site the lossy policies narrow. Returns each changed call's original (args, kwargs)
+    so a site left dense can get them back (the unused mask nodes go with the next cleanup)."""
+    changed = {}
     aten = torch.ops.aten
     for node in [n for n in gm.graph.nodes if n.target is aten.scaled_dot_product_attention.default]:
         args = dict(zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal"), node.args))
@@ -231,7 +236,7 @@ def causal_sdpa_as_mask(gm: GraphModule) -> int:
                        rw.call(aten.unsqueeze.default, positions, 1))
         mask = rw.call(aten.unsqueeze.default, rw.call(aten.unsqueeze.default, mask, 0), 0)
         extra = {name: value for name, value in node.kwargs.items() if name in ("scale", "enable_gqa")}
+        changed[node] = (node.args, dict(node.kwargs))
         node.args = (args["query"], args["key"], args["value"], mask, 0.0, False)
         node.kwargs = extra
-        changed += 1
     return changed

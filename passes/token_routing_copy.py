@@ -26,7 +26,7 @@ from torch.fx.node import map_arg
 
 aten = torch.ops.aten
 SHAPE_ARG_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default,
-                 aten.new_zeros.default, aten.new_empty.default, aten.zeros.default}
+                 aten.new_zeros.default, aten.new_empty.default}   # shape is args[1] in each
 
 Emit = Callable[[Node, tuple, dict], Node]
 

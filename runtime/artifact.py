@@ -62,6 +62,15 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def read_checked(root: Path, name: str, manifest: dict[str, Any]) -> bytes:
+    """The bytes of `name`, checked against the manifest's SHA-256 for it after reading, so what
+    was checked is what gets used (a file swapped after `verify_files` is refused)."""
+    data = (root / name).read_bytes()
+    if hashlib.sha256(data).hexdigest() != manifest["files"][name]["sha256"]:
+        raise ArtifactError(f"{root}: {name} does not match its SHA-256 (changed while loading)")
+    return data
+
+
 def read_manifest(root: Union[str, Path]) -> dict[str, Any]:
     """The manifest, after checking its own hash, the format name and the format version."""
     root = Path(root)
@@ -71,10 +80,11 @@ def read_manifest(root: Union[str, Path]) -> dict[str, Any]:
         expected = (root / MANIFEST_HASH).read_text().split()[0]
     except (OSError, IndexError):
         raise ArtifactError(f"{root}: {MANIFEST_HASH} is missing or empty; the manifest cannot be checked") from None
-    if sha256_file(root / MANIFEST) != expected:
+    text = (root / MANIFEST).read_bytes()   # hashed and parsed from the same bytes
+    if hashlib.sha256(text).hexdigest() != expected:
         raise ArtifactError(f"{root}: {MANIFEST} does not match {MANIFEST_HASH} (modified or truncated)")
     try:
-        manifest = json.loads((root / MANIFEST).read_text())
+        manifest = json.loads(text)
     except ValueError as err:
         raise ArtifactError(f"{root}: {MANIFEST} is not valid JSON: {err}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != ARTIFACT_FORMAT:

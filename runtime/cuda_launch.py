@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import torch
 
 from .errors import ArtifactError
+from .inputs import same_device
 
 _CTYPES = {"i1": ctypes.c_int8, "i8": ctypes.c_int8, "i16": ctypes.c_int16, "i32": ctypes.c_int32,
            "i64": ctypes.c_int64, "u8": ctypes.c_uint8, "u16": ctypes.c_uint16, "u32": ctypes.c_uint32,
@@ -95,6 +96,9 @@ class GpuFunction:
             return
         keep, params = [], []
         for kind, value in args:
+            if kind.startswith("*") and not same_device(value.device, device):
+                raise ArtifactError(f"kernel {self.entry}: a tensor argument is on {value.device}, the kernel "
+                                    f"was loaded for {device}")
             cell = _cell(kind, value)
             keep.append(cell)
             params.append(ctypes.cast(ctypes.byref(cell), ctypes.c_void_p))
@@ -111,8 +115,9 @@ class GpuFunction:
         array = (ctypes.c_void_p * len(params))(*params)
         stream = torch.cuda.current_stream(device).cuda_stream
         d = driver(self.api)
-        d.check(d.launch(self.function, *grid, self.warp_size * self.num_warps, 1, 1, self.shared, stream,
-                         array, None), f"launching {self.entry}")
+        with torch.cuda.device(device):   # the function belongs to this device's context
+            d.check(d.launch(self.function, *grid, self.warp_size * self.num_warps, 1, 1, self.shared, stream,
+                             array, None), f"launching {self.entry}")
 
 
 def _cell(kind: str, value: Any) -> ctypes._SimpleCData:

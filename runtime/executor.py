@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Optional, Any, Callable, Sequence
 
 import torch
 
@@ -18,8 +18,23 @@ from .ops import get_op
 from .program import Program
 
 ALLOWED_NAMESPACES = ("aten", "sparsecc")
-# ATen ops that reach outside tensors (files, stdout): never run from a program, even a loaded one.
-DENIED_ATEN_OPS = ("from_file", "_print", "save", "load")
+# ATen ops a program may never run, even a loaded one: ops that reach outside tensors (files,
+# stdout), and ops that skip the index/size checks an artifact's data could then defeat
+# (`*_unsafe*` constructors and indexing, raw sparse/nested constructors, storage swaps).
+DENIED_ATEN_OPS = ("from_file", "_print", "save", "load", "set_", "set", "_set_", "resize_", "_resize_output_")
+DENIED_ATEN_PREFIXES = ("_sparse_", "sparse_", "_nested_", "_make_", "_debug", "_cufft", "_cudnn_rnn_flatten")
+SAFE_UNSAFE_OPS = ("_unsafe_view",)   # a view whose sizes torch still checks against the storage
+
+
+def denied_aten_op(name: str) -> Optional[str]:
+    """Why the ATen op `name` may not run from a program, or None."""
+    if name in DENIED_ATEN_OPS:
+        return "it reaches outside tensors or swaps storage"
+    if "unsafe" in name and name not in SAFE_UNSAFE_OPS:
+        return "it skips torch's index or size checks"
+    if name.startswith(DENIED_ATEN_PREFIXES):
+        return "it builds tensors from raw indices without checks"
+    return None
 PY_OPS: dict[str, Callable[..., Any]] = {
     "py::getitem": operator.getitem,
     "py::add": operator.add,
@@ -57,8 +72,9 @@ def resolve_op(qualname: str, backend: str) -> Callable[..., Any]:
         except KeyError as err:
             raise RuntimeProgramError(str(err.args[0])) from None
     name, _, overload = rest.partition(".")
-    if name in DENIED_ATEN_OPS:
-        raise RuntimeProgramError(f"ATen op '{qualname}' is outside the runtime's allowlist (it reaches outside tensors)")
+    why = denied_aten_op(name)
+    if why:
+        raise RuntimeProgramError(f"ATen op '{qualname}' is outside the runtime's allowlist ({why})")
     packet = getattr(torch.ops.aten, name, None) if name.isidentifier() else None
     op = getattr(packet, overload or "default", None) if packet is not None else None
     if not isinstance(op, torch._ops.OpOverload):

@@ -39,8 +39,13 @@ def _check_one(spec: InputSpec, value: Any, bound: dict[str, int], ranges: dict,
                                  f"got shape {list(value.shape)}")
     for axis, (want, got) in enumerate(zip(spec.shape, value.shape)):
         _check_dim(spec, axis, want, int(got), bound, ranges)
-    if device is not None and value.device.type != device.type:
+    if device is not None and not same_device(value.device, device):
         raise InputMismatchError(f"input '{spec.name}' is on {value.device}, the compiled program's weights are on {device}")
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Same type, and the same index where both name one (`cuda` alone matches any `cuda:i`)."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
 def _check_dim(spec: InputSpec, axis: int, want: Any, got: int, bound: dict[str, int], ranges: dict) -> None:

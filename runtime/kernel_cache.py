@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+BINARY_FILES = ("kernel.cubin", "kernel.hsaco")
 ENTRY_FORMAT = 2        # bump when the metadata an entry holds changes: older entries become misses
 
 
@@ -55,6 +56,8 @@ class KernelCache:
         entry = self._entry(key)
         try:
             metadata = json.loads((entry / "metadata.json").read_text())
+            if metadata["binary_file"] not in BINARY_FILES:  # never follow a path out of the entry
+                return None
             binary = (entry / metadata["binary_file"]).read_bytes()
         except (OSError, ValueError, KeyError):
             return None

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from .artifact import WEIGHTS, device_target, parse_target, program_on, read_manifest, verify_files
+from .artifact import (WEIGHTS, device_target, parse_target, program_on, read_checked, read_manifest,
+                       verify_files)
 from .errors import ArtifactError, InputMismatchError
 from .executor import Executor
 from .program import Program
@@ -76,16 +77,19 @@ def load_artifact(root: Path, device: torch.device) -> LoadedModel:
         program = program_on(Program.from_dict(manifest["program"]), device)
     except (KeyError, TypeError, ValueError) as err:
         raise ArtifactError(f"{root}: the manifest's program cannot be read: {err}") from None
-    constants = _load_weights(root / manifest.get("weights", WEIGHTS), program, device)
+    constants = _load_weights(root, manifest.get("weights", WEIGHTS), program, device, manifest)
     kernels = None if target == "cpu" else _load_kernels(root, manifest, target, device)
     return LoadedModel(manifest, program, constants, device, target, kernels)
 
 
-def _load_weights(path: Path, program: Program, device: torch.device) -> dict[str, torch.Tensor]:
+def _load_weights(root: Path, name: str, program: Program, device: torch.device,
+                  manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
+    path = root / name
     try:
-        constants = load_file(str(path), device=str(device))
+        data = read_checked(root, name, manifest)
+        constants = {name: t.to(device) for name, t in load(data).items()}
     except (SafetensorError, OSError, ValueError) as err:
         raise ArtifactError(f"{path}: cannot read the weights: {err}") from None
     missing = sorted(set(program.constant_names) - set(constants))
@@ -103,7 +107,7 @@ def _load_kernels(root: Path, manifest: dict[str, Any], target: str, device: tor
         binary = kernel["binaries"].get(target)
         if binary is None:
             raise ArtifactError(f"{root}: kernel {kernel['id']} has no binary for {target}")
-        data = (root / binary["file"]).read_bytes()
+        data = read_checked(root, binary["file"], manifest)
         for flag in ("launch_cooperative_grid", "launch_pdl"):
             if binary.get(flag):
                 raise ArtifactError(f"kernel {kernel['id']}: {flag} launches are not supported by this runtime")

@@ -117,6 +117,10 @@ def _set_first_op(op):
     ("sparsecc::no_such_op", "unknown sparse op 'no_such_op'"),
     ("os::system", "outside the allowed namespaces"),
     ("aten::from_file.default", "outside the runtime's allowlist"),
+    ("aten::_sparse_csr_tensor_unsafe.default", "skips torch's index or size checks"),
+    ("aten::_sparse_coo_tensor_with_dims_and_tensors.default", "raw indices without checks"),
+    ("aten::_unsafe_index.Tensor", "skips torch's index or size checks"),
+    ("aten::set_.source_Tensor", "swaps storage"),
     ("aten::no_such_op.default", "unknown ATen op"),
 ])
 def test_ops_outside_the_allowlist_fail_before_running(artifact, op, message):

@@ -72,7 +72,8 @@ def _routed_output(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, weights: T
     order = order[: int(ends[-1])]  # dropped pairs sort last
     token_of_pair = order // top_k
     sorted_rows = hidden.index_select(0, token_of_pair)
-    if GROUPED_MM and order.numel() <= GROUPED_MM_MAX_ROWS_PER_EXPERT * w_down.shape[0]:
+    if (GROUPED_MM and hidden.device.type == "cpu"
+            and order.numel() <= GROUPED_MM_MAX_ROWS_PER_EXPERT * w_down.shape[0]):
         pair_output = _grouped_expert_mlp(sorted_rows, ends.to(torch.int32), w_gate_up, w_down, activation, gated)
     else:
         pair_output, start = torch.empty_like(sorted_rows), 0
