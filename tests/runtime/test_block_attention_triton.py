@@ -114,10 +114,17 @@ AOT_SCRIPT = """
 import json, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from sparsecc.runtime.kernels.triton.block_attention import aot_specialization, block_attention_kernel
-signature, constexprs, options = aot_specialization(torch.float16, 64, 64, has_mask=True, has_threshold=True)
-source = ASTSource(fn=block_attention_kernel, signature=signature, constexprs=constexprs)
-compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+from sparsecc.runtime.attention_layout import causal_layout
+from sparsecc.runtime.kernels.triton.block_attention import block_attention_kernel, block_attention_triton
+from sparsecc.runtime.kernels.triton.launch import bind_launch, use_launcher
+launches = []  # a masked, threshold-skipping fp16 call with 64x64 blocks (recorded, not run)
+q = torch.zeros(1, 2, 128, 64, dtype=torch.float16)
+with use_launcher(lambda kernel, grid, *args, **kwargs: launches.append(bind_launch(kernel, args, kwargs)[0])):
+    block_attention_triton(q, q, q, *causal_layout(128, 128, 64, 64), torch.ones(128, 128, dtype=torch.bool),
+                           0.125, 64, 64, threshold=1e-4)
+(spec,) = launches
+source = ASTSource(fn=block_attention_kernel, signature=spec.signature, constexprs=spec.constexprs)
+compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=spec.options)
 print(json.dumps([len(compiled.asm["cubin"]), compiled.metadata.name]))
 """
 

@@ -105,12 +105,17 @@ try:
     from triton.compiler import ASTSource
 except ImportError as err:
     print(json.dumps({"skip": f"triton AOT API unavailable: {err}"})); sys.exit()
-from sparsecc.runtime.kernels.triton.nm_linear import aot_specialization, nm_linear_kernel
-signature, constexprs, options = aot_specialization(torch.float16, 2, 4, has_bias=True)
+from sparsecc.runtime.kernels.triton.launch import bind_launch, use_launcher
+from sparsecc.runtime.kernels.triton.nm_linear import nm_linear_kernel, nm_linear_triton
+launches = []  # the specialisation a 1-token fp16 2:4 call with bias launches (recorded, not run)
+with use_launcher(lambda kernel, grid, *args, **kwargs: launches.append(bind_launch(kernel, args, kwargs)[0])):
+    nm_linear_triton(torch.zeros(1, 64, dtype=torch.float16), torch.zeros(8, 32, dtype=torch.float16),
+                     torch.zeros(8, 8, dtype=torch.uint8), torch.zeros(8, dtype=torch.float16), 2, 4, 64)
+(spec,) = launches
 sizes = {}
 for capability in (90, 80):
-    source = ASTSource(fn=nm_linear_kernel, signature=signature, constexprs=constexprs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
+    source = ASTSource(fn=nm_linear_kernel, signature=spec.signature, constexprs=spec.constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=spec.options)
     sizes[capability] = [len(compiled.asm["cubin"]), compiled.metadata.name]
 print(json.dumps(sizes))
 """

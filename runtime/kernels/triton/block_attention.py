@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ...attention_layout import as_4d
 from ..cpu.block_attention import fill_empty_rows
-from .launch import launcher
+from .launch import input_precision, launcher
 
 
 @triton.jit
@@ -127,13 +127,6 @@ def _broadcast_strides(t: Tensor, dims: int) -> list[int]:
     return [0 if t.shape[i] == 1 else t.stride(i) for i in range(dims)]
 
 
-def _input_precision(dtype: torch.dtype) -> str:
-    """Same rule as nm_linear: fp32 follows torch's matmul precision setting."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
-
-
 def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
                            full_num_blocks: Tensor, full_indices: Tensor, mask: Optional[Tensor], scale: float,
                            block_q: int, block_k: int, threshold: float = 0.0, empty_rows: str = "zero", *,
@@ -158,23 +151,6 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tenso
         *mask_strides,
         HEAD_DIM=dim, V_DIM=v.shape[3], BLOCK_D=max(16, triton.next_power_of_2(dim)),
         BLOCK_DV=max(16, triton.next_power_of_2(v.shape[3])), BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_K=block_k,
-        HAS_MASK=mask4 is not None, HAS_THRESHOLD=threshold > 0, INPUT_PRECISION=_input_precision(q.dtype),
+        HAS_MASK=mask4 is not None, HAS_THRESHOLD=threshold > 0, INPUT_PRECISION=input_precision(q.dtype),
         num_warps=num_warps or default_warps(block_m, block_k), num_stages=num_stages)
     return fill_empty_rows(out, lse, v, empty_rows).to(q.dtype)
-
-
-def aot_specialization(dtype: torch.dtype, head_dim: int, block: int, has_mask: bool,
-                       has_threshold: bool) -> tuple[dict, dict, dict]:
-    """(signature, constexprs, options) of block_attention_kernel for square blocks and one head dim:
-    `triton.compile(ASTSource(block_attention_kernel, signature, constexprs), target=..., options=options)`."""
-    ty = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
-    pointers = {**dict.fromkeys(["q_ptr", "k_ptr", "v_ptr", "out_ptr"], f"*{ty}"), "lse_ptr": "*fp32",
-                **dict.fromkeys(["kv_num_ptr", "kv_idx_ptr", "full_num_ptr", "full_idx_ptr"], "*i32"),
-                "mask_ptr": "*u8", "scale": "fp32", "log_threshold": "fp32"}
-    names = block_attention_kernel.arg_names
-    scalars = dict.fromkeys(names[names.index("seq"):names.index("HEAD_DIM")], "i32")
-    constexprs = {"HEAD_DIM": head_dim, "V_DIM": head_dim, "BLOCK_D": head_dim, "BLOCK_DV": head_dim,
-                  "BLOCK_M": block, "BLOCK_Q": block, "BLOCK_K": block, "HAS_MASK": has_mask,
-                  "HAS_THRESHOLD": has_threshold, "INPUT_PRECISION": _input_precision(dtype)}
-    signature = {**pointers, **scalars, **dict.fromkeys(constexprs, "constexpr")}
-    return signature, constexprs, {"num_warps": default_warps(block, block), "num_stages": 2}

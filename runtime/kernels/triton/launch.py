@@ -56,6 +56,14 @@ class KernelSpec:
         return cls(data["kernel"], dict(data["signature"]), dict(data["constexprs"]), dict(data["options"]))
 
 
+def input_precision(dtype: torch.dtype) -> str:
+    """`tl.dot`'s input_precision for every kernel: fp32 follows torch's matmul precision setting, so it
+    matches F.linear's default ("highest" -> ieee); 16-bit inputs take the tensor-core path."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
 def launcher(kernel: Any, grid: Any) -> Callable[..., Any]:
     """`kernel[grid]`, or the active hook bound to (kernel, grid)."""
     hook = _hook.get()

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ...moe_routing import max_padded_pairs, route_within_capacity
 from ..cpu.moe import shared_expert_output
-from .launch import launcher
+from .launch import input_precision, launcher
 from .moe_align import align_to_tiles_triton
 
 
@@ -137,13 +137,6 @@ def default_blocks(num_pairs: int, num_experts: int, itemsize: int = 2) -> tuple
     return block_m, block_n, block_k, warps
 
 
-def _input_precision(dtype: torch.dtype) -> str:
-    """Same rule as nm_linear: fp32 follows torch's matmul precision setting."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
-
-
 def _grouped_mlp(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, weights: Tensor, experts: Tensor,
                  activation: str, gated: bool, blocks: tuple[int, int, int, int]) -> Tensor:
     """Per-pair outputs [T*k, H] fp32: weight * expert(token) for kept pairs, zero for dropped ones."""
@@ -154,7 +147,7 @@ def _grouped_mlp(hidden: Tensor, w_gate_up: Tensor, w_down: Tensor, weights: Ten
     tiles = max_padded_pairs(num_pairs, num_experts, block_m) // block_m
     act = hidden.new_empty(tiles * block_m, inter)
     pair_out = torch.zeros(num_pairs, width, dtype=torch.float32, device=hidden.device)
-    precision = _input_precision(hidden.dtype)
+    precision = input_precision(hidden.dtype)
     launcher(moe_gate_up_kernel, (tiles, triton.cdiv(inter, block_n)))(
         hidden, w_gate_up, sorted_pair_ids, tile_expert, num_padded, act, num_pairs, width, inter,
         hidden.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), act.stride(0),

@@ -21,9 +21,10 @@ Two ways to build it:
   slot s of every group and its byte(s) (o = j*BITS: byte o // 8, plus
   o // 8 + 1 when a 3-bit field straddles bytes), shift right by o % 8.
 
-Cross-compile with `aot_specialization` in a process without TRITON_INTERPRET=1
-(under the interpreter the JIT functions are interpreter objects, and triton
-3.9 leaves triton.language patched after a kernel calls a JIT helper).
+Cross-compile what a call launches (recorded by `launch.use_launcher`; see
+`sparsecc.build`) in a process without TRITON_INTERPRET=1 (under the interpreter
+the JIT functions are interpreter objects, and triton 3.9 leaves
+triton.language patched after a kernel calls a JIT helper).
 """
 from __future__ import annotations
 
@@ -36,9 +37,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ...nm_format import check_nm, index_bits
-from .launch import launcher
+from .launch import input_precision, launcher
 
-TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # H200, 2:4 fp16, shapes of bench/nm_linear.py: at 1 token the fused kernel took 35-76 us, decompress +
 # cuBLAS 64-112 us; at 64 tokens the best fused tiles took 117-294 us, decompress + cuBLAS 46-115 us. Up to
 # one BLOCK_M=16 tile of tokens the fused kernel costs what it costs at 1 token: it serves up to 16 tokens.
@@ -164,13 +164,6 @@ def default_blocks(tokens: int, m: int) -> tuple[int, int, int, int, int]:
     return (64, 64, 64, 1, 4) if tokens <= 64 else (128, 128, 128, 1, 8)
 
 
-def _input_precision(dtype: torch.dtype) -> str:
-    """fp32 follows torch's matmul precision setting, so it matches F.linear's default (ieee)."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
-
-
 def nm_decompress_triton(values: Tensor, indices: Tensor, n: int, m: int, in_features: int,
                          dtype: Optional[torch.dtype] = None, *, block_n: int = 32, block_k: int = 256,
                          num_warps: int = 4) -> Tensor:
@@ -218,27 +211,10 @@ def nm_linear_triton(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[
         tokens, values, indices, bias if bias is not None else y, y,
         tokens.shape[0], out_features, in_features,
         tokens.stride(0), values.stride(0), indices.stride(0), y.stride(0),
-        **_nm_constexprs(n, m, bk), HAS_BIAS=bias is not None, INPUT_PRECISION=_input_precision(x.dtype),
+        **_nm_constexprs(n, m, bk), HAS_BIAS=bias is not None, INPUT_PRECISION=input_precision(x.dtype),
         SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=num_stages)
     return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
 
 
 def _nm_constexprs(n: int, m: int, block_k: int) -> dict:
     return {"N": n, "M": m, "BITS": index_bits(m), "PACKED": packed_tiles(n, m, block_k)}
-
-
-def aot_specialization(dtype: torch.dtype, n: int, m: int, has_bias: bool,
-                       tokens: int = 1) -> tuple[dict, dict, dict]:
-    """(signature, constexprs, options) of nm_linear_kernel with the default tiles for `tokens`:
-    `triton.compile(ASTSource(nm_linear_kernel, signature, constexprs), target=..., options=options)`."""
-    block_m, block_n, block_k, split_k, num_warps = default_blocks(tokens, m)
-    ty = TRITON_DTYPES[dtype]
-    constexprs = {**_nm_constexprs(n, m, block_k), "HAS_BIAS": has_bias,
-                  "INPUT_PRECISION": _input_precision(dtype), "SPLIT_K": split_k,
-                  "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
-    pointers = {"x_ptr": f"*{ty}", "values_ptr": f"*{ty}", "indices_ptr": "*u8",
-                "bias_ptr": f"*{ty}", "y_ptr": f"*{ty if split_k == 1 else 'fp32'}"}
-    scalars = dict.fromkeys(["tokens", "out_features", "in_features", "stride_x",
-                             "stride_values", "stride_indices", "stride_y"], "i32")
-    signature = {**pointers, **scalars, **dict.fromkeys(constexprs, "constexpr")}
-    return signature, constexprs, {"num_warps": num_warps, "num_stages": 3}
