@@ -14,8 +14,10 @@ from sparsecc.passes import PassContext, PassManager, build_pipeline, print_grap
 from sparsecc.passes.records import RewriteRecord
 from sparsecc.runtime.errors import InputMismatchError
 from sparsecc.runtime.executor import Executor
+from sparsecc.runtime.kernels.triton.launch import use_launcher
 from sparsecc.runtime.program import Program
 
+from .cached_launch import CachedKernelLauncher, jit_forced
 from .calibrate import calibration_inputs
 from .capture import Captured, capture, check_model, normalize_inputs
 from .config import parse_sparsity
@@ -64,6 +66,9 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, sparsity: Any = 
         program, constants = lower(gm, captured.symbol_ranges, captured.in_spec, captured.out_spec)
     compiled = CompiledModel(program, constants, backend, gm, captured, list(ctx.records))
     compiled.example_inputs = flat_inputs   # what `save` runs to find the kernel specialisations to build
+    if compiled.kernel_launcher is not None and any(t.is_cuda for t in flat_inputs):
+        with steps("kernels"):
+            compiled.warm_kernels(flat_inputs)
     report = _build_report(model, pipeline_text, ctx, compiled, captured)
     if check:
         with steps("check"):
@@ -84,14 +89,31 @@ class CompiledModel:
         self._captured = captured
         self._executor = Executor(program, constants, backend)
         self._report: Optional[Report] = None
+        # Triton launches on a GPU run binaries from the sparsecc kernel cache (docs/aot.md)
+        self.kernel_launcher = CachedKernelLauncher() if backend == "triton" and not jit_forced() else None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         flat, spec = pytree.tree_flatten((args, kwargs))
         if spec != self._captured.in_spec:
             raise InputMismatchError(f"inputs have structure {spec}, but the model was compiled for "
                                      f"{self._captured.in_spec}")
-        outputs = self._executor.run(_tensor_leaves(flat))
+        if self.kernel_launcher is None:
+            outputs = self._executor.run(_tensor_leaves(flat))
+        else:
+            with use_launcher(self.kernel_launcher):
+                outputs = self._executor.run(_tensor_leaves(flat))
         return pytree.tree_unflatten(outputs, self._captured.out_spec)
+
+    def warm_kernels(self, example_inputs: Any) -> int:
+        """Build the Triton kernels these inputs launch into the kernel cache, in parallel, before the
+        first call; returns how many were compiled (0 when all were cached, or on CPU)."""
+        from .build import record_kernels
+        inputs = _tensor_leaves(example_inputs)
+        devices = {t.device for t in inputs if t.is_cuda}
+        if self.kernel_launcher is None or not devices:
+            return 0
+        specs = [spec for spec, _ in record_kernels(self.program, self.constants, inputs, variants=False)]
+        return sum(self.kernel_launcher.warm(specs, device) for device in devices)
 
     def report(self) -> Report:
         return self._report

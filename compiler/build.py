@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from sparsecc.runtime.artifact import parse_target
+from sparsecc.runtime.artifact import parse_target, program_on
 from sparsecc.runtime.executor import Executor
 from sparsecc.runtime.kernels.triton.launch import KERNEL_MODULE_PREFIX, KernelSpec, bind_launch, use_launcher
 from sparsecc.runtime.ops import get_op
@@ -95,11 +95,18 @@ class LaunchRecorder:
 
 def record_kernels(program: Program, constants: dict[str, torch.Tensor], example_inputs: Sequence[torch.Tensor],
                    variants: Optional[bool] = None) -> list[tuple[KernelSpec, list[str]]]:
-    """The kernel specialisations `program` launches on `example_inputs` (plus variants when dynamic)."""
+    """The kernel specialisations `program` launches on `example_inputs` (plus variants when dynamic).
+    Recorded on CPU copies: the launchers pick the same specialisations on any device, and on CUDA
+    tensors nm_linear would reach its autotuner, which must not time launches that never run."""
     variants = bool(program.symbol_ranges) if variants is None else variants
     recorder = LaunchRecorder()
     ops = sorted({inst.op for inst in program.instructions if inst.op.startswith("sparsecc::")})
     overrides = {op: recorder.wrap(op, variants) for op in ops}
+    cpu = torch.device("cpu")
+    if any(t.device != cpu for t in (*example_inputs, *constants.values())):
+        program = program_on(program, cpu)
+        constants = {name: t.to(cpu) for name, t in constants.items()}
+        example_inputs = [t.to(cpu) for t in example_inputs]
     Executor(program, constants, "torch", kernels=overrides).run(list(example_inputs))
     return [(spec, sorted(users)) for spec, users in recorder.specs.values()]
 

@@ -123,6 +123,14 @@ def _verify_files(root: Path, manifest: dict[str, Any]) -> None:
             raise ArtifactError(f"{root}: {name} does not match its SHA-256 in the manifest (modified)")
 
 
+def gpu_arch(device: torch.device) -> str:
+    """The GPU's own target name: 'cuda:90' for an H100/H200, 'hip:gfx942' for an MI300."""
+    props = torch.cuda.get_device_properties(device)
+    if torch.version.hip:
+        return f"hip:{props.gcnArchName.split(':')[0]}"
+    return f"cuda:{props.major}{props.minor}"
+
+
 def device_target(device: torch.device, targets: list[str]) -> str:
     """The artifact target that runs on `device`: 'cpu', or the GPU's own arch (a cubin for sm_8x also
     runs on a later sm_8y). A missing target is an error that lists what the artifact holds."""
@@ -136,12 +144,10 @@ def device_target(device: torch.device, targets: list[str]) -> str:
     if not torch.cuda.is_available():
         raise ArtifactError(f"device {device} requested but torch sees no GPU (the artifact has: {have})")
     props = torch.cuda.get_device_properties(device)
-    if torch.version.hip:
-        want = f"hip:{props.gcnArchName.split(':')[0]}"
-        candidates = [want]
-    else:
-        want = f"cuda:{props.major}{props.minor}"
-        candidates = [want] + [f"cuda:{props.major}{m}" for m in range(props.minor - 1, -1, -1) if props.major != 9]
+    want = gpu_arch(device)
+    candidates = [want]
+    if not torch.version.hip:
+        candidates += [f"cuda:{props.major}{m}" for m in range(props.minor - 1, -1, -1) if props.major != 9]
     for target in candidates:
         if target in targets:
             return target

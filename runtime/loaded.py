@@ -26,18 +26,23 @@ class PrebuiltKernels:
 
     def __init__(self, functions: dict[str, Any], device: torch.device, target: str):
         self.functions, self.device, self.target = functions, device, target
+        self._by_launch: dict[tuple, Any] = {}      # launch key -> function: the JSON key is built once
 
     def __call__(self, kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> None:
-        from .kernels.triton.launch import bind_launch
-        spec, runtime_args = bind_launch(kernel, args, kwargs)
-        function = self.functions.get(spec.key())
+        from .kernels.triton.launch import launch_key, spec_of
+        key, runtime_args = launch_key(kernel, args, kwargs)
+        function = self._by_launch.get(key)
         if function is None:
-            raise ArtifactError(f"kernel {spec.entry} was launched with a specialisation the artifact does not hold "
-                                f"for {self.target} (constexprs {spec.constexprs}, options {spec.options}, "
-                                f"argument types {[t for t, _ in runtime_args]}); rebuild the artifact with "
-                                "example inputs of these shapes")
+            spec = spec_of(key)
+            function = self.functions.get(spec.key())
+            if function is None:
+                raise ArtifactError(f"kernel {spec.entry} was launched with a specialisation the artifact does not "
+                                    f"hold for {self.target} (constexprs {spec.constexprs}, options {spec.options}, "
+                                    f"argument types {[t for t, _ in runtime_args]}); rebuild the artifact with "
+                                    "example inputs of these shapes")
+            self._by_launch[key] = function
         if callable(grid):
-            grid = grid(spec.constexprs)
+            grid = grid(spec_of(key).constexprs)
         function.launch(grid, runtime_args, self.device)
 
 

@@ -91,27 +91,51 @@ def _parameters(fn: Callable[..., Any]) -> tuple[tuple[str, bool], ...]:
     return tuple((p.name, "constexpr" in str(p.annotation)) for p in inspect.signature(fn).parameters.values())
 
 
+LaunchKey = tuple   # (kernel function, per parameter: its type, or ("constexpr", value), options)
+
+
+def launch_key(kernel: Any, args: tuple, kwargs: dict) -> tuple[LaunchKey, list[tuple[str, Any]]]:
+    """A hashable key of one launch's specialisation, and its runtime arguments [(type, value)] in
+    parameter order: the per-launch work of a launch hook (a KernelSpec is built once per key)."""
+    fn = getattr(kernel, "fn", kernel)
+    params = _parameters(fn)
+    if len(args) > len(params):
+        raise TypeError(f"{kernel_name(kernel)} takes {len(params)} arguments, got {len(args)}")
+    parts, runtime_args = [], []
+    for index, (name, is_constexpr) in enumerate(params):
+        if index < len(args):
+            value = args[index]
+        elif name in kwargs:
+            value = kwargs[name]
+        else:
+            missing = [n for n, _ in params[index:] if n not in kwargs]
+            raise TypeError(f"{kernel_name(kernel)}: missing arguments {missing}")
+        if is_constexpr or value is None:
+            parts.append(("constexpr", value))
+        else:
+            kind = arg_type(name, value)
+            parts.append(kind)
+            runtime_args.append((kind, value))
+    options = tuple((k, int(kwargs[k])) for k in LAUNCH_OPTIONS if k in kwargs)
+    return (fn, tuple(parts), options), runtime_args
+
+
+@functools.lru_cache(maxsize=None)
+def spec_of(key: LaunchKey) -> KernelSpec:
+    fn, parts, options = key
+    signature, constexprs = {}, {}
+    for (name, _), part in zip(_parameters(fn), parts):
+        if isinstance(part, tuple):
+            signature[name], constexprs[name] = "constexpr", part[1]
+        else:
+            signature[name] = part
+    return KernelSpec(kernel_name(fn), signature, constexprs, dict(options))
+
+
 def bind_launch(kernel: Any, args: tuple, kwargs: dict) -> tuple[KernelSpec, list[tuple[str, Any]]]:
     """The specialisation of one launch and its runtime arguments [(type, value)] in parameter order."""
-    params = _parameters(getattr(kernel, "fn", kernel))
-    names = [name for name, _ in params]
-    if len(args) > len(names):
-        raise TypeError(f"{kernel_name(kernel)} takes {len(names)} arguments, got {len(args)}")
-    values = dict(zip(names, args))
-    options = {k: int(kwargs[k]) for k in LAUNCH_OPTIONS if k in kwargs}
-    values.update({k: v for k, v in kwargs.items() if k not in LAUNCH_OPTIONS})
-    missing = [name for name in names if name not in values]
-    if missing:
-        raise TypeError(f"{kernel_name(kernel)}: missing arguments {missing}")
-    signature, constexprs, runtime_args = {}, {}, []
-    for name, is_constexpr in params:
-        value = values[name]
-        if is_constexpr or value is None:
-            signature[name], constexprs[name] = "constexpr", value
-        else:
-            signature[name] = arg_type(name, value)
-            runtime_args.append((signature[name], value))
-    return KernelSpec(kernel_name(kernel), signature, constexprs, options), runtime_args
+    key, runtime_args = launch_key(kernel, args, kwargs)
+    return spec_of(key), runtime_args
 
 
 def arg_type(name: str, value: Any) -> str:

@@ -1,0 +1,135 @@
+"""`compile(backend="triton")` on a GPU: every Triton launch runs a binary from the sparsecc kernel cache.
+
+The launchers' host code runs as usual and calls `launcher(kernel, grid)`, the
+hook point the AOT build records through and a loaded artifact launches
+through. Here the hook takes the launch's specialisation (`bind_launch`) and
+the device's own target ('cuda:90'): the kernel cache key is (kernel source,
+specialisation, target, triton version). A hit loads the stored binary through
+the driver API (`runtime.cuda_launch`); a miss cross-compiles it with
+`build_kernels` (a worker process running `triton.compile` for that target) and
+stores it. So `compile`, `sparsecc build` and every later process share one
+cache, and Triton's own JIT cache is not used. `compile` warms the cache for
+the example inputs' launches in parallel before the first call.
+
+Launches on CPU tensors (TRITON_INTERPRET=1) go to Triton as before. A GPU
+whose arch is not a build target (`runtime.artifact.GPU_TARGETS`) keeps
+Triton's JIT, with a warning; SPARSECC_TRITON_JIT=1 keeps it everywhere. A
+kernel whose cached binary fails to build, load or launch falls back to
+Triton's JIT with a warning naming the kernel and the error.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from sparsecc.runtime.artifact import GPU_TARGETS, gpu_arch, parse_target
+from sparsecc.runtime.kernels.triton.launch import KernelSpec, launch_key, spec_of
+
+from .kernel_build import build_kernels
+
+TargetOf = Callable[[torch.device], Optional[str]]
+JIT = "jit"      # a launch key whose cached binary failed to load or launch: Triton's JIT runs it
+
+
+def cache_target(device: torch.device) -> Optional[str]:
+    """The kernel-cache target of a GPU, or None when Triton's JIT must compile for it."""
+    if device.type != "cuda":
+        return None
+    target = gpu_arch(device)
+    api, _, arch = target.partition(":")
+    if arch in GPU_TARGETS.get(api, ()):
+        return target
+    warnings.warn(f"sparsecc: {target} is not a kernel-cache target ({', '.join(_known())}); "
+                  "Triton's JIT compiles the kernels for this GPU", stacklevel=3)
+    return None
+
+
+def _known() -> list[str]:
+    return [f"{api}:{arch}" for api, archs in GPU_TARGETS.items() for arch in archs]
+
+
+def jit_forced() -> bool:
+    return os.environ.get("SPARSECC_TRITON_JIT") == "1"
+
+
+def launch_device(args: Sequence[Any], kwargs: dict[str, Any]) -> Optional[torch.device]:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return None
+
+
+class CachedKernelLauncher:
+    """The launch hook: (specialisation, device) -> a loaded function, built or read through the cache.
+    `target_of` and `load` are the device-facing seams (tests cross-compile for 'cuda:90' on a CPU)."""
+
+    def __init__(self, cache_dir: Optional[os.PathLike] = None, *, target_of: TargetOf = cache_target,
+                 load: Optional[Callable[..., Any]] = None, progress: bool = False):
+        self.cache_dir, self.target_of, self.progress = cache_dir, target_of, progress
+        self._load = load
+        self._functions: dict[tuple, Any] = {}                       # (launch key, device) -> function
+        self._loaded: dict[tuple[str, str, str], Any] = {}            # (spec key, target, device) -> function
+        self._targets: dict[str, Optional[str]] = {}
+        self._lock = threading.Lock()
+        self.built = 0          # kernels compiled by this launcher (the rest came from the cache)
+
+    def __call__(self, kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> None:
+        device = launch_device(args, kwargs)
+        target = self.target(device) if device is not None else None
+        if target is None:
+            kernel[grid](*args, **kwargs)
+            return
+        key, runtime_args = launch_key(kernel, args, kwargs)
+        function = self._functions.get((key, device))
+        if function is JIT:
+            kernel[grid](*args, **kwargs)
+            return
+        try:
+            if function is None:
+                function = self._functions[(key, device)] = self.function(spec_of(key), target, device)
+            function.launch(grid(spec_of(key).constexprs) if callable(grid) else grid, runtime_args, device)
+        except Exception as err:          # the cache must never make a model fail that Triton's JIT runs
+            warnings.warn(f"sparsecc: kernel {spec_of(key).entry} could not run from the kernel cache on "
+                          f"{device} ({err}); Triton's JIT runs it instead", stacklevel=2)
+            self._functions[(key, device)] = JIT
+            kernel[grid](*args, **kwargs)
+
+    def target(self, device: torch.device) -> Optional[str]:
+        key = str(device)
+        if key not in self._targets:
+            self._targets[key] = self.target_of(device)
+        return self._targets[key]
+
+    def function(self, spec: KernelSpec, target: str, device: torch.device) -> Any:
+        """The loaded function of `spec` on `device`, built into the cache first when it is missing."""
+        key = (spec.key(), target, str(device))
+        with self._lock:
+            if key not in self._loaded:
+                self._loaded[key] = self._load_built(self.build([spec], target)[0], target, device)
+            return self._loaded[key]
+
+    def build(self, specs: Sequence[KernelSpec], target: str) -> list:
+        """Every spec for `target` from the cache; misses compile in parallel worker processes."""
+        built = build_kernels(specs, [target], cache_dir=self.cache_dir, progress=self.progress)
+        self.built += sum(not b.from_cache for b in built)
+        return built
+
+    def warm(self, specs: Sequence[KernelSpec], device: torch.device) -> int:
+        """Build (or find) `specs` for `device` before they launch; returns how many were compiled."""
+        target = self.target(device)
+        if target is None or not specs:
+            return 0
+        before = self.built
+        self.build(specs, target)
+        return self.built - before
+
+    def _load_built(self, built: Any, target: str, device: torch.device) -> Any:
+        if self._load is None:
+            from sparsecc.runtime.cuda_launch import load_function
+            self._load = load_function
+        metadata = built.kernel.metadata
+        return self._load(parse_target(target)[0], built.kernel.binary, metadata["entry"], metadata, device)

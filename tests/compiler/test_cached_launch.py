@@ -1,0 +1,137 @@
+"""compile(backend="triton") launches through the sparsecc kernel cache, not Triton's JIT.
+
+On this CPU machine the cache's device seams are replaced: the launcher treats CPU tensors as an H100
+('cuda:90'), so every launch is cross-compiled into the cache and "loaded" by a recording stand-in for the
+driver, while the interpreter computes the numbers. The GPU test at the end runs the real thing.
+"""
+import pytest
+import torch
+import torch.nn as nn
+
+import sparsecc
+import sparsecc.kernel_build as kernel_build
+from sparsecc.cached_launch import CachedKernelLauncher
+from sparsecc.runtime.executor import Executor
+from sparsecc.runtime.kernel_cache import KernelCache
+
+from .build_models import kernel_cache
+
+
+class Loaded:
+    """Stands in for `cuda_launch.load_function`: keeps what the launcher loaded and launched."""
+
+    def __init__(self):
+        self.functions, self.launches = [], []
+
+    def __call__(self, api, binary, entry, metadata, device):
+        self.functions.append((api, binary, entry, metadata))
+        loaded = self
+
+        class Function:
+            def launch(self, grid, args, device):
+                loaded.launches.append((entry, tuple(grid), [kind for kind, _ in args]))
+        return Function()
+
+
+def _compiled():
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)).eval()
+    x = torch.randn(4, 64)
+    return sparsecc.compile(model, (x,), sparsity="2:4", backend="triton", check=False), x
+
+
+def _as_h100(cached):
+    """The compiled model's hook: the cache path (recorded) and then the interpreter (the numbers)."""
+    def hook(kernel, grid, *args, **kwargs):
+        cached(kernel, grid, *args, **kwargs)
+        kernel[grid](*args, **kwargs)
+    return hook
+
+
+@pytest.mark.interpreter
+def test_launches_are_built_into_the_cache_and_run_from_it(tmp_path, monkeypatch):
+    compiled, x = _compiled()
+    expected = Executor(compiled.program, compiled.constants, "torch").run([x])[0]
+    loaded = Loaded()
+    cached = CachedKernelLauncher(tmp_path, target_of=lambda device: "cuda:90", load=loaded)
+    compiled.kernel_launcher = _as_h100(cached)
+    torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-4)
+
+    assert cached.built == len(loaded.functions) == 1          # sizes are runtime arguments: one specialisation
+    for api, binary, entry, metadata in loaded.functions:
+        assert api == "cuda" and binary[:4] == b"\x7fELF" and entry == "nm_linear_kernel"
+        assert metadata["num_warps"] > 0 and metadata["warp_size"] == 32 and "shared" in metadata
+    assert [entry for entry, _, _ in loaded.launches] == ["nm_linear_kernel"] * 2
+    assert len(list(tmp_path.glob("*/*/metadata.json"))) == 1
+
+    compiled(x)                                                 # loaded functions are kept
+    assert len(loaded.functions) == 1 and len(loaded.launches) == 4
+
+    def no_builds(*args, **kwargs):
+        raise AssertionError("a kernel was compiled although the cache holds it")
+    monkeypatch.setattr(kernel_build, "run_workers", no_builds)
+    again = CachedKernelLauncher(tmp_path, target_of=lambda device: "cuda:90", load=Loaded())
+    compiled.kernel_launcher = _as_h100(again)
+    torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-4)
+    assert again.built == 0
+
+
+@pytest.mark.interpreter
+def test_warm_builds_what_the_example_inputs_launch(tmp_path):
+    from sparsecc.build import record_kernels
+    compiled, x = _compiled()
+    cached = CachedKernelLauncher(tmp_path, target_of=lambda device: "cuda:90", load=Loaded())
+    specs = [spec for spec, _ in record_kernels(compiled.program, compiled.constants, [x], variants=False)]
+    assert cached.warm(specs, x.device) == 1
+    assert cached.warm(specs, x.device) == 0                   # the second time everything is cached
+    assert all(KernelCache(tmp_path).get(b.key) for b in kernel_build.build_kernels(specs, ["cuda:90"],
+                                                                                    cache_dir=tmp_path,
+                                                                                    progress=False))
+
+
+def test_cpu_tensors_keep_triton_and_cpu_backends_have_no_launcher():
+    model = nn.Linear(16, 16).eval()
+    torch_backend = sparsecc.compile(model, (torch.randn(2, 16),), sparsity="2:4", backend="torch", check=False)
+    assert torch_backend.kernel_launcher is None
+    launcher = CachedKernelLauncher()
+    assert launcher.target(torch.device("cpu")) is None        # CPU launches go to Triton (the interpreter)
+
+
+def test_jit_can_be_forced(monkeypatch):
+    monkeypatch.setenv("SPARSECC_TRITON_JIT", "1")
+    model = nn.Linear(16, 16).eval()
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    compiled = sparsecc.compile(model, (torch.randn(2, 16),), sparsity="2:4", backend="triton", check=False)
+    assert compiled.kernel_launcher is None
+
+
+@pytest.mark.gpu
+def test_gpu_compile_runs_cached_binaries_and_never_jits(tmp_path, monkeypatch):
+    from triton.runtime.jit import JITFunction
+    monkeypatch.setenv("SPARSECC_KERNEL_CACHE", str(tmp_path))
+
+    def no_jit(*args, **kwargs):
+        raise AssertionError("Triton's JIT compiled or launched a kernel")
+    monkeypatch.setattr(JITFunction, "run", no_jit)
+    model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256)).cuda().half().eval()
+    x = torch.randn(8, 256, device="cuda", dtype=torch.half)
+    compiled = sparsecc.compile(model, (x,), sparsity="2:4", backend="triton")
+    assert compiled.report().error_vs_reference < 2e-2
+    assert any(tmp_path.glob("*/*/kernel.cubin"))
+    again = sparsecc.compile(model, (x,), sparsity="2:4", backend="triton")
+    torch.testing.assert_close(again(x), compiled(x))
+    assert again.kernel_launcher.built == 0
+
+
+@pytest.mark.interpreter
+def test_a_binary_that_fails_to_load_falls_back_to_triton_with_a_warning(request):
+    compiled, x = _compiled()
+    expected = Executor(compiled.program, compiled.constants, "torch").run([x])[0]
+
+    def broken_driver(api, binary, entry, metadata, device):
+        raise RuntimeError("cuda driver: loading the module failed with error 209")
+    compiled.kernel_launcher = CachedKernelLauncher(kernel_cache(request.config), load=broken_driver,
+                                                    target_of=lambda device: "cuda:90")
+    with pytest.warns(UserWarning, match="nm_linear_kernel could not run from the kernel cache.*error 209"):
+        out = compiled(x)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
