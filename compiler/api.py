@@ -66,9 +66,6 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, sparsity: Any = 
         program, constants = lower(gm, captured.symbol_ranges, captured.in_spec, captured.out_spec)
     compiled = CompiledModel(program, constants, backend, gm, captured, list(ctx.records))
     compiled.example_inputs = flat_inputs   # what `save` runs to find the kernel specialisations to build
-    if compiled.kernel_launcher is not None and any(t.is_cuda for t in flat_inputs):
-        with steps("kernels"):
-            compiled.warm_kernels(flat_inputs)
     report = _build_report(model, pipeline_text, ctx, compiled, captured)
     if check:
         with steps("check"):
@@ -103,17 +100,6 @@ class CompiledModel:
             with use_launcher(self.kernel_launcher):
                 outputs = self._executor.run(_tensor_leaves(flat))
         return pytree.tree_unflatten(outputs, self._captured.out_spec)
-
-    def warm_kernels(self, example_inputs: Any) -> int:
-        """Build the Triton kernels these inputs launch into the kernel cache, in parallel, before the
-        first call; returns how many were compiled (0 when all were cached, or on CPU)."""
-        from .build import record_kernels
-        inputs = _tensor_leaves(example_inputs)
-        devices = {t.device for t in inputs if t.is_cuda}
-        if self.kernel_launcher is None or not devices:
-            return 0
-        specs = [spec for spec, _ in record_kernels(self.program, self.constants, inputs, variants=False)]
-        return sum(self.kernel_launcher.warm(specs, device) for device in devices)
 
     def report(self) -> Report:
         return self._report

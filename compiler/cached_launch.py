@@ -5,11 +5,10 @@ hook point the AOT build records through and a loaded artifact launches
 through. Here the hook takes the launch's specialisation (`bind_launch`) and
 the device's own target ('cuda:90'): the kernel cache key is (kernel source,
 specialisation, target, triton version). A hit loads the stored binary through
-the driver API (`runtime.cuda_launch`); a miss cross-compiles it with
-`build_kernels` (a worker process running `triton.compile` for that target) and
-stores it. So `compile`, `sparsecc build` and every later process share one
-cache, and Triton's own JIT cache is not used. `compile` warms the cache for
-the example inputs' launches in parallel before the first call.
+the driver API (`runtime.cuda_launch`); a miss compiles it for that target
+(`triton.compile`, in this process, as the JIT would) and stores it. So
+`compile`, `sparsecc build` and every later process share one cache, and
+Triton's own JIT cache is not used.
 
 Launches on CPU tensors (TRITON_INTERPRET=1) go to Triton as before. A GPU
 whose arch is not a build target (`runtime.artifact.GPU_TARGETS`) keeps
@@ -113,19 +112,12 @@ class CachedKernelLauncher:
             return self._loaded[key]
 
     def build(self, specs: Sequence[KernelSpec], target: str) -> list:
-        """Every spec for `target` from the cache; misses compile in parallel worker processes."""
-        built = build_kernels(specs, [target], cache_dir=self.cache_dir, progress=self.progress)
+        """Every spec for `target` from the cache; a miss compiles in this process, as Triton's JIT would
+        (in a worker process under TRITON_INTERPRET=1, where this process cannot compile)."""
+        workers = None if os.environ.get("TRITON_INTERPRET") == "1" else 0
+        built = build_kernels(specs, [target], cache_dir=self.cache_dir, workers=workers, progress=self.progress)
         self.built += sum(not b.from_cache for b in built)
         return built
-
-    def warm(self, specs: Sequence[KernelSpec], device: torch.device) -> int:
-        """Build (or find) `specs` for `device` before they launch; returns how many were compiled."""
-        target = self.target(device)
-        if target is None or not specs:
-            return 0
-        before = self.built
-        self.build(specs, target)
-        return self.built - before
 
     def _load_built(self, built: Any, target: str, device: torch.device) -> Any:
         if self._load is None:

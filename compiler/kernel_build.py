@@ -69,12 +69,15 @@ def kernel_jobs(specs: Sequence[KernelSpec], targets: Sequence[str]) -> list[Ker
 
 def build_kernels(specs: Sequence[KernelSpec], targets: Sequence[str], *, cache_dir: Optional[os.PathLike] = None,
                   workers: Optional[int] = None, progress: bool = True) -> list[BuiltKernel]:
-    """Every (spec, target) compiled or taken from the cache."""
+    """Every (spec, target) compiled or taken from the cache; misses compile in worker processes, or in this
+    one with workers=0 (not under TRITON_INTERPRET=1, where Triton interprets instead of compiling)."""
     cache = KernelCache(cache_dir)
     jobs = kernel_jobs(specs, targets)
     cached = {job.key: cache.get(job.key) for job in jobs}
     misses = list({job.key: job for job in jobs if cached[job.key] is None}.values())
-    if misses:
+    if misses and workers == 0:
+        compile_here(misses, cache)
+    elif misses:
         run_workers(misses, cache, workers, progress)
     built = []
     for job in jobs:
@@ -83,6 +86,17 @@ def build_kernels(specs: Sequence[KernelSpec], targets: Sequence[str], *, cache_
             raise SparseccError(f"kernel {job.spec.entry} for {job.target} is missing from the cache after building")
         built.append(BuiltKernel(job.spec, job.target, job.key, entry, cached[job.key] is not None))
     return built
+
+
+def compile_here(jobs: Sequence[KernelJob], cache: KernelCache) -> None:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SparseccError("kernels cannot be compiled in a process running TRITON_INTERPRET=1; use workers")
+    from .build_worker import compile_one
+    for job in jobs:
+        try:
+            compile_one({"key": job.key, "target": job.target, "spec": job.spec.to_dict()}, cache)
+        except Exception as err:
+            raise SparseccError(f"kernel build failed: {job.spec.entry} for {job.target}: {err}") from err
 
 
 def run_workers(jobs: Sequence[KernelJob], cache: KernelCache, workers: Optional[int], progress: bool) -> None:

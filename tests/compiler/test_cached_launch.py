@@ -4,6 +4,11 @@ On this CPU machine the cache's device seams are replaced: the launcher treats C
 ('cuda:90'), so every launch is cross-compiled into the cache and "loaded" by a recording stand-in for the
 driver, while the interpreter computes the numbers. The GPU test at the end runs the real thing.
 """
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn as nn
@@ -75,17 +80,35 @@ def test_launches_are_built_into_the_cache_and_run_from_it(tmp_path, monkeypatch
     assert again.built == 0
 
 
+CHILD = """
+import json, sys
+import sparsecc.kernel_build as kernel_build
+from sparsecc.cached_launch import CachedKernelLauncher
+from sparsecc.runtime.kernels.triton.launch import KernelSpec
+
+def no_workers(*args, **kwargs):
+    raise AssertionError("a worker process was started")
+kernel_build.run_workers = no_workers
+specs = [KernelSpec.from_dict(d) for d in json.loads(sys.argv[2])]
+launcher = CachedKernelLauncher(sys.argv[1])
+first = launcher.build(specs, "cuda:90")
+launcher.build(specs, "cuda:90")
+print(json.dumps({"built": launcher.built, "binary": first[0].kernel.binary[:4].hex()}))
+"""
+
+
 @pytest.mark.interpreter
-def test_warm_builds_what_the_example_inputs_launch(tmp_path):
+def test_a_miss_compiles_in_process_when_triton_is_not_interpreting(tmp_path):
     from sparsecc.build import record_kernels
     compiled, x = _compiled()
-    cached = CachedKernelLauncher(tmp_path, target_of=lambda device: "cuda:90", load=Loaded())
-    specs = [spec for spec, _ in record_kernels(compiled.program, compiled.constants, [x], variants=False)]
-    assert cached.warm(specs, x.device) == 1
-    assert cached.warm(specs, x.device) == 0                   # the second time everything is cached
-    assert all(KernelCache(tmp_path).get(b.key) for b in kernel_build.build_kernels(specs, ["cuda:90"],
-                                                                                    cache_dir=tmp_path,
-                                                                                    progress=False))
+    specs = [spec.to_dict() for spec, _ in record_kernels(compiled.program, compiled.constants, [x], variants=False)]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path), json.dumps(specs)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report == {"built": 1, "binary": b"\x7fELF".hex()}
+    assert len(list(tmp_path.glob("*/*/kernel.cubin"))) == 1
 
 
 def test_cpu_tensors_keep_triton_and_cpu_backends_have_no_launcher():
