@@ -24,7 +24,9 @@ def add_parsers(sub: argparse._SubParsersAction, add_model_args: Callable, spars
 
 def _add_onnx_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--contrib", action="store_true",
-                   help="use onnxruntime contrib ops (com.microsoft.MoE ...) where they compute the same thing")
+                   help="use onnxruntime contrib ops (com.microsoft MoE, GroupQueryAttention, SparseAttention) where "
+                        "they compute the same thing; run files with SparseAttention through "
+                        "sparsecc.onnx.runner.OnnxRunner, which binds its past/present buffers")
     p.add_argument("--opset", type=int, help="ONNX opset of the written file (default 20)")
 
 

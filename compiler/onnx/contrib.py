@@ -4,12 +4,15 @@
                                              expert, float32; gated SiLU experts as swiglu with
                                              gate/up rows interleaved (swiglu_fusion=1,
                                              alpha=1, beta=0, no clamp); ungated relu/gelu/silu
-Anything else keeps its function form, and the export log says why. Attention
-is not mapped: GroupQueryAttention's `local_window_size` is a per-element band
-(query i sees keys i-W < j <= i, measured in onnxruntime 1.32), while the window
-policy keeps whole key blocks (a staircase), so the two differ at block edges;
-SparseAttention (causal block-CSR, past/present in one bound buffer) is not
-wired up yet.
+    sparsecc::block_attention                when what it attends to is known at export time
+      -> com.microsoft.GroupQueryAttention   and is one causal band i - W < j <= i (a model's
+         (local_window_size=W, -1: causal)   own causal or sliding-window mask, policy mask)
+      -> com.microsoft.SparseAttention       or is causal over whole key blocks (policy window:
+         (block-CSR layout, past/present     a block staircase plus sink blocks); its
+          bound to one buffer)               block_layout is evaluated into the CSR layout
+
+The attention mapping and its conditions are in `contrib_attention`. Anything
+else keeps its function form, and the export log says why.
 """
 from __future__ import annotations
 
@@ -22,9 +25,6 @@ from .spec import CallSpec
 CONTRIB = "com.microsoft"
 _UNGATED = {"relu": "relu", "gelu": "gelu", "silu": "silu"}
 _NO_CONTRIB = {
-    "block_attention": "GroupQueryAttention's local_window_size is a per-element band, the block layout a "
-                       "block staircase (and SparseAttention is not wired up)",
-    "block_layout": "the layout feeds block_attention, which keeps its function form",
     "nm_linear": "no contrib op takes N:M-compressed weights",
     "nm_decompress": "no contrib op takes N:M-compressed weights",
     "nm_conv2d": "no contrib op takes N:M-compressed weights",
@@ -87,9 +87,13 @@ def moe_contrib(graph: ir.Graph, node: ir.Node, spec: CallSpec) -> None:
     graph.remove(node, safe=True)
 
 
-def try_contrib(model: ir.Model, node: ir.Node, spec: CallSpec) -> tuple[str | None, str]:
-    """(contrib op used or None, one log line)."""
+def try_contrib(model: ir.Model, node: ir.Node, spec: CallSpec,
+                attention_lines: dict[str, str] | None = None) -> tuple[str | None, str]:
+    """(contrib op used or None, one log line). Attention nodes were decided by
+    `contrib_attention.map_attention`; `attention_lines` holds the log lines of those it kept."""
     where = f"{spec.op} '{spec.node}'"
+    if spec.op in ("block_attention", "block_layout"):
+        return None, (attention_lines or {}).get(node.name, f"{where}: not examined for contrib ops; function form")
     if spec.op != "moe":
         return None, f"{where}: {_NO_CONTRIB.get(spec.op, 'no contrib op computes it')}; function form"
     misfit = moe_misfit(spec)

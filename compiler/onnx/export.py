@@ -174,8 +174,16 @@ def attach_sparse_semantics(model: ir.Model, contrib: bool, opset: int,
                             result: ExportResult | None = None) -> onnx.ModelProto:
     """Give every sparsecc node a local function (or a contrib form); returns the model proto."""
     from .contrib import try_contrib
+    from .contrib_attention import map_attention
     result = result or ExportResult("", 0)
     functions: dict[tuple[str, str], onnx.FunctionProto] = {}
+    attention_lines: dict[str, str] = {}
+    if contrib:   # attention first: a mapped block_attention takes its block_layout with it
+        mapped, attention_lines = map_attention(model, opset)
+        for used, line in mapped:
+            result.log.append(line)
+            if used:
+                result.contrib_nodes[used] = result.contrib_nodes.get(used, 0) + 1
     for node in list(model.graph):
         if node.domain != DOMAIN:
             continue
@@ -183,7 +191,7 @@ def attach_sparse_semantics(model: ir.Model, contrib: bool, opset: int,
         for value, elem_type in zip(node.outputs, rule_for(spec.op).output_types(spec)):
             value.dtype = ir.DataType(elem_type)
         if contrib:
-            used, line = try_contrib(model, node, spec)
+            used, line = try_contrib(model, node, spec, attention_lines)
             result.log.append(line)
             if used:
                 result.contrib_nodes[used] = result.contrib_nodes.get(used, 0) + 1

@@ -4,11 +4,14 @@ block_layout: count visible elements per (query block, key block) of the
 zero-padded mask; full = all visible, partial = some; each row of flags is
 compacted by TopK(smallest) of  (not flag) * NK + column,  which lists the
 flagged blocks first, ascending, then the rest (the runtime's stable argsort).
+Policy window ANDs the flags with the band fixed at export time; policy topk
+with the blocks its pooled scores choose (`functions_attention_policies`).
 
 block_attention: the listed block states expanded to elements,
 visible = full | (partial & rule), then fp32 softmax(q k^T * scale + (0 | -inf)) v
 with kv head h // (Hq/Hkv) per query head; rows that see no key are filled as
 `empty_rows` says. The function states the semantics; it computes every block.
+threshold > 0 first drops the blocks the BLASST rule skips (`functions_attention_policies`).
 """
 from __future__ import annotations
 
@@ -51,11 +54,14 @@ def window_reach(seq: int, keys: int, window: int, sinks: int, block_q: int, blo
 
 
 def block_layout_function(spec: CallSpec):
+    from .functions_attention_policies import topk_kept  # that module builds on the helpers here
     a = spec.attrs
     bq, bk, policy = a["block_q"], a["block_k"], a.get("policy", "mask")
-    if policy not in ("mask", "window"):
-        raise ValueError(f"policy {policy!r} (scores chosen from the data) has no ONNX function form")
-    b = Body("block_layout", spec.key(), ["mask"][:1], sorted(a), spec.opset)
+    if policy not in ("mask", "window", "topk"):
+        raise ValueError(f"policy {policy!r} has no ONNX function form")
+    if policy == "topk" and (spec.operand(1) is None or spec.operand(2) is None):
+        raise ValueError("policy topk needs its q and k inputs")
+    b = Body("block_layout", spec.key(), ["mask", "q", "k"][:len(spec.operands)], sorted(a), spec.opset)
     mask, (bm, hm, s, skv) = _as_4d(b, "mask", spec.operands[0].static(f"block_layout node '{spec.node}': mask"))
     nq, nk = math.ceil(s / bq), math.ceil(skv / bk)
     counts = b.op("Pad", b.op("Cast", mask, to=TensorProto.INT32), b.ints(0, 0, 0, 0, 0, 0, nq * bq - s, nk * bk - skv))
@@ -66,6 +72,9 @@ def block_layout_function(spec: CallSpec):
         reach = b.const(window_reach(s, skv, a["window"], a["sinks"], bq, bk), np.bool_)
         full, visible = b.op("And", full, reach), b.op("And", visible, reach)
     partial = b.op("And", visible, b.op("Not", full))
+    if policy == "topk":
+        kept = topk_kept(b, spec, visible, s, skv)
+        full, partial = b.op("And", full, kept), b.op("And", partial, kept)
     kv_num, kv_idx = _compact(b, partial, nk)
     full_num, full_idx = _compact(b, full, nk)
     return b.finish([kv_num, kv_idx, full_num, full_idx])
@@ -103,9 +112,8 @@ def _repeat_heads(b: Body, x: str, shape: tuple, hq: int) -> str:
 
 
 def block_attention_function(spec: CallSpec):
+    from .functions_attention_policies import threshold_kept  # that module builds on the helpers here
     a = spec.attrs
-    if a.get("threshold", 0.0) > 0:
-        raise ValueError("threshold > 0 (BLASST skipping depends on the data) has no ONNX function form")
     ops = spec.operands
     where = f"block_attention node '{spec.node}'"
     q_shape, k_shape, v_shape = (ops[i].static(f"{where}: {n}") for i, n in enumerate("qkv"))
@@ -123,6 +131,10 @@ def block_attention_function(spec: CallSpec):
     v = _repeat_heads(b, f32("v"), v_shape, hq)
     scores = b.op("Mul", b.op("MatMul", f32("q"), b.op("Transpose", k, perm=[0, 1, 3, 2])),
                   b.const(a["scale"], np.float32))
+    if a.get("threshold", 0.0) > 0:
+        kept = threshold_kept(b, spec, scores, visible)
+        kept = _elements(b, kept, (q_shape[0], hq), nq, nk, a["block_q"], a["block_k"], s, skv)
+        visible = b.op("And", visible, kept)
     bias = b.op("Where", visible, b.const(0.0, np.float32), b.const(-np.inf, np.float32))
     out = b.op("MatMul", b.op("Softmax", b.op("Add", scores, bias), axis=-1), v)
     seen = b.op("Greater", b.op("ReduceMax", b.op("Cast", visible, to=TensorProto.INT32), b.ints(-1), keepdims=1),

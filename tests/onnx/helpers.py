@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
+from sparsecc.onnx.runner import OnnxRunner
 
 
 def run_ort(path: str, *inputs: torch.Tensor) -> list[np.ndarray]:
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)}
-    return session.run(None, feeds)
+    """The model's outputs in onnxruntime CPU; SparseAttention's past/present bound to one buffer each."""
+    return OnnxRunner(path).run(*inputs)
 
 
 def node_types(path: str) -> list[str]:

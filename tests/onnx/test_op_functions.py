@@ -59,12 +59,6 @@ def test_function_matches_the_cpu_kernel(name, index):
         pytest.skip("onnxruntime CPU has no bfloat16 MatMul")
     want = OPS[name].op(*sample)
     want = want if isinstance(want, (tuple, list)) else (want,)
-    data_chosen = (name == "block_attention" and len(sample) > 11 and sample[11] > 0   # BLASST threshold
-                   or name == "block_layout" and len(sample) > 3 and sample[3] == "topk")
-    if data_chosen:   # these stay unsupported, with a message naming why
-        with pytest.raises(ValueError, match="has no ONNX function form"):
-            single_op_model(name, sample, want)
-        return
     model, feeds = single_op_model(name, sample, want)
     onnx.checker.check_model(model, full_check=True)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
