@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+from torch.utils._sympy.numbers import int_oo
 from torch.utils import _pytree as pytree
 
 from .errors import CaptureError, ConfigError
@@ -101,8 +102,10 @@ def _unlifted(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule:
 
 
 def _symbol_ranges(ep: torch.export.ExportedProgram) -> dict[str, list[Optional[int]]]:
-    ranges = {}
-    for symbol, bounds in ep.range_constraints.items():
-        upper = bounds.upper
-        ranges[str(symbol)] = [int(bounds.lower), int(upper) if upper.is_finite else None]
-    return ranges
+    return {str(symbol): symbol_range(bounds) for symbol, bounds in ep.range_constraints.items()}
+
+
+def symbol_range(bounds: Any) -> list[Optional[int]]:
+    """[lower, upper or None] of a sympy ValueRanges (torch's int_oo claims to be finite: test for it)."""
+    unbounded = bounds.upper is int_oo or not bounds.upper.is_finite
+    return [int(bounds.lower), None if unbounded else int(bounds.upper)]

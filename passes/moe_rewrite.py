@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.fx import GraphModule, Node
 
-from .rewriter import Rewriter
+from .rewriter import RewriteError, Rewriter
 
 if TYPE_CHECKING:
     from .moe_dispatch import Reading
@@ -28,10 +28,37 @@ def _shaped_like(rw: Rewriter, flat: Node, block: "MoEBlock") -> Node:
     if want.dim() != 2:
         same = block.hidden.meta["val"].shape == want.shape
         out = rw.call(aten.view_as.default, out, block.hidden) if same else \
-            rw.call(aten.reshape.default, out, [int(d) for d in want.shape])
+            rw.call(aten.reshape.default, out, _shape_args(rw, want.shape))
     if want.dtype != out.meta["val"].dtype:
         out = rw.call(aten.to.dtype, out, want.dtype)
     return out
+
+
+def _shape_args(rw: Rewriter, shape: torch.Size) -> list:
+    """`shape` as reshape arguments: ints, and for a dynamic dim a node computing it, so the rewrite keeps
+    the dims the model was compiled dynamic in (an int would fix them to the example's size)."""
+    args = []
+    for dim in shape:
+        expr = dim.node.expr if isinstance(dim, torch.SymInt) else None
+        args.append(int(dim) if expr is None or expr.is_number else _size_node(rw, expr))
+    return args
+
+
+def _size_node(rw: Rewriter, expr) -> Node:
+    """A node whose value is the symbolic size `expr`: one the graph has, else sym_size of an input."""
+    for node in rw.graph.nodes:
+        if node is rw.root:
+            break
+        val = node.meta.get("val")
+        if isinstance(val, torch.SymInt) and val.node.expr == expr and node.op != "placeholder":
+            return node
+    for node in rw.graph.nodes:
+        val = node.meta.get("val")
+        if node.op == "placeholder" and isinstance(val, torch.Tensor):
+            for index, dim in enumerate(val.shape):
+                if isinstance(dim, torch.SymInt) and dim.node.expr == expr:
+                    return rw.call(aten.sym_size.int, node, index)
+    raise RewriteError(f"no node of the graph computes the dynamic size {expr}")
 
 
 def insert_dispatch(gm: GraphModule, block: "MoEBlock", reading: "Reading", capacity_factor: float) -> Node:

@@ -11,6 +11,7 @@ functions and constant-folds the decompression when it loads the model.
 """
 from __future__ import annotations
 
+import inspect
 import io
 import logging
 import os
@@ -21,13 +22,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import onnx
+import sympy
 import torch
 from onnxscript import ir
+from sparsecc.capture import symbol_range
 from sparsecc.errors import SparseccError
 from torch.utils import _pytree as pytree
 
 from .body import DOMAIN
-from .rules import EXPORT_RULES, rule_for, rule_name
+from .rules import EXPORT_RULES, dynamic_shape_misfit, rule_for, rule_name
 from .spec import CallSpec, Operand
 from .translate import translation_table
 
@@ -64,20 +67,22 @@ def export_compiled(compiled, path: str, contrib: bool = False, opset: int | Non
                     compare_dense: bool = False) -> ExportResult:
     """CompiledModel.export_onnx: the rewritten graph, and optionally the dense graph for its file size."""
     captured = compiled._captured
-    result = export_graph(compiled.graph_module, captured.in_spec, path, contrib, opset or DEFAULT_OPSET)
+    result = export_graph(compiled.graph_module, captured.in_spec, path, contrib, opset or DEFAULT_OPSET,
+                          captured.symbol_ranges)
     if compare_dense:
         with tempfile.TemporaryDirectory() as tmp:
             dense = export_graph(captured.dense_gm, captured.in_spec, os.path.join(tmp, "dense.onnx"),
-                                 opset=opset or DEFAULT_OPSET)
+                                 opset=opset or DEFAULT_OPSET, symbol_ranges=captured.symbol_ranges)
             result.dense_file_bytes, result.dense_weight_bytes = dense.file_bytes, dense.weight_bytes
     return result
 
 
 def export_graph(gm: torch.fx.GraphModule, in_spec: Any, path: str, contrib: bool = False,
-                 opset: int = DEFAULT_OPSET) -> ExportResult:
-    """Write the rewritten graph `gm` (placeholders with static meta["val"]) to `path`."""
-    model = _torch_export(gm, in_spec, opset)
-    result = ExportResult(path, 0)
+                 opset: int = DEFAULT_OPSET, symbol_ranges: dict | None = None) -> ExportResult:
+    """Write the rewritten graph `gm` to `path`; symbolic placeholder dims (ranges in `symbol_ranges`,
+    the compile's) stay symbolic ONNX dims named as the user's torch.export.Dim, else the symbol."""
+    model = _torch_export(gm, in_spec, opset, symbol_ranges)
+    result = ExportResult(path, 0, log=_specialised_dims(gm))
     proto = attach_sparse_semantics(model, contrib, opset, result)
     onnx.checker.check_model(proto, full_check=True)
     save(proto, path)
@@ -95,17 +100,84 @@ def save(proto: onnx.ModelProto, path: str) -> None:
         onnx.save(proto, path)
 
 
-def example_arguments(gm: torch.fx.GraphModule, in_spec: Any) -> tuple[tuple, dict]:
-    """(args, kwargs) of the graph's placeholder shapes: zeros, which is all tracing needs."""
-    leaves = []
+def _input_values(gm: torch.fx.GraphModule) -> list[tuple[str, torch.Tensor]]:
+    """(name, meta["val"]) of every placeholder, in order; each must be a tensor."""
+    values = []
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             val = node.meta.get("val")
-            if not isinstance(val, torch.Tensor) or not all(isinstance(d, int) for d in val.shape):
-                raise OnnxExportError(f"input '{node.name}' has no static tensor shape ({val}); ONNX export "
-                                      "supports models compiled for static input shapes")
-            leaves.append(torch.zeros(val.shape, dtype=val.dtype))
+            if not isinstance(val, torch.Tensor):
+                raise OnnxExportError(f"input '{node.name}' is not a tensor ({val}); ONNX export takes tensor inputs")
+            values.append((node.name, val))
+    return values
+
+
+def _static_size(size: Any) -> int | None:
+    """The dim as an int when it is static (a symbol a pass specialised counts), else None."""
+    if isinstance(size, int):
+        return size
+    return int(size.node.expr) if size.node.expr.is_number else None
+
+
+def _size_hint(name: str, axis: int, size: Any) -> int:
+    """A static dim, or the example size the model was compiled with for a symbolic one."""
+    static = _static_size(size)
+    if static is not None:
+        return static
+    hint = size.node.hint
+    if hint is None:
+        raise OnnxExportError(f"input '{name}' dim {axis} ({size}) has no example size to trace with")
+    return int(hint)
+
+
+def _specialised_dims(gm: torch.fx.GraphModule) -> list[str]:
+    """Log lines for input dims compiled as symbols that the rewrite fixed to one size (they export static)."""
+    return [f"input '{name}' dim {axis}: compiled dynamic, fixed to {int(d)} by the rewrite; exported static"
+            for name, val in _input_values(gm) for axis, d in enumerate(val.shape)
+            if not isinstance(d, int) and _static_size(d) is not None]
+
+
+def example_arguments(gm: torch.fx.GraphModule, in_spec: Any) -> tuple[tuple, dict]:
+    """(args, kwargs) of the graph's placeholder shapes at the compiled example sizes: zeros, which
+    is all tracing needs."""
+    leaves = [torch.zeros([_size_hint(name, axis, d) for axis, d in enumerate(val.shape)], dtype=val.dtype)
+              for name, val in _input_values(gm)]
     return pytree.tree_unflatten(leaves, in_spec) if in_spec is not None else (tuple(leaves), {})
+
+
+def _dim_name(symbol: Any, shape_env: Any) -> str:
+    """The name the user gave the dim (torch.export.Dim), else the compile's symbol (s31)."""
+    for source in shape_env.var_to_sources.get(symbol, []):
+        name = shape_env.source_name_to_debug_name.get(source.name)
+        if name:
+            return name
+    return str(symbol)
+
+
+def _export_dim(name: str, axis: int, size: Any, ranges: dict, dims: dict) -> Any:
+    """One torch.export.Dim per symbol of the compile (shared by every input that has it)."""
+    expr = size.node.expr
+    if not isinstance(expr, sympy.Symbol):
+        raise OnnxExportError(f"input '{name}' dim {axis} is {expr}, an expression of symbols; ONNX export "
+                              "supports dynamic dims that are one symbol each")
+    if expr not in dims:
+        bounds = ranges.get(str(expr)) or symbol_range(size.node.shape_env.var_to_range[expr])
+        limits = {"min": bounds[0]} | ({"max": bounds[1]} if bounds[1] is not None else {})
+        dims[expr] = torch.export.Dim(_dim_name(expr, size.node.shape_env), **limits)
+    return dims[expr]
+
+
+def dynamic_shapes(gm: torch.fx.GraphModule, in_spec: Any, symbol_ranges: dict | None = None) -> dict | None:
+    """torch.export dynamic_shapes for the graph's symbolic input dims, by forward argument name
+    ({} for a static input); None when every input is static."""
+    dims: dict = {}
+    per_input = [{axis: _export_dim(name, axis, d, symbol_ranges or {}, dims)
+                  for axis, d in enumerate(val.shape) if _static_size(d) is None}
+                 for name, val in _input_values(gm)]
+    if not dims:
+        return None
+    args, kwargs = pytree.tree_unflatten(per_input, in_spec) if in_spec is not None else (tuple(per_input), {})
+    return dict(inspect.signature(gm.forward).bind(*args, **kwargs).arguments)
 
 
 def _sparse_ops(gm: torch.fx.GraphModule) -> list[str]:
@@ -120,14 +192,16 @@ def _sparse_ops(gm: torch.fx.GraphModule) -> list[str]:
     return names
 
 
-def _torch_export(gm: torch.fx.GraphModule, in_spec: Any, opset: int) -> ir.Model:
+def _torch_export(gm: torch.fx.GraphModule, in_spec: Any, opset: int,
+                  symbol_ranges: dict | None = None) -> ir.Model:
     args, kwargs = example_arguments(gm, in_spec)
+    dynamic = dynamic_shapes(gm, in_spec, symbol_ranges)
     table = translation_table(_sparse_ops(gm))
     quiet = io.StringIO()
     try:
         with warnings.catch_warnings(), redirect_stdout(quiet), redirect_stderr(quiet):
             warnings.simplefilter("ignore")
-            program = _export_with_cached_registry(gm, args, kwargs, table, opset)
+            program = _export_with_cached_registry(gm, args, kwargs, table, opset, dynamic)
     except Exception as err:  # the exporter raises many types; all mean "cannot export this graph"
         lines = str(err).strip().splitlines()
         raise OnnxExportError("torch.onnx.export failed on the rewritten graph: "
@@ -138,18 +212,20 @@ def _torch_export(gm: torch.fx.GraphModule, in_spec: Any, opset: int) -> ir.Mode
 _REGISTRIES: dict[int, tuple[Any, set]] = {}
 
 
-def _export_with_cached_registry(gm, args, kwargs, table: dict, opset: int):
-    """torch.onnx.export(dynamo=True, custom_translation_table=table), reusing the torchlib registry.
+def _export_with_cached_registry(gm, args, kwargs, table: dict, opset: int, dynamic: dict | None = None):
+    """torch.onnx.export(dynamo=True, custom_translation_table=table, dynamic_shapes=dynamic), reusing
+    the torchlib registry.
 
     Building the registry takes ~3 s per call; torch.onnx.export rebuilds it every time, so
     this calls the exporter core with one registry per opset (private API: on any change
-    there it falls back to the public call).
+    there it falls back to the public call, which names the dynamic axes itself).
     """
     try:
         from torch.onnx._internal.exporter import _core, _registration
     except ImportError:
         return torch.onnx.export(gm, args, kwargs=kwargs, dynamo=True, opset_version=opset,
-                                 custom_translation_table=table, optimize=True, verbose=False)
+                                 custom_translation_table=table, optimize=True, verbose=False,
+                                 dynamic_shapes=dynamic)
     if opset not in _REGISTRIES:
         _REGISTRIES[opset] = (_registration.ONNXRegistry.from_torchlib(opset_version=max(opset, 18)), set())
     registry, registered = _REGISTRIES[opset]
@@ -157,17 +233,30 @@ def _export_with_cached_registry(gm, args, kwargs, table: dict, opset: int):
         if target not in registered:
             registry.register_op(target, function, is_complex=False)
             registered.add(target)
-    return _core.export(gm, args, kwargs, registry=registry, optimize=True, opset_version=opset, verbose=False)
+    program = _core.export(gm, args, kwargs, registry=registry, dynamic_shapes=dynamic, optimize=True,
+                           opset_version=opset, verbose=False)
+    if dynamic:   # the exporter's own symbols (s0, ...) -> the Dim names, as torch.onnx.export does
+        program._rename_dynamic_axes(dynamic)
+    return program
 
 
 def call_spec(node: ir.Node, opset: int) -> CallSpec:
     while node.inputs and node.inputs[-1] is None:   # omitted trailing optionals leave the node
         node.resize_inputs(len(node.inputs) - 1)
-    operands = tuple(None if v is None else Operand(tuple(d if isinstance(d, int) else str(d) for d in v.shape),
-                                                    int(v.dtype))
-                     for v in node.inputs)
+    return _spec(node, opset)
+
+
+def _spec(node: ir.Node, opset: int) -> CallSpec:
+    operands = tuple(None if v is None else _operand(v) for v in node.inputs)
     attrs = {name: attr.value for name, attr in node.attributes.items()}
     return CallSpec(node.op_type, node.name or node.op_type, attrs, operands, opset)
+
+
+def _operand(value: ir.Value) -> Operand:
+    """Shape (symbolic dims as their names) and dtype; an earlier sparse node's output is typed only
+    once that node is attached, so before then its dtype reads UNDEFINED."""
+    shape = tuple(d if isinstance(d, int) else str(d) for d in value.shape)
+    return Operand(shape, int(value.dtype) if value.dtype is not None else onnx.TensorProto.UNDEFINED)
 
 
 def attach_sparse_semantics(model: ir.Model, contrib: bool, opset: int,
@@ -176,6 +265,7 @@ def attach_sparse_semantics(model: ir.Model, contrib: bool, opset: int,
     from .contrib import try_contrib
     from .contrib_attention import map_attention
     result = result or ExportResult("", 0)
+    _check_dynamic_shapes(model, opset)
     functions: dict[tuple[str, str], onnx.FunctionProto] = {}
     attention_lines: dict[str, str] = {}
     if contrib:   # attention first: a mapped block_attention takes its block_layout with it
@@ -206,6 +296,16 @@ def attach_sparse_semantics(model: ir.Model, contrib: bool, opset: int,
         _import_opset(proto, "com.microsoft", 1)
     _import_opset(proto, DOMAIN, 1)
     return proto
+
+
+def _check_dynamic_shapes(model: ir.Model, opset: int) -> None:
+    """Refuse, naming the node, sparse nodes whose bodies cannot take their symbolic dims."""
+    for node in model.graph:
+        if node.domain == DOMAIN:
+            spec = _spec(node, opset)   # the node is left as it is: contrib mapping reads it next
+            misfit = dynamic_shape_misfit(spec)
+            if misfit:
+                raise OnnxExportError(f"sparsecc::{spec.op} node '{spec.node}': {misfit}")
 
 
 def _function(spec: CallSpec) -> onnx.FunctionProto:

@@ -2,7 +2,8 @@
 
     weights, experts = TopK(Softmax|Sigmoid(router_logits), top_k)     (normalised if asked)
     for e in 0..E-1:    pairs  = NonZero(experts == e)          [2, c]: (token, slot), token order
-                        (first ceil(cf*T*k/E) pairs when capacity_factor > 0)
+                        (first ceil(cf*T*k/E) pairs when capacity_factor > 0; in float64
+                        in the graph when the token count T is dynamic)
                         y     += ScatterND(add) at token of  w[token, slot] * expert_e(hidden[token])
     y += shared(hidden) * Sigmoid(hidden @ shared_gate.T)            (when given)
 
@@ -62,22 +63,36 @@ def route(b: Body, spec: CallSpec, dtype) -> tuple[str, str]:
     return b.op("Reshape", weights, b.ints(-1)), experts
 
 
+def capacity_limit(b: Body, spec: CallSpec, num_experts: int) -> str | None:
+    """[1] int64 pairs each expert keeps, or None without a capacity factor. A static T gives the
+    constant ceil(cf*T*k/E); a dynamic one ceil(cf*(T*k)/E) in float64, as runtime.moe_routing.capacity."""
+    a, hidden = spec.attrs, spec.operands[0]
+    if a["capacity_factor"] <= 0:
+        return None
+    if hidden.is_static:
+        return b.ints(math.ceil(a["capacity_factor"] * hidden.shape[0] * a["top_k"] / num_experts))
+    pairs = b.op("Mul", b.op("Shape", "hidden", start=0, end=1), b.ints(a["top_k"]))
+    scaled = b.op("Mul", b.op("Cast", pairs, to=TensorProto.DOUBLE), b.const(a["capacity_factor"], np.float64))
+    limit = b.op("Ceil", b.op("Div", scaled, b.const(float(num_experts), np.float64)))
+    return b.op("Cast", limit, to=TensorProto.INT64)
+
+
 def moe_function(spec: CallSpec):
     a = spec.attrs
     present = [name for name, op in zip(INPUTS, spec.operands) if op is not None]
     b = Body("moe", spec.key(), list(INPUTS[:len(spec.operands)]), sorted(a), spec.opset)
     hidden = spec.operands[0]
-    tokens, width = hidden.static(f"moe node '{spec.node}': hidden")
-    num_experts = spec.operands[1].static(f"moe node '{spec.node}': router_logits")[1]
+    hidden.static_dim(1, f"moe node '{spec.node}': hidden")   # tokens may be dynamic, the width may not
+    num_experts = spec.operands[1].static_dim(1, f"moe node '{spec.node}': router_logits")
     dtype = hidden.np_dtype
     flat_weights, experts = route(b, spec, dtype)
-    limit = math.ceil(a["capacity_factor"] * tokens * a["top_k"] / num_experts) if a["capacity_factor"] > 0 else 0
+    limit = capacity_limit(b, spec, num_experts)
     zero = numpy_helper.from_array(np.zeros(1, dtype=dtype), "zero")
-    y = b.op("ConstantOfShape", b.ints(tokens, width), value=zero)
+    y = b.op("ConstantOfShape", b.op("Shape", "hidden"), value=zero)
     for e in range(num_experts):
         pairs = b.op("NonZero", b.op("Equal", experts, b.const(e)))
         if limit:
-            pairs = b.op("Slice", pairs, b.ints(0), b.ints(limit), b.ints(1))
+            pairs = b.op("Slice", pairs, b.ints(0), limit, b.ints(1))
         token, slot = b.op("Gather", pairs, b.const(0), axis=0), b.op("Gather", pairs, b.const(1), axis=0)
         weight = b.op("Gather", flat_weights, b.op("Add", b.op("Mul", token, b.const(a["top_k"])), slot))
         rows = b.op("Gather", "hidden", token, axis=0)

@@ -37,6 +37,32 @@ EXPORT_RULES: dict[str, ExportRule] = {
 }
 
 
+# (operand, axis) pairs that hold a sequence length: the block layout's NQ x NK grid is built from them
+_SEQUENCE_AXES = {
+    "block_layout": ((0, -2), (0, -1), (1, 2), (2, 2)),     # mask [.., S, Skv], q [B, H, S, D], k
+    "block_attention": ((0, 2), (1, 2), (2, 2)),            # q, k, v [B, H, S|Skv, D]
+}
+
+
+def dynamic_shape_misfit(spec: CallSpec) -> str | None:
+    """Why the op's function body cannot take the node's symbolic dims, or None when it can.
+    The N:M, MoE and routing bodies check their own dims; attention bodies need every dim static."""
+    if spec.op not in _SEQUENCE_AXES:
+        return None
+    for slot, axis in _SEQUENCE_AXES[spec.op]:
+        operand = spec.operand(slot)
+        if operand is not None and operand.rank > abs(axis) and not isinstance(operand.shape[axis], int):
+            return (f"attention block layouts need a static sequence length, and operand {slot} has the "
+                    f"dynamic length {operand.shape[axis]!r} (shape {list(operand.shape)}); compile with a "
+                    "static sequence dim, or without sparse attention")
+    dynamic = [op for op in spec.operands if op is not None and not op.is_static]
+    if dynamic:
+        return (f"the attention function bodies are specialised to static shapes, and an operand has the "
+                f"shape {list(dynamic[0].shape)} (a dynamic batch); compile with a static batch, or without "
+                "sparse attention")
+    return None
+
+
 def rule_name(opdef) -> str:
     """The rule an op's registry entry names (`OpDef.onnx_export`), else its own name."""
     return opdef.onnx_export or opdef.name

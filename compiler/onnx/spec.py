@@ -22,6 +22,16 @@ class Operand:
     def np_dtype(self) -> np.dtype:
         return helper.tensor_dtype_to_np_dtype(self.elem_type)
 
+    @property
+    def is_static(self) -> bool:
+        return all(isinstance(d, int) for d in self.shape)
+
+    def static_dim(self, axis: int, what: str) -> int:
+        """One dim that must be static (a weight's width, a head count) while others may be symbolic."""
+        if isinstance(self.shape[axis], int):
+            return self.shape[axis]
+        raise ValueError(f"{what} needs a static dim {axis}, got {list(self.shape)}")
+
     def static(self, what: str) -> tuple[int, ...]:
         if not all(isinstance(d, int) for d in self.shape):
             raise ValueError(f"{what} needs a static shape, got {list(self.shape)}")

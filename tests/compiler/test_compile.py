@@ -98,6 +98,14 @@ def test_output_structure_and_dynamic_batch():
     assert set(out) == {"a", "pair"} and out["a"].shape == (9, 8) and out["pair"][0].shape == (9, 4)
 
 
+@pytest.mark.parametrize("dim", [torch.export.Dim("batch"), torch.export.Dim.DYNAMIC, torch.export.Dim.AUTO])
+def test_dims_without_an_upper_bound(dim):
+    model = torch.nn.Linear(16, 16).eval()
+    compiled = sparsecc.compile(model, (torch.randn(4, 16),), sparsity="2:4", dynamic_shapes=({0: dim},))
+    assert [upper for _, upper in compiled.program.symbol_ranges.values()] == [None]
+    assert compiled(torch.randn(300, 16)).shape == (300, 16)
+
+
 @pytest.mark.interpreter
 def test_triton_backend_matches_torch_backend():
     model, x = Projections(dim=32), torch.randn(8, 32)
