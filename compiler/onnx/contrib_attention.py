@@ -54,7 +54,7 @@ class AttentionFit:
 @dataclass(frozen=True)
 class AttentionCall:
     """A block_attention node's shapes: q [B, Hq, S, D], k [B, Hkv, Skv, D], v [B, Hkv, Skv, Dv]."""
-    batch: int
+    batch: int | str                     # a symbolic batch keeps its name
     q_heads: int
     kv_heads: int
     seq: int
@@ -106,8 +106,9 @@ def attention_call(node: ir.Node) -> AttentionCall | str:
         return "q, k or v has no known shape"
     q, k, v = (tuple(x.shape) for x in node.inputs[:3])
     dtypes = {-1 if x.dtype is None else int(x.dtype) for x in node.inputs[:3]}
-    if not all(isinstance(d, int) for d in q + k + v):
+    if not all(isinstance(d, int) for d in q[1:] + k[1:] + v[1:]):
         return f"symbolic shapes q {list(q)}, k {list(k)}"
+    q, k, v = ((str(x[0]) if not isinstance(x[0], int) else x[0], *x[1:]) for x in (q, k, v))
     if len(dtypes) != 1 or next(iter(dtypes)) not in _FLOATS:
         names = sorted("unknown" if d < 0 else ir.DataType(d).name for d in dtypes)
         return f"q, k, v dtypes {names} (both ops take one of float32, float16)"
@@ -198,6 +199,8 @@ def fit_attention(node: ir.Node, opset: int, cache: dict) -> tuple[AttentionFit 
     if not isinstance(window, str):
         return AttentionFit("GroupQueryAttention", window=window), layout
     blocks = causal_blocks(seen, call)
+    if not isinstance(blocks, str) and not isinstance(call.batch, int):
+        blocks = f"its past/present buffers, bound by the runner, need a static batch (got {call.batch!r})"
     if isinstance(blocks, str):
         policy = _attrs(layout).get("policy", "mask")
         staircase = " (the window policy keeps whole key blocks, a staircase)" if policy == "window" else ""
@@ -216,9 +219,9 @@ def _const(graph: ir.Graph, before: ir.Node, values: np.ndarray) -> ir.Value:
 
 
 def _pack(graph: ir.Graph, before: ir.Node, x: ir.Value, call: AttentionCall, heads: int) -> ir.Value:
-    """[B, H, S, D] -> [B, S, H * D], the contrib ops' layout."""
+    """[B, H, S, D] -> [B, S, H * D], the contrib ops' layout (Reshape's 0 keeps B, static or not)."""
     swap = ir.node("Transpose", [x], {"perm": [0, 2, 1, 3]})
-    shape = _const(graph, before, np.array([call.batch, call.seq, heads * call.head_dim], np.int64))
+    shape = _const(graph, before, np.array([0, call.seq, heads * call.head_dim], np.int64))
     merged = ir.node("Reshape", [swap.outputs[0], shape])
     graph.insert_before(before, [swap, merged])
     return merged.outputs[0]
@@ -226,7 +229,7 @@ def _pack(graph: ir.Graph, before: ir.Node, x: ir.Value, call: AttentionCall, he
 
 def _unpack(graph: ir.Graph, node: ir.Node, packed: ir.Value, call: AttentionCall) -> None:
     """[B, S, Hq * D] -> [B, Hq, S, D] in place of node's output, which it then removes."""
-    shape = _const(graph, node, np.array([call.batch, call.seq, call.q_heads, call.head_dim], np.int64))
+    shape = _const(graph, node, np.array([0, call.seq, call.q_heads, call.head_dim], np.int64))
     split = ir.node("Reshape", [packed, shape])
     swap = ir.node("Transpose", [split.outputs[0]], {"perm": [0, 2, 1, 3]})
     graph.insert_before(node, [split, swap])
@@ -269,13 +272,24 @@ def _shared_buffers(model: ir.Model, sparse: ir.Node, node_name: str, call: Atte
     return past
 
 
+def _per_batch_row(graph: ir.Graph, before: ir.Node, packed: ir.Value, value: np.generic,
+                   batch: int | str) -> ir.Value:
+    """[B] filled with `value`: a constant for a static batch, else expanded to dim 0 of `packed`."""
+    if isinstance(batch, int):
+        return _const(graph, before, np.full(batch, value))
+    rows = ir.node("Shape", [packed], {"start": 0, "end": 1})
+    filled = ir.node("Expand", [_const(graph, before, np.asarray(value)), rows.outputs[0]])
+    graph.insert_before(before, [rows, filled])
+    return filled.outputs[0]
+
+
 def rewrite_attention(model: ir.Model, node: ir.Node, fit: AttentionFit, call: AttentionCall) -> None:
     """Replace `node` by the contrib op `fit` names (q, k, v packed to [B, S, H * D] and back)."""
     graph, name = model.graph, node.name or "block_attention"
     q, k, v = (_pack(graph, node, x, call, h) for x, h in zip(node.inputs[:3], (call.q_heads, *[call.kv_heads] * 2)))
     attrs = {"num_heads": call.q_heads, "kv_num_heads": call.kv_heads, "scale": call.scale}
     if fit.op == "GroupQueryAttention":
-        seqlens_k = _const(graph, node, np.full(call.batch, call.seq - 1, np.int32))
+        seqlens_k = _per_batch_row(graph, node, q, np.int32(call.seq - 1), call.batch)
         inputs = [q, k, v, None, None, seqlens_k, _const(graph, node, np.array(call.seq, np.int32))]
         contrib = ir.node(fit.op, inputs, {**attrs, "local_window_size": fit.window}, domain=CONTRIB, num_outputs=1)
         graph.insert_before(node, contrib)

@@ -80,22 +80,30 @@ def block_layout_function(spec: CallSpec):
     return b.finish([kv_num, kv_idx, full_num, full_idx])
 
 
-def _block_states(b: Body, num: str, idx: str, lead: tuple, nq: int, nk: int) -> str:
+def _block_states(b: Body, num: str, idx: str, nk: int) -> str:
     """[Bm, Hm, NQ, NK] bool: the blocks the first `num` entries of each row of `idx` list."""
     valid = b.op("Less", b.const(np.arange(nk), np.int32), b.op("Unsqueeze", num, b.ints(-1)))
     slots = b.op("Where", valid, b.op("Cast", idx, to=TensorProto.INT64), b.const(nk))
     zero = numpy_helper.from_array(np.zeros(1, dtype=np.int32), "zero")
-    dense = b.op("ConstantOfShape", b.ints(*lead, nq, nk + 1), value=zero)
+    dense = b.op("ConstantOfShape", b.op("Concat", b.op("Shape", num), b.ints(nk + 1), axis=0), value=zero)
     ones = b.op("Expand", b.const(1, np.int32), b.op("Shape", slots))
     dense = b.op("ScatterElements", dense, slots, ones, axis=3)
     return b.op("Cast", b.op("Slice", dense, b.ints(0), b.ints(nk), b.ints(3)), to=TensorProto.BOOL)
 
 
-def _elements(b: Body, blocks: str, lead: tuple, nq: int, nk: int, bq: int, bk: int, s: int, skv: int) -> str:
-    """[Bm, Hm, S, Skv] bool: each block's state repeated over its elements."""
-    grid = b.op("Expand", b.op("Unsqueeze", blocks, b.ints(3, 5)), b.ints(*lead, nq, bq, nk, bk))
-    grid = b.op("Reshape", grid, b.ints(*lead, nq * bq, nk * bk))
+def _elements(b: Body, blocks: str, nq: int, nk: int, bq: int, bk: int, s: int, skv: int) -> str:
+    """[B, H, S, Skv] bool: each block's state of blocks [B, H, NQ, NK] repeated over its elements
+    (Expand by 1 and Reshape by 0 keep the leading dims, static or not)."""
+    grid = b.op("Expand", b.op("Unsqueeze", blocks, b.ints(3, 5)), b.ints(1, 1, nq, bq, nk, bk))
+    grid = b.op("Reshape", grid, b.ints(0, 0, nq * bq, nk * bk))
     return b.op("Slice", grid, b.ints(0, 0), b.ints(s, skv), b.ints(2, 3))
+
+
+def batch_shape(b: Body, batch: int | str, like: str, *rest: int) -> str:
+    """The shape [batch, *rest]: constant for a static batch, else with dim 0 read from input `like`."""
+    if isinstance(batch, int):
+        return b.ints(batch, *rest)
+    return b.op("Concat", b.op("Shape", like, start=0, end=1), b.ints(*rest), axis=0)
 
 
 def _causal(b: Body, s: int, skv: int) -> str:
@@ -104,11 +112,12 @@ def _causal(b: Body, s: int, skv: int) -> str:
 
 
 def _repeat_heads(b: Body, x: str, shape: tuple, hq: int) -> str:
-    batch, hkv, length, dim = shape
+    """[B, Hkv, L, D] -> [B, Hq, L, D], kv head h // (Hq/Hkv) for query head h (B may be symbolic)."""
+    _, hkv, length, dim = shape
     if hq == hkv:
         return x
-    grown = b.op("Expand", b.op("Unsqueeze", x, b.ints(2)), b.ints(batch, hkv, hq // hkv, length, dim))
-    return b.op("Reshape", grown, b.ints(batch, hq, length, dim))
+    grown = b.op("Expand", b.op("Unsqueeze", x, b.ints(2)), b.ints(1, hkv, hq // hkv, length, dim))
+    return b.op("Reshape", grown, b.ints(0, hq, length, dim))
 
 
 def block_attention_function(spec: CallSpec):
@@ -116,13 +125,13 @@ def block_attention_function(spec: CallSpec):
     a = spec.attrs
     ops = spec.operands
     where = f"block_attention node '{spec.node}'"
-    q_shape, k_shape, v_shape = (ops[i].static(f"{where}: {n}") for i, n in enumerate("qkv"))
+    q_shape, k_shape, v_shape = (ops[i].static_but_batch(f"{where}: {n}") for i, n in enumerate("qkv"))
     (_, hq, s, _), skv = q_shape, k_shape[2]
-    lead, nq, nk = ops[4].shape[:2], ops[4].shape[2], ops[4].shape[3]
+    nq, nk = ops[4].shape[2], ops[4].shape[3]
     b = Body("block_attention", spec.key(), list(ATTENTION_INPUTS[:len(ops)]), sorted(a), spec.opset)
-    full = _elements(b, _block_states(b, "full_num_blocks", "full_indices", lead, nq, nk), lead, nq, nk,
+    full = _elements(b, _block_states(b, "full_num_blocks", "full_indices", nk), nq, nk,
                      a["block_q"], a["block_k"], s, skv)
-    partial = _elements(b, _block_states(b, "kv_num_blocks", "kv_indices", lead, nq, nk), lead, nq, nk,
+    partial = _elements(b, _block_states(b, "kv_num_blocks", "kv_indices", nk), nq, nk,
                         a["block_q"], a["block_k"], s, skv)
     rule = _as_4d(b, "mask", ops[7].shape)[0] if len(ops) > 7 and ops[7] is not None else _causal(b, s, skv)
     visible = b.op("Or", full, b.op("And", partial, rule))
@@ -133,7 +142,7 @@ def block_attention_function(spec: CallSpec):
                   b.const(a["scale"], np.float32))
     if a.get("threshold", 0.0) > 0:
         kept = threshold_kept(b, spec, scores, visible)
-        kept = _elements(b, kept, (q_shape[0], hq), nq, nk, a["block_q"], a["block_k"], s, skv)
+        kept = _elements(b, kept, nq, nk, a["block_q"], a["block_k"], s, skv)
         visible = b.op("And", visible, kept)
     bias = b.op("Where", visible, b.const(0.0, np.float32), b.const(-np.inf, np.float32))
     out = b.op("MatMul", b.op("Softmax", b.op("Add", scores, bias), axis=-1), v)

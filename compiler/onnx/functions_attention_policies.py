@@ -25,7 +25,7 @@ import numpy as np
 from onnx import TensorProto, helper
 
 from .body import Body
-from .functions_attention import _repeat_heads
+from .functions_attention import _repeat_heads, batch_shape
 from .spec import CallSpec
 
 NEG_INF = -np.inf
@@ -40,10 +40,10 @@ class _LoopBody(Body):
 
 def _block_means(b: Body, x: str, shape: tuple, block: int) -> str:
     """[B, H, N, D] fp32 means of blocks of rows of x [B, H, L, D] (zero-padded; a ragged block over its rows)."""
-    batch, heads, length, dim = shape
+    _, heads, length, dim = shape
     n = math.ceil(length / block)
     padded = b.op("Pad", b.op("Cast", x, to=TensorProto.FLOAT), b.ints(0, 0, 0, 0, 0, 0, n * block - length, 0))
-    sums = b.op("ReduceSum", b.op("Reshape", padded, b.ints(batch, heads, n, block, dim)), b.ints(3), keepdims=0)
+    sums = b.op("ReduceSum", b.op("Reshape", padded, b.ints(0, heads, n, block, dim)), b.ints(3), keepdims=0)
     sizes = np.minimum(length - np.arange(n) * block, block).astype(np.float32)[:, None]
     return b.op("Div", sums, b.const(sizes, np.float32))
 
@@ -67,7 +67,7 @@ def _budget(b: Body, visible: str, topk: float) -> str:
 def topk_kept(b: Body, spec: CallSpec, visible: str, seq: int, keys: int) -> str:
     """Bool [B, Hq, NQ, NK]: the key blocks the topk policy keeps, given the mask's visible blocks."""
     a, where = spec.attrs, f"block_layout node '{spec.node}'"
-    q_shape, k_shape = (spec.operands[i].static(f"{where}: {n}") for i, n in ((1, "q"), (2, "k")))
+    q_shape, k_shape = (spec.operands[i].static_but_batch(f"{where}: {n}") for i, n in ((1, "q"), (2, "k")))
     bq, bk = a["block_q"], a["block_k"]
     nq, nk = math.ceil(seq / bq), math.ceil(keys / bk)
     k_means = _repeat_heads(b, _block_means(b, "k", k_shape, bk), (k_shape[0], k_shape[1], nk, k_shape[3]),
@@ -79,7 +79,7 @@ def topk_kept(b: Body, spec: CallSpec, visible: str, seq: int, keys: int) -> str
     _, order = b.op("TopK", ranked, b.ints(nk), axis=-1, largest=1, sorted=1, outputs=2)
     in_budget = b.op("Less", b.const(np.arange(nk)), _budget(b, visible, a["topk"]))   # by sorted position
     in_budget = b.op("Cast", b.op("Expand", in_budget, b.op("Shape", order)), to=TensorProto.INT32)
-    zeros = b.op("Expand", b.const(0, np.int32), b.ints(q_shape[0], q_shape[1], nq, nk))
+    zeros = b.op("Expand", b.const(0, np.int32), batch_shape(b, q_shape[0], "q", q_shape[1], nq, nk))
     chosen = b.op("Cast", b.op("ScatterElements", zeros, order, in_budget, axis=3), to=TensorProto.BOOL)
     return b.op("Or", b.op("And", chosen, visible), forced)
 
@@ -90,14 +90,13 @@ def _log_threshold(threshold: float) -> np.float32:
     return np.float32(math.log(float(str(np.float32(threshold)))))
 
 
-def _visiting_order(b: Body, lead: tuple, nq: int, nk: int) -> tuple[str, str]:
+def _visiting_order(b: Body, nk: int) -> tuple[str, str]:
     """(block at step t int64, step t listed bool) [Bm, Hm, NQ, NK]: full blocks, then partial ones."""
     steps = b.const(np.arange(nk))
     full_num = b.op("Unsqueeze", b.op("Cast", "full_num_blocks", to=TensorProto.INT64), b.ints(-1))
     kv_num = b.op("Unsqueeze", b.op("Cast", "kv_num_blocks", to=TensorProto.INT64), b.ints(-1))
     in_partial = b.op("Clip", b.op("Sub", steps, full_num), b.const(0), b.const(nk - 1))
-    partial = b.op("GatherElements", b.op("Cast", "kv_indices", to=TensorProto.INT64),
-                   b.op("Expand", in_partial, b.ints(*lead, nq, nk)), axis=3)
+    partial = b.op("GatherElements", b.op("Cast", "kv_indices", to=TensorProto.INT64), in_partial, axis=3)
     order = b.op("Where", b.op("Less", steps, full_num), b.op("Cast", "full_indices", to=TensorProto.INT64),
                  partial)
     return order, b.op("Less", steps, b.op("Add", full_num, kv_num))
@@ -127,21 +126,21 @@ def threshold_kept(b: Body, spec: CallSpec, scores: str, visible: str) -> str:
     a, ops = spec.attrs, spec.operands
     batch, heads, seq, keys = ops[0].shape[0], ops[0].shape[1], ops[0].shape[2], ops[1].shape[2]
     bq, bk = a["block_q"], a["block_k"]
-    lead, nq, nk = ops[4].shape[:2], ops[4].shape[2], ops[4].shape[3]
+    nq, nk = ops[4].shape[2], ops[4].shape[3]
     logits = b.op("Where", visible, scores, b.const(NEG_INF, np.float32))
     padded = b.op("Pad", logits, b.ints(0, 0, 0, 0, 0, 0, nq * bq - seq, nk * bk - keys),
                   b.const(NEG_INF, np.float32))
-    block_max = b.op("ReduceMax", b.op("Reshape", padded, b.ints(batch, heads, nq, bq, nk, bk)), b.ints(5),
+    block_max = b.op("ReduceMax", b.op("Reshape", padded, b.ints(0, heads, nq, bq, nk, bk)), b.ints(5),
                      keepdims=0)                                                       # [B, Hq, NQ, bq, NK]
-    order, listed = _visiting_order(b, lead, nq, nk)
-    order = b.op("Expand", order, b.ints(batch, heads, nq, nk))
+    order, listed = _visiting_order(b, nk)
+    order = b.op("Expand", order, batch_shape(b, batch, "q", heads, nq, nk))
     ordered_max = b.op("GatherElements", block_max,
-                       b.op("Expand", b.op("Unsqueeze", order, b.ints(3)), b.ints(batch, heads, nq, bq, nk)), axis=4)
-    start = b.op("Expand", b.const(NEG_INF, np.float32), b.ints(batch, heads, nq, bq))
+                       b.op("Expand", b.op("Unsqueeze", order, b.ints(3)), b.ints(1, 1, 1, bq, 1)), axis=4)
+    start = b.op("Expand", b.const(NEG_INF, np.float32), batch_shape(b, batch, "q", heads, nq, bq))
     body = _skip_loop_body(_log_threshold(a["threshold"]), ordered_max, listed)
     _, keep = b.op("Loop", b.const(nk), "", start, outputs=2, body=body)                 # keep [NK, B, Hq, NQ]
     visited = b.op("And", b.op("Transpose", keep, perm=[1, 2, 3, 0]), listed)           # in visiting order
     slots = b.op("Where", listed, order, b.const(nk))                                   # unlisted: spill column
-    blocks = b.op("Expand", b.const(0, np.int32), b.ints(batch, heads, nq, nk + 1))
+    blocks = b.op("Expand", b.const(0, np.int32), batch_shape(b, batch, "q", heads, nq, nk + 1))
     kept = b.op("ScatterElements", blocks, slots, b.op("Cast", visited, to=TensorProto.INT32), axis=3)
     return b.op("Cast", b.op("Slice", kept, b.ints(0), b.ints(nk), b.ints(3)), to=TensorProto.BOOL)

@@ -43,10 +43,14 @@ _SEQUENCE_AXES = {
     "block_attention": ((0, 2), (1, 2), (2, 2)),            # q, k, v [B, H, S|Skv, D]
 }
 
+# operands whose dim 0 (the batch) may be symbolic: q, k, v, and the layout (topk's has one per batch row)
+_BATCHED = {"block_layout": (1, 2), "block_attention": (0, 1, 2, 3, 4, 5, 6)}
+
 
 def dynamic_shape_misfit(spec: CallSpec) -> str | None:
     """Why the op's function body cannot take the node's symbolic dims, or None when it can.
-    The N:M, MoE and routing bodies check their own dims; attention bodies need every dim static."""
+    The N:M, MoE and routing bodies check their own dims; attention bodies take a symbolic batch
+    in q, k and v, every other dim static."""
     if spec.op not in _SEQUENCE_AXES:
         return None
     for slot, axis in _SEQUENCE_AXES[spec.op]:
@@ -55,11 +59,13 @@ def dynamic_shape_misfit(spec: CallSpec) -> str | None:
             return (f"attention block layouts need a static sequence length, and operand {slot} has the "
                     f"dynamic length {operand.shape[axis]!r} (shape {list(operand.shape)}); compile with a "
                     "static sequence dim, or without sparse attention")
-    dynamic = [op for op in spec.operands if op is not None and not op.is_static]
-    if dynamic:
-        return (f"the attention function bodies are specialised to static shapes, and an operand has the "
-                f"shape {list(dynamic[0].shape)} (a dynamic batch); compile with a static batch, or without "
-                "sparse attention")
+    for slot, operand in enumerate(spec.operands):
+        if operand is None or operand.is_static:
+            continue
+        if slot not in _BATCHED[spec.op] or not all(isinstance(d, int) for d in operand.shape[1:]):
+            return (f"operand {slot} has the shape {list(operand.shape)}: the attention bodies take a dynamic "
+                    "batch only in q, k, v and the layout (a mask or layout with a dynamic dim, e.g. a padding mask of a "
+                    "dynamic batch, must be static); compile with static shapes, or without sparse attention")
     return None
 
 

@@ -32,6 +32,12 @@ class Operand:
             return self.shape[axis]
         raise ValueError(f"{what} needs a static dim {axis}, got {list(self.shape)}")
 
+    def static_but_batch(self, what: str) -> tuple:
+        """The shape with every dim static except possibly dim 0 (a symbolic batch, kept as its name)."""
+        if not all(isinstance(d, int) for d in self.shape[1:]):
+            raise ValueError(f"{what} needs static dims after the batch, got {list(self.shape)}")
+        return self.shape
+
     def static(self, what: str) -> tuple[int, ...]:
         if not all(isinstance(d, int) for d in self.shape):
             raise ValueError(f"{what} needs a static shape, got {list(self.shape)}")
