@@ -12,7 +12,9 @@ and anything computed only from those and initializers) are folded once: ops tha
 Python numbers (Reshape's shape, Slice's starts, axes...) read them from there, so the
 imported graph is specialised to the example input shapes. A MatMul/Gemm with a constant
 2-D float B runs as F.linear over B stored [out, in], named after the layer that produced
-it when the file says (torch exporter's name_scopes), else after the initializer.
+it when the file says (torch exporter's name_scopes), else after the initializer. Each node
+runs inside `Scope` submodules named after the layers that made it (when the file says), so
+the captured nodes' nn_module_stack holds the original module paths.
 """
 from __future__ import annotations
 
@@ -132,6 +134,7 @@ class OnnxModule(torch.nn.Module):
         self.numbers: dict[str, np.ndarray] = {}         # the folded values ops read as numbers
         self._state: dict[str, str] = {}                 # ONNX value -> attribute path of its tensor
         self._linear: dict[tuple[str, bool], str] = {}   # (B value, transposed) -> attribute path
+        self._scopes: dict[int, list[Scope]] = {}        # node index -> the layers it runs inside
         self._fold(list(example_inputs))
 
     # ---- import time -------------------------------------------------------------------
@@ -171,9 +174,22 @@ class OnnxModule(torch.nn.Module):
         owner: torch.nn.Module = self
         for part in module_path.split(".") if module_path else []:
             if not hasattr(owner, part):
-                owner.add_module(part, torch.nn.Module())
+                owner.add_module(part, Scope())
             owner = getattr(owner, part)
         return owner
+
+    def _scope_chain(self, node: onnx.NodeProto) -> list[Scope]:
+        """The Scope modules of the layers that made `node`, outermost first (made on first use)."""
+        chain, owner = [], self
+        for part in layer_scopes(node):
+            part = re.sub(r"\W", "_", part)
+            while hasattr(owner, part) and not isinstance(getattr(owner, part), Scope):
+                part += "_"   # a layer named like an attribute (graph, training) or a tensor
+            if not hasattr(owner, part):
+                owner.add_module(part, Scope())
+            owner = getattr(owner, part)
+            chain.append(owner)
+        return chain
 
     def _free_path(self, hint: str) -> str:
         # torch.onnx names its own constants val_<n>: an imported one of that name would collide on re-export
@@ -241,8 +257,11 @@ class OnnxModule(torch.nn.Module):
                 if name in self._initializers and self.folded[name].is_floating_point() and not linear:
                     self._store(name, self.folded[name], name)
         inputs = [self._value(name) for name in node.input]
+        chain = self._scope_chain(node) if self._folding else self._scopes.get(index, [])
+        if self._folding and chain:
+            self._scopes[index] = chain
         try:
-            out = OPS[node.op_type](_Ctx(self, node, index), *inputs)
+            out = _in_scopes(chain, OPS[node.op_type], _Ctx(self, node, index), *inputs)
         except OnnxImportError:
             raise
         except Exception as err:
@@ -271,6 +290,33 @@ class OnnxModule(torch.nn.Module):
         finally:
             self._live = {}
         return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+class Scope(torch.nn.Module):
+    """A layer of the original model: ops run inside it, so torch.export records the layer path
+    in each node's nn_module_stack (what passes find regions by), and its tensors live on it."""
+
+    def forward(self, run: Any, *args: Any) -> Any:
+        return run(*args)
+
+
+def _in_scopes(chain: list[Scope], fn: Any, *args: Any) -> Any:
+    if not chain:
+        return fn(*args)
+    return chain[0](_in_scopes, chain[1:], fn, *args)
+
+
+def layer_scopes(node: onnx.NodeProto) -> list[str]:
+    """Layer names around `node`, outermost first: ['model', 'layers', '0', 'mlp'] from the torch
+    exporter's name scopes (['', 'model', 'model.layers.0', 'model.layers.0.mlp', 'add_3']), or
+    from a scoped node name ('/model/layers.0/mlp/Add', the TorchScript exporter); [] if neither."""
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            scopes = [s for s in re.findall(r"'([^']*)'", prop.value)[:-1] if s]
+            return scopes[-1].split(".") if scopes else []
+    if node.name.startswith("/"):
+        return [p for part in node.name.split("/")[1:-1] for p in part.split(".") if p]
+    return []
 
 
 def _layer_name(node: onnx.NodeProto, value: str) -> str:

@@ -16,8 +16,14 @@ from .onnx_ops import op
 
 @op("MatMul")
 def _matmul(ctx, a, b):
+    """F.linear for a constant 2-D B; aten.bmm for 3-D operands of one batch size (what
+    torch.bmm captures as, e.g. per-token expert matmuls); else matmul's broadcasting rules."""
     weight = ctx.linear_weight(1)
-    return torch.matmul(a, b) if weight is None else F.linear(a, weight)
+    if weight is not None:
+        return F.linear(a, weight)
+    if a.dim() == b.dim() == 3 and a.shape[0] == b.shape[0]:
+        return torch.bmm(a, b)
+    return torch.matmul(a, b)
 
 
 @op("Gemm")

@@ -175,16 +175,11 @@ def _dropout(ctx, x, *_):
 
 @op("GatherND")
 def _gather_nd(ctx, data, indices):
-    """out[i..., :] = data[batch..., indices[i..., 0], ..., indices[i..., q-1], :] (batch_dims leading)."""
+    """out[b..., i..., :] = data[b..., indices[b..., i..., 0], ..., indices[b..., i..., q-1], :]
+    with `batch_dims` leading b: one advanced index (aten.index), the form torch code
+    `weight[expert_ids]` captures as; aranges select the batch dims, negative indices wrap."""
     b = ctx.attr("batch_dims", 0)
-    q = indices.shape[-1]
-    indexed = data.shape[b:b + q]
-    indices = indices.to(torch.int64)
-    indices = torch.where(indices < 0, indices + torch.tensor(indexed, dtype=torch.int64), indices)
-    strides = [math.prod(indexed[j + 1:]) for j in range(q)]
-    linear = (indices * torch.tensor(strides, dtype=torch.int64)).sum(-1)       # [*batch, *rest of indices]
-    batch = math.prod(data.shape[:b])
-    rows = data.reshape(batch, math.prod(indexed), *data.shape[b + q:])
-    linear = linear.reshape(batch, -1)
-    picked = rows[torch.arange(batch)[:, None], linear]
-    return picked.reshape(*indices.shape[:-1], *data.shape[b + q:])
+    indices = indices if indices.dtype == torch.int64 else indices.to(torch.int64)
+    rank = indices.dim() - 1                        # dims of the index tuples: batch + the rest
+    batch = [torch.arange(data.shape[j]).reshape([-1 if d == j else 1 for d in range(rank)]) for j in range(b)]
+    return data[tuple(batch + [indices[..., j] for j in range(indices.shape[-1])])]
