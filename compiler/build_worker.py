@@ -52,6 +52,23 @@ def param_bytes(compiled: Any, api: str) -> list[int]:
     return sizes
 
 
+def fp_fusion() -> bool:
+    """Triton's default FP fusion (TRITON_DEFAULT_FP_FUSION, on unless "0"), passed explicitly: it is
+    part of the cache key, so binaries built under either setting never mix."""
+    return os.environ.get("TRITON_DEFAULT_FP_FUSION", "1") != "0"
+
+
+def divisibility_attrs(spec: dict[str, Any], target: Any) -> dict:
+    """Triton's "D" attribute (tt.divisibility=16) on the parameters the launch found divisible,
+    as the JIT sets it: 16-byte-aligned pointers and ints divisible by 16 (vector loads, cp.async)."""
+    from triton.compiler.compiler import make_backend
+    divisible = set(spec.get("divisible", ()))
+    if not divisible:
+        return {}
+    attr = make_backend(target).parse_attr("D")
+    return {(index,): attr for index, name in enumerate(spec["signature"]) if name in divisible}
+
+
 def compile_one(job: dict[str, Any], cache: Any) -> float:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -68,8 +85,10 @@ def compile_one(job: dict[str, Any], cache: Any) -> float:
     api, arch = parse_target(job["target"])
     target = GPUTarget(api, int(arch) if api == "cuda" else arch, 32 if api == "cuda" else 64)
     start = time.perf_counter()
-    source = ASTSource(fn=fn, signature=spec["signature"], constexprs=spec["constexprs"])
-    compiled = triton.compile(source, target=target, options=spec["options"])
+    source = ASTSource(fn=fn, signature=spec["signature"], constexprs=spec["constexprs"],
+                       attrs=divisibility_attrs(spec, target))
+    options = {**spec["options"], "enable_fp_fusion": fp_fusion()}
+    compiled = triton.compile(source, target=target, options=options)
     seconds = time.perf_counter() - start
     metadata = {**launch_metadata(compiled, job["target"]), "build_seconds": seconds,
                 "param_bytes": param_bytes(compiled, api)}

@@ -55,6 +55,19 @@ def jit_forced() -> bool:
     return os.environ.get("SPARSECC_TRITON_JIT") == "1"
 
 
+def _driver_opens(target: str) -> bool:
+    """Whether the GPU driver library loads: when it does not, every kernel would be compiled, fail to
+    load and be compiled again by the JIT; one warning sends the device to the JIT instead."""
+    from sparsecc.runtime.cuda_launch import driver
+    try:
+        driver(parse_target(target)[0])
+    except Exception as err:
+        warnings.warn(f"sparsecc: the GPU driver cannot be opened for the kernel cache ({err}); "
+                      "Triton's JIT compiles the kernels", stacklevel=4)
+        return False
+    return True
+
+
 def launch_device(args: Sequence[Any], kwargs: dict[str, Any]) -> Optional[torch.device]:
     for value in (*args, *kwargs.values()):
         if isinstance(value, torch.Tensor):
@@ -79,29 +92,50 @@ class CachedKernelLauncher:
     def __call__(self, kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> None:
         device = launch_device(args, kwargs)
         target = self.target(device) if device is not None else None
-        if target is None:
-            kernel[grid](*args, **kwargs)
-            return
-        key, runtime_args = launch_key(kernel, args, kwargs)
-        function = self._functions.get((key, device))
+        function = JIT if target is None else self._resolve(kernel, args, kwargs, target, device)
         if function is JIT:
             kernel[grid](*args, **kwargs)
             return
+        key, runtime_args = function
+        self._functions[(key, device)].launch(grid(spec_of(key).constexprs) if callable(grid) else grid,
+                                              runtime_args, device)
+
+    def _resolve(self, kernel: Any, args: tuple, kwargs: dict, target: str, device: torch.device) -> Any:
+        """(launch key, runtime args) with its function loaded, or JIT when the cache cannot serve it: the
+        cache must never make a model fail that Triton's JIT runs. Only binding, building and loading fall
+        back; an error of the launch itself (a fault, no memory) is the kernel's and propagates."""
+        key = None
         try:
-            if function is None:
-                function = self._functions[(key, device)] = self.function(spec_of(key), target, device)
-            function.launch(grid(spec_of(key).constexprs) if callable(grid) else grid, runtime_args, device)
-        except Exception as err:          # the cache must never make a model fail that Triton's JIT runs
-            warnings.warn(f"sparsecc: kernel {spec_of(key).entry} could not run from the kernel cache on "
-                          f"{device} ({err}); Triton's JIT runs it instead", stacklevel=2)
-            self._functions[(key, device)] = JIT
-            kernel[grid](*args, **kwargs)
+            key, runtime_args = launch_key(kernel, args, kwargs)
+            if (key, device) not in self._functions:
+                self._functions[(key, device)] = self.function(spec_of(key), target, device)
+        except Exception as err:
+            name = spec_of(key).entry if key is not None else getattr(getattr(kernel, "fn", kernel), "__name__", "?")
+            warnings.warn(f"sparsecc: kernel {name} could not run from the kernel cache on {device} ({err}); "
+                          "Triton's JIT runs it instead", stacklevel=3)
+            if key is not None:
+                self._functions[(key, device)] = JIT
+            return JIT
+        return JIT if self._functions[(key, device)] is JIT else (key, runtime_args)
 
     def target(self, device: torch.device) -> Optional[str]:
+        """The device's cache target, or None (Triton's JIT) when it has none or the driver cannot be opened."""
         key = str(device)
         if key not in self._targets:
-            self._targets[key] = self.target_of(device)
+            target = self.target_of(device)
+            if target is not None and self._load is None and not _driver_opens(target):
+                target = None
+            self._targets[key] = target
         return self._targets[key]
+
+    def __getstate__(self) -> dict:
+        """Copies (deepcopy, pickle) keep the settings, not the loaded functions or the lock."""
+        return {"cache_dir": self.cache_dir, "target_of": self.target_of, "progress": self.progress,
+                "load": self._load}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["cache_dir"], target_of=state["target_of"], load=state["load"],
+                      progress=state["progress"])
 
     def function(self, spec: KernelSpec, target: str, device: torch.device) -> Any:
         """The loaded function of `spec` on `device`, built into the cache first when it is missing."""

@@ -10,6 +10,7 @@ the cache and reports one JSON line per job, which drives the progress bar.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.metadata
 import importlib.util
 import json
@@ -60,7 +61,9 @@ def source_sha256(kernel: str) -> str:
 
 
 def kernel_jobs(specs: Sequence[KernelSpec], targets: Sequence[str]) -> list[KernelJob]:
-    version, jobs = triton_version(), []
+    """One job per (spec, target); the key covers the source, spec, target, triton version and FP fusion."""
+    version = f"{triton_version()}+fp_fusion={int(os.environ.get('TRITON_DEFAULT_FP_FUSION', '1') != '0')}"
+    jobs = []
     for spec in specs:
         source = source_sha256(spec.kernel)
         jobs += [KernelJob(spec, t, cache_key(source, spec.to_dict(), t, version)) for t in targets]
@@ -89,14 +92,25 @@ def build_kernels(specs: Sequence[KernelSpec], targets: Sequence[str], *, cache_
 
 
 def compile_here(jobs: Sequence[KernelJob], cache: KernelCache) -> None:
+    """Compile in this process; a kernel whose source file changed since it was imported (the key hashes
+    the file, this process would compile the old code) goes to a worker process, which imports it anew."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SparseccError("kernels cannot be compiled in a process running TRITON_INTERPRET=1; use workers")
     from .build_worker import compile_one
-    for job in jobs:
+    stale = [job for job in jobs if not _imported_as_on_disk(job.spec.kernel)]
+    if stale:
+        run_workers(stale, cache, 1, progress=False)
+    for job in (job for job in jobs if job not in stale):
         try:
             compile_one({"key": job.key, "target": job.target, "spec": job.spec.to_dict()}, cache)
         except Exception as err:
             raise SparseccError(f"kernel build failed: {job.spec.entry} for {job.target}: {err}") from err
+
+
+def _imported_as_on_disk(kernel: str) -> bool:
+    module_name, _, name = kernel.partition(":")
+    fn = getattr(getattr(importlib.import_module(module_name), name), "fn", None)
+    return getattr(fn, "sparsecc_source_sha256", None) == source_sha256(kernel)
 
 
 def run_workers(jobs: Sequence[KernelJob], cache: KernelCache, workers: Optional[int], progress: bool) -> None:

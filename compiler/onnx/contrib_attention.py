@@ -61,7 +61,8 @@ class AttentionCall:
     head_dim: int
     dtype: int
     scale: float
-    block: int
+    block: int                           # block_q: SparseAttention's sparse_block_size
+    block_k: int
 
 
 def static_value(value: ir.Value, opset: int, cache: dict) -> np.ndarray | str:
@@ -120,9 +121,8 @@ def attention_call(node: ir.Node) -> AttentionCall | str:
         return f"threshold={a['threshold']} skips blocks by the data at run time"
     if a["scale"] == 0.0:
         return "scale 0 (both ops read 0 as 1/sqrt(head dim))"
-    if a["block_q"] != a["block_k"]:
-        return f"block_q {a['block_q']} != block_k {a['block_k']}"
-    return AttentionCall(q[0], q[1], k[1], q[2], q[3], next(iter(dtypes)), float(a["scale"]), a["block_q"])
+    return AttentionCall(q[0], q[1], k[1], q[2], q[3], next(iter(dtypes)), float(a["scale"]), a["block_q"],
+                         a["block_k"])
 
 
 def attended(node: ir.Node, layout: ir.Node, opset: int, cache: dict) -> np.ndarray | str:
@@ -172,6 +172,8 @@ def causal_blocks(seen: np.ndarray, call: AttentionCall) -> np.ndarray | str:
     """SparseAttention's kept blocks [L, NQ, NK] when seen [Hm, S, S] is causal & whole blocks."""
     if call.head_dim % 8:
         return f"head dim {call.head_dim} is not a multiple of 8"
+    if call.block_k != call.block:
+        return f"block_q {call.block} != block_k {call.block_k}"
     seq, b = call.seq, call.block
     n = -(-seq // b)
     padded = np.zeros((seen.shape[0], n * b, n * b), bool)

@@ -55,7 +55,8 @@ def dynamic_shape_misfit(spec: CallSpec) -> str | None:
         return None
     for slot, axis in _SEQUENCE_AXES[spec.op]:
         operand = spec.operand(slot)
-        if operand is not None and operand.rank > abs(axis) and not isinstance(operand.shape[axis], int):
+        present = operand is not None and (operand.rank >= -axis if axis < 0 else operand.rank > axis)
+        if present and not isinstance(operand.shape[axis], int):
             return (f"attention block layouts need a static sequence length, and operand {slot} has the "
                     f"dynamic length {operand.shape[axis]!r} (shape {list(operand.shape)}); compile with a "
                     "static sequence dim, or without sparse attention")

@@ -17,6 +17,7 @@ import sparsecc
 import sparsecc.kernel_build as kernel_build
 from sparsecc.cached_launch import CachedKernelLauncher
 from sparsecc.runtime.executor import Executor
+from sparsecc.runtime.kernels.triton.launch import bind_launch
 from sparsecc.runtime.kernel_cache import KernelCache
 
 from .build_models import kernel_cache
@@ -61,15 +62,16 @@ def test_launches_are_built_into_the_cache_and_run_from_it(tmp_path, monkeypatch
     compiled.kernel_launcher = _as_h100(cached)
     torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-4)
 
-    assert cached.built == len(loaded.functions) == 1          # sizes are runtime arguments: one specialisation
+    # one specialisation per layer: the 64-wide layer's index rows (8 bytes) are not divisible by 16
+    assert cached.built == len(loaded.functions) == 2
     for api, binary, entry, metadata in loaded.functions:
         assert api == "cuda" and binary[:4] == b"\x7fELF" and entry == "nm_linear_kernel"
         assert metadata["num_warps"] > 0 and metadata["warp_size"] == 32 and "shared" in metadata
     assert [entry for entry, _, _ in loaded.launches] == ["nm_linear_kernel"] * 2
-    assert len(list(tmp_path.glob("*/*/metadata.json"))) == 1
+    assert len(list(tmp_path.glob("*/*/metadata.json"))) == 2
 
     compiled(x)                                                 # loaded functions are kept
-    assert len(loaded.functions) == 1 and len(loaded.launches) == 4
+    assert len(loaded.functions) == 2 and len(loaded.launches) == 4
 
     def no_builds(*args, **kwargs):
         raise AssertionError("a kernel was compiled although the cache holds it")
@@ -107,8 +109,8 @@ def test_a_miss_compiles_in_process_when_triton_is_not_interpreting(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout.splitlines()[-1])
-    assert report == {"built": 1, "binary": b"\x7fELF".hex()}
-    assert len(list(tmp_path.glob("*/*/kernel.cubin"))) == 1
+    assert report == {"built": 2, "binary": b"\x7fELF".hex()}
+    assert len(list(tmp_path.glob("*/*/kernel.cubin"))) == 2
 
 
 def test_cpu_tensors_keep_triton_and_cpu_backends_have_no_launcher():
@@ -158,3 +160,93 @@ def test_a_binary_that_fails_to_load_falls_back_to_triton_with_a_warning(request
     with pytest.warns(UserWarning, match="nm_linear_kernel could not run from the kernel cache.*error 209"):
         out = compiled(x)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_launch_keys_carry_triton_divisibility_but_not_on_per_call_sizes():
+    from sparsecc.runtime.kernels.triton.launch import bind_launch
+    from sparsecc.runtime.kernels.triton.nm_linear import nm_linear_kernel
+    x, y = torch.zeros(32, 64), torch.zeros(32, 48)
+    values, indices = torch.zeros(48, 32), torch.zeros(48, 8, dtype=torch.uint8)
+    args = (x, values, indices, None, y, 32, 48, 64, 64, 32, 8, 48)
+    constexprs = dict(N=2, M=4, BITS=2, PACKED=True, HAS_BIAS=False, INPUT_PRECISION="ieee", SPLIT_K=1,
+                      BLOCK_M=16, BLOCK_N=32, BLOCK_K=64)
+    spec, _ = bind_launch(nm_linear_kernel, args, constexprs)
+    assert {"x_ptr", "in_features", "stride_x", "stride_y"} <= set(spec.divisible)
+    assert "tokens" not in spec.divisible                       # 32 tokens, but token counts vary per call
+    assert "stride_indices" not in spec.divisible and "out_features" in spec.divisible
+    with pytest.raises(TypeError, match="unknown launch arguments"):
+        bind_launch(nm_linear_kernel, args, {**constexprs, "maxnreg": 128})
+
+
+DIVISIBILITY_CHILD = """
+import json, re, sys, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from sparsecc.build_worker import divisibility_attrs
+from sparsecc.runtime.kernels.triton import nm_linear
+from sparsecc.runtime.kernels.triton.launch import KernelSpec
+spec = KernelSpec.from_dict(json.loads(sys.argv[1]))
+target = GPUTarget("cuda", 90, 32)
+
+def async_copies(attrs):
+    source = ASTSource(fn=nm_linear.nm_linear_kernel, signature=spec.signature, constexprs=spec.constexprs,
+                       attrs=attrs)
+    return len(re.findall(r"cp\\.async", triton.compile(source, target=target, options=spec.options).asm["ptx"]))
+print(json.dumps([async_copies({}), async_copies(divisibility_attrs(spec.to_dict(), target))]))
+"""
+
+
+@pytest.mark.interpreter
+def test_divisibility_reaches_the_compiled_kernel():
+    """The fused fp16 2:4 kernel pipelines its loads (cp.async) only when Triton knows the pointers and
+    strides are 16-aligned, as the JIT does: the cache must build with the same attributes."""
+    from sparsecc.runtime.kernels.triton.launch import use_launcher
+    from sparsecc.runtime.kernels.triton.nm_linear import nm_linear_triton
+    specs = []
+    x = torch.randn(8, 512, dtype=torch.float16)
+    values, indices = torch.randn(512, 256, dtype=torch.float16), torch.zeros(512, 128, dtype=torch.uint8)
+    with use_launcher(lambda kernel, grid, *a, **k: specs.append(bind_launch(kernel, a, k)[0])):
+        nm_linear_triton(x, values, indices, None, 2, 4, 512)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", DIVISIBILITY_CHILD, json.dumps(specs[0].to_dict())], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    without, with_attrs = json.loads(done.stdout.splitlines()[-1])
+    assert with_attrs > without
+
+
+STALE_CHILD = """
+import json, sys
+import sparsecc.kernel_build as kernel_build
+from sparsecc.runtime.kernels.triton import nm_linear
+from sparsecc.runtime.kernels.triton.launch import KernelSpec
+started = []
+kernel_build.run_workers = lambda jobs, cache, workers, progress: started.extend(jobs)
+nm_linear.nm_linear_kernel.fn.sparsecc_source_sha256 = "0" * 64      # as if the file changed after import
+specs = [KernelSpec.from_dict(d) for d in json.loads(sys.argv[2])]
+try:
+    kernel_build.build_kernels(specs, ["cuda:90"], cache_dir=sys.argv[1], workers=0, progress=False)
+except Exception:
+    pass                                                              # the stub worker built nothing
+print(json.dumps(len(started)))
+"""
+
+
+@pytest.mark.interpreter
+def test_a_kernel_edited_since_import_is_built_by_a_worker(tmp_path):
+    from sparsecc.build import record_kernels
+    compiled, x = _compiled()
+    specs = [spec.to_dict() for spec, _ in record_kernels(compiled.program, compiled.constants, [x], variants=False)]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", STALE_CHILD, str(tmp_path), json.dumps(specs)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == len(specs)
+
+
+@pytest.mark.interpreter
+def test_a_triton_compiled_model_can_be_copied():
+    import copy
+    compiled, x = _compiled()
+    twin = copy.deepcopy(compiled)
+    torch.testing.assert_close(twin(x), compiled(x))

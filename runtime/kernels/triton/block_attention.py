@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ...attention_layout import as_4d
 from ..cpu.block_attention import fill_empty_rows
-from .launch import input_precision, launcher
+from .launch import input_precision, jit, launcher
 
 
 @triton.jit
@@ -70,7 +70,7 @@ def _visit(q, m_i, l_i, acc, kb, row, b, h, kvh, k_ptr, v_ptr, mask_ptr, scale, 
     return m_i, l_i, acc
 
 
-@triton.jit
+@jit(per_call=("seq", "keys"))
 def block_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr,
                            full_idx_ptr, mask_ptr, scale, log_threshold, seq, keys, heads, groups,
                            stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,

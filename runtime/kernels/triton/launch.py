@@ -37,6 +37,7 @@ class KernelSpec:
     signature: dict[str, str]      # every parameter, in order -> type or "constexpr"
     constexprs: dict[str, Any]
     options: dict[str, int]       # the launch's explicit num_warps / num_stages; the backend's defaults otherwise
+    divisible: tuple[str, ...] = ()   # runtime arguments known divisible by 16 (pointers: 16-byte aligned)
 
     @property
     def entry(self) -> str:
@@ -44,16 +45,16 @@ class KernelSpec:
 
     def key(self) -> str:
         """Canonical text of the specialisation: what a launch is matched against at load."""
-        return json.dumps({"kernel": self.kernel, "signature": self.signature, "constexprs": self.constexprs,
-                           "options": self.options}, sort_keys=True, separators=(",", ":"))
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
     def to_dict(self) -> dict[str, Any]:
         return {"kernel": self.kernel, "signature": self.signature, "constexprs": self.constexprs,
-                "options": self.options}
+                "options": self.options, "divisible": list(self.divisible)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "KernelSpec":
-        return cls(data["kernel"], dict(data["signature"]), dict(data["constexprs"]), dict(data["options"]))
+        return cls(data["kernel"], dict(data["signature"]), dict(data["constexprs"]), dict(data["options"]),
+                   tuple(data.get("divisible", ())))
 
 
 def input_precision(dtype: torch.dtype) -> str:
@@ -85,13 +86,38 @@ def kernel_name(kernel: Any) -> str:
     return f"{fn.__module__}:{fn.__name__}"
 
 
+def jit(*, per_call: tuple[str, ...] = ()) -> Callable[[Callable[..., Any]], Any]:
+    """`triton.jit` for a kernel the launchers start. `per_call` names the integer arguments whose values
+    change from call to call (token counts, pair counts): like Triton's do_not_specialize, neither the JIT
+    nor the kernel cache specialises them on divisibility by 16, so one binary serves every value (an AOT
+    artifact stays valid at any token count). The module's source hash at import is kept, so an
+    in-process build can tell when the file on disk has changed since."""
+    import hashlib
+
+    import triton
+
+    def decorate(fn: Callable[..., Any]) -> Any:
+        fn.sparsecc_per_call = tuple(per_call)
+        with open(inspect.getsourcefile(fn), "rb") as f:
+            fn.sparsecc_source_sha256 = hashlib.sha256(f.read()).hexdigest()
+        return triton.jit(do_not_specialize=list(per_call))(fn)
+    return decorate
+
+
 @functools.lru_cache(maxsize=None)
 def _parameters(fn: Callable[..., Any]) -> tuple[tuple[str, bool], ...]:
     """(name, is_constexpr) per parameter; annotations may be strings (`from __future__ import annotations`)."""
     return tuple((p.name, "constexpr" in str(p.annotation)) for p in inspect.signature(fn).parameters.values())
 
 
-LaunchKey = tuple   # (kernel function, per parameter: its type, or ("constexpr", value), options)
+def _divisible(name: str, value: Any, per_call: tuple[str, ...]) -> bool:
+    """Triton's "D" specialisation: a 16-byte-aligned pointer, or an int divisible by 16 (not a per-call one)."""
+    if isinstance(value, torch.Tensor):
+        return value.data_ptr() % 16 == 0
+    return isinstance(value, int) and not isinstance(value, bool) and name not in per_call and value % 16 == 0
+
+
+LaunchKey = tuple   # (kernel function, per parameter (type, divisible by 16) or ("constexpr", value), options)
 
 
 def launch_key(kernel: Any, args: tuple, kwargs: dict) -> tuple[LaunchKey, list[tuple[str, Any]]]:
@@ -101,6 +127,10 @@ def launch_key(kernel: Any, args: tuple, kwargs: dict) -> tuple[LaunchKey, list[
     params = _parameters(fn)
     if len(args) > len(params):
         raise TypeError(f"{kernel_name(kernel)} takes {len(params)} arguments, got {len(args)}")
+    unknown = set(kwargs) - {name for name, _ in params} - set(LAUNCH_OPTIONS)
+    if unknown:
+        raise TypeError(f"{kernel_name(kernel)}: unknown launch arguments {sorted(unknown)}")
+    per_call = getattr(fn, "sparsecc_per_call", ())
     parts, runtime_args = [], []
     for index, (name, is_constexpr) in enumerate(params):
         if index < len(args):
@@ -114,7 +144,7 @@ def launch_key(kernel: Any, args: tuple, kwargs: dict) -> tuple[LaunchKey, list[
             parts.append(("constexpr", value))
         else:
             kind = arg_type(name, value)
-            parts.append(kind)
+            parts.append((kind, _divisible(name, value, per_call)))
             runtime_args.append((kind, value))
     options = tuple((k, int(kwargs[k])) for k in LAUNCH_OPTIONS if k in kwargs)
     return (fn, tuple(parts), options), runtime_args
@@ -123,13 +153,15 @@ def launch_key(kernel: Any, args: tuple, kwargs: dict) -> tuple[LaunchKey, list[
 @functools.lru_cache(maxsize=None)
 def spec_of(key: LaunchKey) -> KernelSpec:
     fn, parts, options = key
-    signature, constexprs = {}, {}
-    for (name, _), part in zip(_parameters(fn), parts):
-        if isinstance(part, tuple):
-            signature[name], constexprs[name] = "constexpr", part[1]
+    signature, constexprs, divisible = {}, {}, []
+    for (name, _), (kind, value) in zip(_parameters(fn), parts):
+        if kind == "constexpr":
+            signature[name], constexprs[name] = "constexpr", value
         else:
-            signature[name] = part
-    return KernelSpec(kernel_name(fn), signature, constexprs, dict(options))
+            signature[name] = kind
+            if value:
+                divisible.append(name)
+    return KernelSpec(kernel_name(fn), signature, constexprs, dict(options), tuple(divisible))
 
 
 def bind_launch(kernel: Any, args: tuple, kwargs: dict) -> tuple[KernelSpec, list[tuple[str, Any]]]:

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ...moe_routing import max_padded_pairs, route_within_capacity
 from ..cpu.moe import shared_expert_output
-from .launch import input_precision, launcher
+from .launch import input_precision, jit, launcher
 from .moe_align import align_to_tiles_triton
 
 
@@ -55,7 +55,7 @@ def _tile_pairs(sorted_pair_ids_ptr, tile, num_pairs, BLOCK_M: tl.constexpr):
     return slot, pair, pair < num_pairs
 
 
-@triton.jit
+@jit(per_call=("num_pairs",))
 def moe_gate_up_kernel(hidden_ptr, w_gate_up_ptr, sorted_pair_ids_ptr, tile_expert_ptr, num_padded_ptr,
                        act_ptr, num_pairs, width, inter,
                        stride_hidden, stride_we, stride_wn, stride_act,
@@ -90,7 +90,7 @@ def moe_gate_up_kernel(hidden_ptr, w_gate_up_ptr, sorted_pair_ids_ptr, tile_expe
              mask=ok[:, None] & n_ok[None, :])
 
 
-@triton.jit
+@jit(per_call=("num_pairs",))
 def moe_down_kernel(act_ptr, w_down_ptr, sorted_pair_ids_ptr, tile_expert_ptr, num_padded_ptr,
                     pair_weight_ptr, pair_out_ptr, num_pairs, width, inter,
                     stride_act, stride_we, stride_wn, stride_out,

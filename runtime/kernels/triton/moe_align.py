@@ -22,13 +22,13 @@ import triton.language as tl
 from torch import Tensor
 
 from ...moe_routing import max_padded_pairs
-from .launch import launcher
+from .launch import jit, launcher
 
 BLOCK_PAIRS = 1024
 BLOCK_TILES = 64
 
 
-@triton.jit
+@jit(per_call=("num_pairs",))
 def count_kernel(experts_ptr, counts_ptr, num_pairs, num_experts, BLOCK: tl.constexpr):
     pair = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = pair < num_pairs
@@ -37,7 +37,7 @@ def count_kernel(experts_ptr, counts_ptr, num_pairs, num_experts, BLOCK: tl.cons
     tl.atomic_add(counts_ptr + tl.where(keep, expert, 0), tl.full((BLOCK,), 1, tl.int32), mask=keep)
 
 
-@triton.jit
+@jit(per_call=("num_tiles",))
 def offsets_kernel(counts_ptr, cursor_ptr, tile_expert_ptr, num_padded_ptr, num_experts, num_tiles,
                    BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr):
     expert = tl.arange(0, BLOCK_E)
@@ -53,7 +53,7 @@ def offsets_kernel(counts_ptr, cursor_ptr, tile_expert_ptr, num_padded_ptr, num_
                  mask=tile < num_tiles)
 
 
-@triton.jit
+@jit(per_call=("num_pairs",))
 def scatter_kernel(experts_ptr, cursor_ptr, sorted_pair_ids_ptr, num_pairs, num_experts, BLOCK: tl.constexpr):
     pair = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = pair < num_pairs

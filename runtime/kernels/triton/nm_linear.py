@@ -37,7 +37,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ...nm_format import check_nm, index_bits
-from .launch import input_precision, launcher
+from .launch import input_precision, jit, launcher
 
 # H200, 2:4 fp16, shapes of bench/nm_linear.py: at 1 token the fused kernel took 35-76 us, decompress +
 # cuBLAS 64-112 us; at 64 tokens the best fused tiles took 117-294 us, decompress + cuBLAS 46-115 us. Up to
@@ -106,7 +106,7 @@ def _weight_tile(values_ptr, indices_ptr, row, row_ok, k0, in_features, stride_v
     return tile
 
 
-@triton.jit
+@jit(per_call=("tokens",))
 def nm_linear_kernel(x_ptr, values_ptr, indices_ptr, bias_ptr, y_ptr,
                      tokens, out_features, in_features,
                      stride_x, stride_values, stride_indices, stride_y,
@@ -137,7 +137,7 @@ def nm_linear_kernel(x_ptr, values_ptr, indices_ptr, bias_ptr, y_ptr,
         tl.atomic_add(y_ptrs, acc, mask=token_ok[:, None] & row_ok[None, :])
 
 
-@triton.jit
+@jit()
 def nm_decompress_kernel(values_ptr, indices_ptr, dense_ptr, rows, in_features,
                          stride_values, stride_indices, stride_dense,
                          N: tl.constexpr, M: tl.constexpr, BITS: tl.constexpr, PACKED: tl.constexpr,

@@ -14,12 +14,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import launcher
+from .launch import jit, launcher
 
 BLOCK_D = 256
 
 
-@triton.jit
+@jit(per_call=("kept", "x_batch_stride"))
 def route_gather_kernel(x_ptr, indices_ptr, out_ptr, kept, width, x_batch_stride,
                         BLOCK_D: tl.constexpr):
     pair = tl.program_id(0)
@@ -31,7 +31,7 @@ def route_gather_kernel(x_ptr, indices_ptr, out_ptr, kept, width, x_batch_stride
     tl.store(out_ptr + pair.to(tl.int64) * width + cols, value, mask=ok)
 
 
-@triton.jit
+@jit(per_call=("seq_len", "kept"))
 def unroute_kernel(rows_ptr, indices_ptr, out_ptr, seq_len, kept, width, BLOCK_D: tl.constexpr):
     pair = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
