@@ -82,6 +82,21 @@ def test_launches_are_built_into_the_cache_and_run_from_it(tmp_path, monkeypatch
     assert again.built == 0
 
 
+def _recorded_specs() -> list[dict]:
+    from sparsecc.build import record_kernels
+    compiled, x = _compiled()
+    return [spec.to_dict() for spec, _ in record_kernels(compiled.program, compiled.constants, [x], variants=False)]
+
+
+def _compiling_child(script: str, *argv: str):
+    """Run `script` in a Python process where Triton compiles (no TRITON_INTERPRET); its last line, as JSON."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script, *argv], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
 CHILD = """
 import json, sys
 import sparsecc.kernel_build as kernel_build
@@ -101,14 +116,7 @@ print(json.dumps({"built": launcher.built, "binary": first[0].kernel.binary[:4].
 
 @pytest.mark.interpreter
 def test_a_miss_compiles_in_process_when_triton_is_not_interpreting(tmp_path):
-    from sparsecc.build import record_kernels
-    compiled, x = _compiled()
-    specs = [spec.to_dict() for spec, _ in record_kernels(compiled.program, compiled.constants, [x], variants=False)]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path), json.dumps(specs)], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads(done.stdout.splitlines()[-1])
+    report = _compiling_child(CHILD, str(tmp_path), json.dumps(_recorded_specs()))
     assert report == {"built": 2, "binary": b"\x7fELF".hex()}
     assert len(list(tmp_path.glob("*/*/kernel.cubin"))) == 2
 
@@ -207,11 +215,7 @@ def test_divisibility_reaches_the_compiled_kernel():
     values, indices = torch.randn(512, 256, dtype=torch.float16), torch.zeros(512, 128, dtype=torch.uint8)
     with use_launcher(lambda kernel, grid, *a, **k: specs.append(bind_launch(kernel, a, k)[0])):
         nm_linear_triton(x, values, indices, None, 2, 4, 512)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", DIVISIBILITY_CHILD, json.dumps(specs[0].to_dict())], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    without, with_attrs = json.loads(done.stdout.splitlines()[-1])
+    without, with_attrs = _compiling_child(DIVISIBILITY_CHILD, json.dumps(specs[0].to_dict()))
     assert with_attrs > without
 
 
@@ -234,14 +238,8 @@ print(json.dumps(len(started)))
 
 @pytest.mark.interpreter
 def test_a_kernel_edited_since_import_is_built_by_a_worker(tmp_path):
-    from sparsecc.build import record_kernels
-    compiled, x = _compiled()
-    specs = [spec.to_dict() for spec, _ in record_kernels(compiled.program, compiled.constants, [x], variants=False)]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", STALE_CHILD, str(tmp_path), json.dumps(specs)], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout.splitlines()[-1]) == len(specs)
+    specs = _recorded_specs()
+    assert _compiling_child(STALE_CHILD, str(tmp_path), json.dumps(specs)) == len(specs)
 
 
 @pytest.mark.interpreter
