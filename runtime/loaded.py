@@ -67,11 +67,17 @@ class LoadedModel:
         else:
             from .kernels.triton.launch import use_launcher
             with use_launcher(self.kernels):
-                outputs = self._executor.run(tensors)
+                outputs = self._executor.run(aligned(tensors))
         return pytree.tree_unflatten(outputs, self._out_spec) if self._out_spec is not None else outputs
 
     def __repr__(self) -> str:
         return f"LoadedModel(target={self.target!r}, device={str(self.device)!r}, {self.program.summary()})"
+
+
+def aligned(tensors: tuple) -> tuple:
+    """Inputs 16-byte aligned, as the kernels were built for (a binary that assumes aligned pointers
+    must not see a view that starts mid-vector): a misaligned view is copied, once per call."""
+    return tuple(t.clone() if t.data_ptr() % 16 else t for t in tensors)
 
 
 def load_artifact(root: Path, device: torch.device) -> LoadedModel:

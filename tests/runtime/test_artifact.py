@@ -215,3 +215,12 @@ def test_cuda_binaries_load_and_run_without_triton_jit(request, tmp_path, monkey
     got = loaded(*(x.cuda() for x in inputs))
     torch.cuda.synchronize()
     torch.testing.assert_close(got.cpu(), compiled(*inputs), rtol=2e-3, atol=2e-3)
+
+
+def test_misaligned_inputs_are_copied_before_prebuilt_kernels_see_them():
+    from sparsecc.runtime.loaded import aligned
+    base = torch.randn(40)
+    view, whole = base[1:33], base[:32]
+    out_view, out_whole = aligned((view, whole))
+    assert out_view.data_ptr() % 16 == 0 and torch.equal(out_view, view) and out_view.data_ptr() != view.data_ptr()
+    assert out_whole is whole
