@@ -22,15 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
-import time
 
 import sparsecc
 import torch
 import torch.nn.functional as F
 from sparsecc.onnx.runner import OnnxRunner
 
+from bench.nm_linear import cpu_ms
 from bench.onnx_moe import export_hf
 
 
@@ -52,16 +51,6 @@ class CausalAttention(torch.nn.Module):
         i = torch.arange(s)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=i[None, :] <= i[:, None])
         return self.o(y.transpose(1, 2).reshape(b, s, -1))
-
-
-def median_ms(run, reps: int) -> float:
-    run()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def rel(out, ref: torch.Tensor) -> float:
@@ -89,12 +78,12 @@ def measure(seq: int, window: int, reps: int, tmp: str) -> dict:
     for name, path in files.items():
         runner = OnnxRunner(path)
         out = runner.run(feed)[0]
-        row["ms"][name] = median_ms(lambda: runner.run(feed), reps)
+        row["ms"][name] = cpu_ms(lambda: runner.run(feed), reps)
         row["err_vs_dense"][name] = rel(out, dense)
         if name.startswith("window"):
             row["err_vs_compiled"][name] = float((torch.as_tensor(out) - compiled_out).abs().max())
     with torch.no_grad():
-        row["ms"]["sparsecc_torch"] = median_ms(lambda: windowed(x), reps)
+        row["ms"]["sparsecc_torch"] = cpu_ms(lambda: windowed(x), reps)
     row["err_vs_dense"]["sparsecc_torch"] = rel(compiled_out, dense)
     return row
 
