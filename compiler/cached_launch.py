@@ -25,7 +25,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from sparsecc.runtime.artifact import GPU_TARGETS, gpu_arch, parse_target
+from sparsecc.runtime.artifact import gpu_arch, parse_target
+from sparsecc.runtime.errors import ArtifactError
 from sparsecc.runtime.kernels.triton.launch import KernelSpec, launch_key, spec_of
 
 from .kernel_build import build_kernels
@@ -39,16 +40,13 @@ def cache_target(device: torch.device) -> Optional[str]:
     if device.type != "cuda":
         return None
     target = gpu_arch(device)
-    api, _, arch = target.partition(":")
-    if arch in GPU_TARGETS.get(api, ()):
-        return target
-    warnings.warn(f"sparsecc: {target} is not a kernel-cache target ({', '.join(_known())}); "
-                  "Triton's JIT compiles the kernels for this GPU", stacklevel=3)
-    return None
-
-
-def _known() -> list[str]:
-    return [f"{api}:{arch}" for api, archs in GPU_TARGETS.items() for arch in archs]
+    try:
+        parse_target(target)
+    except ArtifactError as err:
+        warnings.warn(f"sparsecc: no kernel-cache binaries for this GPU ({err}); Triton's JIT compiles the "
+                      "kernels", stacklevel=3)
+        return None
+    return target
 
 
 def jit_forced() -> bool:
@@ -82,9 +80,8 @@ class CachedKernelLauncher:
     def __init__(self, cache_dir: Optional[os.PathLike] = None, *, target_of: TargetOf = cache_target,
                  load: Optional[Callable[..., Any]] = None, progress: bool = False):
         self.cache_dir, self.target_of, self.progress = cache_dir, target_of, progress
-        self._load = load
-        self._functions: dict[tuple, Any] = {}                       # (launch key, device) -> function
-        self._loaded: dict[tuple[str, str, str], Any] = {}            # (spec key, target, device) -> function
+        self._load = load                  # None: the driver API (`runtime.cuda_launch.load_function`)
+        self._functions: dict[tuple, Any] = {}                       # (launch key, device) -> function or JIT
         self._targets: dict[str, Optional[str]] = {}
         self._lock = threading.Lock()
         self.built = 0          # kernels compiled by this launcher (the rest came from the cache)
@@ -92,31 +89,33 @@ class CachedKernelLauncher:
     def __call__(self, kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> None:
         device = launch_device(args, kwargs)
         target = self.target(device) if device is not None else None
-        function = JIT if target is None else self._resolve(kernel, args, kwargs, target, device)
+        function, key, runtime_args = (JIT, None, None) if target is None else \
+            self._resolve(kernel, args, kwargs, target, device)
         if function is JIT:
             kernel[grid](*args, **kwargs)
             return
-        key, runtime_args = function
-        self._functions[(key, device)].launch(grid(spec_of(key).constexprs) if callable(grid) else grid,
-                                              runtime_args, device)
+        function.launch(grid(spec_of(key).constexprs) if callable(grid) else grid, runtime_args, device)
 
-    def _resolve(self, kernel: Any, args: tuple, kwargs: dict, target: str, device: torch.device) -> Any:
-        """(launch key, runtime args) with its function loaded, or JIT when the cache cannot serve it: the
+    def _resolve(self, kernel: Any, args: tuple, kwargs: dict, target: str, device: torch.device) -> tuple:
+        """(function, launch key, runtime args), the function JIT when the cache cannot serve the launch: the
         cache must never make a model fail that Triton's JIT runs. Only binding, building and loading fall
         back; an error of the launch itself (a fault, no memory) is the kernel's and propagates."""
-        key = None
+        key = runtime_args = None
         try:
             key, runtime_args = launch_key(kernel, args, kwargs)
-            if (key, device) not in self._functions:
-                self._functions[(key, device)] = self.function(spec_of(key), target, device)
+            function = self._functions.get((key, device))
+            if function is None:
+                with self._lock:
+                    function = self._functions.get((key, device)) or self._built_function(key, target, device)
+                    self._functions[(key, device)] = function
         except Exception as err:
             name = spec_of(key).entry if key is not None else getattr(getattr(kernel, "fn", kernel), "__name__", "?")
             warnings.warn(f"sparsecc: kernel {name} could not run from the kernel cache on {device} ({err}); "
                           "Triton's JIT runs it instead", stacklevel=3)
+            function = JIT
             if key is not None:
                 self._functions[(key, device)] = JIT
-            return JIT
-        return JIT if self._functions[(key, device)] is JIT else (key, runtime_args)
+        return function, key, runtime_args
 
     def target(self, device: torch.device) -> Optional[str]:
         """The device's cache target, or None (Triton's JIT) when it has none or the driver cannot be opened."""
@@ -137,14 +136,6 @@ class CachedKernelLauncher:
         self.__init__(state["cache_dir"], target_of=state["target_of"], load=state["load"],
                       progress=state["progress"])
 
-    def function(self, spec: KernelSpec, target: str, device: torch.device) -> Any:
-        """The loaded function of `spec` on `device`, built into the cache first when it is missing."""
-        key = (spec.key(), target, str(device))
-        with self._lock:
-            if key not in self._loaded:
-                self._loaded[key] = self._load_built(self.build([spec], target)[0], target, device)
-            return self._loaded[key]
-
     def build(self, specs: Sequence[KernelSpec], target: str) -> list:
         """Every spec for `target` from the cache; a miss compiles in this process, as Triton's JIT would
         (in a worker process under TRITON_INTERPRET=1, where this process cannot compile)."""
@@ -153,9 +144,11 @@ class CachedKernelLauncher:
         self.built += sum(not b.from_cache for b in built)
         return built
 
-    def _load_built(self, built: Any, target: str, device: torch.device) -> Any:
-        if self._load is None:
-            from sparsecc.runtime.cuda_launch import load_function
-            self._load = load_function
+    def _built_function(self, key: tuple, target: str, device: torch.device) -> Any:
+        """The launch's specialisation built into (or read from) the cache and loaded on `device`."""
+        built = self.build([spec_of(key)], target)[0]
+        load = self._load
+        if load is None:
+            from sparsecc.runtime.cuda_launch import load_function as load
         metadata = built.kernel.metadata
-        return self._load(parse_target(target)[0], built.kernel.binary, metadata["entry"], metadata, device)
+        return load(parse_target(target)[0], built.kernel.binary, metadata["entry"], metadata, device)
