@@ -92,16 +92,21 @@ def jit(*, per_call: tuple[str, ...] = ()) -> Callable[[Callable[..., Any]], Any
     nor the kernel cache specialises them on divisibility by 16, so one binary serves every value (an AOT
     artifact stays valid at any token count). The module's source hash at import is kept, so an
     in-process build can tell when the file on disk has changed since."""
-    import hashlib
-
     import triton
 
     def decorate(fn: Callable[..., Any]) -> Any:
         fn.sparsecc_per_call = tuple(per_call)
-        with open(inspect.getsourcefile(fn), "rb") as f:
-            fn.sparsecc_source_sha256 = hashlib.sha256(f.read()).hexdigest()
+        fn.sparsecc_source_sha256 = _imported_source_sha256(inspect.getsourcefile(fn))
         return triton.jit(do_not_specialize=list(per_call))(fn)
     return decorate
+
+
+@functools.lru_cache(maxsize=None)
+def _imported_source_sha256(path: str) -> str:
+    """The kernel module's file as it was when imported (read once per module, not per kernel)."""
+    import hashlib
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 @functools.lru_cache(maxsize=None)
