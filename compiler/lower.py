@@ -14,15 +14,17 @@ from typing import Any
 
 import networkx as nx
 import torch
+from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw
 from torch.utils import _pytree as pytree
 
 from sparsecc.passes.fake import resolve_attr
-from sparsecc.runtime.executor import PY_OPS
+from sparsecc.passes.state import state_targets
+from sparsecc.passes.verify import in_module
+from sparsecc.runtime import tree_schema
+from sparsecc.runtime.op_table import qualname_of
 from sparsecc.runtime.program import InputSpec, Instruction, Program
 
 from .errors import LoweringError
-
-_PY_OPS = {fn: qualname.partition("::")[2] for qualname, fn in PY_OPS.items()}  # the executor's own table
 
 
 @dataclass
@@ -45,15 +47,14 @@ class _Draft:
     step_of: dict[torch.fx.Node, int] = field(default_factory=dict)
 
 
-def op_qualname(target: Any) -> str:
-    if target in _PY_OPS:
-        return f"py::{_PY_OPS[target]}"
-    if isinstance(target, torch._ops.OpOverload):
-        namespace, name = target.name().split("::")
-        if namespace == "sparsecc":
-            return f"sparsecc::{name.split('.')[0]}"
-        return f"{namespace}::{name.split('.')[0]}.{target._overloadname}"
-    raise LoweringError(f"cannot lower call to {target!r}: not an ATen/sparsecc op or a supported Python operator")
+def op_qualname(target: Any, node: torch.fx.Node | None = None) -> str:
+    """The runtime op table's name for `target`; a LoweringError naming the node when the runtime cannot run it."""
+    qualname = qualname_of(target)
+    if qualname is not None:
+        return qualname
+    where = f"node '{node.name}'{in_module(node)}: " if node is not None else ""
+    raise LoweringError(f"{where}cannot lower call to {target}: the sparsecc runtime's op table "
+                        "(sparsecc.runtime.op_table) does not hold it")
 
 
 def lower(gm: torch.fx.GraphModule, symbol_ranges: dict | None = None,
@@ -71,10 +72,20 @@ def lower(gm: torch.fx.GraphModule, symbol_ranges: dict | None = None,
         num_registers=count,
         constant_names=sorted(draft.constants),
         symbol_ranges=dict(symbol_ranges or {}),
-        in_spec=pytree.treespec_dumps(in_spec) if in_spec is not None else "",
-        out_spec=pytree.treespec_dumps(out_spec) if out_spec is not None else "",
+        symbol_hints=_symbol_hints(draft.inputs),
+        in_spec=_structure(in_spec),
+        out_spec=_structure(out_spec),
+        state_names=state_targets(gm),   # the constants the program writes: its own state
     )
     return program, draft.constants
+
+
+def _structure(spec: pytree.TreeSpec | None) -> dict | None:
+    """A TreeSpec in sparsecc's own tree schema (what the artifact stores; never torch's pytree JSON)."""
+    try:
+        return tree_schema.encode(spec) if spec is not None else None
+    except ValueError as err:
+        raise LoweringError(str(err)) from None
 
 
 def _lower_node(gm, node: torch.fx.Node, draft: _Draft) -> None:
@@ -105,7 +116,7 @@ def _lower_call(node: torch.fx.Node, draft: _Draft) -> None:
         return
     unpack = _returns_tuple(node)
     draft.step_of[node] = len(draft.steps)
-    draft.steps.append(_Step(op_qualname(node.target), list(node.args), dict(node.kwargs), unpack, node))
+    draft.steps.append(_Step(op_qualname(node.target, node), list(node.args), dict(node.kwargs), unpack, node))
 
 
 def _returns_tuple(node: torch.fx.Node) -> bool:
@@ -177,6 +188,17 @@ def _encode(value: Any, registers: dict) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     raise LoweringError(f"cannot encode argument {value!r} of type {type(value).__name__}")
+
+
+def _symbol_hints(inputs: list[torch.fx.Node]) -> dict[str, int]:
+    """Each dynamic dim's size in the example inputs (the shape env's hint), where validation runs the program."""
+    hints = {}
+    for node in inputs:
+        val = node.meta.get("val")
+        for dim in getattr(val, "shape", ()):
+            if isinstance(dim, torch.SymInt) and dim.node.expr.is_symbol:
+                hints[str(dim)] = int(guarding_hint_or_throw(dim))
+    return hints
 
 
 def _input_spec(node: torch.fx.Node) -> InputSpec:

@@ -16,8 +16,6 @@ registry verifier.
 from __future__ import annotations
 
 import contextlib
-import math
-import operator
 from typing import Any, Optional
 
 import torch
@@ -26,7 +24,10 @@ from torch._subclasses.fake_tensor import (DataDependentOutputException, Dynamic
 from torch.fx import GraphModule, Node
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
+from sparsecc.runtime.op_table import PY_TARGETS, qualname_of
+
 from .fake import fake_args_of, graph_fake_mode, resolve_attr
+from .graph import module_path
 from .printer import format_node, format_type, sparse_op_def
 
 
@@ -38,15 +39,8 @@ class VerificationError(ValueError):
         self.node = node
 
 
-# Python-level callables export leaves in the graph (tuple access, SymInt arithmetic).
-ALLOWED_PYTHON_TARGETS = frozenset({
-    operator.getitem, operator.add, operator.sub, operator.mul, operator.truediv,
-    operator.floordiv, operator.mod, operator.pow, operator.neg, operator.abs,
-    operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
-    operator.and_, operator.or_, operator.not_,
-    torch.sym_int, torch.sym_float, torch.sym_max, torch.sym_min, torch.sym_not, torch.sym_ite,
-    torch.sym_sqrt, math.ceil, math.floor, math.trunc,
-})
+# Python-level callables export leaves in the graph (tuple access, SymInt arithmetic): the runtime's own table.
+ALLOWED_PYTHON_TARGETS = PY_TARGETS
 _CANNOT_REPROPAGATE = (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException)
 
 
@@ -89,12 +83,22 @@ def _check_target(node: Node) -> None:
     if node.op != "call_function":
         raise _fail(node, f"{node.op} nodes are not part of the IR (inline or remove them)")
     target = node.target
-    if isinstance(target, (torch._ops.OpOverload, torch._ops.HigherOrderOperator)):
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        return  # torch.cond and friends verify mid-pipeline; lowering refuses them by name
+    if isinstance(target, torch._ops.OpOverload):
+        if target.namespace in ("aten", "sparsecc") and qualname_of(target) is None:   # library ops: lowering refuses
+            raise _fail(node, f"{target}{in_module(node)} is outside the op table: the sparsecc runtime cannot run it")
         return
     if isinstance(target, torch._ops.OpOverloadPacket):
         raise _fail(node, f"target {target} is an overload packet; use an overload such as {target}.default")
     if target not in ALLOWED_PYTHON_TARGETS:
         raise _fail(node, f"target {target!r} is neither an OpOverload nor an allowed Python operator")
+
+
+def in_module(node: Node) -> str:
+    """` in module layers.0.mlp` (export's nn_module_stack), "" when unknown or top level."""
+    path = module_path(node)
+    return f" in module {path}" if path else ""
 
 
 def type_mismatch(expected: Any, got: Any) -> Optional[str]:
@@ -181,5 +185,5 @@ def verify_graph(gm: GraphModule) -> None:
     check_shapes(gm)
 
 
-__all__ = ["ALLOWED_PYTHON_TARGETS", "VerificationError", "check_shapes", "check_structure",
+__all__ = ["ALLOWED_PYTHON_TARGETS", "VerificationError", "check_shapes", "check_structure", "in_module",
            "type_mismatch", "verify_graph"]

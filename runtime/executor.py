@@ -1,56 +1,25 @@
 """Runs a Program: resolves every op once, then executes instructions over registers.
 
-Ops are resolved by qualified name from an allowlist of namespaces, never by
-importing or evaluating anything named in the program, so a loaded artifact
-cannot make the runtime run arbitrary code.
+Ops resolve only through the op table (`sparsecc.runtime.op_table`): exact ATen
+overloads from its allowlist, the sparse ops of the registry and the table's
+Python operators; dtypes, layouts and memory formats decode through its fixed
+tables. Nothing named in a program is imported or looked up by name, so a
+loaded artifact cannot make the runtime run arbitrary code. Any failure while
+an instruction runs is a RuntimeProgramError naming the instruction.
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
-from typing import Optional, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from .errors import RuntimeProgramError
+from .errors import ArtifactError, InputMismatchError, RuntimeProgramError
 from .inputs import check_inputs
+from .op_table import PY_OPS, decode_encoded, overload_of
 from .ops import get_op
 from .program import Program
 
-ALLOWED_NAMESPACES = ("aten", "sparsecc")
-# ATen ops a program may never run, even a loaded one: ops that reach outside tensors (files,
-# stdout), and ops that skip the index/size checks an artifact's data could then defeat
-# (`*_unsafe*` constructors and indexing, raw sparse/nested constructors, storage swaps).
-DENIED_ATEN_OPS = ("from_file", "_print", "save", "load", "set_", "set", "_set_", "resize_", "_resize_output_")
-DENIED_ATEN_PREFIXES = ("_sparse_", "sparse_", "_nested_", "_make_", "_debug", "_cufft", "_cudnn_rnn_flatten")
-SAFE_UNSAFE_OPS = ("_unsafe_view",)   # a view whose sizes torch still checks against the storage
-
-
-def denied_aten_op(name: str) -> Optional[str]:
-    """Why the ATen op `name` may not run from a program, or None."""
-    if name in DENIED_ATEN_OPS:
-        return "it reaches outside tensors or swaps storage"
-    if "unsafe" in name and name not in SAFE_UNSAFE_OPS:
-        return "it skips torch's index or size checks"
-    if name.startswith(DENIED_ATEN_PREFIXES):
-        return "it builds tensors from raw indices without checks"
-    return None
-PY_OPS: dict[str, Callable[..., Any]] = {
-    "py::getitem": operator.getitem,
-    "py::add": operator.add,
-    "py::sub": operator.sub,
-    "py::mul": operator.mul,
-    "py::floordiv": operator.floordiv,
-    "py::truediv": operator.truediv,
-    "py::mod": operator.mod,
-    "py::neg": operator.neg,
-    "py::eq": operator.eq,
-    "py::ne": operator.ne,
-    "py::lt": operator.lt,
-    "py::le": operator.le,
-    "py::gt": operator.gt,
-    "py::ge": operator.ge,
-}
 BACKENDS = ("torch", "triton")
 
 
@@ -60,26 +29,15 @@ class Reg:
 
 
 def resolve_op(qualname: str, backend: str) -> Callable[..., Any]:
-    """The callable behind `aten::name.overload`, `sparsecc::name` or `py::name`."""
+    """The callable behind `aten::name.overload`, `sparsecc::name` or `py::name`, from the op table only."""
     if qualname in PY_OPS:
         return PY_OPS[qualname]
-    namespace, _, rest = qualname.partition("::")
-    if namespace not in ALLOWED_NAMESPACES or not rest:
-        raise RuntimeProgramError(f"op '{qualname}' is outside the allowed namespaces {ALLOWED_NAMESPACES}")
-    if namespace == "sparsecc":
-        try:
-            return get_op(rest).kernel(backend)
-        except KeyError as err:
-            raise RuntimeProgramError(str(err.args[0])) from None
-    name, _, overload = rest.partition(".")
-    why = denied_aten_op(name)
-    if why:
-        raise RuntimeProgramError(f"ATen op '{qualname}' is outside the runtime's allowlist ({why})")
-    packet = getattr(torch.ops.aten, name, None) if name.isidentifier() else None
-    op = getattr(packet, overload or "default", None) if packet is not None else None
-    if not isinstance(op, torch._ops.OpOverload):
-        raise RuntimeProgramError(f"unknown ATen op '{qualname}'")
-    return op
+    try:
+        if qualname.startswith("sparsecc::"):
+            return get_op(qualname).kernel(backend)
+        return overload_of(qualname)
+    except KeyError as err:
+        raise RuntimeProgramError(str(err.args[0])) from None
 
 
 def decode_arg(arg: Any, constants: dict[str, torch.Tensor]) -> Any:
@@ -88,6 +46,8 @@ def decode_arg(arg: Any, constants: dict[str, torch.Tensor]) -> Any:
         return [decode_arg(a, constants) for a in arg]
     if not isinstance(arg, dict):
         return arg
+    if len(arg) != 1:
+        raise RuntimeProgramError(f"unknown argument encoding {arg!r}")
     (kind, value), = arg.items()
     if kind == "r":
         return Reg(value)
@@ -95,20 +55,10 @@ def decode_arg(arg: Any, constants: dict[str, torch.Tensor]) -> Any:
         if value not in constants:
             raise RuntimeProgramError(f"program refers to missing constant '{value}'")
         return constants[value]
-    if kind == "dtype":
-        return _torch_attr(value, torch.dtype)
-    if kind == "device":
-        return torch.device(value)
-    if kind in ("layout", "memory_format"):
-        return _torch_attr(value, torch.layout if kind == "layout" else torch.memory_format)
-    raise RuntimeProgramError(f"unknown argument encoding {arg!r}")
-
-
-def _torch_attr(name: str, kind: type) -> Any:
-    value = getattr(torch, name, None)
-    if not isinstance(value, kind):
-        raise RuntimeProgramError(f"'{name}' is not a torch {kind.__name__}")
-    return value
+    try:
+        return decode_encoded(kind, value)
+    except ValueError as err:
+        raise RuntimeProgramError(str(err)) from None
 
 
 def _has_reg(template: Any) -> bool:
@@ -152,9 +102,17 @@ class Executor:
         regs: list[Any] = [None] * self.program.num_registers
         for reg, value in zip(self.program.inputs, flat_inputs):
             regs[reg] = value
-        with torch.no_grad():
-            for step in self.steps:
-                self._execute(step, regs)
+        index = 0
+        try:
+            with torch.no_grad():
+                for index, step in enumerate(self.steps):
+                    self._execute(step, regs)
+        except (ArtifactError, InputMismatchError):
+            raise   # already say what is wrong (a launch the artifact holds no kernel for)
+        except Exception as err:  # one try around the loop keeps the hot path cheap
+            inst = self.program.instructions[index]
+            raise RuntimeProgramError(f"instruction {index} ({inst.op}, node '{inst.name}'): "
+                                      f"{type(err).__name__}: {err}") from err
         return [_fill(o, regs) for o in self.outputs]
 
     @staticmethod

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: structure in sparsecc's own tree schema, program state, symbol hints
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,10 @@ class Program:
     num_registers: int
     constant_names: list[str]
     symbol_ranges: dict[str, list[Any]] = field(default_factory=dict)  # "s0" -> [min, max|None]
-    in_spec: str = ""                      # pytree TreeSpec (JSON) of (args, kwargs)
-    out_spec: str = ""                     # pytree TreeSpec (JSON) of the outputs
+    symbol_hints: dict[str, int] = field(default_factory=dict)        # "s0" -> its size in the example inputs
+    in_spec: Any = None                    # structure of (args, kwargs), sparsecc.runtime.tree_schema JSON
+    out_spec: Any = None                   # structure of the outputs, same schema
+    state_names: list[str] = field(default_factory=list)  # constants the program mutates (its own state)
 
     def to_dict(self) -> dict[str, Any]:
         return {"format_version": FORMAT_VERSION, **asdict(self)}

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+os.environ.setdefault("SPARSECC_VALIDATE_PROGRAMS", "1")   # every program a test lowers passes load-time validation
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from sparsecc.capture import capture
+from sparsecc.errors import LoweringError
 from sparsecc.lower import lower, op_qualname
 from sparsecc.runtime.errors import InputMismatchError, RuntimeProgramError
 from sparsecc.runtime.executor import Executor
@@ -73,14 +74,30 @@ def test_ops_outside_the_allowlist_are_refused():
     _, program, constants = _lowered(Net(), (torch.randn(3, 16),))
     data = program.to_dict()
     data["instructions"][0]["op"] = "os::system"
-    with pytest.raises(RuntimeProgramError, match="outside the allowed namespaces"):
+    with pytest.raises(RuntimeProgramError, match="not in the sparsecc runtime's op table"):
         Executor(Program.from_dict(data), constants)
     data["instructions"][0]["op"] = "aten::no_such_op.default"
-    with pytest.raises(RuntimeProgramError, match="unknown ATen op"):
+    with pytest.raises(RuntimeProgramError, match="not in the sparsecc runtime's op table"):
         Executor(Program.from_dict(data), constants)
     data["instructions"][0]["op"] = "sparsecc::no_such_op"
     with pytest.raises(RuntimeProgramError, match="unknown sparse op"):
         Executor(Program.from_dict(data), constants)
+
+
+def test_symbol_hints_hold_the_example_sizes():
+    batch = torch.export.Dim("batch", min=1, max=64)
+    _, program, _ = _lowered(Net(), (torch.randn(3, 16),), dynamic_shapes={"x": {0: batch}})
+    symbol = program.input_specs[0].shape[0]
+    assert program.symbol_hints == {symbol: 3} and symbol in program.symbol_ranges
+
+
+def test_ops_outside_the_runtime_table_do_not_lower():
+    c = capture(Net(), (torch.randn(3, 16),))
+    node = next(n for n in c.gm.graph.nodes if n.target == torch.ops.aten.linear.default)
+    node.target = torch.ops.aten._reshape_alias.default
+    with pytest.raises(LoweringError, match=r"node 'linear' in module fc: cannot lower call to "
+                                            r"aten._reshape_alias.default: the sparsecc runtime's op table"):
+        lower(c.gm, c.symbol_ranges, c.in_spec, c.out_spec)
 
 
 def test_qualnames():

@@ -87,6 +87,14 @@ def test_disallowed_targets(gm):
         verify_graph(gm)
 
 
+def test_aten_overloads_outside_the_runtime_table_are_refused(gm):
+    linear = _node(gm, aten.linear.default)
+    linear.target = aten._reshape_alias.default   # any overload the runtime's op table leaves out
+    with pytest.raises(VerificationError, match=r"%linear .*_reshape_alias.default in module l is outside the op "
+                                                r"table: the sparsecc runtime cannot run it"):
+        verify_graph(gm)
+
+
 def test_call_module_nodes_are_rejected():
     gm = torch.export.export(TinyLinear(), (torch.randn(2, 8),), strict=False).module()  # keeps _guards_fn
     with pytest.raises(VerificationError, match="call_module nodes are not part of the IR"):
