@@ -6,7 +6,7 @@ import importlib.metadata
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -16,6 +16,7 @@ from sparsecc.runtime.artifact import (ARTIFACT_FORMAT, ARTIFACT_VERSION, MANIFE
                                        sha256_file, target_dir)
 from sparsecc.runtime.kernels.triton.launch import KernelSpec
 from sparsecc.runtime.program import Program
+from sparsecc.runtime.signing import SIGNATURE_FILE, SigningKey, sign_manifest
 
 from .errors import SparseccError
 from .kernel_build import BuiltKernel, triton_version
@@ -30,7 +31,7 @@ def prepare_folder(root: Path) -> None:
     if root.exists() and any(root.iterdir()):
         if not (root / MANIFEST).is_file():
             raise SparseccError(f"{root} exists and is not a sparsecc artifact; refusing to overwrite it")
-        for name in (MANIFEST, MANIFEST_HASH, WEIGHTS):
+        for name in (MANIFEST, MANIFEST_HASH, SIGNATURE_FILE, WEIGHTS):   # a stale signature must not survive
             (root / name).unlink(missing_ok=True)
         shutil.rmtree(root / "kernels", ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
@@ -61,7 +62,9 @@ def kernel_table(root: Path, specs: Sequence[tuple[KernelSpec, list[str]]], buil
 
 
 def write_artifact(root: Path, program: Program, constants: dict[str, torch.Tensor], targets: Sequence[str],
-                   specs: Sequence[tuple[KernelSpec, list[str]]], built: Sequence[BuiltKernel]) -> dict[str, Any]:
+                   specs: Sequence[tuple[KernelSpec, list[str]]], built: Sequence[BuiltKernel],
+                   sign_with: Optional[SigningKey] = None) -> dict[str, Any]:
+    """Write the artifact; with `sign_with` (an Ed25519 private key or its PEM file) also manifest.sig."""
     prepare_folder(root)
     write_weights(root / WEIGHTS, {name: constants[name] for name in program.constant_names})
     kernels = kernel_table(root, specs, built)
@@ -78,7 +81,9 @@ def write_artifact(root: Path, program: Program, constants: dict[str, torch.Tens
         "files": {name: {"sha256": sha256_file(root / name), "bytes": (root / name).stat().st_size}
                   for name in listed},
     }
-    text = json.dumps(manifest, indent=1, sort_keys=False)
-    (root / MANIFEST).write_bytes(text.encode())
-    (root / MANIFEST_HASH).write_text(hashlib.sha256(text.encode()).hexdigest() + "  " + MANIFEST + "\n")
+    text = json.dumps(manifest, indent=1, sort_keys=False).encode()
+    (root / MANIFEST).write_bytes(text)
+    (root / MANIFEST_HASH).write_text(hashlib.sha256(text).hexdigest() + "  " + MANIFEST + "\n")
+    if sign_with is not None:
+        (root / SIGNATURE_FILE).write_bytes(sign_manifest(text, sign_with))   # over the exact bytes written
     return manifest

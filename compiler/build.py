@@ -23,6 +23,7 @@ from sparsecc.runtime.executor import Executor
 from sparsecc.runtime.kernels.triton.launch import KERNEL_MODULE_PREFIX, KernelSpec, bind_launch, use_launcher
 from sparsecc.runtime.ops import get_op
 from sparsecc.runtime.program import Program
+from sparsecc.runtime.signing import SigningKey, signing_key
 
 from .artifact_writer import write_artifact
 from .errors import SparseccError
@@ -107,15 +108,22 @@ def record_kernels(program: Program, constants: dict[str, torch.Tensor], example
         program = program_on(program, cpu)
         constants = {name: t.to(cpu) for name, t in constants.items()}
         example_inputs = [t.to(cpu) for t in example_inputs]
-    Executor(program, constants, "torch", kernels=overrides).run(list(example_inputs))
+    state = {name: constants[name].clone() for name in program.state_names}   # the artifact saves the state as it was
+    Executor(program, {**constants, **state}, "torch", kernels=overrides).run(list(example_inputs))
     return [(spec, sorted(users)) for spec, users in recorder.specs.values()]
 
 
 def save_artifact(program: Program, constants: dict[str, torch.Tensor], example_inputs: Sequence[torch.Tensor],
                   path: os.PathLike, targets: Sequence[str] = ("cpu",), *, cache_dir: Optional[os.PathLike] = None,
-                  workers: Optional[int] = None, progress: bool = True) -> dict[str, Any]:
-    """Build `program` for `targets` into the folder `path`; returns the manifest written."""
+                  workers: Optional[int] = None, progress: bool = True,
+                  sign_with: Optional[SigningKey] = None) -> dict[str, Any]:
+    """Build `program` for `targets` into the folder `path`; returns the manifest written. With
+    `sign_with` (an Ed25519 private key, PEM bytes or a PEM file) the manifest is signed."""
     targets = list(dict.fromkeys(targets))
+    try:
+        sign_with = signing_key(sign_with) if sign_with is not None else None   # a bad key fails before the build
+    except (ValueError, OSError) as err:
+        raise BuildError(f"save: {err}") from None
     if not targets:
         raise BuildError("no targets given (e.g. targets=['cpu', 'cuda:90'])")
     try:
@@ -124,4 +132,4 @@ def save_artifact(program: Program, constants: dict[str, torch.Tensor], example_
         raise BuildError(str(err)) from None
     specs = record_kernels(program, constants, example_inputs) if gpu_targets else []
     built = build_kernels([s for s, _ in specs], gpu_targets, cache_dir=cache_dir, workers=workers, progress=progress)
-    return write_artifact(Path(path), program, constants, targets, specs, built)
+    return write_artifact(Path(path), program, constants, targets, specs, built, sign_with=sign_with)

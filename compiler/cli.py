@@ -118,7 +118,8 @@ def _opt(args) -> int:
 
 
 _COMMANDS = {"compile": _compile, "opt": _opt, "build": cli_build.build_command,
-             "inspect": cli_build.inspect_command, "sweep": lambda args: args.run(args),
+             "inspect": cli_build.inspect_command, "keygen": cli_build.keygen_command,
+             "sweep": lambda args: args.run(args),
              "export": cli_onnx.export_command, "sparsify": cli_onnx.sparsify_command}
 
 if __name__ == "__main__":

@@ -15,8 +15,13 @@ def add_parsers(sub: argparse._SubParsersAction, add_model_args: Callable, spars
     build.add_argument("--workers", type=int, help="parallel kernel build processes (default: CPU count)")
     build.add_argument("--cache-dir", help="kernel cache folder (default $SPARSECC_KERNEL_CACHE or ~/.cache/sparsecc)")
     build.add_argument("--no-check", action="store_true", help="skip the error check against the dense model")
+    build.add_argument("--sign-key", metavar="FILE", help="sign the manifest with this Ed25519 private key (PEM)")
     inspect = sub.add_parser("inspect", help="check an artifact's hashes and print what it holds")
     inspect.add_argument("artifact", help="artifact folder")
+    inspect.add_argument("--trusted-key", action="append", dest="trusted_keys", metavar="FILE",
+                         help="also check the signature against this Ed25519 public key (PEM); repeatable")
+    keygen = sub.add_parser("keygen", help="write an Ed25519 key pair for signing artifacts")
+    keygen.add_argument("-o", "--output", required=True, help="folder for sparsecc.key (private) and sparsecc.pub")
 
 
 def build_command(args) -> int:
@@ -28,7 +33,7 @@ def build_command(args) -> int:
                                 check=not args.no_check, progress=True,
                                 print_ir_after_all=args.print_ir_after_all, dump_dir=args.dump_dir)
     manifest = compiled.save(args.output, targets=args.targets or ["cpu"], cache_dir=args.cache_dir,
-                             workers=args.workers)
+                             workers=args.workers, sign_with=args.sign_key)
     binaries = sum(len(k["binaries"]) for k in manifest["kernels"])
     print(f"wrote {args.output}: targets {', '.join(manifest['targets'])}; {len(manifest['kernels'])} kernel "
           f"specialisations, {binaries} binaries; {compiled.program.summary()}")
@@ -36,6 +41,20 @@ def build_command(args) -> int:
 
 
 def inspect_command(args) -> int:
+    from pathlib import Path
     from .inspect_artifact import describe_artifact
-    print(describe_artifact(args.artifact))
+    try:
+        keys = [Path(f).read_bytes() for f in args.trusted_keys or []]
+    except OSError as err:
+        raise ValueError(f"cannot read the trusted key: {err}") from None
+    print(describe_artifact(args.artifact, trusted_keys=keys or None))
+    return 0
+
+
+def keygen_command(args) -> int:
+    from sparsecc.runtime.signing import key_id, public_key, write_key_pair
+    private, public = write_key_pair(args.output)
+    print(f"wrote {private} (private: keep it secret) and {public} (key id "
+          f"{key_id(public_key(public.read_bytes()))}); sign with `sparsecc build --sign-key {private}`, "
+          f"load with sparsecc.runtime.load(path, trusted_keys=[pathlib.Path({str(public)!r})])")
     return 0

@@ -4,8 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sparsecc.runtime.artifact import read_manifest, verify_files
+from sparsecc.runtime.artifact import MAX_SMALL_FILE_BYTES, malformed, read_manifest, read_optional, verify_files
 from sparsecc.runtime.program import Program
+from sparsecc.runtime.signing import SIGNATURE_FILE, signature_key_id
 
 
 def _size(n: float) -> str:
@@ -20,15 +21,29 @@ def _constexprs(kernel: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in kernel["constexprs"].items())
 
 
-def describe_artifact(path: str) -> str:
+def _signature(root: Path, verified: bool) -> str:
+    record = read_optional(root, SIGNATURE_FILE, MAX_SMALL_FILE_BYTES)
+    if record is None:
+        return "signature: none (unsigned; hashes give integrity, not authenticity)"
+    how = "verified against a trusted key" if verified else "not verified: pass --trusted-key"
+    return f"signature: Ed25519, key id {signature_key_id(record)} ({how})"
+
+
+def describe_artifact(path: str, trusted_keys: list | None = None) -> str:
     root = Path(path)
-    manifest = read_manifest(root)
+    manifest = read_manifest(root, trusted_keys)
     verify_files(root, manifest)
+    with malformed(root):      # a wrong-typed field is an ArtifactError, as at load
+        return _describe(root, manifest, trusted_keys is not None)
+
+
+def _describe(root: Path, manifest: dict[str, Any], verified: bool) -> str:
     program = Program.from_dict(manifest["program"])
     files = manifest["files"]
     versions = ", ".join(f"{k} {v}" for k, v in manifest["versions"].items())
     lines = [f"sparsecc artifact {root} (format {manifest['format_version']}; built with {versions})",
              f"hashes: {len(files)} files verified",
+             _signature(root, verified),
              f"targets: {', '.join(manifest['targets'])}",
              f"program: {program.summary()}",
              f"weights: {manifest['weights']} {_size(files[manifest['weights']]['bytes'])}, "

@@ -1,6 +1,6 @@
 """The AOT artifact: its format, its checks, and `load` (the runtime alone runs it; no pickle anywhere).
 
-    DIR/manifest.json          {"format": "sparsecc-artifact", "format_version": 1,
+    DIR/manifest.json          {"format": "sparsecc-artifact", "format_version": 2,
                                 "versions": {sparsecc, torch, triton}, "targets": [...],
                                 "program": Program.to_dict(), "weights": "weights.safetensors",
                                 "kernels": [{"id", "kernel", "signature", "constexprs", "options",
@@ -12,28 +12,42 @@
     DIR/weights.safetensors    every constant of the program (compressed N:M values/indices included)
     DIR/kernels/<cuda_90|hip_gfx942|...>/<id>.<cubin|hsaco>
 
-`load` checks the manifest's hash, its format and version, then every listed
-file's size and hash, before it reads weights or builds the executor; only
-then does it resolve the program's ops (unknown ops and ops outside the
-allowlist fail there), so a bad artifact executes nothing.
+    DIR/manifest.sig           optional Ed25519 signature of manifest.json (`sparsecc.runtime.signing`)
+
+`load` checks the signature (when given trusted keys), the manifest's hash,
+its format and version, then every listed file's size and hash, before it
+reads weights or builds the executor; only then does it validate the program,
+so a bad artifact executes nothing. Every read goes through `read_file`: a
+plain relative name inside the folder, no symbolic link on the way, a regular
+file (opened non-blocking, so a FIFO cannot hang the load), a size limit, and
+the bytes hashed are the bytes used.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import re
+import stat
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Iterable, Optional, Union
 
 import torch
 
-from .errors import ArtifactError
+from .errors import ArtifactError, InputMismatchError, RuntimeProgramError
 from .program import Program
+from .signing import SIGNATURE_FILE, TrustedKey, verify_manifest
 
 ARTIFACT_FORMAT = "sparsecc-artifact"
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2   # 2: program format 2 (own tree schema, state), optional manifest.sig
 MANIFEST, MANIFEST_HASH, WEIGHTS = "manifest.json", "manifest.sha256", "weights.safetensors"
+MAX_SMALL_FILE_BYTES = 4 << 10          # manifest.sha256, manifest.sig
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_KERNEL_BYTES = 256 << 20
+MAX_NAME_CHARS = 1024
 GPU_TARGETS = {"cuda": ("80", "86", "89", "90"), "hip": ("gfx942",)}
 BINARY_SUFFIX = {"cuda": "cubin", "hip": "hsaco"}
 
@@ -55,6 +69,7 @@ def target_dir(target: str) -> str:
 
 
 def sha256_file(path: Path) -> str:
+    """SHA-256 of a file the compiler just wrote (the build side; loads go through `read_file`)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -62,31 +77,124 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_checked(root: Path, name: str, manifest: dict[str, Any]) -> bytes:
-    """The bytes of `name`, checked against the manifest's SHA-256 for it after reading, so what
-    was checked is what gets used (a file swapped after `verify_files` is refused)."""
-    data = (root / name).read_bytes()
-    if hashlib.sha256(data).hexdigest() != manifest["files"][name]["sha256"]:
-        raise ArtifactError(f"{root}: {name} does not match its SHA-256 (changed while loading)")
+def artifact_path(root: Path, name: Any) -> tuple[str, ...]:
+    """The components of `name`, a plain relative path inside the artifact folder (no '..', not absolute)."""
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME_CHARS or "\\" in name or "\0" in name:
+        raise ArtifactError(f"{root}: manifest names a file outside the artifact or not a plain path: {name!r}")
+    parts = tuple(name.split("/"))
+    if any(part in ("", ".", "..") for part in parts):   # also refuses an absolute name (it starts with "")
+        raise ArtifactError(f"{root}: manifest lists a file outside the artifact: {name!r}")
+    return parts
+
+
+def read_file(root: Path, name: str, max_bytes: int, *, size: Optional[int] = None,
+              sha256: Optional[str] = None) -> bytes:
+    """The bytes of `root/name`, which must be a regular file reached without symbolic links, at most
+    `max_bytes` long (exactly `size` when given) and, when given, matching `sha256`: the bytes checked are
+    the bytes returned. Opened non-blocking, so a FIFO or device fails at fstat instead of hanging."""
+    parts = artifact_path(root, name)
+    fd = _open_inside(root, parts)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ArtifactError(f"{root}: {name} is not a regular file (it is a {_file_kind(info.st_mode)})")
+        if size is not None and info.st_size != size:
+            raise ArtifactError(f"{root}: {name} has {info.st_size} bytes, the manifest says {size} "
+                                "(truncated or modified)")
+        if info.st_size > max_bytes:
+            raise ArtifactError(f"{root}: {name} has {info.st_size} bytes, more than the {max_bytes} allowed")
+        data = _read_exactly(fd, info.st_size, root, name)
+    except MemoryError:
+        raise ArtifactError(f"{root}: {name} ({info.st_size} bytes) does not fit in memory") from None
+    finally:
+        os.close(fd)
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise ArtifactError(f"{root}: {name} does not match its SHA-256 in the manifest (modified)")
     return data
 
 
-def read_manifest(root: Union[str, Path]) -> dict[str, Any]:
-    """The manifest, after checking its own hash, the format name and the format version."""
+def _open_inside(root: Path, parts: tuple[str, ...]) -> int:
+    """A read-only descriptor of root/parts..., refusing a symbolic link at every component."""
+    name = "/".join(parts)
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as err:
+        raise ArtifactError(f"{root} is not a sparsecc artifact: cannot open the folder ({err.strerror})") from None
+    try:
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_NONBLOCK if last else os.O_DIRECTORY)
+            child = os.open(part, flags, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except OSError as err:
+        os.close(fd)
+        raise _open_error(root, name, err) from None
+    return fd
+
+
+def _open_error(root: Path, name: str, err: OSError) -> ArtifactError:
+    if err.errno == errno.ENOENT:
+        return ArtifactError(f"{root}: {name} is missing")
+    if err.errno in (errno.ELOOP, errno.ENOTDIR):
+        return ArtifactError(f"{root}: {name} is (or lies under) a symbolic link or not a plain path; "
+                             "an artifact holds regular files only")
+    return ArtifactError(f"{root}: cannot open {name}: {err.strerror}")
+
+
+def _read_exactly(fd: int, size: int, root: Path, name: str) -> bytes:
+    chunks, left = [], size
+    while left:
+        chunk = os.read(fd, min(left, 1 << 24))
+        if not chunk:
+            raise ArtifactError(f"{root}: {name} ended after {size - left} of {size} bytes (changed while loading)")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _file_kind(mode: int) -> str:
+    kinds = {stat.S_ISDIR: "folder", stat.S_ISFIFO: "FIFO", stat.S_ISCHR: "character device",
+             stat.S_ISBLK: "block device", stat.S_ISSOCK: "socket"}
+    return next((kind for test, kind in kinds.items() if test(mode)), "special file")
+
+
+def read_optional(root: Path, name: str, max_bytes: int) -> Optional[bytes]:
+    """`read_file`, or None when nothing of that name exists (a symbolic link or FIFO is still refused)."""
+    try:
+        os.lstat(root / name)
+    except FileNotFoundError:
+        return None
+    return read_file(root, name, max_bytes)
+
+
+@contextmanager
+def malformed(root: Path, what: str = MANIFEST):
+    """Turns the errors a wrong-typed or missing manifest field raises into ArtifactError."""
+    try:
+        yield
+    except (ArtifactError, RuntimeProgramError, InputMismatchError):
+        raise
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError, RecursionError) as err:
+        raise ArtifactError(f"{root}: malformed {what} ({type(err).__name__}: {err})") from None
+
+
+def read_manifest(root: Union[str, Path], trusted_keys: Optional[Iterable[TrustedKey]] = None) -> dict[str, Any]:
+    """The manifest, after checking its signature (when `trusted_keys` are given, before anything is
+    parsed), its own hash, the format name and the format version."""
     root = Path(root)
-    if not (root / MANIFEST).is_file():
+    if not os.path.lexists(root / MANIFEST):
         raise ArtifactError(f"{root} is not a sparsecc artifact: {MANIFEST} is missing")
-    try:
-        expected = (root / MANIFEST_HASH).read_text().split()[0]
-    except (OSError, IndexError):
-        raise ArtifactError(f"{root}: {MANIFEST_HASH} is missing or empty; the manifest cannot be checked") from None
-    text = (root / MANIFEST).read_bytes()   # hashed and parsed from the same bytes
-    if hashlib.sha256(text).hexdigest() != expected:
+    text = read_file(root, MANIFEST, MAX_MANIFEST_BYTES)   # signed, hashed and parsed from the same bytes
+    if trusted_keys is not None:
+        verify_manifest(text, read_optional(root, SIGNATURE_FILE, MAX_SMALL_FILE_BYTES), trusted_keys)
+    expected = read_file(root, MANIFEST_HASH, MAX_SMALL_FILE_BYTES).decode("ascii", "replace").split()
+    if not expected:
+        raise ArtifactError(f"{root}: {MANIFEST_HASH} is empty; the manifest cannot be checked")
+    if hashlib.sha256(text).hexdigest() != expected[0]:
         raise ArtifactError(f"{root}: {MANIFEST} does not match {MANIFEST_HASH} (modified or truncated)")
-    try:
+    with malformed(root):
         manifest = json.loads(text)
-    except ValueError as err:
-        raise ArtifactError(f"{root}: {MANIFEST} is not valid JSON: {err}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != ARTIFACT_FORMAT:
         raise ArtifactError(f"{root}: {MANIFEST} is not a {ARTIFACT_FORMAT} manifest")
     if manifest.get("format_version") != ARTIFACT_VERSION:
@@ -95,32 +203,59 @@ def read_manifest(root: Union[str, Path]) -> dict[str, Any]:
     return manifest
 
 
-def verify_files(root: Union[str, Path], manifest: dict[str, Any]) -> None:
-    """Every file the manifest lists exists with its size and SHA-256; every file it refers to is listed."""
-    try:
-        _verify_files(Path(root), manifest)
-    except (KeyError, TypeError, AttributeError) as err:
-        raise ArtifactError(f"{root}: malformed manifest ({type(err).__name__}: {err})") from None
-
-
-def _verify_files(root: Path, manifest: dict[str, Any]) -> None:
-    files = manifest.get("files", {})
-    referenced = [manifest.get("weights", WEIGHTS)] + [b["file"] for k in manifest.get("kernels", [])
-                                                       for b in k["binaries"].values()]
-    unlisted = [f for f in referenced if f not in files]
+def listed_files(root: Path, manifest: dict[str, Any]) -> dict[str, tuple[int, str]]:
+    """name -> (bytes, sha256) of every file the manifest lists, each name and entry checked; every
+    file the manifest refers to (weights, kernel binaries) must be listed."""
+    with malformed(root):
+        files = {}
+        for name, entry in manifest["files"].items():
+            artifact_path(root, name)
+            size, digest = entry["bytes"], entry["sha256"]
+            if type(size) is not int or size < 0 or not isinstance(digest, str):
+                raise ArtifactError(f"{root}: malformed manifest entry for {name!r}: {entry!r}")
+            files[name] = (size, digest)
+        referenced = [weights_name(manifest)] + [b["file"] for b in kernel_binaries(manifest)]
+    unlisted = [str(f) for f in referenced if f not in files]
     if unlisted:
         raise ArtifactError(f"{root}: the manifest refers to files without a hash: {', '.join(unlisted)}")
-    for name, entry in files.items():
-        path = (root / name).resolve()
-        if root.resolve() not in path.parents:
-            raise ArtifactError(f"{root}: manifest lists a file outside the artifact: {name!r}")
-        if not path.is_file():
-            raise ArtifactError(f"{root}: {name} is missing")
-        size = path.stat().st_size
-        if size != entry["bytes"]:
-            raise ArtifactError(f"{root}: {name} has {size} bytes, the manifest says {entry['bytes']} (truncated or modified)")
-        if sha256_file(path) != entry["sha256"]:
-            raise ArtifactError(f"{root}: {name} does not match its SHA-256 in the manifest (modified)")
+    return files
+
+
+def weights_name(manifest: dict[str, Any]) -> str:
+    return manifest.get("weights", WEIGHTS)
+
+
+def kernel_binaries(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    return [binary for kernel in manifest.get("kernels", []) for binary in kernel["binaries"].values()]
+
+
+def file_limit(manifest: dict[str, Any], name: str, size: int) -> int:
+    """The most bytes `name` may have: the weights their listed size (and no more than this machine's
+    memory: a sparse file costs an attacker nothing), anything else a kernel binary's limit."""
+    return min(size, physical_memory()) if name == weights_name(manifest) else MAX_KERNEL_BYTES
+
+
+def physical_memory() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def verify_files(root: Union[str, Path], manifest: dict[str, Any], skip: Iterable[str] = ()) -> None:
+    """Every file the manifest lists is a regular file inside the folder with its size and SHA-256
+    (except `skip`: files the caller reads itself through `read_checked`)."""
+    root = Path(root)
+    for name, (size, digest) in listed_files(root, manifest).items():
+        if name not in skip:
+            read_file(root, name, file_limit(manifest, name, size), size=size, sha256=digest)
+
+
+def read_checked(root: Path, name: str, manifest: dict[str, Any]) -> bytes:
+    """The bytes of listed file `name`, checked against the manifest's size and SHA-256 for it: what was
+    checked is what gets used."""
+    files = listed_files(root, manifest)
+    if name not in files:
+        raise ArtifactError(f"{root}: {name!r} is not listed in the manifest")
+    size, digest = files[name]
+    return read_file(root, name, file_limit(manifest, name, size), size=size, sha256=digest)
 
 
 def gpu_arch(device: torch.device) -> str:
@@ -168,7 +303,10 @@ def program_on(program: Program, device: torch.device) -> Program:
     return replace(program, instructions=instructions)
 
 
-def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu"):
-    """Load an artifact written by `CompiledModel.save` / `sparsecc build`; returns a callable LoadedModel."""
+def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu", *,
+         trusted_keys: Optional[Iterable[TrustedKey]] = None, max_memory: Optional[int] = None):
+    """Load an artifact written by `CompiledModel.save` / `sparsecc build`; returns a callable LoadedModel.
+    With `trusted_keys` (Ed25519 public keys: key objects, raw 32 bytes or PEM), an artifact not signed by
+    one of them is refused before its manifest is parsed. `max_memory` bounds what the program may allocate."""
     from .loaded import load_artifact
-    return load_artifact(Path(path), torch.device(device))
+    return load_artifact(Path(path), torch.device(device), trusted_keys=trusted_keys, max_memory=max_memory)

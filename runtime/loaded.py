@@ -9,16 +9,18 @@ does not hold is an error that names the kernel and its constexprs.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Optional
 
 import torch
-from torch.utils import _pytree as pytree
 
-from .artifact import (WEIGHTS, device_target, parse_target, program_on, read_checked, read_manifest,
-                       verify_files)
+from . import tree_schema
+from .artifact import (device_target, malformed, parse_target, program_on, read_checked, read_manifest,
+                       verify_files, weights_name)
 from .errors import ArtifactError, InputMismatchError
 from .executor import Executor
 from .program import Program
+from .validate import validate_program
+from .signing import TrustedKey
 
 
 class PrebuiltKernels:
@@ -54,24 +56,47 @@ class LoadedModel:
         self.manifest, self.program, self.constants = manifest, program, constants
         self.device, self.target, self.kernels = device, target, kernels
         self._executor = Executor(program, constants, "torch" if kernels is None else "triton")
-        self._in_spec = pytree.treespec_loads(program.in_spec) if program.in_spec else None
-        self._out_spec = pytree.treespec_loads(program.out_spec) if program.out_spec else None
+        self._in_spec = _schema(program.in_spec, "program in_spec")
+        self._out_spec = _schema(program.out_spec, "program out_spec")
+        tree_schema.check_outputs(self._out_spec, len(program.outputs), "program out_spec")
+        self._initial_state = self.state_dict()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        flat, spec = pytree.tree_flatten((args, kwargs))
-        if self._in_spec is not None and spec != self._in_spec:
-            raise InputMismatchError(f"inputs have structure {spec}, but the artifact was built for {self._in_spec}")
-        tensors = tuple(leaf for leaf in flat if isinstance(leaf, torch.Tensor))
+        tensors = _input_tensors(self._in_spec, args, kwargs)
         if self.kernels is None:
             outputs = self._executor.run(tensors)
         else:
             from .kernels.triton.launch import use_launcher
             with use_launcher(self.kernels):
                 outputs = self._executor.run(aligned(tensors))
-        return pytree.tree_unflatten(outputs, self._out_spec) if self._out_spec is not None else outputs
+        return tree_schema.unflatten(self._out_spec, outputs) if self._out_spec is not None else outputs
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """A copy of the program's state (the buffers its forward writes), as saved in the artifact
+        and updated by each call."""
+        return {name: self.constants[name].detach().clone() for name in self.program.state_names}
+
+    def reset_state(self) -> None:
+        """Put the program's state back to its value at load (e.g. an empty KV cache)."""
+        with torch.no_grad():
+            for name, value in self._initial_state.items():
+                self.constants[name].copy_(value)
 
     def __repr__(self) -> str:
         return f"LoadedModel(target={self.target!r}, device={str(self.device)!r}, {self.program.summary()})"
+
+
+def _schema(data: Any, what: str) -> Optional[tree_schema.TreeNode]:
+    return None if data is None else tree_schema.decode(data, what)
+
+
+def _input_tensors(schema: Optional[tree_schema.TreeNode], args: tuple, kwargs: dict) -> tuple:
+    """The call's tensors in program order; without a stored structure, positional tensors only."""
+    if schema is not None:
+        return tree_schema.flatten(schema, args, kwargs)
+    if kwargs or not all(isinstance(a, torch.Tensor) for a in args):
+        raise InputMismatchError("this program stores no input structure: pass its tensor inputs positionally")
+    return tuple(args)
 
 
 def aligned(tensors: tuple) -> tuple:
@@ -80,17 +105,20 @@ def aligned(tensors: tuple) -> tuple:
     return tuple(t.clone() if t.data_ptr() % 16 else t for t in tensors)
 
 
-def load_artifact(root: Path, device: torch.device) -> LoadedModel:
-    manifest = read_manifest(root)
-    verify_files(root, manifest)
-    target = device_target(device, list(manifest.get("targets", [])))
-    try:
+def load_artifact(root: Path, device: torch.device, trusted_keys: Optional[Iterable[TrustedKey]] = None,
+                  max_memory: Optional[int] = None) -> LoadedModel:
+    manifest = read_manifest(root, trusted_keys)
+    with malformed(root):
+        weights = weights_name(manifest)
+        verify_files(root, manifest, skip={weights})    # the weights are checked as they are read, once
+        target = device_target(device, list(manifest.get("targets", [])))
+    with malformed(root, "program in the manifest"):
         program = program_on(Program.from_dict(manifest["program"]), device)
-    except (KeyError, TypeError, ValueError) as err:
-        raise ArtifactError(f"{root}: the manifest's program cannot be read: {err}") from None
-    constants = _load_weights(root, manifest.get("weights", WEIGHTS), program, device, manifest)
-    kernels = None if target == "cpu" else _load_kernels(root, manifest, target, device)
-    return LoadedModel(manifest, program, constants, device, target, kernels)
+    with malformed(root):
+        constants = _load_weights(root, weights, program, device, manifest)
+        validate_program(program, constants, device=device, max_bytes=max_memory)
+        kernels = None if target == "cpu" else _load_kernels(root, manifest, target, device)
+        return LoadedModel(manifest, program, constants, device, target, kernels)
 
 
 def _load_weights(root: Path, name: str, program: Program, device: torch.device,
@@ -98,8 +126,8 @@ def _load_weights(root: Path, name: str, program: Program, device: torch.device,
     from safetensors import SafetensorError
     from safetensors.torch import load
     path = root / name
+    data = read_checked(root, name, manifest)
     try:
-        data = read_checked(root, name, manifest)
         constants = {name: t.to(device) for name, t in load(data).items()}
     except (SafetensorError, OSError, ValueError) as err:
         raise ArtifactError(f"{path}: cannot read the weights: {err}") from None

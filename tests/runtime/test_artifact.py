@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sparsecc
-from sparsecc.runtime import ArtifactError, RuntimeProgramError
+from sparsecc.runtime import ArtifactError
 from safetensors.torch import load_file
 from sparsecc.runtime import Instruction, Program
 from sparsecc.runtime.artifact import GPU_TARGETS as GPU_TARGETS_BY_API
@@ -113,19 +113,13 @@ def _set_first_op(op):
     return edit
 
 
-@pytest.mark.parametrize("op, message", [
-    ("sparsecc::no_such_op", "unknown sparse op 'no_such_op'"),
-    ("os::system", "outside the allowed namespaces"),
-    ("aten::from_file.default", "outside the runtime's allowlist"),
-    ("aten::_sparse_csr_tensor_unsafe.default", "skips torch's index or size checks"),
-    ("aten::_sparse_coo_tensor_with_dims_and_tensors.default", "raw indices without checks"),
-    ("aten::_unsafe_index.Tensor", "skips torch's index or size checks"),
-    ("aten::set_.source_Tensor", "swaps storage"),
-    ("aten::no_such_op.default", "unknown ATen op"),
-])
-def test_ops_outside_the_allowlist_fail_before_running(artifact, op, message):
+@pytest.mark.parametrize("op", ["sparsecc::no_such_op", "os::system", "aten::from_file.default",
+                                "aten::_sparse_csr_tensor_unsafe.default",
+                                "aten::_sparse_coo_tensor_with_dims_and_tensors.default", "aten::_unsafe_index.Tensor",
+                                "aten::set_.source_Tensor", "aten::no_such_op.default"])
+def test_ops_outside_the_allowlist_fail_before_running(artifact, op):
     _rewrite_manifest(artifact, _set_first_op(op))
-    with pytest.raises(RuntimeProgramError, match=message):
+    with pytest.raises(ArtifactError, match=rf"instruction 0 \({op}, node .*not in the sparsecc runtime's op table"):
         sparsecc.runtime.load(artifact)
 
 
