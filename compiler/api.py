@@ -1,6 +1,7 @@
 """`sparsecc.compile` and the `CompiledModel` it returns."""
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -16,6 +17,7 @@ from sparsecc.runtime.errors import InputMismatchError
 from sparsecc.runtime.executor import Executor
 from sparsecc.runtime.kernels.triton.launch import use_launcher
 from sparsecc.runtime.program import Program
+from sparsecc.runtime.validate import validate_program
 
 from .cached_launch import CachedKernelLauncher, jit_forced
 from .calibrate import calibration_inputs
@@ -23,7 +25,7 @@ from .capture import Captured, capture, check_model, normalize_inputs
 from .config import parse_sparsity
 from .errors import ConfigError
 from .lower import lower
-from .numerics import relative_error
+from .numerics import locate_non_finite, relative_error
 from .reference import pruned_state_dict
 from .report import Report
 
@@ -57,13 +59,15 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, sparsity: Any = 
     with steps("capture"):
         captured = capture(model, args, example_kwargs, dynamic_shapes)
     flat_inputs = _tensor_leaves((args, example_kwargs or {}))   # the graph's placeholders, in order
-    batches = calibration_inputs(calibration, captured.in_spec, example_kwargs)
+    batches = calibration_inputs(calibration, captured.in_spec, example_kwargs, captured.gm)
     ctx = PassContext(example_inputs=flat_inputs, calibration=batches, progress=progress)
     with steps("rewrite"):
         manager = PassManager(passes, verify=verify, print_ir_after_all=print_ir_after_all, dump_dir=dump_dir)
         gm = manager.run(captured.gm, ctx)
     with steps("lower"):
         program, constants = lower(gm, captured.symbol_ranges, captured.in_spec, captured.out_spec)
+        if os.environ.get("SPARSECC_VALIDATE_PROGRAMS") == "1":   # tests load-check every program they lower
+            validate_program(program, constants, device=next((t.device for t in constants.values()), "cpu"))
     compiled = CompiledModel(program, constants, backend, gm, captured, list(ctx.records))
     compiled.example_inputs = flat_inputs   # what `save` runs to find the kernel specialisations to build
     report = _build_report(model, pipeline_text, ctx, compiled, captured)
@@ -76,7 +80,9 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, sparsity: Any = 
 
 
 class CompiledModel:
-    """The rewritten program; call it like the original model."""
+    """The rewritten program; call it like the original model. Buffers its forward writes
+    (counters, KV caches) are the program's own state, updated per call as eager would update
+    the model's: see `state_dict`, `reset_state` and docs/pipeline.md ("State")."""
 
     def __init__(self, program: Program, constants: dict[str, torch.Tensor], backend: str,
                  gm: torch.fx.GraphModule, captured: Captured, records: list[RewriteRecord]):
@@ -109,15 +115,18 @@ class CompiledModel:
         return print_graph(self.graph_module)
 
     def save(self, path: str, targets: Iterable[str] = ("cpu",), *, example_inputs: Any = None,
-             cache_dir: Optional[str] = None, workers: Optional[int] = None, progress: bool = True) -> dict:
+             cache_dir: Optional[str] = None, workers: Optional[int] = None, progress: bool = True,
+             sign_with: Any = None) -> dict:
         """Write an AOT artifact (program, weights, kernels cross-compiled for `targets`) that
-        `sparsecc.runtime.load` runs; returns its manifest. See docs/aot.md."""
+        `sparsecc.runtime.load` runs; returns its manifest. `sign_with` (an Ed25519 private key, PEM
+        bytes or a PEM file, see `sparsecc.runtime.signing`) also writes manifest.sig. The program's
+        state is saved at its value now (`reset_state()` first for the compile-time value). See docs/aot.md."""
         from .build import save_artifact
         inputs = getattr(self, "example_inputs", None) if example_inputs is None else _tensor_leaves(example_inputs)
         if inputs is None:
             raise ConfigError("save: pass example_inputs (this CompiledModel was not made by sparsecc.compile)")
         return save_artifact(self.program, self.constants, inputs, path, list(targets), cache_dir=cache_dir,
-                             workers=workers, progress=progress)
+                             workers=workers, progress=progress, sign_with=sign_with)
 
     def export_onnx(self, path: str, contrib: bool = False, opset: Optional[int] = None, *,
                     compare_dense: bool = False):
@@ -125,6 +134,17 @@ class CompiledModel:
         Returns an ExportResult (file size, sparse/contrib node counts, the export log)."""
         from .onnx.export import export_compiled
         return export_compiled(self, path, contrib=contrib, opset=opset, compare_dense=compare_dense)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """A copy of the program's state (the buffers its forward writes: counters, KV caches), by
+        the model's names; calls update the program's own copy, never the user's module."""
+        return {name: self.constants[name].detach().clone() for name in self.program.state_names}
+
+    def reset_state(self) -> None:
+        """Put the program's state back to its value at compile time (e.g. an empty KV cache)."""
+        with torch.no_grad():
+            for name in self.program.state_names:
+                self.constants[name].copy_(self._captured.initial_state[name])
 
     def pruned_state_dict(self) -> dict[str, torch.Tensor]:
         """Dense weights equal to what the compiled program computes with, keyed by the model's names."""
@@ -172,15 +192,37 @@ def _state_bytes(gm: torch.fx.GraphModule) -> int:
 
 
 def _check_against_dense(compiled: CompiledModel, report: Report, args: tuple, kwargs: dict) -> None:
-    with torch.no_grad():
-        got = compiled(*args, **kwargs)
-        dense = compiled._captured.dense_gm(*args, **kwargs)
+    with torch.no_grad(), _from_initial_state(compiled) as restart:
+        got = _copied(compiled(*args, **kwargs))        # outputs may alias the state restart() rewrites
+        dense = _copied(compiled._captured.dense_gm(*args, **kwargs))
         report.error_vs_dense = relative_error(got, dense)
+        if not math.isfinite(report.error_vs_dense):   # name the layer where it started
+            restart()
+            report.non_finite = locate_non_finite(got, dense, compiled.graph_module, compiled._captured.dense_gm,
+                                                  tuple(pytree.tree_leaves((args, kwargs))))
         weights = compiled.pruned_state_dict()
         invertible = all(r.details.get("reference") != "unavailable" for r in compiled.records)
         if weights and invertible:
+            restart()
             pruned = torch.func.functional_call(compiled._captured.dense_gm, weights, args, kwargs, strict=False)
             report.error_vs_reference = relative_error(got, pruned)
+
+
+@contextmanager
+def _from_initial_state(compiled: CompiledModel):
+    """Every run of the check starts from the state at compile time (call `restart` between runs),
+    and the check leaves the program's and the dense reference's state there."""
+    def restart() -> None:
+        compiled.reset_state()
+        compiled._captured.reset_dense_state()
+    try:
+        yield restart
+    finally:
+        restart()
+
+
+def _copied(outputs: Any) -> Any:
+    return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, outputs)
 
 
 class _Steps:

@@ -3,16 +3,23 @@
 Two GraphModules come out of one export: `gm`, which the passes rewrite, and
 `dense_gm`, the untouched reference the report and the exactness checks run.
 Both are new module trees; they share parameter tensors with the user's
-model, which is safe because no pass writes a tensor in place.
+model, which is safe because no pass writes a tensor in place. Constants the
+forward writes in place (buffers such as a call counter or a KV cache) are the
+program's state: `gm` and `dense_gm` each get private copies of them, so no
+run of either ever writes into the user's module.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 from torch.utils._sympy.numbers import int_oo
 from torch.utils import _pytree as pytree
+
+from sparsecc.passes.fake import resolve_attr
+from sparsecc.passes.state import state_targets, written_inputs
 
 from .errors import CaptureError, ConfigError
 
@@ -26,6 +33,14 @@ class Captured:
     in_spec: pytree.TreeSpec
     out_spec: pytree.TreeSpec
     symbol_ranges: dict[str, list[Optional[int]]]
+    state_names: list[str] = field(default_factory=list)   # constants the forward writes (program state)
+    initial_state: dict[str, torch.Tensor] = field(default_factory=dict)   # their values at capture
+
+    def reset_dense_state(self) -> None:
+        """Put the dense reference's state back to its value at capture (each reference run starts there)."""
+        with torch.no_grad():
+            for name, value in self.initial_state.items():
+                resolve_attr(self.dense_gm, name).copy_(value)
 
 
 def normalize_inputs(example_inputs: Any) -> tuple:
@@ -50,13 +65,57 @@ def check_model(model: Any) -> None:
 def capture(model: torch.nn.Module, args: tuple, kwargs: Optional[dict] = None,
             dynamic_shapes: Any = None) -> Captured:
     check_model(model)
-    with _eval_mode(model):
+    # no_grad: traced under grad mode, an in-place write into a buffer leaves the user's tensor
+    # requiring grad (a non-leaf), which then breaks deepcopy and every later eager call
+    with _eval_mode(model), torch.no_grad(), _buffers_kept(model):
         try:
             ep = torch.export.export(model, args, kwargs or {}, dynamic_shapes=dynamic_shapes, strict=False)
         except Exception as err:  # the exporter raises many types; all mean "cannot capture"
             raise CaptureError(_capture_message(model, err)) from err
     gm, dense_gm = _unlifted(ep), _unlifted(ep)
-    return Captured(gm, dense_gm, gm._in_spec, gm._out_spec, _symbol_ranges(ep))
+    _refuse_input_mutation(model, gm)
+    state_names = state_targets(gm)
+    _own_state(gm, state_names)
+    _own_state(dense_gm, state_names)
+    initial_state = {name: resolve_attr(gm, name).detach().clone() for name in state_names}
+    return Captured(gm, dense_gm, gm._in_spec, gm._out_spec, _symbol_ranges(ep), state_names, initial_state)
+
+
+def _refuse_input_mutation(model: torch.nn.Module, gm: torch.fx.GraphModule) -> None:
+    # a compiled program never writes the caller's tensors; eager would, so refuse rather than differ
+    mutated = written_inputs(gm)
+    if mutated:
+        raise CaptureError(f"{type(model).__name__}.forward writes its input(s) {', '.join(mutated)} in place; "
+                           "sparsecc programs do not write their inputs: keep such state in a buffer "
+                           "(register_buffer) or return the updated tensor instead")
+
+
+def _own_state(gm: torch.fx.GraphModule, targets: list[str]) -> None:
+    """Replace each written constant of `gm` by a private copy; constants that alias each other
+    (one tensor reachable under two names) keep aliasing one copy."""
+    copies: dict[tuple, torch.Tensor] = {}
+    for target in targets:
+        value = resolve_attr(gm, target)
+        key = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.stride(),
+               value.dtype)
+        if key not in copies:
+            copies[key] = _private_copy(value)
+        _set_attr(gm, target, copies[key])
+
+
+def _private_copy(value: torch.Tensor) -> torch.Tensor:
+    copy = value.detach().clone()
+    return torch.nn.Parameter(copy, value.requires_grad) if isinstance(value, torch.nn.Parameter) else copy
+
+
+def _set_attr(gm: torch.fx.GraphModule, target: str, value: torch.Tensor) -> None:
+    owner_path, _, name = target.rpartition(".")
+    owner = gm.get_submodule(owner_path)
+    for table in (owner._parameters, owner._buffers):
+        if name in table:
+            table[name] = value
+            return
+    setattr(owner, name, value)
 
 
 def _capture_message(model: torch.nn.Module, err: Exception) -> str:
@@ -65,6 +124,19 @@ def _capture_message(model: torch.nn.Module, err: Exception) -> str:
     more = f"\n  ... ({len(lines) - _EXPORT_REASON_LINES} more lines)" if len(lines) > _EXPORT_REASON_LINES else ""
     return (f"torch.export could not capture {type(model).__name__}: {type(err).__name__}:\n  {reason}{more}\n"
             "sparsecc needs a model torch.export can capture (non-strict); the exporter's reason is above.")
+
+
+@contextmanager
+def _buffers_kept(model: torch.nn.Module):
+    """Put the model's buffers back as they were: non-strict export runs the forward on the real
+    tensors a module reaches through other objects (a StaticCache's layers alias the buffers)."""
+    saved = [(buffer, buffer.detach().clone()) for buffer in {id(b): b for b in model.buffers()}.values()]
+    try:
+        yield
+    finally:
+        for buffer, value in saved:
+            if not torch.equal(buffer, value):
+                buffer.copy_(value)
 
 
 class _eval_mode:

@@ -5,6 +5,8 @@
 2. `get_attr` nodes with the same target merge into the first one.
 3. Constants with equal dtype, shape, device and content merge into the one
    used first (a content hash narrows candidates, `torch.equal` decides).
+   Program state (constants the graph writes, `passes/state.py`) never merges:
+   two caches equal at compile time diverge at the first call.
 4. Parameters, buffers and tensor attributes no `get_attr` reads any more are
    deleted from their owning module (empty submodules stay).
 
@@ -23,6 +25,7 @@ from torch.fx import GraphModule, Node
 
 from .fake import resolve_attr
 from .manager import Pass, PassContext, PassResult, PassStats
+from .state import state_targets
 
 
 def eliminate_dead_nodes(gm: GraphModule) -> int:
@@ -67,7 +70,8 @@ def content_hash(tensor: torch.Tensor) -> str:
 def _constant_groups(gm: GraphModule) -> Iterator[list[tuple[Node, torch.Tensor]]]:
     """Groups of constants of equal dtype/shape/device/hash, in graph order; singletons skipped."""
     by_type: dict[tuple, list[tuple[Node, torch.Tensor]]] = defaultdict(list)
-    for node in (n for n in gm.graph.nodes if n.op == "get_attr"):
+    state = set(state_targets(gm))
+    for node in (n for n in gm.graph.nodes if n.op == "get_attr" and n.target not in state):
         value = resolve_attr(gm, node.target)
         if _mergeable(value):
             by_type[(value.dtype, tuple(value.shape), value.device)].append((node, value))
