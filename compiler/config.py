@@ -4,7 +4,8 @@
     {"weights": {"pattern": "2:4", "exclude": ["lm_head"]}}
     SparsityConfig(weights=WeightsConfig(pattern="4:8"))
 
-Validation errors name the bad key and the accepted values.
+Validation errors name the bad key and the accepted values. Numbers are checked
+against the bounds of the pass options they become (NaN and inf never pass).
 """
 from __future__ import annotations
 
@@ -13,6 +14,12 @@ import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from sparsecc.passes.moe_dispatch import MoEDispatch
+from sparsecc.passes.options import bounds_problem
+from sparsecc.passes.prune_nm import PruneNM
+from sparsecc.passes.sparse_attention import SparseAttention
+from sparsecc.passes.token_routing import TokenRouting
 
 from .errors import ConfigError
 
@@ -37,6 +44,14 @@ def parse_pattern(pattern: Any) -> tuple[int, int]:
     return n, m
 
 
+def check_numbers(section: str, config: Any, pass_cls: type, keys: tuple[str, ...]) -> None:
+    """Each of `keys` within the bounds of the pass option of the same name."""
+    for key in keys:
+        problem = bounds_problem(getattr(config, key), pass_cls.option_bounds[key])
+        if problem:
+            raise ConfigError(f"{section}.{key}: {problem}")
+
+
 @dataclass(frozen=True)
 class WeightsConfig:
     pattern: str = "2:4"
@@ -50,8 +65,7 @@ class WeightsConfig:
         parse_pattern(self.pattern)
         if self.method not in WEIGHT_METHODS:
             raise ConfigError(f"weights.method: unknown method {self.method!r} (available: {', '.join(WEIGHT_METHODS)})")
-        if not isinstance(self.percdamp, (int, float)) or self.percdamp < 0:
-            raise ConfigError(f"weights.percdamp: expected a number >= 0, got {self.percdamp!r}")
+        check_numbers("weights", self, PruneNM, ("percdamp",))
         if not isinstance(self.blocksize, int) or self.blocksize <= 0 or self.blocksize % self.nm[1]:
             raise ConfigError(f"weights.blocksize: expected a positive multiple of M={self.nm[1]}, got {self.blocksize!r}")
         for key in ("include", "exclude"):
@@ -71,8 +85,7 @@ class MoEConfig:
     capacity_factor: float = 0.0          # > 0 drops (token, expert) pairs over ceil(cf * T * k / E)
 
     def __post_init__(self):
-        if not isinstance(self.capacity_factor, (int, float)) or self.capacity_factor < 0:
-            raise ConfigError(f"moe.capacity_factor: expected a number >= 0, got {self.capacity_factor!r}")
+        check_numbers("moe", self, MoEDispatch, ("capacity_factor",))
 
 
 @dataclass(frozen=True)
@@ -91,16 +104,10 @@ class AttentionConfig:
                               f"(available: {', '.join(ATTENTION_POLICIES)})")
         if self.block not in (64, 128):
             raise ConfigError(f"attention.block: expected 64 or 128, got {self.block!r}")
-        checks = {"window": (isinstance(self.window, int) and self.window >= 1, "an integer >= 1"),
-                  "sinks": (isinstance(self.sinks, int) and self.sinks >= 0, "an integer >= 0"),
-                  "topk": (isinstance(self.topk, (int, float)) and (0 < self.topk < 1 or (
-                      self.topk >= 1 and float(self.topk).is_integer())),
-                      "a fraction in (0, 1) or a whole count >= 1"),
-                  "threshold": (isinstance(self.threshold, (int, float)) and 0 < self.threshold < 1,
-                                "a number in (0, 1)")}
-        for key, (ok, expected) in checks.items():
-            if not ok:
-                raise ConfigError(f"attention.{key}: expected {expected}, got {getattr(self, key)!r}")
+        for key in ("window", "sinks"):   # pipeline text spells them as ints: 4.0 would not parse back
+            if not isinstance(getattr(self, key), int) or isinstance(getattr(self, key), bool):
+                raise ConfigError(f"attention.{key}: expected an integer, got {getattr(self, key)!r}")
+        check_numbers("attention", self, SparseAttention, ("window", "sinks", "topk", "threshold"))
 
     def pass_options(self) -> str:
         """The sparse-attention pass options this section stands for."""
@@ -120,8 +127,7 @@ class TokensConfig:
     weights_file: Optional[str] = None    # router "weights": safetensors with <block>.router.weight/bias
 
     def __post_init__(self):
-        if isinstance(self.capacity, bool) or not isinstance(self.capacity, (int, float)) or not 0 < self.capacity <= 1:
-            raise ConfigError(f"tokens.capacity: expected a number in (0, 1], got {self.capacity!r}")
+        check_numbers("tokens", self, TokenRouting, ("capacity",))
         if self.where not in TOKEN_WHERE:
             raise ConfigError(f"tokens.where: unknown or not yet available {self.where!r} "
                               f"(available: {', '.join(TOKEN_WHERE)})")

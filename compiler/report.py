@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from sparsecc.passes.records import RewriteRecord
+
+from .numerics import NonFiniteSite
 
 
 @dataclass
@@ -20,6 +23,7 @@ class Report:
     model_bytes_after: int
     error_vs_dense: Optional[float] = None        # relative L2 error of the outputs vs the dense model
     error_vs_reference: Optional[float] = None    # vs the dense model with the pruned weights (exactness)
+    non_finite: Optional[NonFiniteSite] = None    # where a nan/inf error started (set only when one is non-finite)
     timings: dict[str, float] = field(default_factory=dict)
 
     def totals(self) -> dict[str, int]:
@@ -47,14 +51,27 @@ class Report:
             "passes": self.passes, "totals": self.totals(),
             "model_bytes": {"before": self.model_bytes_before, "after": self.model_bytes_after},
             "error_vs_dense": self.error_vs_dense, "error_vs_reference": self.error_vs_reference,
+            "non_finite": self.non_finite.to_dict() if self.non_finite else None,
             "timings": self.timings,
         }
 
     def to_json(self, indent: int = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent, default=str)
+        """Strict JSON: a non-finite float (an error, a block error) is written as the string "nan",
+        "inf" or "-inf", since JSON has no NaN; `to_dict` keeps them as Python floats."""
+        return json.dumps(_json_safe(self.to_dict()), indent=indent, default=str, allow_nan=False)
 
     def __str__(self) -> str:
         return format_report(self)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _size(n: float) -> str:
@@ -180,6 +197,11 @@ def _error_lines(report: Report) -> list[str]:
         lines.append(f"error vs dense model:         {report.error_vs_dense:.3e} (relative L2, example inputs)")
     if report.error_vs_reference is not None:
         lines.append(f"error vs pruned dense model:  {report.error_vs_reference:.3e} (exactness of the rewrite)")
+    errors = (report.error_vs_dense, report.error_vs_reference)
+    if any(e is not None and not math.isfinite(e) for e in errors):
+        where = (report.non_finite.describe() if report.non_finite
+                 else "not located (no op turned finite inputs non-finite)")
+        lines.append(f"first non-finite output: {where}")
     return lines
 
 

@@ -22,6 +22,7 @@ from typing import Any, Callable, ClassVar, Optional, Sequence, TextIO
 from torch.fx import GraphModule
 
 from .graph import to_dot
+from .options import OptionBounds, OptionError, check_bounds
 from .pipeline import build_pipeline, format_option
 from .printer import print_graph
 from .verify import VerificationError, verify_graph
@@ -77,6 +78,18 @@ class PassResult:
 class Pass:
     """Base class; subclasses are `@dataclass(frozen=True)` with a kebab-case `name`."""
     name: ClassVar[str] = ""
+    option_bounds: ClassVar[dict[str, OptionBounds]] = {}   # every int/float option's accepted values
+
+    def __post_init__(self) -> None:
+        """Options are checked when the pass is made, so a bad pipeline fails before capture."""
+        problem = self.options_problem()
+        if problem:
+            raise OptionError(f"pass '{self.name}': {problem}")
+        check_bounds(self, self.option_bounds, f"pass '{self.name}'")
+
+    def options_problem(self) -> Optional[str]:
+        """What is wrong with the options beyond their bounds (choices, combinations); None when nothing."""
+        return None
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         raise NotImplementedError(f"pass '{self.name}' does not implement run()")

@@ -27,6 +27,7 @@ from .moe_regions import (MoEBlock, NotAnMoE, _region_constants, block_form, fin
                           find_output, read_router, topk_nodes)
 from .moe_rewrite import erase_region, insert_dispatch
 from .numerics import relative_error
+from .options import Bounds, OptionBounds
 from .records import RewriteRecord
 from .recording import record_values
 
@@ -36,6 +37,7 @@ class MoEDispatch(Pass):
     name: ClassVar[str] = "moe-dispatch"
     capacity_factor: float = 0.0     # > 0: each expert takes at most ceil(cf * T * k / E) pairs
     tolerance: float = 1e-4          # relative error a confirmed reading may have (fp32; x100 for 16-bit)
+    option_bounds: ClassVar[dict[str, OptionBounds]] = {"capacity_factor": Bounds(0), "tolerance": Bounds(0)}
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         stats, blocks = PassStats(), []

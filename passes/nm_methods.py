@@ -44,11 +44,6 @@ def calibration_batches(ctx: PassContext) -> tuple[list[tuple], str]:
     return batches, f"calibration: {len(batches)} batch(es){tokens}"
 
 
-def check_method(method: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"prune-nm: unknown method {method!r} (available: {', '.join(METHODS)})")
-
-
 def prune_calibrated(options, gm: torch.fx.GraphModule, ctx: PassContext,
                      targets: list[LayerTarget]) -> tuple[dict[str, tuple[Tensor, Tensor]], str]:
     """weight attribute -> (pruned [out, K] weight, kept mask) for `options.method`, and the calibration source."""

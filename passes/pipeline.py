@@ -20,7 +20,7 @@ import difflib
 import re
 from typing import Any, Mapping, Optional
 
-from .options import QuotedStr, coerce_option
+from .options import OptionError, QuotedStr, coerce_option
 
 
 class PipelineError(ValueError):
@@ -169,7 +169,9 @@ def _build_one(name: str, options: dict[str, OptionValue], registry: Mapping[str
     kwargs = {key: _coerce(name, key, value, types[key]) for key, value in options.items()}
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as err:  # missing required options, __post_init__ checks
+    except OptionError as err:  # __post_init__ bounds: the message already names the pass
+        raise PipelineError(str(err)) from err
+    except (TypeError, ValueError) as err:  # missing required options, other __post_init__ checks
         raise PipelineError(f"pass '{name}': {err}") from err
 
 

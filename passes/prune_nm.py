@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 from torch.fx import Node
@@ -35,7 +35,8 @@ from .layerwise import LayerTarget
 from .manager import Pass, PassContext, PassResult
 from .match import AnyArg, Const, Match, Op, Var, match
 from .nm_conv import CONV_PATTERN, ConvRule
-from .nm_methods import check_method, prune_calibrated
+from .nm_methods import METHODS, prune_calibrated
+from .options import Bounds, OptionBounds
 from .records import RewriteRecord
 from .rewrite import CheckResult, Rewriter, Rule, RuleSet, apply_rules, fail, ok
 
@@ -110,6 +111,22 @@ class PruneNM(Pass):
     exclude: tuple[str, ...] = ()
     percdamp: float = 0.01     # sparsegpt: dampening, a fraction of mean(diag H)
     blocksize: int = 128       # sparsegpt: columns updated together (a multiple of M)
+    option_bounds: ClassVar[dict[str, OptionBounds]] = {
+        "n": Bounds(1, whole=True), "m": Bounds(1, whole=True), "percdamp": Bounds(0),
+        "blocksize": Bounds(1, whole=True)}
+
+    def options_problem(self) -> Optional[str]:
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (self.n, self.m, self.blocksize)):
+            return f"n, m and blocksize must be integers, got n={self.n!r}, m={self.m!r}, blocksize={self.blocksize!r}"
+        if self.method not in METHODS:
+            return f"unknown method {self.method!r} (available: {', '.join(METHODS)})"
+        try:
+            check_nm(self.n, self.m)
+        except ValueError as err:
+            return str(err)
+        if self.blocksize % self.m:
+            return f"blocksize must be a positive multiple of M={self.m}, got {self.blocksize}"
+        return None
 
     def selects(self, path: str) -> CheckResult:
         """Whether the layer at module path `path` is inside `include` and outside `exclude`."""
@@ -119,11 +136,6 @@ class PruneNM(Pass):
         return fail(f"excluded by '{excluded[0]}'") if excluded else ok()
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-        check_nm(self.n, self.m)
-        check_method(self.method)
-        if self.blocksize <= 0 or self.blocksize % self.m or not 0 <= self.percdamp:
-            raise ValueError(f"prune-nm: blocksize must be a positive multiple of M={self.m} and percdamp >= 0, "
-                             f"got blocksize={self.blocksize}, percdamp={self.percdamp}")
         rewriter = _NMRewrite(self, gm, ctx)
         if self.method != "magnitude":
             rewriter.pruned, rewriter.calibration = prune_calibrated(self, gm, ctx, rewriter.targets())

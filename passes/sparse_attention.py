@@ -34,6 +34,7 @@ from .attention_match import AttentionSite, NotAttention, attention_site
 from .graph import module_path
 from .manager import Pass, PassContext, PassResult, PassStats, Skip
 from .numerics import relative_error
+from .options import Bounds, OptionBounds
 from .records import RewriteRecord
 from .recording import record_values
 from .rewriter import Rewriter
@@ -52,11 +53,13 @@ class SparseAttention(Pass):
     topk: float = 0.1           # policy topk: fraction (0, 1) of a query block's visible key blocks, or a count
     threshold: float = 1e-4     # policy threshold: skip blocks whose logits lie log(1/threshold) below the max
     tolerance: float = 1e-4
+    option_bounds: ClassVar[dict[str, OptionBounds]] = {
+        "block": Bounds(64, 128, whole=True), "window": Bounds(1, whole=True), "sinks": Bounds(0, whole=True),
+        "topk": (Bounds(0, 1, low_open=True, high_open=True, noun="a fraction"),
+                 Bounds(1, whole=True, noun="a whole count")),
+        "threshold": Bounds(0, 1, low_open=True, high_open=True), "tolerance": Bounds(0)}
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        problem = self.options_problem()
-        if problem:
-            raise ValueError(f"sparse-attention: {problem}")
         # `mask` leaves is_causal to SDPA: its causal kernel already skips blocks
         converted = causal_sdpa_as_mask(gm) if self.policy != "mask" else {}
         sites, stats = self._sites(gm)

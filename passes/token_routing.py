@@ -25,6 +25,7 @@ from sparsecc.runtime.kernels.cpu.route import kept_tokens
 from torch.fx import GraphModule, Node
 
 from .manager import Pass, PassContext, PassResult, PassStats, Skip
+from .options import Bounds, OptionBounds
 from .recording import record_values
 from .records import RewriteRecord
 from .rewriter import Rewriter
@@ -52,9 +53,10 @@ class TokenRouting(Pass):
     layers: tuple[str, ...] | None = None   # block indices ("2", "-1") or module globs; None: all but first/last
     weights_file: str = ""                     # router "weights": safetensors with <block>.router.weight/bias
     tolerance: float = 1e-4                    # token-wise confirmation (fp32; x100 for 16-bit)
+    option_bounds: ClassVar[dict[str, OptionBounds]] = {
+        "capacity": Bounds(0, 1, low_open=True), "tolerance": Bounds(0)}
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        self._check_options()
         found, misses = self._find(gm)
         stats = PassStats(skipped=[Skip(where, self.name, reason) for where, reason in misses])
         blocks = self._select(found, stats)
@@ -72,15 +74,14 @@ class TokenRouting(Pass):
             record.details["router_data"] = source
         return PassResult(gm, stats.rewritten > 0, stats)
 
-    def _check_options(self) -> None:
-        if not isinstance(self.capacity, (int, float)) or not 0 < self.capacity <= 1:
-            raise ValueError(f"token-routing: capacity must be in (0, 1], got {self.capacity!r}")
+    def options_problem(self) -> str | None:
         if self.router not in ROUTERS:
-            raise ValueError(f"token-routing: unknown router {self.router!r} (available: {', '.join(ROUTERS)})")
+            return f"unknown router {self.router!r} (available: {', '.join(ROUTERS)})"
         if self.where not in ("mlp", "layer"):
-            raise ValueError(f"token-routing: where must be mlp or layer, got {self.where!r}")
+            return f"where must be mlp or layer, got {self.where!r}"
         if self.router == "weights" and not self.weights_file:
-            raise ValueError("token-routing: router 'weights' needs weights_file (a .safetensors file)")
+            return "router 'weights' needs weights_file (a .safetensors file)"
+        return None
 
     def _find(self, gm: GraphModule) -> tuple[list[ResidualBlock], list[tuple[str, str]]]:
         if self.where == "layer":

@@ -1,7 +1,11 @@
 import pytest
+import torch
 
+import sparsecc
+import sparsecc.api
 from sparsecc.config import SparsityConfig, WeightsConfig, parse_sparsity
 from sparsecc.errors import ConfigError
+from sparsecc.passes.pipeline import PipelineError
 
 
 def test_shorthand_is_magnitude_weights():
@@ -61,7 +65,7 @@ def test_moe_comes_before_weights():
     assert parse_sparsity({"moe": "dispatch"}).pipeline() == "moe-dispatch,cleanup"
     with pytest.raises(ConfigError, match="unknown key 'capacity'"):
         parse_sparsity({"moe": {"capacity": 2}})
-    with pytest.raises(ConfigError, match="capacity_factor: expected a number >= 0"):
+    with pytest.raises(ConfigError, match="moe.capacity_factor: expected a finite number >= 0, got -1"):
         parse_sparsity({"moe": {"capacity_factor": -1}})
 
 
@@ -70,3 +74,38 @@ def test_wrong_types():
         parse_sparsity(24)
     with pytest.raises(ConfigError, match="weights.exclude: expected a list"):
         parse_sparsity({"weights": {"exclude": "lm_head"}})
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"moe": {"capacity_factor": float("nan")}}, "moe.capacity_factor: expected a finite number >= 0, got nan"),
+    ({"moe": {"capacity_factor": float("inf")}}, "moe.capacity_factor: expected a finite number >= 0, got inf"),
+    ({"weights": {"method": "sparsegpt", "percdamp": float("nan")}},
+     "weights.percdamp: expected a finite number >= 0, got nan"),
+    ({"weights": {"percdamp": -float("inf")}}, "weights.percdamp: expected a finite number >= 0, got -inf"),
+    ({"tokens": {"capacity": float("nan")}}, r"tokens.capacity: expected a number in \(0, 1\], got nan"),
+    ({"tokens": "inf"}, r"tokens.capacity: expected a number in \(0, 1\], got inf"),
+    ({"attention": {"policy": "topk", "topk": float("nan")}},
+     r"attention.topk: expected a fraction in \(0, 1\) or a whole count >= 1, got nan"),
+    ({"attention": {"policy": "threshold", "threshold": float("inf")}},
+     r"attention.threshold: expected a number in \(0, 1\), got inf"),
+    ({"attention": {"policy": "window", "window": 0}}, "attention.window: expected an integer >= 1, got 0"),
+    ({"attention": {"policy": "window", "window": 4.0}}, "attention.window: expected an integer, got 4.0"),
+    ({"attention": {"policy": "window", "sinks": -1}}, "attention.sinks: expected an integer >= 0, got -1"),
+])
+def test_non_finite_and_out_of_range_numbers_name_key_and_range(section, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_sparsity(section)
+
+
+@pytest.mark.parametrize("request_, error", [
+    ({"pipeline": "prune-nm{n=2,m=4},moe-dispatch{capacity_factor=nan}"}, "option 'capacity_factor'"),
+    ({"pipeline": "sparse-attention{policy=threshold,threshold=2.0}"}, "threshold=2.0 must lie in"),
+    ({"pipeline": "token-routing{capacity=inf}"}, "option 'capacity'"),
+    ({"sparsity": {"moe": {"capacity_factor": float("nan")}}}, "moe.capacity_factor"),
+])
+def test_bad_options_are_refused_before_capture(monkeypatch, request_, error):
+    def capture(*args, **kwargs):
+        raise AssertionError("capture ran before the options were checked")
+    monkeypatch.setattr(sparsecc.api, "capture", capture)
+    with pytest.raises((ConfigError, PipelineError), match=error):
+        sparsecc.compile(torch.nn.Linear(8, 8), (torch.randn(2, 8),), **request_)

@@ -1,6 +1,7 @@
 """Option coercion on its own (the pipeline tests cover it through build_pipeline)."""
 from __future__ import annotations
 
+import typing
 from typing import Any, Literal, Optional
 
 import pytest
@@ -27,3 +28,74 @@ def test_type_names():
 def test_unsupported_annotation_is_a_programming_error():
     with pytest.raises(TypeError, match="not supported"):
         coerce_option("1", dict)
+
+
+# --- numeric option bounds: checked when a pass is made, NaN and inf never pass ---
+
+import math  # noqa: E402
+
+from sparsecc.passes import PASSES, build_pipeline  # noqa: E402
+from sparsecc.passes.moe_dispatch import MoEDispatch  # noqa: E402
+from sparsecc.passes.options import Bounds, OptionError, bounds_problem  # noqa: E402
+from sparsecc.passes.pipeline import PipelineError  # noqa: E402
+
+
+@pytest.mark.parametrize("bounds, text", [
+    (Bounds(0), "a finite number >= 0"), (Bounds(0, 1, low_open=True), "a number in (0, 1]"),
+    (Bounds(1, whole=True), "an integer >= 1"), (Bounds(0, low_open=True), "a finite number > 0"),
+])
+def test_bounds_describe_the_accepted_range(bounds, text):
+    assert bounds.describe() == text
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, True, "1"])
+def test_bounds_refuse_non_finite_and_non_numbers(value):
+    assert bounds_problem(value, Bounds()) == f"expected a finite number, got {value!r}"
+
+
+def test_bounds_union_and_whole_numbers():
+    topk = (Bounds(0, 1, low_open=True, high_open=True), Bounds(1, whole=True))
+    assert bounds_problem(0.5, topk) is None and bounds_problem(3.0, topk) is None
+    assert bounds_problem(2.5, topk) == "expected a number in (0, 1) or an integer >= 1, got 2.5"
+
+
+def _numeric(hint) -> bool:
+    return hint in (int, float) or any(a in (int, float) for a in typing.get_args(hint))
+
+
+@pytest.mark.parametrize("name", sorted(PASSES))
+def test_every_numeric_pass_option_has_bounds(name):
+    cls = PASSES[name]
+    numeric = {key for key, hint in cls.option_types().items() if _numeric(hint)}
+    assert numeric == set(cls.option_bounds), f"{name}: bounds {sorted(cls.option_bounds)}, numbers {sorted(numeric)}"
+    cls()   # the defaults lie within the bounds
+
+
+@pytest.mark.parametrize("pipeline, message", [
+    ("moe-dispatch{capacity_factor=nan}", "option 'capacity_factor': expected a finite number >= 0, got nan"),
+    ("moe-dispatch{capacity_factor=-inf}", "option 'capacity_factor': expected a finite number >= 0, got -inf"),
+    ("moe-dispatch{tolerance=inf}", "option 'tolerance': expected a finite number >= 0, got inf"),
+    ("prune-nm{percdamp=nan}", "option 'percdamp': expected a finite number >= 0, got nan"),
+    ("prune-nm{percdamp=1e999}", "option 'percdamp': expected a finite number >= 0, got inf"),
+    ("prune-nm{blocksize=0}", "option 'blocksize': expected an integer >= 1, got 0"),
+    ("prune-nm{blocksize=6}", "blocksize must be a positive multiple of M=4, got 6"),
+    ("prune-nm{method=obs}", "unknown method 'obs' (available: magnitude, wanda, sparsegpt)"),
+    ("token-routing{capacity=nan}", "option 'capacity': expected a number in (0, 1], got nan"),
+    ("token-routing{capacity=0}", "option 'capacity': expected a number in (0, 1], got 0.0"),
+    ("token-routing{tolerance=-1}", "option 'tolerance': expected a finite number >= 0, got -1.0"),
+    ("sparse-attention{sinks=-1}", "sinks=-1 must be an integer >= 0"),
+    ("sparse-attention{policy=window,window=0}", "window=0 must be an integer >= 1"),
+    ("sparse-attention{window=0}", "option 'window': expected an integer >= 1, got 0"),
+    ("sparse-attention{policy=topk,topk=inf}", "topk=inf must be"),
+    ("sparse-attention{policy=threshold,threshold=nan}", "threshold=nan must lie in (0, 1)"),
+    ("sparse-attention{tolerance=nan}", "option 'tolerance': expected a finite number >= 0, got nan"),
+])
+def test_pipeline_options_out_of_bounds_name_pass_key_and_range(pipeline, message):
+    with pytest.raises(PipelineError) as err:
+        build_pipeline(pipeline)
+    assert str(err.value).startswith(f"pass '{pipeline.split('{')[0]}': {message}")
+
+
+def test_passes_made_directly_are_checked_too():
+    with pytest.raises(OptionError, match=r"pass 'moe-dispatch': option 'capacity_factor': .* got nan"):
+        MoEDispatch(capacity_factor=math.nan)
