@@ -23,7 +23,7 @@ from that causal rule when it is given no mask.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -197,3 +197,43 @@ def density(layout: Layout) -> float:
     """Kept key blocks / all key blocks, over every (batch, head, query block)."""
     kept = (layout.kv_num_blocks.long() + layout.full_num_blocks.long()).sum().item()
     return kept / (layout.full_num_blocks.numel() * layout.full_indices.shape[-1])
+
+
+def layout_problem(layout: Layout, batch: int, heads: int, nq: int, nk: int, check_data: bool) -> Optional[str]:
+    """None when `layout` fits NQ query and NK key blocks of [batch, heads] (shapes [1|B, 1|H, NQ(, NK)]
+    int32, kv and full alike), else why not. With `check_data` also the values: counts in [0, NK], indices
+    in [0, NK), each row's listed prefix strictly ascending, no block both full and partial (vectorised)."""
+    counts, indices = (layout.kv_num_blocks, layout.full_num_blocks), (layout.kv_indices, layout.full_indices)
+    if list(counts[0].shape) != list(counts[1].shape):
+        return f"kv_num_blocks {list(counts[0].shape)} and full_num_blocks {list(counts[1].shape)} differ"
+    for count, index in zip(counts, indices):
+        lead = list(count.shape)[:2]
+        if count.dim() != 3 or lead[0] not in (1, batch) or lead[1] not in (1, heads) or count.shape[2] != nq:
+            return f"block counts {list(count.shape)} must be [1|{batch}, 1|{heads}, NQ={nq}]"
+        if list(index.shape) != [*lead, nq, nk]:
+            return f"block indices {list(index.shape)} must be [{lead[0]}, {lead[1]}, {nq}, NK={nk}]"
+        if count.dtype != torch.int32 or index.dtype != torch.int32:
+            return f"layout dtypes {count.dtype}, {index.dtype} must be torch.int32"
+    if not check_data:
+        return None
+    return (_listing_problem("kv", layout.kv_num_blocks, layout.kv_indices, nk)
+            or _listing_problem("full", layout.full_num_blocks, layout.full_indices, nk) or _overlap_problem(layout))
+
+
+def _listing_problem(kind: str, count: Tensor, index: Tensor, nk: int) -> Optional[str]:
+    """Counts in [0, NK], indices in [0, NK), the first count entries of each row strictly ascending."""
+    if count.numel() and not bool(((count >= 0) & (count <= nk)).all()):
+        return f"{kind}_num_blocks holds a count outside [0, NK={nk}]"
+    if not index.numel():
+        return None
+    if not bool(((index >= 0) & (index < nk)).all()):
+        return f"{kind}_indices holds a key block outside [0, NK={nk})"
+    listed = torch.arange(1, nk, device=index.device) < count[..., None]  # entry j+1 is listed
+    if bool((listed & (index[..., 1:] <= index[..., :-1])).any()):
+        return f"{kind}_indices lists a key block twice or out of order in some query block"
+    return None
+
+
+def _overlap_problem(layout: Layout) -> Optional[str]:
+    full, partial = block_states(layout)
+    return "a key block is listed both full and partial" if bool((full & partial).any()) else None

@@ -168,3 +168,87 @@ def decompress_nm(values: Tensor, indices: Tensor, n: int, m: int, k: int,
     groups = dense.view(*values.shape[:-1], k // m, m)
     groups.scatter_(-1, _groups(positions, n), _groups(values, n).to(dense.dtype))
     return dense
+
+
+CHECK_POSITIONS_PER_STEP = 1 << 22  # positions decoded at once when checking: bounds the int64 temporary at 32 MiB
+
+
+def nm_index_problem(indices: Tensor, n: int, m: int, in_features: int) -> Optional[str]:
+    """None when `indices [..., nm_index_bytes]` is a valid packed index tensor of n:m over in_features
+    (uint8, exact width, every position < M, the N positions of each group distinct, tail bits zero),
+    else the first problem found. Reads the data: vectorised, a bounded number of rows at a time."""
+    width = nm_index_bytes(in_features, n, m)
+    if indices.dtype != torch.uint8:
+        return f"indices dtype {indices.dtype} must be torch.uint8"
+    if indices.dim() < 1 or indices.shape[-1] != width:
+        return f"indices {list(indices.shape)} must be {width} bytes wide ({n}:{m} over in_features={in_features})"
+    rows = indices.reshape(-1, width)
+    step = max(1, CHECK_POSITIONS_PER_STEP // max(1, in_features * n // m))
+    for start in range(0, rows.shape[0], step):
+        problem = _index_rows_problem(rows[start:start + step], start, n, m, in_features)
+        if problem:
+            return problem
+    return None
+
+
+def _index_rows_problem(rows: Tensor, first_row: int, n: int, m: int, in_features: int) -> Optional[str]:
+    """nm_index_problem's data checks over rows [R, width] that start at row `first_row`."""
+    count = in_features * n // m
+    positions = unpack_positions(rows, count, m)
+    if positions.numel() and int(positions.max()) >= m:  # unreachable while BITS = log2(M); kept for safety
+        row = int((positions >= m).any(-1).nonzero()[0])
+        return f"indices row {first_row + row} holds a position >= M={m}"
+    groups = positions.reshape(rows.shape[0], in_features // m, n)
+    ascending = bool((groups[..., 1:] > groups[..., :-1]).all())  # as compress_nm stores them: distinct, no sort
+    ordered = groups if ascending else groups.sort(-1).values
+    repeated = (ordered[..., 1:] == ordered[..., :-1]).any(-1)
+    if bool(repeated.any()):
+        row, group = (int(i) for i in repeated.nonzero()[0])
+        return f"indices row {first_row + row} stores a position twice in group {group} (N positions must differ)"
+    used_bits = count * index_bits(m) % 8
+    if used_bits and bool((rows[:, -1] >> used_bits).any()):
+        row = int((rows[:, -1] >> used_bits).nonzero()[0])
+        return f"indices row {first_row + row} has nonzero tail bits after its last position"
+    return None
+
+
+def nm_index_problem_once(indices: Tensor, n: int, m: int, in_features: int) -> Optional[str]:
+    """nm_index_problem, remembered on the tensor when it passes (keyed by pattern, storage, shape and
+    version counter): a kernel decodes a constant weight's positions on its first call only."""
+    key = (n, m, in_features, indices.data_ptr(), tuple(indices.shape), _version(indices))
+    if getattr(indices, "_sparsecc_nm_checked", None) == key:
+        return None
+    problem = nm_index_problem(indices, n, m, in_features)
+    if problem is None:
+        indices._sparsecc_nm_checked = key
+    return problem
+
+
+def _version(t: Tensor) -> Optional[int]:
+    """The in-place version counter; None for inference tensors, which have none."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+def nm_weight_problem(values: Tensor, indices: Tensor, n: int, m: int, in_features: int,
+                      check_data: bool) -> Optional[str]:
+    """None when (values, indices) hold an n:m weight [..., in_features] in the layout above, else why not.
+    Shapes, dtypes and the pattern always; the packed positions too when `check_data` (once per tensor)."""
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n, m, in_features)):
+        return f"n={n!r}, m={m!r}, in_features={in_features!r} must be integers"
+    try:
+        check_nm(n, m)
+    except ValueError as err:
+        return str(err)
+    if in_features <= 0 or in_features % m:
+        return f"in_features={in_features} must be a positive multiple of M={m}"
+    if values.dim() < 1 or values.shape[-1] != in_features * n // m or not values.dtype.is_floating_point:
+        return f"values {values.dtype}{list(values.shape)} must be floating [..., in_features*N/M = {in_features * n // m}]"
+    if indices.dtype != torch.uint8:
+        return f"indices dtype {indices.dtype} must be torch.uint8"
+    width = nm_index_bytes(in_features, n, m)
+    if list(indices.shape) != [*values.shape[:-1], width]:
+        return f"indices {list(indices.shape)} must be {[*values.shape[:-1], width]}"
+    return nm_index_problem_once(indices, n, m, in_features) if check_data else None

@@ -28,6 +28,8 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..nm_format import decompress_nm
+from .checks import refuse
+from .cpu.nm_linear import nm_linear_problem
 
 PATHS = ("triton", "semi_structured")
 MIN_SEMI_STRUCTURED_TOKENS = 64
@@ -148,6 +150,8 @@ def choose_path(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tenso
 
 def nm_linear_cuda(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], n: int, m: int,
                    in_features: int) -> Tensor:
-    """sparsecc::nm_linear on CUDA through the path tuned for this shape."""
+    """sparsecc::nm_linear on CUDA through the path tuned for this shape (operands checked first, so tuning
+    never mistakes a malformed weight for a slow path)."""
+    refuse("nm_linear", nm_linear_problem(x, values, indices, bias, n, m, in_features, check_data=True))
     path = choose_path(x, values, indices, bias, n, m, in_features)
     return RUNNERS[path](x, values, indices, bias, n, m, in_features)

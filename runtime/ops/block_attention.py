@@ -30,11 +30,9 @@ import torch
 from torch import Tensor
 
 from ..attention_layout import Layout, as_4d, block_states, causal_layout, layout_from_mask
+from ..kernels.attention_contract import block_attention_problem
 from ..kernels.cpu.block_attention import block_attention_cpu, fill_empty_rows
-from .block_layout import block_size_problem
-from .registry import OpDef
-
-EMPTY_ROWS = ("zero", "uniform", "nan")
+from .registry import OpDef, has_data
 
 
 def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
@@ -126,63 +124,13 @@ def block_attention_reference(q, k, v, kv_num_blocks, kv_indices, full_num_block
     return fill_empty_rows(out, lse, v, empty_rows).to(q.dtype)
 
 
-def _shape(t: Tensor) -> list[int]:
-    return list(t.shape)
-
-
-def _operand_problem(q: Tensor, k: Tensor, v: Tensor) -> Optional[str]:
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        return f"q {_shape(q)}, k {_shape(k)}, v {_shape(v)} must be [B, H, S, D]"
-    if k.shape[0] != q.shape[0] or _shape(v)[:3] != _shape(k)[:3] or k.shape[3] != q.shape[3]:
-        return f"k {_shape(k)} and v {_shape(v)} do not match q {_shape(q)} (same B, Skv, D)"
-    if q.shape[1] % k.shape[1]:
-        return f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} kv heads"
-    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
-        return f"q, k, v dtypes {q.dtype}, {k.dtype}, {v.dtype} must be one floating dtype"
-    return None
-
-
-def _layout_problem(q: Tensor, k: Tensor, counts: list[Tensor], indices: list[Tensor], block_q: int,
-                    block_k: int) -> Optional[str]:
-    batch, heads, seq = q.shape[:3]
-    nq, nk = math.ceil(seq / block_q), math.ceil(k.shape[2] / block_k)
-    if counts[0].shape != counts[1].shape:
-        return f"kv_num_blocks {_shape(counts[0])} and full_num_blocks {_shape(counts[1])} differ"
-    for count, index in zip(counts, indices):
-        lead = _shape(count)[:2]
-        if count.dim() != 3 or lead[0] not in (1, batch) or lead[1] not in (1, heads) or count.shape[2] != nq:
-            return f"block counts {_shape(count)} must be [1|{batch}, 1|{heads}, NQ={nq}]"
-        if _shape(index) != [*lead, nq, nk]:
-            return f"block indices {_shape(index)} must be [{lead[0]}, {lead[1]}, {nq}, NK={nk}]"
-        if count.dtype != torch.int32 or index.dtype != torch.int32:
-            return f"layout dtypes {count.dtype}, {index.dtype} must be torch.int32"
-    return None
-
-
-def _mask_problem(q: Tensor, k: Tensor, mask: Optional[Tensor]) -> Optional[str]:
-    if mask is None:
-        return None
-    batch, heads, seq = q.shape[:3]
-    if mask.dtype != torch.bool or not 2 <= mask.dim() <= 4:
-        return f"mask {mask.dtype}{_shape(mask)} must be bool [Bm, Hm, S, Skv]"
-    lead = [1] * (4 - mask.dim()) + _shape(mask)[:-2]
-    if lead[0] not in (1, batch) or lead[1] not in (1, heads) or _shape(mask)[-2:] != [seq, k.shape[2]]:
-        return f"mask {_shape(mask)} must be [1|{batch}, 1|{heads}, {seq}, {k.shape[2]}]"
-    return None
-
-
 def verify_block_attention(q, k, v, kv_num_blocks, kv_indices, full_num_blocks, full_indices, mask, scale,
                            block_q, block_k, threshold=0.0, empty_rows="zero") -> Optional[str]:
-    """None when the call is well formed, else the first inconsistency found."""
-    problem = _operand_problem(q, k, v) or block_size_problem(block_q, block_k)
-    problem = problem or _layout_problem(q, k, [kv_num_blocks, full_num_blocks], [kv_indices, full_indices],
-                                         block_q, block_k)
-    problem = problem or _mask_problem(q, k, mask)
-    if problem:
-        return problem
-    if not 0.0 <= threshold < 1.0:
-        return f"threshold={threshold} must be in [0, 1)"
-    return None if empty_rows in EMPTY_ROWS else f"empty_rows {empty_rows!r} is not one of {', '.join(EMPTY_ROWS)}"
+    """None when the call is well formed, else the first inconsistency found; real (constant) layout
+    tensors also have their values checked (counts in [0, NK], indices in [0, NK), ascending, disjoint)."""
+    layout = Layout(kv_num_blocks, kv_indices, full_num_blocks, full_indices)
+    return block_attention_problem(q, k, v, layout, mask, scale, block_q, block_k, threshold, empty_rows,
+                                   check_data=all(has_data(t) for t in layout))
 
 
 def _qkv(batch, heads, kv_heads, seq, keys, dim, dtype=torch.float32):

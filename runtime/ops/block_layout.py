@@ -27,6 +27,8 @@ from torch import Tensor
 
 from ..attention_layout import layout_from_mask
 from ..attention_policies import topk_layout_from_mask, window_layout_from_mask
+from ..kernels.attention_contract import block_size_problem
+from ..kernels.checks import refuse
 from .registry import OpDef
 
 POLICIES = ("mask", "window", "topk")
@@ -35,6 +37,7 @@ POLICIES = ("mask", "window", "topk")
 def block_layout_kernel(mask: Tensor, block_q: int, block_k: int, policy: str = "mask", window: int = 0,
                         sinks: int = 0, topk: float = 0.0, q: Optional[Tensor] = None,
                         k: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    refuse("block_layout", verify_block_layout(mask, block_q, block_k, policy, window, sinks, topk, q, k))
     if policy == "window":
         return tuple(window_layout_from_mask(mask, window, sinks, block_q, block_k))
     if policy == "topk":
@@ -60,22 +63,20 @@ def _(mask, block_q, block_k, policy="mask", window=0, sinks=0, topk=0.0, q=None
     return counts, indices, counts.clone(), indices.clone()
 
 
-def block_size_problem(block_q: int, block_k: int) -> Optional[str]:
-    """Block sizes the kernels tile by: powers of two from 16 (64 and 128 are the tuned ones)."""
-    for name, size in (("block_q", block_q), ("block_k", block_k)):
-        if not isinstance(size, int) or size < 16 or size & (size - 1):
-            return f"{name}={size} must be a power of two >= 16"
-    return None
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def policy_problem(policy: str, window: int, sinks: int, topk: float) -> Optional[str]:
     """None when the policy and its parameters make sense, else why not."""
     if policy not in POLICIES:
         return f"policy {policy!r} is not one of {', '.join(POLICIES)}"
-    if not isinstance(sinks, int) or sinks < 0:
+    if not _is_int(sinks) or sinks < 0:
         return f"sinks={sinks!r} must be an integer >= 0"
-    if policy == "window" and (not isinstance(window, int) or window < 1):
+    if policy == "window" and (not _is_int(window) or window < 1):
         return f"window={window!r} must be an integer >= 1 (keys each query sees)"
+    if not isinstance(topk, (int, float)) or isinstance(topk, bool) or not math.isfinite(topk):
+        return f"topk={topk!r} must be a finite number"
     if policy == "topk" and not (0 < topk < 1 or (topk >= 1 and float(topk).is_integer())):
         return f"topk={topk!r} must be a fraction in (0, 1) or a whole number of blocks >= 1"
     return None
@@ -84,10 +85,13 @@ def policy_problem(policy: str, window: int, sinks: int, topk: float) -> Optiona
 def _topk_operands_problem(mask: Tensor, q: Optional[Tensor], k: Optional[Tensor]) -> Optional[str]:
     if q is None or k is None:
         return "policy topk needs q and k"
-    if q.dim() != 4 or k.dim() != 4 or q.shape[1] % k.shape[1] or q.shape[0] != k.shape[0]:
+    if q.dim() != 4 or k.dim() != 4 or k.shape[1] == 0 or q.shape[1] % k.shape[1] or q.shape[0] != k.shape[0] \
+            or q.shape[3] != k.shape[3]:
         return f"q {list(q.shape)} and k {list(k.shape)} must be [B, Hq, S, D] and [B, Hkv, Skv, D], Hkv | Hq"
-    if list(mask.shape[-2:]) != [q.shape[2], k.shape[2]]:
-        return f"mask {list(mask.shape)} does not match q {list(q.shape)} and k {list(k.shape)} ([.., S, Skv])"
+    lead = [1] * (4 - mask.dim()) + list(mask.shape[:-2])
+    if list(mask.shape[-2:]) != [q.shape[2], k.shape[2]] or lead[0] not in (1, q.shape[0]) \
+            or lead[1] not in (1, q.shape[1]):
+        return f"mask {list(mask.shape)} does not match q {list(q.shape)} and k {list(k.shape)} ([1|B, 1|Hq, S, Skv])"
     return None
 
 

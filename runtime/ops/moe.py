@@ -26,8 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..kernels.cpu.moe import ACTIVATIONS, moe_cpu
-from ..moe_routing import SCORINGS
+from ..kernels.cpu.moe import ACTIVATIONS, moe_cpu, moe_problem
 from .registry import OpDef
 
 
@@ -87,62 +86,12 @@ def moe_reference(hidden, router_logits, w_gate_up, w_down, shared_gate_up, shar
     return y
 
 
-def _shape(t: Tensor) -> list[int]:
-    return list(t.shape)
-
-
-def _expert_problem(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_down: Tensor,
-                    gated: bool) -> Optional[str]:
-    if hidden.dim() != 2 or router_logits.dim() != 2 or router_logits.shape[0] != hidden.shape[0]:
-        return f"hidden {_shape(hidden)} and router_logits {_shape(router_logits)} must be [T, H] and [T, E]"
-    tokens, width = hidden.shape
-    num_experts = router_logits.shape[1]
-    if w_down.dim() != 3 or _shape(w_down)[:2] != [num_experts, width]:
-        return f"w_down {_shape(w_down)} must be [E={num_experts}, H={width}, I]"
-    rows = (2 if gated else 1) * w_down.shape[2]
-    if _shape(w_gate_up) != [num_experts, rows, width]:
-        return f"w_gate_up {_shape(w_gate_up)} must be [{num_experts}, {rows}, {width}] (gated={gated})"
-    return None
-
-
-def _shared_problem(width: int, shared_gate_up: Optional[Tensor], shared_down: Optional[Tensor],
-                    shared_gate: Optional[Tensor], gated: bool) -> Optional[str]:
-    if shared_down is None:
-        has_others = shared_gate_up is not None or shared_gate is not None
-        return "shared_gate_up/shared_gate given without shared_down" if has_others else None
-    if shared_gate_up is None or shared_down.dim() != 2 or shared_down.shape[0] != width:
-        return f"shared expert needs shared_gate_up and shared_down [H={width}, Is]"
-    rows = (2 if gated else 1) * shared_down.shape[1]
-    if _shape(shared_gate_up) != [rows, width]:
-        return f"shared_gate_up {_shape(shared_gate_up)} must be [{rows}, {width}] (gated={gated})"
-    if shared_gate is not None and _shape(shared_gate) != [1, width]:
-        return f"shared_gate {_shape(shared_gate)} must be [1, {width}]"
-    return None
-
-
-def _attr_problem(num_experts: int, top_k: int, scoring: str, activation: str,
-                  capacity_factor: float) -> Optional[str]:
-    if not 1 <= top_k <= num_experts:
-        return f"top_k={top_k} must be in 1..E={num_experts}"
-    if scoring not in SCORINGS:
-        return f"scoring {scoring!r} is not one of {', '.join(SCORINGS)}"
-    if activation not in ACTIVATIONS:
-        return f"activation {activation!r} is not one of {', '.join(ACTIVATIONS)}"
-    return f"capacity_factor={capacity_factor} must be >= 0" if capacity_factor < 0 else None
-
-
 def verify_moe(hidden, router_logits, w_gate_up, w_down, shared_gate_up, shared_down, shared_gate,
                top_k, normalize, scoring, activation, gated, capacity_factor=0.0) -> Optional[str]:
-    """None when the call is well formed, else the first inconsistency found."""
-    problem = _expert_problem(hidden, router_logits, w_gate_up, w_down, gated)
-    problem = problem or _shared_problem(hidden.shape[-1], shared_gate_up, shared_down, shared_gate, gated)
-    if problem:
-        return problem
-    for name, t in [("w_gate_up", w_gate_up), ("w_down", w_down), ("shared_gate_up", shared_gate_up),
-                    ("shared_down", shared_down), ("shared_gate", shared_gate)]:
-        if t is not None and t.dtype != hidden.dtype:
-            return f"{name} dtype {t.dtype} != hidden dtype {hidden.dtype}"
-    return _attr_problem(router_logits.shape[1], top_k, scoring, activation, capacity_factor)
+    """None when the call is well formed, else the first inconsistency found (shapes only: the
+    kernels check the same per call, so router_logits may be a FakeTensor register)."""
+    return moe_problem(hidden, router_logits, w_gate_up, w_down, shared_gate_up, shared_down, shared_gate,
+                       top_k, normalize, scoring, activation, gated, capacity_factor)
 
 
 def moe_flops(tokens: int, width: int, intermediate: int, num_experts: int, top_k: int, gated: bool,

@@ -11,15 +11,14 @@ runs im2col + the nm_linear CUDA path. Inference only.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ..kernels.cpu.nm_conv2d import conv_out_size, nm_conv2d_cpu, nm_conv2d_with
-from .nm_linear import _weight_problem, nm_linear_triton, operand_dtype_problem
-from .registry import OpDef
+from ..kernels.cpu.nm_conv2d import conv_out_size, nm_conv2d_cpu, nm_conv2d_with, nm_conv2d_problem
+from .nm_linear import nm_linear_triton
+from .registry import OpDef, has_data
 
 
 def nm_conv2d_triton(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], n: int, m: int,
@@ -50,18 +49,9 @@ def _(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], n: int
 def verify_nm_conv2d(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], n: int, m: int,
                      in_features: int, kernel_size: list[int], stride: list[int], padding: list[int],
                      dilation: list[int]) -> Optional[str]:
-    """None when the call is well formed, else the first inconsistency found."""
-    problem = _weight_problem(values, indices, n, m, in_features)
-    if problem:
-        return problem
-    for name, pair in (("kernel_size", kernel_size), ("stride", stride), ("padding", padding), ("dilation", dilation)):
-        if len(pair) != 2 or any(v < (0 if name == "padding" else 1) for v in pair):
-            return f"{name} {list(pair)} must be two {'non-negative' if name == 'padding' else 'positive'} ints"
-    if x.dim() not in (3, 4):
-        return f"x {list(x.shape)} must be [B, C, H, W] or [C, H, W]"
-    if x.shape[-3] * math.prod(kernel_size) != in_features:
-        return f"x has {x.shape[-3]} channels; C*kh*kw = {x.shape[-3] * math.prod(kernel_size)} != in_features={in_features}"
-    return operand_dtype_problem(x, values, bias)
+    """None when the call is well formed, else the first inconsistency found (positions of a real `indices`)."""
+    return nm_conv2d_problem(x, values, indices, bias, n, m, in_features, kernel_size, stride, padding, dilation,
+                             check_data=has_data(indices))
 
 
 def _samples() -> list[tuple]:

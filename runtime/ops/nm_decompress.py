@@ -13,17 +13,20 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..nm_format import check_nm, compress_nm, decompress_nm, nm_index_bytes, nm_mask
-from .registry import OpDef
+from ..kernels.checks import refuse
+from ..nm_format import compress_nm, decompress_nm, nm_mask, nm_weight_problem
+from .registry import OpDef, has_data
 
 
 def nm_decompress_cpu(values: Tensor, indices: Tensor, n: int, m: int, in_features: int) -> Tensor:
+    refuse("nm_decompress", nm_weight_problem(values, indices, n, m, in_features, check_data=True))
     return decompress_nm(values, indices, n, m, in_features)
 
 
 def nm_decompress_cuda(values: Tensor, indices: Tensor, n: int, m: int, in_features: int) -> Tensor:
     """The Triton decompression kernel over the rows of every leading index."""
     from ..kernels.triton.nm_linear import nm_decompress_triton
+    refuse("nm_decompress", nm_weight_problem(values, indices, n, m, in_features, check_data=True))
     rows = values.reshape(-1, values.shape[-1])
     dense = nm_decompress_triton(rows, indices.reshape(-1, indices.shape[-1]), n, m, in_features)
     return dense.reshape(*values.shape[:-1], in_features)
@@ -43,15 +46,8 @@ def _(values: Tensor, indices: Tensor, n: int, m: int, in_features: int) -> Tens
 
 
 def verify_nm_decompress(values: Tensor, indices: Tensor, n: int, m: int, in_features: int) -> Optional[str]:
-    try:
-        check_nm(n, m)
-    except ValueError as err:
-        return str(err)
-    if in_features % m or values.shape[-1] != in_features * n // m:
-        return f"values {list(values.shape)} do not hold {n}:{m} of in_features={in_features}"
-    if indices.dtype != torch.uint8 or list(indices.shape) != [*values.shape[:-1], nm_index_bytes(in_features, n, m)]:
-        return f"indices {indices.dtype}{list(indices.shape)} do not match values {list(values.shape)}"
-    return None
+    """None when the call is well formed, else why not (positions too when `indices` is a real constant)."""
+    return nm_weight_problem(values, indices, n, m, in_features, check_data=has_data(indices))
 
 
 def _samples() -> list[tuple]:

@@ -16,9 +16,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..kernels.cpu.nm_linear import nm_linear_cpu
-from ..nm_format import check_nm, nm_index_bytes
-from .registry import OpDef
+from ..kernels.cpu.nm_linear import nm_linear_cpu, nm_linear_problem
+from .registry import OpDef, has_data
 
 
 def nm_linear_triton(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor],
@@ -47,39 +46,11 @@ def _(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor],
     return x.new_empty(*x.shape[:-1], values.shape[0])
 
 
-def _weight_problem(values: Tensor, indices: Tensor, n: int, m: int, in_features: int) -> Optional[str]:
-    try:
-        check_nm(n, m)
-    except ValueError as err:
-        return str(err)
-    if in_features % m:
-        return f"in_features={in_features} is not divisible by M={m}"
-    if values.dim() != 2 or values.shape[1] != in_features * n // m:
-        return f"values {list(values.shape)} must be [out, in_features*N/M = {in_features * n // m}]"
-    if indices.dtype != torch.uint8:
-        return f"indices dtype {indices.dtype} must be torch.uint8"
-    index_bytes = nm_index_bytes(in_features, n, m)
-    if list(indices.shape) != [values.shape[0], index_bytes]:
-        return f"indices {list(indices.shape)} must be [{values.shape[0]}, {index_bytes}]"
-    return None
-
-
 def verify_nm_linear(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor],
                      n: int, m: int, in_features: int) -> Optional[str]:
-    """None when the call is well formed, else the first inconsistency found."""
-    problem = _weight_problem(values, indices, n, m, in_features)
-    if problem or x.dim() < 1 or x.shape[-1] != in_features:
-        return problem or f"x {list(x.shape)} must end in in_features={in_features}"
-    return operand_dtype_problem(x, values, bias)
-
-
-def operand_dtype_problem(x: Tensor, values: Tensor, bias: Optional[Tensor]) -> Optional[str]:
-    """values in x's dtype, bias (if any) x's dtype and one per output row; shared by nm_conv2d."""
-    if values.dtype != x.dtype:
-        return f"values dtype {values.dtype} != x dtype {x.dtype}"
-    if bias is not None and (list(bias.shape) != [values.shape[0]] or bias.dtype != x.dtype):
-        return f"bias {bias.dtype}{list(bias.shape)} must be {x.dtype}[{values.shape[0]}]"
-    return None
+    """None when the call is well formed, else the first inconsistency found; a real `indices` constant
+    also has its packed positions checked (every one < M, distinct per group)."""
+    return nm_linear_problem(x, values, indices, bias, n, m, in_features, check_data=has_data(indices))
 
 
 def _samples() -> list[tuple]:

@@ -11,10 +11,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-# verify(*args, **kwargs) receives the op's arguments with tensors replaced by
-# their FakeTensor `meta["val"]`; it returns None when the call is well formed,
-# else a one-line reason.
+import torch
+from torch._subclasses.fake_tensor import is_fake
+
+# verify(*args, **kwargs) receives the op's arguments: FakeTensors from the
+# PassManager, or real tensors for constants and FakeTensors for registers from
+# the load-time validator. It checks shapes, dtypes and static arguments always,
+# and the data of metadata tensors that `has_data`; returns None when the call is
+# well formed, else a one-line reason.
 Verifier = Callable[..., Optional[str]]
+
+
+def has_data(t: Any) -> bool:
+    """True for a tensor whose values can be read (not a FakeTensor, not on the meta device)."""
+    return isinstance(t, torch.Tensor) and not is_fake(t) and t.device.type != "meta"
 
 
 @dataclass(frozen=True)

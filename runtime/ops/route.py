@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..kernels.cpu.route import kept_tokens, route_cpu
+from ..kernels.cpu.route import kept_tokens, route_cpu, route_problem
 from .registry import OpDef
 
 
@@ -28,11 +28,7 @@ def _(scores, capacity):
 
 
 def verify_route(scores: Tensor, capacity: float) -> str | None:
-    if scores.dim() != 2 or not scores.is_floating_point():
-        return f"scores {scores.dtype}{list(scores.shape)} must be floating point [B, S]"
-    if not isinstance(capacity, (int, float)) or not 0.0 < capacity <= 1.0:
-        return f"capacity={capacity!r} must be in (0, 1]"
-    return None
+    return route_problem(scores, capacity)
 
 
 def route_reference(scores: Tensor, capacity: float) -> Tensor:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..kernels.cpu.route import route_gather_cpu
-from .registry import OpDef
+from ..kernels.cpu.route import route_gather_cpu, route_gather_problem
+from .registry import OpDef, has_data
 
 
 def route_gather_cuda(x: Tensor, indices: Tensor) -> Tensor:
@@ -33,20 +33,9 @@ def _(x, indices):
     return x.new_empty(indices.shape[0], indices.shape[1], *x.shape[2:])
 
 
-def indices_problem(indices: Tensor, batch: int, seq: int) -> str | None:
-    if indices.dtype != torch.int64 or indices.dim() != 2:
-        return f"indices {indices.dtype}{list(indices.shape)} must be int64 [B, K]"
-    if indices.shape[1] > seq:
-        return f"indices keep {indices.shape[1]} tokens of a sequence of {seq}"
-    if batch not in (1, indices.shape[0]):
-        return f"batch {batch} is neither 1 nor the indices' batch {indices.shape[0]}"
-    return None
-
-
 def verify_route_gather(x: Tensor, indices: Tensor) -> str | None:
-    if x.dim() < 2:
-        return f"x {list(x.shape)} must be [B, S, ...]"
-    return indices_problem(indices, x.shape[0], x.shape[1])
+    """Shapes always; a real (constant) indices tensor also has every index inside its sequence."""
+    return route_gather_problem(x, indices, check_data=has_data(indices))
 
 
 def _samples() -> list[tuple]:

@@ -14,9 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..kernels.cpu.route import unroute_cpu
-from .registry import OpDef
-from .route_gather import indices_problem
+from ..kernels.cpu.route import unroute_cpu, unroute_problem
+from .registry import OpDef, has_data
 
 
 def unroute_cuda(residual: Tensor, rows: Tensor, indices: Tensor) -> Tensor:
@@ -38,15 +37,8 @@ def _(residual, rows, indices):
 
 
 def verify_unroute(residual: Tensor, rows: Tensor, indices: Tensor) -> str | None:
-    if residual.dim() < 2:
-        return f"residual {list(residual.shape)} must be [B, S, ...]"
-    problem = indices_problem(indices, residual.shape[0], residual.shape[1])
-    if problem is None and residual.shape[0] != indices.shape[0]:
-        problem = f"residual batch {residual.shape[0]} != indices batch {indices.shape[0]}"
-    want = [indices.shape[0], indices.shape[1], *residual.shape[2:]]
-    if problem is None and list(rows.shape) != want:
-        problem = f"rows {list(rows.shape)} must be {want}"
-    return problem
+    """Shapes always; a real (constant) indices tensor also has every index inside its sequence."""
+    return unroute_problem(residual, rows, indices, check_data=has_data(indices))
 
 
 def _samples() -> list[tuple]:

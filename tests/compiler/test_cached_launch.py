@@ -212,7 +212,7 @@ def test_divisibility_reaches_the_compiled_kernel():
     from sparsecc.runtime.kernels.triton.nm_linear import nm_linear_triton
     specs = []
     x = torch.randn(8, 512, dtype=torch.float16)
-    values, indices = torch.randn(512, 256, dtype=torch.float16), torch.zeros(512, 128, dtype=torch.uint8)
+    values, indices = torch.randn(512, 256, dtype=torch.float16), torch.full((512, 64), 0xE4, dtype=torch.uint8)
     with use_launcher(lambda kernel, grid, *a, **k: specs.append(bind_launch(kernel, a, k)[0])):
         nm_linear_triton(x, values, indices, None, 2, 4, 512)
     without, with_attrs = _compiling_child(DIVISIBILITY_CHILD, json.dumps(specs[0].to_dict()))

@@ -37,7 +37,7 @@ def test_put_get_and_corrupt_entries_are_misses(tmp_path):
 def _decompress_spec():
     """The spec nm_decompress_triton launches for a small fp16 2:4 weight (recorded, not run)."""
     specs = []
-    values, indices = torch.zeros(8, 16, dtype=torch.float16), torch.zeros(8, 8, dtype=torch.uint8)
+    values, indices = torch.zeros(8, 16, dtype=torch.float16), torch.full((8, 4), 0xE4, dtype=torch.uint8)
     with use_launcher(lambda kernel, grid, *a, **k: specs.append(bind_launch(kernel, a, k)[0])):
         nm_decompress_triton(values, indices, 2, 4, 32)
     return specs[0]

@@ -110,7 +110,7 @@ from sparsecc.runtime.kernels.triton.nm_linear import nm_linear_kernel, nm_linea
 launches = []  # the specialisation a 1-token fp16 2:4 call with bias launches (recorded, not run)
 with use_launcher(lambda kernel, grid, *args, **kwargs: launches.append(bind_launch(kernel, args, kwargs)[0])):
     nm_linear_triton(torch.zeros(1, 64, dtype=torch.float16), torch.zeros(8, 32, dtype=torch.float16),
-                     torch.zeros(8, 8, dtype=torch.uint8), torch.zeros(8, dtype=torch.float16), 2, 4, 64)
+                     torch.full((8, 8), 0xE4, dtype=torch.uint8), torch.zeros(8, dtype=torch.float16), 2, 4, 64)
 (spec,) = launches
 sizes = {}
 for capability in (90, 80):

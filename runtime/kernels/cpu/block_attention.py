@@ -45,7 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...attention_layout import as_4d
+from ...attention_layout import Layout, as_4d
+from ..attention_contract import block_attention_problem
+from ..checks import refuse
 from .attention_runs import Run, plan_runs, progressions, runs_of
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
@@ -431,7 +433,11 @@ def _clear(p: Problem, hs: HeadSet, q_blocks: set[int]) -> set[int]:
 def block_attention_cpu(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
                         full_num_blocks: Tensor, full_indices: Tensor, mask: Optional[Tensor], scale: float,
                         block_q: int, block_k: int, threshold: float = 0.0, empty_rows: str = "zero") -> Tensor:
-    """sparsecc::block_attention on CPU tensors (semantics in `sparsecc.runtime.ops.block_attention`)."""
+    """sparsecc::block_attention on CPU tensors (semantics in `sparsecc.runtime.ops.block_attention`).
+    The layout's values are checked per call (a few reductions over [.., NQ, NK], read here anyway)."""
+    refuse("block_attention", block_attention_problem(
+        q, k, v, Layout(kv_num_blocks, kv_indices, full_num_blocks, full_indices), mask, scale, block_q, block_k,
+        threshold, empty_rows, check_data=True))
     batch, heads, seq, _ = q.shape
     p = _problem(q, k, v, mask, scale, block_q, block_k)
     layout = [t.tolist() for t in (kv_num_blocks, kv_indices, full_num_blocks, full_indices)]

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...moe_routing import route_within_capacity, sort_by_expert
+from ..checks import refuse
+from ..moe_contract import attr_problem, dtype_problem, expert_problem, shared_problem
 
 GROUPED_MM = hasattr(torch, "_grouped_mm")   # torch >= 2.8 has it on CPU too (fp32/bf16/fp16)
 GROUPED_MM_MAX_ROWS_PER_EXPERT = 64          # above: the F.linear loop was faster (bench/moe.py, E=8)
@@ -92,8 +94,23 @@ def moe_cpu(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_down: Te
             top_k: int, normalize: bool, scoring: str, activation: str, gated: bool,
             capacity_factor: float = 0.0) -> Tensor:
     """sparsecc::moe on torch tensors (semantics in `sparsecc.runtime.ops.moe`)."""
+    refuse("moe", moe_problem(hidden, router_logits, w_gate_up, w_down, shared_gate_up, shared_down, shared_gate,
+                              top_k, normalize, scoring, activation, gated, capacity_factor))
     weights, experts, _ = route_within_capacity(router_logits, top_k, normalize, scoring, capacity_factor)
     y = _routed_output(hidden, w_gate_up, w_down, weights, experts, activation, gated)
     if shared_down is not None:
         y += shared_expert_output(hidden, shared_gate_up, shared_down, shared_gate, activation, gated)
     return y
+
+
+def moe_problem(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_down: Tensor,
+                shared_gate_up: Optional[Tensor], shared_down: Optional[Tensor], shared_gate: Optional[Tensor],
+                top_k: int, normalize: bool, scoring: str, activation: str, gated: bool,
+                capacity_factor: float = 0.0) -> Optional[str]:
+    """None when a moe call is well formed (`kernels/moe_contract.py`), else the first problem; O(1)."""
+    problem = expert_problem(hidden, router_logits, w_gate_up, w_down, gated)
+    problem = problem or shared_problem(hidden.shape[-1], shared_gate_up, shared_down, shared_gate, gated)
+    problem = problem or dtype_problem(hidden, w_gate_up=w_gate_up, w_down=w_down, shared_gate_up=shared_gate_up,
+                                       shared_down=shared_down, shared_gate=shared_gate)
+    return problem or attr_problem(router_logits.shape[1], top_k, normalize, scoring, activation, gated,
+                                   capacity_factor, tuple(ACTIVATIONS))

@@ -13,6 +13,9 @@ kv head = h // (Hq / Hkv) by index arithmetic. THRESHOLD: a block whose largest
 logit lies, on every row, more than log(1/threshold) below m is skipped before
 its V tile is loaded. The program writes out = acc / l and lse = m + log(l)
 (-inf when a row saw nothing); the launcher fills such rows as `empty_rows` says.
+Layout values are clamped where they are read (counts into [0, NK], block numbers
+into [0, NK)), so no layout reaches outside k, v or its own index row; the
+launcher checks shapes and attributes (O(1)) and never waits on the device.
 """
 from __future__ import annotations
 
@@ -24,7 +27,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ...attention_layout import as_4d
+from ...attention_layout import Layout, as_4d
+from ..attention_contract import block_attention_problem
+from ..checks import refuse
 from ..cpu.block_attention import fill_empty_rows
 from .launch import input_precision, jit, launcher
 
@@ -96,14 +101,17 @@ def block_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, kv_num_ptr, kv
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     counts = b * stride_nb + h * stride_nh + qb
     lists = b * stride_ib + h * stride_ih + qb * stride_iq
-    for i in range(tl.load(full_num_ptr + counts)):
-        m_i, l_i, acc = _visit(q, m_i, l_i, acc, tl.load(full_idx_ptr + lists + i), row, b, h, kvh, k_ptr, v_ptr,
+    key_blocks = tl.cdiv(keys, BLOCK_K)
+    for i in range(tl.minimum(tl.maximum(tl.load(full_num_ptr + counts), 0), key_blocks)):
+        kb = tl.minimum(tl.maximum(tl.load(full_idx_ptr + lists + i), 0), key_blocks - 1)
+        m_i, l_i, acc = _visit(q, m_i, l_i, acc, kb, row, b, h, kvh, k_ptr, v_ptr,
                                mask_ptr, scale, log_threshold, seq, keys, stride_kb, stride_kh, stride_ks,
                                stride_vb, stride_vh, stride_vs, stride_mb, stride_mh, stride_ms,
                                HEAD_DIM, V_DIM, BLOCK_D, BLOCK_DV, BLOCK_K, False, HAS_MASK, HAS_THRESHOLD,
                                INPUT_PRECISION)
-    for i in range(tl.load(kv_num_ptr + counts)):
-        m_i, l_i, acc = _visit(q, m_i, l_i, acc, tl.load(kv_idx_ptr + lists + i), row, b, h, kvh, k_ptr, v_ptr,
+    for i in range(tl.minimum(tl.maximum(tl.load(kv_num_ptr + counts), 0), key_blocks)):
+        kb = tl.minimum(tl.maximum(tl.load(kv_idx_ptr + lists + i), 0), key_blocks - 1)
+        m_i, l_i, acc = _visit(q, m_i, l_i, acc, kb, row, b, h, kvh, k_ptr, v_ptr,
                                mask_ptr, scale, log_threshold, seq, keys, stride_kb, stride_kh, stride_ks,
                                stride_vb, stride_vh, stride_vs, stride_mb, stride_mh, stride_ms,
                                HEAD_DIM, V_DIM, BLOCK_D, BLOCK_DV, BLOCK_K, True, HAS_MASK, HAS_THRESHOLD,
@@ -132,6 +140,9 @@ def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tenso
                            block_q: int, block_k: int, threshold: float = 0.0, empty_rows: str = "zero", *,
                            num_warps: Optional[int] = None, num_stages: int = 2) -> Tensor:
     """sparsecc::block_attention with the Triton kernel (semantics in `sparsecc.runtime.ops.block_attention`)."""
+    refuse("block_attention", block_attention_problem(
+        q, k, v, Layout(kv_num_blocks, kv_indices, full_num_blocks, full_indices), mask, scale, block_q, block_k,
+        threshold, empty_rows, check_data=False))
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     kv_num_blocks, kv_indices, full_num_blocks, full_indices = (  # the kernel reads counts with stride 1
         t.to(q.device).contiguous() for t in (kv_num_blocks, kv_indices, full_num_blocks, full_indices))

@@ -27,7 +27,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ...moe_routing import max_padded_pairs, route_within_capacity
-from ..cpu.moe import shared_expert_output
+from ..checks import refuse
+from ..cpu.moe import moe_problem, shared_expert_output
 from .launch import input_precision, jit, launcher
 from .moe_align import align_to_tiles_triton
 
@@ -167,6 +168,8 @@ def moe_triton(hidden: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_down:
                capacity_factor: float = 0.0, *, block_m: Optional[int] = None, block_n: Optional[int] = None,
                block_k: Optional[int] = None, num_warps: Optional[int] = None) -> Tensor:
     """sparsecc::moe with the grouped-GEMM kernels; unset tiles take default_blocks."""
+    refuse("moe", moe_problem(hidden, router_logits, w_gate_up, w_down, shared_gate_up, shared_down, shared_gate,
+                              top_k, normalize, scoring, activation, gated, capacity_factor))
     hidden, w_gate_up, w_down = hidden.contiguous(), w_gate_up.contiguous(), w_down.contiguous()
     weights, experts, _ = route_within_capacity(router_logits, top_k, normalize, scoring, capacity_factor)
     given = (block_m, block_n, block_k, num_warps)

@@ -36,7 +36,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ...nm_format import check_nm, index_bits
+from ...nm_format import index_bits, nm_weight_problem
+from ..checks import refuse
+from ..cpu.nm_linear import nm_linear_problem
 from .launch import input_precision, jit, launcher
 
 # H200, 2:4 fp16, shapes of bench/nm_linear.py: at 1 token the fused kernel took 35-76 us, decompress +
@@ -167,8 +169,12 @@ def default_blocks(tokens: int, m: int) -> tuple[int, int, int, int, int]:
 def nm_decompress_triton(values: Tensor, indices: Tensor, n: int, m: int, in_features: int,
                          dtype: Optional[torch.dtype] = None, *, block_n: int = 32, block_k: int = 256,
                          num_warps: int = 4) -> Tensor:
-    """Dense [rows, in_features] weight (values' dtype unless given), same result as `decompress_nm`."""
-    check_nm(n, m)
+    """Dense [rows, in_features] weight (values' dtype unless given), same result as `decompress_nm`.
+    Shapes are checked here; the callers (nm_decompress_cuda, nm_linear_triton) check the positions once
+    on the tensor they hold, which this reshaped view of it would not remember."""
+    refuse("nm_decompress", nm_weight_problem(values, indices, n, m, in_features, check_data=False))
+    if values.dim() != 2:
+        refuse("nm_decompress", f"the Triton launcher takes values [rows, in_features*N/M], not {list(values.shape)}")
     values, indices = values.contiguous(), indices.contiguous()
     if block_k % m:
         raise ValueError(f"block_k={block_k} must be a multiple of M={m}")
@@ -190,7 +196,7 @@ def nm_linear_triton(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[
     path "fused" runs nm_linear_kernel, "decompress" runs nm_decompress_kernel then F.linear;
     by default the fused kernel serves up to FUSED_MAX_TOKENS tokens. Unset tiles take default_blocks.
     """
-    check_nm(n, m)
+    refuse("nm_linear", nm_linear_problem(x, values, indices, bias, n, m, in_features, check_data=True))
     tokens = x.reshape(-1, in_features).contiguous()
     path = path or ("fused" if tokens.shape[0] <= FUSED_MAX_TOKENS else "decompress")
     if path not in ("fused", "decompress"):
