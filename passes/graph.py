@@ -10,9 +10,12 @@ import json
 from typing import Any
 
 import networkx as nx
+import torch
 from torch.fx import GraphModule, Node
 
 from .printer import format_type, op_name
+
+aten = torch.ops.aten
 
 
 def module_path(node: Node) -> str:
@@ -22,6 +25,24 @@ def module_path(node: Node) -> str:
         return ""
     path = list(stack.values())[-1][0]
     return path if isinstance(path, str) else ""
+
+
+def layer_name(node: Node) -> str:
+    """How reports and skip reasons name the layer of `node`: its module path, else the node's name."""
+    return module_path(node) or node.name
+
+
+# Ops that leave a value's meaning unchanged (dtype casts, copies, eval-mode dropout): region
+# matchers look through them to the value they carry.
+VALUE_PRESERVING = (aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.clone.default,
+                    aten.alias.default, aten.contiguous.default, aten.dropout.default)
+
+
+def through_casts(node: Any) -> Any:
+    """The value `node` carries, past any chain of VALUE_PRESERVING ops."""
+    while isinstance(node, Node) and node.target in VALUE_PRESERVING:
+        node = node.args[0]
+    return node
 
 
 def module_paths(node: Node) -> list[str]:
