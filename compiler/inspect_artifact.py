@@ -32,8 +32,8 @@ def _signature(root: Path, verified: bool) -> str:
 def describe_artifact(path: str, trusted_keys: list | None = None) -> str:
     root = Path(path)
     manifest = read_manifest(root, trusted_keys)
-    verify_files(root, manifest)
-    with malformed(root):      # a wrong-typed field is an ArtifactError, as at load
+    with malformed(root):
+        verify_files(root, manifest)      # a wrong-typed field is an ArtifactError, as at load
         return _describe(root, manifest, trusted_keys is not None)
 
 

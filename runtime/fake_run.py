@@ -1,12 +1,13 @@
-"""Runs a structurally valid Program on FakeTensors at its symbol hints: the last load-time check.
+"""Runs a structurally valid Program on FakeTensors at given symbol sizes: the last load-time check.
 
-Inputs become fake tensors of their spec shapes (a dynamic dim at its hint,
-else its range's lower bound), constants `mode.from_tensor`. Each instruction
+Inputs become fake tensors of their spec shapes (a dynamic dim at the given size,
+by default its hint, else its range's lower bound), constants `mode.from_tensor`. Each instruction
 runs on fake values: ATen overloads under the fake mode, sparse ops first
 through their registry verifier (REAL constant tensors, fake registers), then
 their fake impl. A shape, dtype or argument error refuses the artifact.
 Data-dependent ops make their outputs unknown; instructions reading unknown
-values are skipped (they passed the structural checks). The bytes of the
+values are skipped here and listed as `unbounded`: the call guard
+(`sparsecc.runtime.call_guard`) checks them on the real values at each call. The bytes of the
 storages held in registers, each storage counted once, are tracked as the
 executor would hold them (a value stays until its register is overwritten),
 and the peak must stay under the limit.
@@ -15,12 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
 
 import torch
 from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException,
                                            FakeTensorMode, UnsupportedOperatorException)
 
+from .aten_contracts import contract_problem
 from .errors import ArtifactError
 from .op_table import DTYPES, PY_OPS, decode_encoded, overload_of
 from .ops import get_op
@@ -33,8 +36,8 @@ _DATA_DEPENDENT = (DataDependentOutputException, DynamicOutputShapeException, Un
 class _Ledger:
     """Bytes of the distinct storages held by registers; constants' storages are not counted."""
 
-    def __init__(self, constants: list[torch.Tensor], limit: int):
-        self.limit, self.total, self.peak = limit, 0, 0
+    def __init__(self, constants: list[torch.Tensor], limit: int, at: str):
+        self.limit, self.total, self.peak, self.at = limit, 0, 0, at
         self.counts: dict[int, list[int]] = {}        # storage id -> [bytes, holders]
         self.excluded = {_storage_key(t) for t in constants}
 
@@ -51,7 +54,7 @@ class _Ledger:
         new = {k: n for k, n in self.storages(values).items() if k not in self.counts}
         needed = self.total + sum(new.values())
         if needed > self.limit:
-            raise ArtifactError(f"{where}: needs {needed} bytes of live values at the symbol hints, over the "
+            raise ArtifactError(f"{where}: needs {needed} bytes of live values {self.at}, over the "
                                 f"limit of {self.limit} bytes (pass max_memory to load to raise it)")
         self.peak = max(self.peak, needed)
 
@@ -93,25 +96,65 @@ def _quiet_fake_errors() -> Iterator[None]:
         logger.disabled = old
 
 
-def propagate(program: Program, constants: dict[str, torch.Tensor], device: torch.device, limit: int) -> None:
-    """Raise ArtifactError when an instruction fails on fake values or live bytes pass `limit`."""
+@dataclass(frozen=True)
+class FakeRun:
+    """What a fake run found: the peak bytes of live registers and the instructions it could not run."""
+    peak: int
+    unbounded: frozenset[int]   # instructions reading data-dependent values: the call guard checks them
+
+
+def hint_sizes(program: Program) -> dict[str, int]:
+    """Each symbol at its hint, else its range's lower bound: the sizes checked at load."""
+    return {s: program.symbol_hints.get(s, r[0]) for s, r in program.symbol_ranges.items()}
+
+
+def propagate(program: Program, constants: dict[str, torch.Tensor], device: torch.device, limit: int,
+              sizes: Optional[dict[str, int]] = None) -> FakeRun:
+    """Raise ArtifactError when an instruction fails on fake values or live bytes pass `limit`
+    with the symbols at `sizes` (default `hint_sizes`)."""
+    sizes = hint_sizes(program) if sizes is None else sizes
     mode = FakeTensorMode(allow_fallback_kernels=False)   # never run a real kernel on faked inputs
+    at = f"with dynamic dims {sizes}" if sizes else "for the input shapes"
+    unbounded: set[int] = set()
     with _quiet_fake_errors(), torch.no_grad():
         fakes = {name: mode.from_tensor(t) for name, t in constants.items()}
-        ledger = _Ledger(list(fakes.values()), limit)
+        ledger = _Ledger(list(fakes.values()), limit, at)
         regs: list[Any] = [None] * program.num_registers
-        for reg, value in zip(program.inputs, _fake_inputs(program, mode, device)):
+        for reg, value in zip(program.inputs, _fake_inputs(program, mode, device, sizes)):
             ledger.check(value, f"input register {reg}")
             ledger.hold(value)
             regs[reg] = value
         for index, inst in enumerate(program.instructions):
             where = f"instruction {index} ({inst.op}, node {inst.name!r})"
             result = _run(inst, regs, fakes, constants, mode, where)
+            if result is UNKNOWN:
+                unbounded.add(index)
             _store(inst, result, regs, ledger, where)
+    return FakeRun(ledger.peak, frozenset(unbounded))
 
 
-def _fake_inputs(program: Program, mode: FakeTensorMode, device: torch.device) -> list[torch.Tensor]:
-    sizes = {s: program.symbol_hints.get(s, r[0]) for s, r in program.symbol_ranges.items()}
+def output_bytes(op: str, args: tuple, kwargs: dict, where: str) -> Optional[int]:
+    """Bytes of the tensors `op` would return on these (real) arguments, found on fake copies
+    without running the op; None when the output size depends on the data (nonzero, item)."""
+    mode = FakeTensorMode(allow_fallback_kernels=False)
+    convert = lambda v: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v   # noqa: E731
+    fake_args = [_map_tensors(a, convert) for a in args]
+    fake_kwargs = {k: _map_tensors(v, convert) for k, v in kwargs.items()}
+    with _quiet_fake_errors(), torch.no_grad():
+        result = _call(op, fake_args, fake_kwargs, mode, where)
+    if result is UNKNOWN:
+        return None
+    return sum(t.untyped_storage().nbytes() for t in _tensors(result))
+
+
+def _map_tensors(value: Any, fn: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_tensors(v, fn) for v in value)
+    return fn(value)
+
+
+def _fake_inputs(program: Program, mode: FakeTensorMode, device: torch.device,
+                 sizes: dict[str, int]) -> list[torch.Tensor]:
     inputs = []
     for spec in program.input_specs:
         shape = [sizes[d] if isinstance(d, str) else d for d in spec.shape]
@@ -147,14 +190,19 @@ def _run(inst: Instruction, regs: list[Any], fakes: dict, constants: dict, mode:
     args, kwargs = _decode(inst.args, regs, fakes), {k: _decode(v, regs, fakes) for k, v in inst.kwargs.items()}
     if _has_unknown((args, kwargs)):
         return UNKNOWN
+    if inst.op.startswith("sparsecc::"):
+        _verify_sparse_op(inst, regs, constants, where)
+    return _call(inst.op, args, kwargs, mode, where)
+
+
+def _call(op: str, args: Any, kwargs: dict, mode: FakeTensorMode, where: str) -> Any:
+    """`op` on fake values: its result, UNKNOWN when data-dependent, ArtifactError when it cannot run."""
+    problem = contract_problem(op, args, kwargs)
+    if problem:
+        raise ArtifactError(f"{where}: {problem}")
     try:
-        if inst.op in PY_OPS:
-            with mode:
-                return PY_OPS[inst.op](*args)
-        if inst.op.startswith("sparsecc::"):
-            _verify_sparse_op(inst, regs, constants, where)
         with mode:
-            return overload_of(inst.op)(*args, **kwargs)
+            return PY_OPS[op](*args) if op in PY_OPS else overload_of(op)(*args, **kwargs)
     except _DATA_DEPENDENT:
         return UNKNOWN
     except ArtifactError:

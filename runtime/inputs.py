@@ -17,7 +17,8 @@ def describe(spec: InputSpec) -> str:
     return f"{spec.dtype}[{', '.join(str(d) for d in spec.shape)}]"
 
 
-def check_inputs(program: Program, flat_inputs: Sequence[Any], device: torch.device | None) -> None:
+def check_inputs(program: Program, flat_inputs: Sequence[Any], device: torch.device | None) -> dict[str, int]:
+    """Raise InputMismatchError unless the inputs fit the program's specs; the dynamic dims' sizes."""
     specs = program.input_specs
     if len(flat_inputs) != len(specs):
         raise InputMismatchError(
@@ -25,6 +26,7 @@ def check_inputs(program: Program, flat_inputs: Sequence[Any], device: torch.dev
     bound: dict[str, int] = {}
     for spec, value in zip(specs, flat_inputs):
         _check_one(spec, value, bound, program.symbol_ranges, device)
+    return bound
 
 
 def _check_one(spec: InputSpec, value: Any, bound: dict[str, int], ranges: dict, device) -> None:

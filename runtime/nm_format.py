@@ -214,9 +214,11 @@ def _index_rows_problem(rows: Tensor, first_row: int, n: int, m: int, in_feature
 
 def nm_index_problem_once(indices: Tensor, n: int, m: int, in_features: int) -> Optional[str]:
     """nm_index_problem, remembered on the tensor when it passes (keyed by pattern, storage, shape and
-    version counter): a kernel decodes a constant weight's positions on its first call only."""
-    key = (n, m, in_features, indices.data_ptr(), tuple(indices.shape), _version(indices))
-    if getattr(indices, "_sparsecc_nm_checked", None) == key:
+    version counter): a kernel decodes a constant weight's positions on its first call only. An
+    inference tensor has no version counter, so nothing proves it unchanged: it is checked every call."""
+    version = _version(indices)
+    key = (n, m, in_features, indices.data_ptr(), tuple(indices.shape), version)
+    if version is not None and getattr(indices, "_sparsecc_nm_checked", None) == key:
         return None
     problem = nm_index_problem(indices, n, m, in_features)
     if problem is None:

@@ -113,7 +113,7 @@ def signature_key_id(record: bytes) -> str:
 def verify_manifest(manifest: bytes, record: Optional[bytes], trusted_keys: Iterable[TrustedKey]) -> str:
     """The id of the trusted key that signed `manifest`; ArtifactError for a missing, malformed or wrong
     signature, or a signer outside `trusted_keys`."""
-    single = isinstance(trusted_keys, (Ed25519PublicKey, bytes, str))   # one key given without a list
+    single = isinstance(trusted_keys, (Ed25519PublicKey, bytes, str, os.PathLike))   # one key given without a list
     try:
         keys = {key_id(k): k for k in map(public_key, [trusted_keys] if single else list(trusted_keys))}
     except (ValueError, TypeError, OSError) as err:

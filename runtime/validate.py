@@ -21,7 +21,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from .errors import ArtifactError
-from .fake_run import propagate
+from .fake_run import FakeRun, propagate
 from .op_table import DTYPES, argument_problem, bind_arguments, returns_alias, writes_of
 from .program import InputSpec, Instruction, Program
 
@@ -40,8 +40,9 @@ def default_max_bytes(constants: dict[str, torch.Tensor]) -> int:
 
 
 def validate_program(program: Program, constants: dict[str, torch.Tensor], *, device: torch.device,
-                     max_bytes: Optional[int] = None) -> None:
-    """Raise ArtifactError unless `program` over `constants` is safe to run on `device`."""
+                     max_bytes: Optional[int] = None) -> FakeRun:
+    """Raise ArtifactError unless `program` over `constants` is safe to run on `device`; the fake
+    run's findings are returned for the call guard, which checks what a load cannot."""
     try:
         check_structure(program)
         missing = sorted(set(program.constant_names) - set(constants))
@@ -49,7 +50,8 @@ def validate_program(program: Program, constants: dict[str, torch.Tensor], *, de
             raise ArtifactError(f"program constants {', '.join(missing[:5])} are not among the loaded weights")
         check_dataflow(program)
         used = {name: constants[name] for name in program.constant_names}
-        propagate(program, used, torch.device(device), default_max_bytes(used) if max_bytes is None else max_bytes)
+        return propagate(program, used, torch.device(device),
+                         default_max_bytes(used) if max_bytes is None else max_bytes)
     except ArtifactError:
         raise
     except (TypeError, KeyError, IndexError, AttributeError, ValueError, RecursionError) as err:

@@ -13,6 +13,8 @@ from sparsecc.runtime import Instruction, Program
 from sparsecc.runtime.artifact import GPU_TARGETS as GPU_TARGETS_BY_API
 from sparsecc.runtime.artifact import device_target, program_on, read_manifest
 from sparsecc.runtime.kernels.triton.launch import KernelSpec
+from sparsecc.runtime.call_guard import CallGuard
+from sparsecc.runtime.validate import validate_program
 from sparsecc.runtime.loaded import LoadedModel, PrebuiltKernels
 
 from ..compiler.build_models import GPU_TARGETS, compile_mixed, kernel_cache
@@ -160,8 +162,10 @@ def _prebuilt_model(path, drop=None):
     program = Program.from_dict(manifest["program"])
     constants = load_file(str(path / "weights.safetensors"))
     cpu = torch.device("cpu")
-    return LoadedModel(manifest, program, constants, cpu, "cuda:90", PrebuiltKernels(functions, cpu, "cuda:90")), \
-        manifest, served
+    limit = 1 << 30
+    guard = CallGuard(program, constants, cpu, limit, validate_program(program, constants, device=cpu, max_bytes=limit))
+    kernels = PrebuiltKernels(functions, cpu, "cuda:90")
+    return LoadedModel(manifest, program, constants, cpu, "cuda:90", kernels, guard), manifest, served
 
 
 def test_every_launch_of_the_loaded_program_finds_its_binary(built):

@@ -225,6 +225,26 @@ def write_a_weight_through_a_view(root: Path) -> None:
         instruction("aten::mul_.Scalar", [{"r": r}, 0.0], [r + 1])]))
 
 
+def write_a_weight_through_dropout(root: Path) -> None:
+    """`dropout(train=False)` returns its input with no alias annotation in its schema."""
+    rewrite_program(root, lambda p: append_and_return(p, lambda r: [
+        instruction("aten::dropout.default", [{"c": "embed.weight"}, 0.5, False], [r]),
+        instruction("aten::mul_.Scalar", [{"r": r}, 0.0], [r + 1])]))
+
+
+def write_the_callers_input(root: Path) -> None:
+    rewrite_program(root, lambda p: append_and_return(p, lambda r: [
+        instruction("aten::mul_.Scalar", [{"r": p["inputs"][0]}, 0], [r])]))
+
+
+def allocation_sized_by_item(root: Path) -> None:
+    """A size read from a constant at run time: the load cannot see it (1.2 GB, over the 1 GiB limit)."""
+    add_constants(root, {"attack.n": torch.tensor(300_000_000, dtype=torch.int64)})
+    rewrite_program(root, lambda p: append_and_return(p, lambda r: [
+        instruction("aten::_local_scalar_dense.default", [{"c": "attack.n"}], [r]),
+        instruction("aten::full.default", [[{"r": r}], 1.0], [r + 1])]))
+
+
 def _python_arithmetic(op: str, args: list) -> Callable[[Path], None]:
     """A `py::` op on numbers whose result torch never sees: it must stay an int64 and never divide by zero."""
     def attack(root: Path) -> None:
@@ -341,6 +361,9 @@ ATTACKS = [Attack(name, edit, expect) for name, edit, expect in [
     ("missing_constant", missing_constant, LOAD),
     ("fill_a_weight_in_place", fill_a_weight_in_place, LOAD),
     ("write_a_weight_through_a_view", write_a_weight_through_a_view, LOAD),
+    ("write_a_weight_through_dropout", write_a_weight_through_dropout, REFUSED),
+    ("write_the_callers_input", write_the_callers_input, REFUSED),
+    ("allocation_sized_by_item", allocation_sized_by_item, REFUSED),
     ("python_floordiv_by_zero", python_floordiv_by_zero, REFUSED),
     ("python_mul_past_int64", python_mul_past_int64, REFUSED),
     ("dtype_by_attribute_name", dtype_by_attribute_name, LOAD),

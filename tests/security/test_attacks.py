@@ -9,21 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from .attacker import Pristine, copy_artifact, pristine_artifact
+from .attacker import Pristine, copy_artifact
 from .attacks import ATTACKS, route_gather_from_another_sequence, unroute_into_another_sequence
-from .harness import Harness
-
-
-@pytest.fixture(scope="module")
-def pristine() -> Pristine:
-    return pristine_artifact()
-
-
-@pytest.fixture(scope="module")
-def harness():
-    harness = Harness(timeout_s=30.0)
-    yield harness
-    harness.close()
 
 
 def test_the_intact_artifact_runs_correctly(pristine, harness):

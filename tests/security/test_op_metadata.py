@@ -16,7 +16,7 @@ from sparsecc.runtime.kernels.cpu.nm_linear import nm_linear_cpu
 from sparsecc.runtime.kernels.cpu.route import route_cpu, route_gather_cpu, unroute_cpu
 from sparsecc.runtime.nm_format import compress_nm, decompress_nm, nm_index_problem, nm_mask, unpack_positions
 from sparsecc.runtime.ops import OPS, get_op
-from sparsecc.runtime.ops.moe import _sample as moe_sample
+from sparsecc.runtime.ops.moe import sample_moe_arguments as moe_sample
 
 # ---------------------------------------------------------------- N:M indices
 

@@ -7,23 +7,10 @@ import torch
 
 from sparsecc.runtime.signing import generate_key, raw_public_bytes, sign_manifest
 
-from .attacker import Pristine, copy_artifact, pristine_artifact, rewrite_weights
+from .attacker import Pristine, copy_artifact, rewrite_weights
 from .attacks import ATTACKS
-from .harness import Harness
 
 SIGNATURE = "manifest.sig"
-
-
-@pytest.fixture(scope="module")
-def pristine() -> Pristine:
-    return pristine_artifact()
-
-
-@pytest.fixture(scope="module")
-def harness():
-    harness = Harness(timeout_s=30.0)
-    yield harness
-    harness.close()
 
 
 @pytest.fixture(scope="module")
