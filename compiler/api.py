@@ -5,16 +5,17 @@ import math
 import os
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from typing import Any, Iterable, Optional
 
 import torch
 from torch.utils import _pytree as pytree
 
-from sparsecc.passes import PassContext, PassManager, build_pipeline, print_graph
+from sparsecc.passes import PassContext, PassManager, build_pipeline, format_pipeline, print_graph
 from sparsecc.passes.records import RewriteRecord
 from sparsecc.runtime.errors import InputMismatchError
-from sparsecc.runtime.executor import Executor
+from sparsecc.runtime.executor import BACKENDS, Executor
 from sparsecc.runtime.kernels.triton.launch import use_launcher
 from sparsecc.runtime.program import Program
 from sparsecc.runtime.validate import validate_program
@@ -28,8 +29,6 @@ from .lower import lower
 from .numerics import locate_non_finite, relative_error
 from .reference import pruned_state_dict
 from .report import Report
-
-BACKENDS = ("torch", "triton")
 
 
 def compile(model: torch.nn.Module, example_inputs: Any = None, sparsity: Any = None, calibration: Optional[Iterable] = None,
@@ -47,19 +46,19 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, sparsity: Any = 
     specialised to `example_inputs` (a tuple or {input name: tensor}; declared shapes when None).
     """
     if isinstance(model, (str, os.PathLike)):
-        from .onnx.import_model import import_for_compile
+        from .onnx.frontend.import_model import import_for_compile
         model, example_inputs = import_for_compile(model, example_inputs)
     steps = _Steps(progress)
     check_model(model)
     config = parse_sparsity(sparsity)
     args = normalize_inputs(example_inputs)
     backend = _pick_backend(backend, model)
-    pipeline_text = pipeline if pipeline is not None else config.pipeline()
-    passes = build_pipeline(pipeline_text)
+    passes = build_pipeline(pipeline) if pipeline is not None else config.passes()
     with steps("capture"):
         captured = capture(model, args, example_kwargs, dynamic_shapes)
-    flat_inputs = _tensor_leaves((args, example_kwargs or {}))   # the graph's placeholders, in order
-    batches = calibration_inputs(calibration, captured.in_spec, example_kwargs, captured.gm)
+    graph_kwargs = captured.bound.graph_kwargs(example_kwargs)   # without the constants capture baked in
+    flat_inputs = _tensor_leaves((args, graph_kwargs))   # the graph's placeholders, in order
+    batches = calibration_inputs(calibration, captured.in_spec, graph_kwargs, captured.gm)
     ctx = PassContext(example_inputs=flat_inputs, calibration=batches, progress=progress)
     with steps("rewrite"):
         manager = PassManager(passes, verify=verify, print_ir_after_all=print_ir_after_all, dump_dir=dump_dir)
@@ -69,13 +68,16 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, sparsity: Any = 
         if os.environ.get("SPARSECC_VALIDATE_PROGRAMS") == "1":   # tests load-check every program they lower
             validate_program(program, constants, device=next((t.device for t in constants.values()), "cpu"))
     compiled = CompiledModel(program, constants, backend, gm, captured, list(ctx.records))
+    compiled.reset_state()   # passes that ran the graph (calibration, region recording) advanced it
+    captured.reset_dense_state()
     compiled.example_inputs = flat_inputs   # what `save` runs to find the kernel specialisations to build
-    report = _build_report(model, pipeline_text, ctx, compiled, captured)
+    report = _build_report(model, format_pipeline(passes), ctx, compiled, captured)
     if check:
         with steps("check"):
-            _check_against_dense(compiled, report, args, example_kwargs or {})
+            _check_against_dense(compiled, report, args, graph_kwargs)
     report.timings = dict(steps.timings)
     compiled._report = report
+    _warn_dropped(captured)
     return compiled
 
 
@@ -96,6 +98,7 @@ class CompiledModel:
         self.kernel_launcher = CachedKernelLauncher() if backend == "triton" and not jit_forced() else None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs = self._captured.bound.graph_kwargs(kwargs)   # constant keywords: the compiled value or left out
         flat, spec = pytree.tree_flatten((args, kwargs))
         if spec != self._captured.in_spec:
             raise InputMismatchError(f"inputs have structure {spec}, but the model was compiled for "
@@ -106,6 +109,12 @@ class CompiledModel:
             with use_launcher(self.kernel_launcher):
                 outputs = self._executor.run(_tensor_leaves(flat))
         return pytree.tree_unflatten(outputs, self._captured.out_spec)
+
+    @property
+    def captured(self) -> Captured:
+        """What capture made: the dense reference graph (`dense_gm`; `reset_dense_state()` puts its state back
+        to the compile-time value), the input/output structure and the dynamic dims' ranges (`symbol_ranges`)."""
+        return self._captured
 
     def report(self) -> Report:
         return self._report
@@ -132,7 +141,7 @@ class CompiledModel:
                     compare_dense: bool = False):
         """Write the rewritten model as ONNX that stock onnxruntime runs; see docs/onnx.md.
         Returns an ExportResult (file size, sparse/contrib node counts, the export log)."""
-        from .onnx.export import export_compiled
+        from .onnx.export.exporter import export_compiled
         return export_compiled(self, path, contrib=contrib, opset=opset, compare_dense=compare_dense)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -152,6 +161,12 @@ class CompiledModel:
 
     def __repr__(self) -> str:
         return f"CompiledModel(backend={self.backend!r}, {self.program.summary()})"
+
+
+def _warn_dropped(captured: Captured) -> None:
+    if captured.bound.dropped_outputs:   # e.g. a DynamicCache: the program returns the rest, in the model's class
+        warnings.warn("sparsecc.compile: left out of the compiled program's outputs: "
+                      f"{'; '.join(captured.bound.dropped_outputs)}", stacklevel=3)
 
 
 def _tensor_leaves(tree: Any) -> tuple:
@@ -194,17 +209,17 @@ def _state_bytes(gm: torch.fx.GraphModule) -> int:
 def _check_against_dense(compiled: CompiledModel, report: Report, args: tuple, kwargs: dict) -> None:
     with torch.no_grad(), _from_initial_state(compiled) as restart:
         got = _copied(compiled(*args, **kwargs))        # outputs may alias the state restart() rewrites
-        dense = _copied(compiled._captured.dense_gm(*args, **kwargs))
+        dense = _copied(compiled.captured.dense_gm(*args, **kwargs))
         report.error_vs_dense = relative_error(got, dense)
         if not math.isfinite(report.error_vs_dense):   # name the layer where it started
             restart()
-            report.non_finite = locate_non_finite(got, dense, compiled.graph_module, compiled._captured.dense_gm,
+            report.non_finite = locate_non_finite(got, dense, compiled.graph_module, compiled.captured.dense_gm,
                                                   tuple(pytree.tree_leaves((args, kwargs))))
         weights = compiled.pruned_state_dict()
         invertible = all(r.details.get("reference") != "unavailable" for r in compiled.records)
         if weights and invertible:
             restart()
-            pruned = torch.func.functional_call(compiled._captured.dense_gm, weights, args, kwargs, strict=False)
+            pruned = torch.func.functional_call(compiled.captured.dense_gm, weights, args, kwargs, strict=False)
             report.error_vs_reference = relative_error(got, pruned)
 
 
@@ -214,7 +229,7 @@ def _from_initial_state(compiled: CompiledModel):
     and the check leaves the program's and the dense reference's state there."""
     def restart() -> None:
         compiled.reset_state()
-        compiled._captured.reset_dense_state()
+        compiled.captured.reset_dense_state()
     try:
         yield restart
     finally:

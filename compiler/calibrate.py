@@ -10,7 +10,7 @@ FakeTensor holds a symbol where `dynamic_shapes` made a dim dynamic), so a
 wrong batch is named here rather than failing deep inside a pass. The batch
 dim (dim 0 of an input of rank >= 2) may differ: calibration sets often use
 bigger batches than the example, and a graph that bakes the batch size in
-fails naming the batch and the node (passes/layerwise.py).
+fails naming the batch and the node (passes/nm/layerwise.py).
 """
 from __future__ import annotations
 

@@ -6,8 +6,11 @@ import json
 import sys
 from typing import Any, Optional
 
+from sparsecc.passes import PruneNM
+from sparsecc.passes.nm.methods import METHODS
+from sparsecc.runtime.executor import BACKENDS
+
 from . import cli_build, cli_onnx
-from .config import WEIGHT_METHODS
 from .errors import SparseccError
 
 
@@ -29,8 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     comp = sub.add_parser("compile", help="compile a model and print its report")
     _add_model_args(comp)
     comp.add_argument("--sparsity", type=_sparsity, default="2:4", help='"N:M" or a JSON dict (default 2:4)')
-    comp.add_argument("--method", choices=WEIGHT_METHODS, help="how N:M masks are chosen (sets weights.method)")
-    comp.add_argument("--backend", choices=("torch", "triton"), help="kernel backend (default: by device)")
+    comp.add_argument("--method", choices=METHODS, help="how N:M masks are chosen (sets weights.method)")
+    comp.add_argument("--backend", choices=BACKENDS, help="kernel backend (default: by device)")
     comp.add_argument("--json", action="store_true", help="print the report as JSON")
     comp.add_argument("--ir", action="store_true", help="also print the final IR")
     comp.add_argument("--no-check", action="store_true", help="skip the error check against the dense model")
@@ -44,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
                                                "at 1:4 / 2:4 / 4:8 / unstructured 50%%")
     weights.add_argument("factory", help="MODULE:FACTORY or file.py:FACTORY returning (model, example_inputs)")
     weights.add_argument("--pattern", default="2:4", help="N:M pattern of the per-group rows (default 2:4)")
-    weights.add_argument("--method", choices=WEIGHT_METHODS, default="magnitude", help="mask method")
+    weights.add_argument("--method", choices=METHODS, default=PruneNM.method, help="mask method")
     weights.add_argument("--depth", type=int, help="group layers by the first DEPTH parts of their module path")
     weights.add_argument("--exclude", nargs="*", default=[], help="module-path globs kept dense")
     weights.add_argument("--json", action="store_true", help="print the sweep as JSON")

@@ -47,7 +47,7 @@ def export_command(args) -> int:
 def sparsify_command(args) -> int:
     import sparsecc
 
-    from .onnx.importer import example_inputs, load_model, parse_dims
+    from .onnx.frontend.load import example_inputs, load_model, parse_dims
 
     inputs = example_inputs(load_model(args.input), parse_dims(args.dim))
     compiled = sparsecc.compile(args.input, inputs, sparsity=args.sparsity, pipeline=args.pipeline, progress=True)

@@ -134,7 +134,9 @@ def _nm_method_lines(layers: list[RewriteRecord]) -> list[str]:
         return []
     sources = sorted({r.details["calibration"] for r in layers if "calibration" in r.details})
     line = "N:M mask method: " + ", ".join(f"{name} ({count} layers)" for name, count in methods.items())
-    return [line] + [f"  activations from {source}" for source in sources]
+    fallbacks = [f"  {r.layer}: experts {r.details['magnitude_experts']} got no calibration token, pruned by magnitude"
+                 for r in layers if r.details.get("magnitude_experts")]
+    return [line] + [f"  activations from {source}" for source in sources] + fallbacks
 
 
 def _moe_lines(layers: list[RewriteRecord]) -> list[str]:

@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from sparsecc.passes import TokenRouting
+
 DEFAULT_CAPACITIES = (1.0, 0.75, 0.5, 0.25)
 
 
@@ -91,8 +93,8 @@ def add_sweep_tokens_parser(kinds) -> None:
     p.add_argument("factory", help="MODULE:FACTORY or file.py:FACTORY returning (model, example_inputs)")
     p.add_argument("--capacities", type=_capacities, default=list(DEFAULT_CAPACITIES),
                    help="comma-separated kept fractions (default 1,0.75,0.5,0.25)")
-    p.add_argument("--router", choices=("norm", "calibrated", "weights"), default="norm")
-    p.add_argument("--where", choices=("mlp", "layer"), default="mlp")
+    p.add_argument("--router", choices=TokenRouting.option_choices("router"), default=TokenRouting.router)
+    p.add_argument("--where", choices=TokenRouting.option_choices("where"), default=TokenRouting.where)
     p.add_argument("--layers", help="comma-separated block indices or module globs (default: all but first/last)")
     p.add_argument("--weights-file", help="router weights (.safetensors) for --router weights")
     p.add_argument("--sparsity", type=json.loads, help='other sections as JSON, e.g. \'{"moe": "dispatch"}\'')

@@ -78,7 +78,7 @@ def _escape(path: str) -> str:
 
 def unstructured_error(compiled, example_inputs: Any, sparsity: float) -> float:
     """Output error when each weight the N:M compile pruned instead loses its smallest |w| (any position)."""
-    dense_gm = compiled._captured.dense_gm
+    dense_gm = compiled.captured.dense_gm
     params = dict(dense_gm.named_parameters()) | dict(dense_gm.named_buffers())
     pruned = {}
     for record in compiled.records:
@@ -92,11 +92,11 @@ def unstructured_error(compiled, example_inputs: Any, sparsity: float) -> float:
             pruned[name] = torch.where(w.abs() > threshold, w, torch.zeros_like(w))
     args = normalize_inputs(example_inputs)
     with torch.no_grad():
-        compiled._captured.reset_dense_state()   # both runs start from the state at compile time
+        compiled.captured.reset_dense_state()   # both runs start from the state at compile time
         got = torch.func.functional_call(dense_gm, pruned, args, strict=False)
-        compiled._captured.reset_dense_state()
+        compiled.captured.reset_dense_state()
         dense = dense_gm(*args)
-        compiled._captured.reset_dense_state()
+        compiled.captured.reset_dense_state()
     return relative_error(got, dense)
 
 

@@ -8,33 +8,23 @@ from .cleanup import Cleanup
 from .graph import module_path, module_subgraph, nodes_in_module, to_dot, to_networkx
 from .manager import Pass, PassContext, PassManager, PassResult, PassStats, Skip
 from .match import AnyArg, Const, Lit, Match, Op, Pattern, Var, match
-from .pipeline import PipelineError, build_pipeline, format_option, parse_pipeline
+from .options import format_option
+from .pipeline import PipelineError, build_pipeline, format_pipeline, parse_pipeline
 from .printer import print_graph
-from .prune_nm import PruneNM
-from .moe_dispatch import MoEDispatch
-from .sparse_attention import SparseAttention
-from .token_routing import TokenRouting
+from .registry import PASSES
+from .nm.prune import PruneNM
+from .moe import MoEDispatch
+from .attention import SparseAttention
+from .tokens import TokenRouting
 from .rewrite import CheckResult, Rule, RuleSet, apply_rules, fail, ok
 from .rewriter import RewriteError, Rewriter
 from .verify import VerificationError, verify_graph
-
-# Every pass a pipeline string may name, listed explicitly (no registration by import).
-PASSES: dict[str, type[Pass]] = {
-    cls.name: cls
-    for cls in (
-        Cleanup,
-        PruneNM,
-        MoEDispatch,
-        SparseAttention,
-        TokenRouting,
-    )
-}
 
 __all__ = [
     "AnyArg", "CheckResult", "Cleanup", "Const", "Lit", "Match", "Op", "PASSES", "Pass",
     "PassContext", "PassManager", "PassResult", "PassStats", "Pattern", "PipelineError", "PruneNM", "MoEDispatch", "SparseAttention", "TokenRouting",
     "RewriteError", "Rewriter", "Rule", "RuleSet", "Skip", "Var", "VerificationError",
-    "apply_rules", "build_pipeline", "fail", "format_option", "match", "module_path",
+    "apply_rules", "build_pipeline", "fail", "format_option", "format_pipeline", "match", "module_path",
     "module_subgraph", "nodes_in_module", "ok", "parse_pipeline", "print_graph", "to_dot",
     "to_networkx", "verify_graph",
 ]

@@ -3,8 +3,10 @@
 A pass is a frozen dataclass whose `name` and fields are its pipeline
 spelling (`prune-nm{n=2,m=4}`). It rewrites the GraphModule in place and
 returns `PassResult(gm, modified, stats)`. The manager runs passes in order
-and, after each one, lints, recompiles and verifies the graph, records the
-stats in `ctx.stats`, and optionally prints or dumps the IR:
+and, after each one that modified the graph, lints, recompiles and verifies
+it; after one that did not, it only confirms that the printed IR is unchanged
+(far cheaper than re-propagating shapes). It records the stats in `ctx.stats`,
+and optionally prints or dumps the IR:
 
     dump_dir/00-input.mlir, 00-input.dot     the graph before any pass
     dump_dir/01-prune-nm.mlir, .dot          after pass 1, and so on
@@ -22,8 +24,7 @@ from typing import Any, Callable, ClassVar, Optional, Sequence, TextIO
 from torch.fx import GraphModule
 
 from .graph import to_dot
-from .options import OptionBounds, OptionError, check_bounds
-from .pipeline import build_pipeline, format_option
+from .options import OptionBounds, OptionError, OptionProblem, check_bounds, check_types, format_option
 from .printer import print_graph
 from .verify import VerificationError, verify_graph
 
@@ -69,6 +70,7 @@ class PassContext:
 
 @dataclass
 class PassResult:
+    """What a pass returns; `modified` False promises the graph is as it was (the manager then skips verifying)."""
     gm: GraphModule
     modified: bool
     stats: PassStats = field(default_factory=PassStats)
@@ -76,19 +78,23 @@ class PassResult:
 
 @dataclass(frozen=True)
 class Pass:
-    """Base class; subclasses are `@dataclass(frozen=True)` with a kebab-case `name`."""
+    """Base class; subclasses are `@dataclass(frozen=True)` with a kebab-case `name`; their fields are the
+    options, checked here (passes/options.py) however the pass is made."""
     name: ClassVar[str] = ""
     option_bounds: ClassVar[dict[str, OptionBounds]] = {}   # every int/float option's accepted values
+    always_spelled: ClassVar[tuple[str, ...]] = ()           # options the pipeline text shows even at their default
 
     def __post_init__(self) -> None:
-        """Options are checked when the pass is made, so a bad pipeline fails before capture."""
+        """Options are checked when the pass is made, so a bad pipeline or config fails before capture."""
+        owner = f"pass '{self.name}'"
+        check_types(self, self.option_types(), owner)
         problem = self.options_problem()
         if problem:
-            raise OptionError(f"pass '{self.name}': {problem}")
-        check_bounds(self, self.option_bounds, f"pass '{self.name}'")
+            raise OptionError(f"{owner}: {problem.text}", problem.option, problem.text)
+        check_bounds(self, self.option_bounds, owner)
 
-    def options_problem(self) -> Optional[str]:
-        """What is wrong with the options beyond their bounds (choices, combinations); None when nothing."""
+    def options_problem(self) -> Optional[OptionProblem]:
+        """What is wrong with well-typed options beyond their bounds (choices, combinations); None when nothing."""
         return None
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
@@ -100,10 +106,15 @@ class Pass:
         hints = typing.get_type_hints(cls)
         return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
+    @classmethod
+    def option_choices(cls, option: str) -> tuple:
+        """The values a Literal option accepts (command-line `choices`, say)."""
+        return typing.get_args(cls.option_types()[option])
+
     def spelling(self) -> str:
-        """The pipeline text of this pass; options at their default are left out."""
-        options = [f"{f.name}={format_option(getattr(self, f.name))}"
-                   for f in dataclasses.fields(self) if not _is_default(f, getattr(self, f.name))]
+        """The pipeline text of this pass; options at their default are left out unless `always_spelled`."""
+        options = [f"{f.name}={format_option(getattr(self, f.name))}" for f in dataclasses.fields(self)
+                   if f.name in self.always_spelled or not _is_default(f, getattr(self, f.name))]
         return self.name + ("{" + ",".join(options) + "}" if options else "")
 
 
@@ -132,10 +143,6 @@ class PassManager:
     dump_dir: Optional[str | Path] = None
     out: Optional[TextIO] = None  # where printed IR goes; stderr when None
 
-    @classmethod
-    def from_pipeline(cls, text: str, **options: Any) -> "PassManager":
-        return cls(build_pipeline(text), **options)
-
     def spelling(self) -> str:
         return ",".join(p.spelling() for p in self.passes)
 
@@ -149,7 +156,7 @@ class PassManager:
         return gm
 
     def _run_one(self, pass_: Pass, gm: GraphModule, ctx: PassContext, index: int) -> GraphModule:
-        start = time.perf_counter()
+        start, before = time.perf_counter(), print_graph(gm)
         try:
             result = pass_.run(gm, ctx)
         except Exception as err:
@@ -158,7 +165,10 @@ class PassManager:
         key = _stats_key(ctx.stats, pass_.name)
         ctx.stats[key] = result.stats
         gm = result.gm
-        self._check(gm, f"after pass '{key}'")
+        if result.modified:
+            self._check(gm, f"after pass '{key}'")
+        elif print_graph(gm) != before:
+            raise VerificationError(f"pass '{key}' returned modified=False but changed the graph")
         if ctx.progress:
             ctx.log(f"[{index}/{len(self.passes)}] {key}: {result.stats.summary()} ({time.perf_counter() - start:.2f}s)")
         self._print(gm, pass_.name)

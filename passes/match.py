@@ -52,6 +52,10 @@ class Pattern:
         """An argument the node omits (`default`: its schema default, or absent)."""
         return self.optional
 
+    def root_targets(self) -> Optional[tuple]:
+        """The call targets (overloads or packets) a node needs for this pattern to match at it; None: any."""
+        return None
+
 
 def _capture(m: Match, name: Optional[str], value: Any) -> bool:
     if name is None:
@@ -130,6 +134,9 @@ class Op(Pattern):
     def __init__(self, targets: Any, *args: Pattern, name: Optional[str] = None, **kwargs: Pattern):
         self.targets = targets if isinstance(targets, tuple) else (targets,)
         self.args, self.kwargs, self.name = args, kwargs, name
+
+    def root_targets(self) -> Optional[tuple]:
+        return self.targets
 
     def matches_target(self, target: Any) -> bool:
         packet = getattr(target, "overloadpacket", None)

@@ -1,22 +1,28 @@
-"""Coercion of pipeline option text to a pass's dataclass field types, and numeric option bounds.
+"""A pass's options: their types, accepted values and pipeline spelling, declared once on the pass class.
 
 Supported annotations: int, float, bool (`true`/`false`), str, Literal[...],
 tuple[X, ...] / list[X] (a bare scalar is a one-element sequence),
 Optional[X] (a bare `none` is None), and Any (the raw text).
 
-Every int or float option of a pass has `Bounds` in the pass's `option_bounds`,
-checked when the pass is made (so a pipeline is refused before the slow
-capture); the config layer checks its sections with the same bounds.
+A pass is checked when it is made, whoever makes it (a pipeline string, the
+sparsity config, a test), so a bad request is refused before the slow capture:
+each value against its annotation (`value_problem`), then the pass's own
+`options_problem` (an `OptionProblem`: choices, combinations), then every int
+or float option against its `Bounds` or `OneOf` in the pass's `option_bounds`.
+An `OptionError` names the option, so the config layer can name its own key.
 """
 from __future__ import annotations
 
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Optional, Union
+from typing import Any, Literal, Mapping, NamedTuple, Optional, Union
 
 _NONE_TYPE = type(None)
+# an option value the pipeline grammar reads without quotes
+BARE_VALUE = re.compile(r"[A-Za-z0-9.*:/\-_+]+")
 
 
 class QuotedStr(str):
@@ -99,8 +105,66 @@ def coerce_option(value: Any, hint: Any) -> Any:
         raise ValueError(f"expected {type_name(hint)}, got '{shown}'") from None
 
 
+def _format_scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    text = repr(value) if isinstance(value, float) else str(value)
+    if isinstance(value, str) and (not BARE_VALUE.fullmatch(text) or text == "none"):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return text
+
+
+def format_option(value: Any) -> str:
+    """The pipeline spelling of an option value (the inverse of parsing plus coercion)."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_format_scalar(v) for v in value) + "]"
+    return _format_scalar(value)
+
+
+# how a value check names a scalar type ("expected an integer, got 4.0"); others read as in `type_name`
+_VALUE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return any(_has_type(value, member) for member in args)
+    if origin is Literal:   # `type(...) is` keeps True from passing for 1
+        return any(type(value) is type(choice) and value == choice for choice in args)
+    if origin in (tuple, list) or hint in (tuple, list):
+        item = args[0] if args else str
+        return isinstance(value, (tuple, list)) and all(_has_type(v, item) for v in value)
+    if hint is _NONE_TYPE:
+        return value is None
+    if hint in (int, float) and isinstance(value, bool):
+        return False
+    if hint is float:
+        return isinstance(value, (int, float))
+    return hint is Any or not isinstance(hint, type) or isinstance(value, hint)
+
+
+def value_problem(value: Any, hint: Any) -> Optional[str]:
+    """None when `value` is of the annotated type `hint` (an int is a float too), else what was expected."""
+    if _has_type(value, hint):
+        return None
+    return f"expected {_VALUE_NAMES.get(hint) or type_name(hint)}, got {value!r}"
+
+
+class OptionProblem(NamedTuple):
+    """What a pass's `options_problem` finds: the option at fault and a sentence saying why."""
+    option: str
+    text: str
+
+
 class OptionError(ValueError):
-    """A pass option outside its accepted values; the message names the pass, the option and the range."""
+    """A pass option outside its accepted values; the message names the pass, the option and what is accepted.
+    `option` and `problem` are the parts without the pass, for callers that name the option their own way."""
+
+    def __init__(self, message: str, option: str, problem: str):
+        super().__init__(message)
+        self.option, self.problem = option, problem
 
 
 @dataclass(frozen=True)
@@ -135,7 +199,22 @@ class Bounds:
         return math.isfinite(self.low) and math.isfinite(self.high)
 
 
-OptionBounds = Union[Bounds, tuple[Bounds, ...]]   # a tuple: any one of them accepts
+@dataclass(frozen=True)
+class OneOf:
+    """Exactly one of `choices` (numbers), for an option whose valid values are a short list."""
+    choices: tuple
+
+    def __init__(self, *choices: Any):
+        object.__setattr__(self, "choices", choices)
+
+    def accepts(self, value: Any) -> bool:
+        return not isinstance(value, bool) and value in self.choices
+
+    def describe(self) -> str:
+        return " or ".join(str(c) for c in self.choices)
+
+
+OptionBounds = Union[Bounds, OneOf, tuple[Bounds, ...]]   # a tuple: any one of them accepts
 
 
 def bounds_problem(value: Any, bounds: OptionBounds) -> Optional[str]:
@@ -146,13 +225,22 @@ def bounds_problem(value: Any, bounds: OptionBounds) -> Optional[str]:
     return f"expected {' or '.join(b.describe() for b in choices)}, got {value!r}"
 
 
+def check_types(options: Any, hints: Mapping[str, Any], owner: str) -> None:
+    """Raise OptionError naming `owner` and the option for the first value not of its annotated type."""
+    for key, hint in hints.items():
+        problem = value_problem(getattr(options, key), hint)
+        if problem:
+            raise OptionError(f"{owner}: option '{key}': {problem}", key, problem)
+
+
 def check_bounds(options: Any, bounds: Mapping[str, OptionBounds], owner: str) -> None:
     """Raise OptionError naming `owner`, the option and its accepted range for the first value out of bounds."""
     for key, accepted in bounds.items():
         problem = bounds_problem(getattr(options, key), accepted)
         if problem:
-            raise OptionError(f"{owner}: option '{key}': {problem}")
+            raise OptionError(f"{owner}: option '{key}': {problem}", key, problem)
 
 
-__all__ = ["Bounds", "OptionBounds", "OptionError", "QuotedStr", "bounds_problem", "check_bounds", "coerce_option",
-           "type_name"]
+__all__ = ["BARE_VALUE", "Bounds", "OneOf", "OptionBounds", "OptionError", "OptionProblem", "QuotedStr",
+           "bounds_problem", "check_bounds", "check_types", "coerce_option", "format_option", "type_name",
+           "value_problem"]

@@ -11,16 +11,17 @@ Grammar (whitespace allowed between tokens):
     QUOTED   := "..." or '...'  (backslash escapes the quote and itself)
 
 `parse_pipeline` returns the raw strings; `build_pipeline` coerces them to
-each pass's dataclass field types. A quoted value parses to `QuotedStr`, so
+each pass's dataclass field types; `format_pipeline` spells pass objects
+back (each pass's `spelling`). A quoted value parses to `QuotedStr`, so
 `"none"` stays a string where a bare `none` means None for Optional options.
 """
 from __future__ import annotations
 
 import difflib
-import re
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
-from .options import OptionError, QuotedStr, coerce_option
+from .options import BARE_VALUE, OptionError, QuotedStr, coerce_option
+from .registry import PASSES
 
 
 class PipelineError(ValueError):
@@ -28,7 +29,6 @@ class PipelineError(ValueError):
 
 
 OptionValue = str | list[str]
-_BARE = re.compile(r"[A-Za-z0-9.*:/\-_+]+")
 
 
 class _Parser:
@@ -59,7 +59,7 @@ class _Parser:
 
     def bare(self, what: str) -> str:
         self.skip_space()
-        token = _BARE.match(self.text, self.pos)
+        token = BARE_VALUE.match(self.text, self.pos)
         if token is None:
             raise self.error(f"expected {what}, found {self.found()}")
         self.pos = token.end()
@@ -133,24 +133,6 @@ def parse_pipeline(text: str) -> list[tuple[str, dict[str, OptionValue]]]:
     return _Parser(text).pipeline()
 
 
-def _format_scalar(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "none"
-    text = repr(value) if isinstance(value, float) else str(value)
-    if isinstance(value, str) and (not _BARE.fullmatch(text) or text == "none"):
-        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return text
-
-
-def format_option(value: Any) -> str:
-    """The pipeline spelling of an option value (the inverse of parsing plus coercion)."""
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_format_scalar(v) for v in value) + "]"
-    return _format_scalar(value)
-
-
 def _unknown_pass(name: str, registry: Mapping[str, Any]) -> PipelineError:
     close = difflib.get_close_matches(name, list(registry), n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
@@ -182,12 +164,14 @@ def _coerce(name: str, key: str, value: OptionValue, hint: Any) -> Any:
         raise PipelineError(f"option '{key}' of pass '{name}': {err}") from err
 
 
-def build_pipeline(text: str, registry: Optional[Mapping[str, Any]] = None) -> list:
-    """Parse `text` and instantiate each pass from `registry` (default: `sparsecc.passes.PASSES`)."""
-    if registry is None:
-        from . import PASSES
-        registry = PASSES
+def build_pipeline(text: str, registry: Mapping[str, Any] = PASSES) -> list:
+    """Parse `text` and instantiate each pass from `registry` (default: every pass, `PASSES`)."""
     return [_build_one(name, options, registry) for name, options in parse_pipeline(text)]
 
 
-__all__ = ["OptionValue", "PipelineError", "QuotedStr", "build_pipeline", "format_option", "parse_pipeline"]
+def format_pipeline(passes: Sequence[Any]) -> str:
+    """The pipeline text of pass objects (what reports print); `build_pipeline` reads it back to equal passes."""
+    return ",".join(p.spelling() for p in passes)
+
+
+__all__ = ["OptionValue", "PipelineError", "QuotedStr", "build_pipeline", "format_pipeline", "parse_pipeline"]

@@ -11,27 +11,25 @@
         linear_to_mm, linear_no_bias_check)])
 
 `apply_rules` visits the `call_function` nodes that exist when it starts, in
-graph (topological) order; nodes a replacement creates are not visited. Per
-node the rules are tried in order: the first whose pattern matches and whose
-check passes replaces the node. A node counts once in `matched`; the reasons
+graph (topological) order; nodes a replacement creates are not visited. Rules
+are indexed by their pattern's root op (`RuleIndex`), so a node tries only the
+rules for its target and those whose root may be any node, in the set's order:
+the first whose pattern matches and whose check passes replaces the node. A node counts once in `matched`; the reasons
 of declined rules are recorded in `skipped` only when no rule rewrote it.
 Producers left dead by a rewrite stay in the graph for `cleanup`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from torch.fx import GraphModule, Node
 
-from .graph import module_path
-from .manager import PassStats, Skip
+from .graph import layer_name
+from .manager import PassContext, PassStats, Skip
 from .match import Match, Pattern, match
 from .rewriter import RewriteError, Rewriter
 from .verify import type_mismatch
-
-if TYPE_CHECKING:
-    from .manager import PassContext
 
 
 @dataclass(frozen=True)
@@ -56,12 +54,12 @@ def fail(reason: str, where: Optional[str] = None) -> CheckResult:
     return CheckResult(reason, where)
 
 
-def always(m: Match, ctx: "PassContext") -> CheckResult:
+def always(m: Match, ctx: PassContext) -> CheckResult:
     """The check of a rule that fires whenever its pattern matches."""
     return ok()
 
 
-Check = Callable[[Match, "PassContext"], CheckResult]
+Check = Callable[[Match, PassContext], CheckResult]
 Replace = Callable[[Match, Rewriter], Node]
 
 
@@ -91,12 +89,31 @@ class RuleSet:
         return len(self.rules)
 
 
-def where(node: Node) -> str:
-    """Where a node is, for reports: its module path, else its node name."""
-    return module_path(node) or node.name
+class RuleIndex:
+    """The rules of a RuleSet keyed by their pattern's root op (an overload or a whole packet)."""
+
+    def __init__(self, rules: RuleSet):
+        self.rules = rules.rules
+        self.by_root: dict[Any, list[int]] = {}
+        self.any_root: list[int] = []       # rules whose pattern may match at any node
+        for position, rule in enumerate(self.rules):
+            targets = rule.pattern.root_targets()
+            if targets is None:
+                self.any_root.append(position)
+            for target in targets or ():
+                self.by_root.setdefault(target, []).append(position)
+        self.cache: dict[Any, tuple[Rule, ...]] = {}
+
+    def rules_for(self, target: Any) -> tuple[Rule, ...]:
+        """The rules a node calling `target` may match, in the rule set's order."""
+        if target not in self.cache:
+            keys = (target, getattr(target, "overloadpacket", None))
+            positions = {*self.any_root, *(p for key in keys for p in self.by_root.get(key, ()))}
+            self.cache[target] = tuple(self.rules[p] for p in sorted(positions))
+        return self.cache[target]
 
 
-def _run_check(rule: Rule, m: Match, ctx: "PassContext") -> CheckResult:
+def _run_check(rule: Rule, m: Match, ctx: PassContext) -> CheckResult:
     result = rule.check(m, ctx)
     if not isinstance(result, CheckResult):
         raise TypeError(f"check of rule '{rule.name}' returned {result!r}; return ok() or fail(reason)")
@@ -131,7 +148,7 @@ def _erase_unused(nodes: Sequence[Node]) -> None:
             node.graph.erase_node(node)
 
 
-def _rewrite_node(gm: GraphModule, node: Node, rules: RuleSet, ctx: "PassContext", stats: PassStats) -> None:
+def _rewrite_node(gm: GraphModule, node: Node, rules: Sequence[Rule], ctx: PassContext, stats: PassStats) -> None:
     skips: list[Skip] = []
     for rule in rules:
         m = match(rule.pattern, node)
@@ -142,20 +159,21 @@ def _rewrite_node(gm: GraphModule, node: Node, rules: RuleSet, ctx: "PassContext
             _replace(gm, rule, m)
             stats.matched, stats.rewritten = stats.matched + 1, stats.rewritten + 1
             return
-        skips.append(Skip(result.where or where(node), rule.name, result.reason))
+        skips.append(Skip(result.where or layer_name(node), rule.name, result.reason))
     stats.matched += bool(skips)
     stats.skipped.extend(skips)
 
 
-def apply_rules(gm: GraphModule, rules: RuleSet, ctx: "PassContext",
+def apply_rules(gm: GraphModule, rules: RuleSet, ctx: PassContext,
                 stats: Optional[PassStats] = None) -> PassStats:
     """Apply `rules` once over the graph (see the module docstring); returns the stats."""
     stats = stats if stats is not None else PassStats()
+    index = RuleIndex(rules)
     for node in list(gm.graph.nodes):  # a snapshot: nodes made by replacements are not visited
         if node.op == "call_function":
-            _rewrite_node(gm, node, rules, ctx, stats)
+            _rewrite_node(gm, node, index.rules_for(node.target), ctx, stats)
     return stats
 
 
-__all__ = ["Check", "CheckResult", "Replace", "Rule", "RuleSet", "RewriteError", "Rewriter",
-           "always", "apply_rules", "fail", "ok", "where"]
+__all__ = ["Check", "CheckResult", "Replace", "Rule", "RuleIndex", "RuleSet", "RewriteError", "Rewriter",
+           "always", "apply_rules", "fail", "ok"]

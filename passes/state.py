@@ -53,21 +53,20 @@ def written_nodes(node: Node) -> Iterator[Node]:
 
 def state_targets(gm: GraphModule) -> list[str]:
     """The `get_attr` targets the graph writes in place, in graph order, each once."""
-    written: dict[str, None] = {}
-    for node in gm.graph.nodes:
-        for target in written_nodes(node):
-            root = alias_root(target)
-            if root.op == "get_attr":
-                written[root.target] = None
-    return list(written)
+    return list(dict.fromkeys(root.target for root in _written_roots(gm, "get_attr")))
 
 
 def written_inputs(gm: GraphModule) -> list[str]:
     """The placeholders the graph writes in place (a forward that mutates its own inputs)."""
-    names: dict[str, None] = {}
+    return list(dict.fromkeys(root.name for root in _written_roots(gm, "placeholder")))
+
+
+def _written_roots(gm: GraphModule, kind: str) -> list[Node]:
+    """The `kind` nodes (get_attr, placeholder) that an in-place write reaches through views, each once."""
+    roots: dict[Node, None] = {}
     for node in gm.graph.nodes:
         for target in written_nodes(node):
             root = alias_root(target)
-            if root.op == "placeholder":
-                names[root.name] = None
-    return list(names)
+            if root.op == kind:
+                roots[root] = None
+    return list(roots)

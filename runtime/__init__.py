@@ -5,9 +5,9 @@ runs without the compiler or the passes.
 """
 from __future__ import annotations
 
-from .artifact import load
 from .errors import ArtifactError, InputMismatchError, RuntimeProgramError
 from .executor import Executor
+from .loaded import load
 from .program import Instruction, Program
 
 __all__ = ["ArtifactError", "Executor", "InputMismatchError", "Instruction", "Program", "RuntimeProgramError",

@@ -1,4 +1,4 @@
-"""The AOT artifact: its format, its checks, and `load` (the runtime alone runs it; no pickle anywhere).
+"""The AOT artifact: its format and its checks (`sparsecc.runtime.loaded.load` runs it; no pickle anywhere).
 
     DIR/manifest.json          {"format": "sparsecc-artifact", "format_version": 2,
                                 "versions": {sparsecc, torch, triton}, "targets": [...],
@@ -302,11 +302,3 @@ def program_on(program: Program, device: torch.device) -> Program:
                     for i in program.instructions]
     return replace(program, instructions=instructions)
 
-
-def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu", *,
-         trusted_keys: Optional[Iterable[TrustedKey]] = None, max_memory: Optional[int] = None):
-    """Load an artifact written by `CompiledModel.save` / `sparsecc build`; returns a callable LoadedModel.
-    With `trusted_keys` (Ed25519 public keys: key objects, raw 32 bytes or PEM), an artifact not signed by
-    one of them is refused before its manifest is parsed. `max_memory` bounds what the program may allocate."""
-    from .loaded import load_artifact
-    return load_artifact(Path(path), torch.device(device), trusted_keys=trusted_keys, max_memory=max_memory)

@@ -9,7 +9,7 @@ Left out on purpose, whatever a graph holds: `_reshape_alias`, `as_strided*`
 `_convert_indices_*`, `_sobol_engine*`, `*unsafe*` but `_unsafe_view`,
 sparse/nested/quantized/mkldnn constructors and conversions, `set_`,
 `resize_`, `from_file`, `save`/`load`, RNG ops with a Generator argument and
-anything whose result is not a strided tensor. `tests/runtime/test_op_table.py`
+anything whose result is not a strided tensor. `tests/security/test_allowlist.py`
 checks that every entry exists and takes no Generator.
 """
 from __future__ import annotations

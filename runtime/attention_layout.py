@@ -65,7 +65,7 @@ def as_4d(mask: Tensor) -> Tensor:
     return mask.reshape(*(1,) * (4 - mask.dim()), *mask.shape)
 
 
-def _block_any_all(mask: Tensor, block_q: int, block_k: int) -> tuple[Tensor, Tensor]:
+def block_any_all(mask: Tensor, block_q: int, block_k: int) -> tuple[Tensor, Tensor]:
     """(any, all) [Bm, Hm, NQ, NK] of a block-padded bool mask [Bm, Hm, NQ*bq, NK*bk]."""
     lead, (rows, cols) = mask.shape[:2], mask.shape[2:]
     nq, nk, words = rows // block_q, cols // block_k, block_k // 8
@@ -82,7 +82,7 @@ def layout_from_mask(mask: Tensor, block_q: int, block_k: int) -> Layout:
     mask = as_4d(mask)
     shared = [n if stride else 1 for n, stride in zip(mask.shape[:2], mask.stride()[:2])]
     core = mask[: shared[0], : shared[1]]  # a broadcast (stride-0) batch or head dim is reduced once
-    any_visible, full = _block_any_all(pad_to_blocks(core, block_q, block_k), block_q, block_k)
+    any_visible, full = block_any_all(pad_to_blocks(core, block_q, block_k), block_q, block_k)
     layout = layout_from_blocks(full, any_visible & ~full)
     return Layout(*(t.expand(*mask.shape[:2], *t.shape[2:]).contiguous() for t in layout))
 
@@ -100,7 +100,7 @@ def _block_bounds(seq: int, block: int, n: int, device) -> tuple[Tensor, Tensor]
     return first, torch.clamp(first + block, max=seq) - 1
 
 
-def _causal_blocks(seq: int, keys: int, block_q: int, block_k: int, device) -> tuple[Tensor, Tensor]:
+def causal_blocks(seq: int, keys: int, block_q: int, block_k: int, device) -> tuple[Tensor, Tensor]:
     """(any visible, all visible) [NQ, NK] of the causal mask j <= i + keys - seq."""
     nq, nk = math.ceil(seq / block_q), math.ceil(keys / block_k)
     q_first, q_last = _block_bounds(seq, block_q, nq, device)
@@ -113,13 +113,13 @@ def _causal_blocks(seq: int, keys: int, block_q: int, block_k: int, device) -> t
 
 def causal_layout(seq: int, keys: int, block_q: int, block_k: int, device=None) -> Layout:
     """[1, 1, ...] layout of the bottom-right aligned causal mask, without building the mask."""
-    any_visible, full = _causal_blocks(seq, keys, block_q, block_k, device)
+    any_visible, full = causal_blocks(seq, keys, block_q, block_k, device)
     return layout_from_blocks(full[None, None], (any_visible & ~full)[None, None])
 
 
 def window_blocks(seq: int, keys: int, window: int, sinks: int, block_q: int, block_k: int, device=None) -> Tensor:
     """[NQ, NK] bool: the key blocks the window and the sinks reach, causal blocks only."""
-    causal_any, _ = _causal_blocks(seq, keys, block_q, block_k, device)
+    causal_any, _ = causal_blocks(seq, keys, block_q, block_k, device)
     nq, nk = causal_any.shape
     q_first, q_last = _block_bounds(seq, block_q, nq, device)
     k_first, k_last = _block_bounds(keys, block_k, nk, device)
@@ -137,11 +137,11 @@ def window_layout(seq: int, keys: int, window: int, sinks: int, block_q: int, bl
     elements lies in the window or the sinks, so a query sees a little more than `window` keys.
     """
     kept = window_blocks(seq, keys, window, sinks, block_q, block_k, device)
-    causal_full = _causal_blocks(seq, keys, block_q, block_k, device)[1]
+    causal_full = causal_blocks(seq, keys, block_q, block_k, device)[1]
     return layout_from_blocks((kept & causal_full)[None, None], (kept & ~causal_full)[None, None])
 
 
-def _diagonal_blocks(seq: int, keys: int, block_q: int, block_k: int, device) -> Tensor:
+def diagonal_blocks(seq: int, keys: int, block_q: int, block_k: int, device) -> Tensor:
     """[NQ, NK] key blocks holding the keys at the query rows' own positions (i + keys - seq)."""
     nq, nk = math.ceil(seq / block_q), math.ceil(keys / block_k)
     q_first, q_last = _block_bounds(seq, block_q, nq, device)
@@ -150,7 +150,7 @@ def _diagonal_blocks(seq: int, keys: int, block_q: int, block_k: int, device) ->
     return (k_first[None, :] <= q_last[:, None] + offset) & (k_last[None, :] >= q_first[:, None] + offset)
 
 
-def _block_means(x: Tensor, block: int) -> Tensor:
+def block_means(x: Tensor, block: int) -> Tensor:
     """[B, H, N, D] means of blocks of rows of x [B, H, L, D] (a ragged last block over its rows)."""
     length, n = x.shape[2], math.ceil(x.shape[2] / block)
     padded = torch.nn.functional.pad(x.float(), (0, 0, 0, n * block - length))
@@ -168,16 +168,16 @@ def topk_layout(q: Tensor, k: Tensor, fraction_or_k: Union[float, int], block_q:
     causally visible element compete, and the result is intersected with the causal layout.
     """
     seq, keys = q.shape[2], k.shape[2]
-    scores = _block_means(q, block_q) @ _block_means(k, block_k).repeat_interleave(
+    scores = block_means(q, block_q) @ block_means(k, block_k).repeat_interleave(
         q.shape[1] // k.shape[1], dim=1).transpose(-1, -2)  # [B, Hq, NQ, NK]; pooled, so small
     nk = scores.shape[-1]
     count = min(nk, max(1, round(fraction_or_k * nk)) if isinstance(fraction_or_k, float) else int(fraction_or_k))
     forced = (torch.arange(nk, device=q.device) < sinks_blocks)[None, :]
     if keep_diagonal:
-        forced = forced | _diagonal_blocks(seq, keys, block_q, block_k, q.device)
+        forced = forced | diagonal_blocks(seq, keys, block_q, block_k, q.device)
     scores = scores.masked_fill(forced, float("inf"))
     if causal:
-        scores = scores.masked_fill(~_causal_blocks(seq, keys, block_q, block_k, q.device)[0], float("-inf"))
+        scores = scores.masked_fill(~causal_blocks(seq, keys, block_q, block_k, q.device)[0], float("-inf"))
     top, chosen = scores.topk(count, dim=-1)
     kept = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, chosen, top > float("-inf")) | forced
     layout = layout_from_blocks(kept, torch.zeros_like(kept))

@@ -23,8 +23,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .attention_layout import (Layout, _block_any_all, _block_means, _causal_blocks, _diagonal_blocks,
-                               as_4d, block_states, layout_from_blocks, layout_from_mask, pad_to_blocks, window_blocks)
+from .attention_layout import (Layout, as_4d, block_any_all, block_means, block_states, causal_blocks,
+                               diagonal_blocks, layout_from_blocks, layout_from_mask, pad_to_blocks, window_blocks)
 
 
 def _distinct(mask: Tensor) -> Tensor:
@@ -53,7 +53,7 @@ def window_layout_from_mask(mask: Tensor, window: int, sinks: int, block_q: int,
     band = window_blocks(seq, keys, window, 0, block_q, block_k, mask.device)
     sink_blocks = min(math.ceil(sinks / block_k), band.shape[1])
     reach = band.clone()
-    reach[:, :sink_blocks] = _causal_blocks(seq, keys, block_q, block_k, mask.device)[0][:, :sink_blocks]
+    reach[:, :sink_blocks] = causal_blocks(seq, keys, block_q, block_k, mask.device)[0][:, :sink_blocks]
     states = torch.zeros(2, *core.shape[:2], *band.shape, dtype=torch.bool, device=mask.device)  # (any, all)
     uniform = _uniform_band(core, band, block_q, block_k)
     if uniform is not None:
@@ -64,7 +64,7 @@ def window_layout_from_mask(mask: Tensor, window: int, sinks: int, block_q: int,
         band[first:first + count] = False
     if sink_blocks:
         strip = pad_to_blocks(core[..., : sink_blocks * block_k].contiguous(), block_q, block_k)
-        states[..., :sink_blocks] |= torch.stack(_block_any_all(strip, block_q, block_k))[..., : band.shape[0], :]
+        states[..., :sink_blocks] |= torch.stack(block_any_all(strip, block_q, block_k))[..., : band.shape[0], :]
         band[:, :sink_blocks] = False
     q_blocks, k_blocks = band.nonzero(as_tuple=True)  # what the fast paths left: gather those blocks
     states[:, :, :, q_blocks, k_blocks] = torch.stack(mask_block_states(core, q_blocks, k_blocks, block_q, block_k))
@@ -124,11 +124,11 @@ def topk_layout_from_mask(mask: Tensor, q: Tensor, k: Tensor, topk: float, sinks
     seq, keys = q.shape[2], k.shape[2]
     full, partial = block_states(layout_from_mask(mask, block_q, block_k))             # [Bm, Hm, NQ, NK]
     visible = full | partial
-    scores = _block_means(q, block_q) @ _block_means(k, block_k).repeat_interleave(
+    scores = block_means(q, block_q) @ block_means(k, block_k).repeat_interleave(
         q.shape[1] // k.shape[1], dim=1).transpose(-1, -2)                             # [B, Hq, NQ, NK]
     nk = scores.shape[-1]
     sink_blocks = (torch.arange(nk, device=q.device) < math.ceil(sinks / block_k))[None, :]
-    forced = (sink_blocks | _diagonal_blocks(seq, keys, block_q, block_k, q.device)) & visible
+    forced = (sink_blocks | diagonal_blocks(seq, keys, block_q, block_k, q.device)) & visible
     ranked = scores.masked_fill(forced, float("inf")).masked_fill(~visible, float("-inf"))
     rank = ranked.argsort(dim=-1, descending=True, stable=True).argsort(-1)               # 0 = best
     kept = ((rank < topk_budget(topk, visible)[..., None]) & visible) | forced

@@ -79,18 +79,21 @@ class Executor:
     """Executes `program` with `constants` on one backend."""
 
     def __init__(self, program: Program, constants: dict[str, torch.Tensor], backend: str = "torch",
-                 kernels: dict[str, Callable[..., Any]] | None = None):
+                 kernels: dict[str, Callable[..., Any]] | None = None, guard: Any = None):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend '{backend}' (expected one of {', '.join(BACKENDS)})")
         self.program, self.backend = program, backend
         self.kernels = kernels or {}   # qualname -> callable that replaces the registry's kernel
-        self.steps = [self._prepare(inst, constants) for inst in program.instructions]
+        self.guard = guard             # a CallGuard for programs from untrusted folders (runtime/call_guard.py)
+        self.steps = [self._prepare(index, inst, constants) for index, inst in enumerate(program.instructions)]
         self.outputs = [decode_arg(o, constants) for o in program.outputs]
         self.device = next((c.device for c in constants.values()), None)
 
-    def _prepare(self, inst, constants):
+    def _prepare(self, index, inst, constants):
         fn = resolve_op(inst.op, self.backend)
         fn = self.kernels.get(inst.op, fn)
+        if self.guard is not None and self.guard.watches(index, inst):
+            fn = self.guard.wrap(index, inst, fn)
         args = [decode_arg(a, constants) for a in inst.args]
         kwargs = {k: decode_arg(v, constants) for k, v in inst.kwargs.items()}
         dynamic_args = [i for i, a in enumerate(args) if _has_reg(a)]
@@ -98,7 +101,9 @@ class Executor:
         return fn, args, kwargs, dynamic_args, dynamic_kwargs, inst
 
     def run(self, flat_inputs: Sequence[Any]) -> list[Any]:
-        check_inputs(self.program, flat_inputs, self.device)
+        sizes = check_inputs(self.program, flat_inputs, self.device)
+        if self.guard is not None:
+            self.guard.begin(flat_inputs, sizes)
         regs: list[Any] = [None] * self.program.num_registers
         for reg, value in zip(self.program.inputs, flat_inputs):
             regs[reg] = value
@@ -107,8 +112,8 @@ class Executor:
             with torch.no_grad():
                 for index, step in enumerate(self.steps):
                     self._execute(step, regs)
-        except (ArtifactError, InputMismatchError):
-            raise   # already say what is wrong (a launch the artifact holds no kernel for)
+        except (ArtifactError, InputMismatchError, RuntimeProgramError):
+            raise   # already say what is wrong (a launch the artifact holds no kernel for, a guard's refusal)
         except Exception as err:  # one try around the loop keeps the hot path cheap
             inst = self.program.instructions[index]
             raise RuntimeProgramError(f"instruction {index} ({inst.op}, node '{inst.name}'): "

@@ -9,7 +9,7 @@ does not hold is an error that names the kernel and its constexprs.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Union
 
 import torch
 
@@ -19,7 +19,8 @@ from .artifact import (device_target, malformed, parse_target, program_on, read_
 from .errors import ArtifactError, InputMismatchError
 from .executor import Executor
 from .program import Program
-from .validate import validate_program
+from .call_guard import CallGuard
+from .validate import default_max_bytes, validate_program
 from .signing import TrustedKey
 
 
@@ -52,10 +53,10 @@ class LoadedModel:
     """Call it like the original model; `manifest`, `target`, `device` say what was loaded."""
 
     def __init__(self, manifest: dict[str, Any], program: Program, constants: dict[str, torch.Tensor],
-                 device: torch.device, target: str, kernels: PrebuiltKernels | None):
+                 device: torch.device, target: str, kernels: PrebuiltKernels | None, guard: CallGuard):
         self.manifest, self.program, self.constants = manifest, program, constants
         self.device, self.target, self.kernels = device, target, kernels
-        self._executor = Executor(program, constants, "torch" if kernels is None else "triton")
+        self._executor = Executor(program, constants, "torch" if kernels is None else "triton", guard=guard)
         self._in_spec = _schema(program.in_spec, "program in_spec")
         self._out_spec = _schema(program.out_spec, "program out_spec")
         tree_schema.check_outputs(self._out_spec, len(program.outputs), "program out_spec")
@@ -105,8 +106,12 @@ def aligned(tensors: tuple) -> tuple:
     return tuple(t.clone() if t.data_ptr() % 16 else t for t in tensors)
 
 
-def load_artifact(root: Path, device: torch.device, trusted_keys: Optional[Iterable[TrustedKey]] = None,
-                  max_memory: Optional[int] = None) -> LoadedModel:
+def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu", *,
+         trusted_keys: Optional[Iterable[TrustedKey]] = None, max_memory: Optional[int] = None) -> LoadedModel:
+    """Load an artifact written by `CompiledModel.save` / `sparsecc build`; returns a callable LoadedModel.
+    With `trusted_keys` (Ed25519 public keys: key objects, raw 32 bytes or PEM), an artifact not signed by
+    one of them is refused before its manifest is parsed. `max_memory` bounds what the program may allocate."""
+    root, device = Path(path), torch.device(device)
     manifest = read_manifest(root, trusted_keys)
     with malformed(root):
         weights = weights_name(manifest)
@@ -116,9 +121,11 @@ def load_artifact(root: Path, device: torch.device, trusted_keys: Optional[Itera
         program = program_on(Program.from_dict(manifest["program"]), device)
     with malformed(root):
         constants = _load_weights(root, weights, program, device, manifest)
-        validate_program(program, constants, device=device, max_bytes=max_memory)
+        limit = default_max_bytes({n: constants[n] for n in program.constant_names}) if max_memory is None else max_memory
+        found = validate_program(program, constants, device=device, max_bytes=limit)
         kernels = None if target == "cpu" else _load_kernels(root, manifest, target, device)
-        return LoadedModel(manifest, program, constants, device, target, kernels)
+        guard = CallGuard(program, constants, device, limit, found)
+        return LoadedModel(manifest, program, constants, device, target, kernels, guard)
 
 
 def _load_weights(root: Path, name: str, program: Program, device: torch.device,
@@ -152,5 +159,8 @@ def _load_kernels(root: Path, manifest: dict[str, Any], target: str, device: tor
                 raise ArtifactError(f"kernel {kernel['id']}: {flag} launches are not supported by this runtime")
         if binary.get("num_ctas", 1) != 1:
             raise ArtifactError(f"kernel {kernel['id']}: num_ctas={binary['num_ctas']} is not supported")
-        functions[KernelSpec.from_dict(kernel).key()] = load_function(api, data, binary["entry"], binary, device)
+        try:
+            functions[KernelSpec.from_dict(kernel).key()] = load_function(api, data, binary["entry"], binary, device)
+        except RuntimeError as err:   # the driver refused the binary (corrupt, wrong arch, bad entry name)
+            raise ArtifactError(f"kernel {kernel['id']}: {err}") from None
     return PrebuiltKernels(functions, device, target)

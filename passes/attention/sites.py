@@ -18,16 +18,17 @@ from typing import Optional
 import torch
 from torch.fx import Node
 
-from .match import AnyArg, Lit, Op, Var, match
+from ..graph import layer_name, through_casts
+from ..match import AnyArg, Lit, Op, Var, match
+from ..region import NotARegion, ancestors
 
 aten = torch.ops.aten
-_CASTS = (aten.to.dtype, aten._to_copy.default, aten.clone.default, aten.dropout.default, aten.contiguous.default)
 REPEAT_KV = Op(aten.reshape.default, Op(aten.expand.default, Op(aten.unsqueeze.default, Var("kv"), Lit(2)), AnyArg()),
                AnyArg())
 WHERE_MASK = Op(aten.where.ScalarOther, Var("visible"), AnyArg(), Var("fill"))
 
 
-class NotAttention(ValueError):
+class NotAttention(NotARegion):
     """The node is not attention this rewrite can take over; the message says why."""
 
 
@@ -41,11 +42,20 @@ class AttentionSite:
     scale: float
     form: str                  # "sdpa" | "eager"
 
+    @property
+    def layer(self) -> str:
+        return layer_name(self.root)
 
-def _through_casts(node):
-    while isinstance(node, Node) and node.target in _CASTS:
-        node = node.args[0]
-    return node
+    @property
+    def output(self) -> Node:
+        return self.root
+
+    @property
+    def nodes(self) -> list[Node]:
+        """The calls only this attention needs: what leads to the root and not to q, k, v or the mask."""
+        inputs = ancestors(n for n in (self.q, self.k, self.v, self.mask) if n is not None)
+        own = ancestors([self.root]) - inputs
+        return [n for n in self.root.graph.nodes if n in own and n.op == "call_function"]
 
 
 def unrepeat(node: Node) -> Node:
@@ -57,7 +67,7 @@ def boolean_mask(mask: Optional[Node]) -> Optional[Node]:
     """The boolean mask behind `mask`; raises NotAttention for other additive masks."""
     if mask is None or mask.meta["val"].dtype == torch.bool:
         return mask
-    found = match(WHERE_MASK, _through_casts(mask))
+    found = match(WHERE_MASK, through_casts(mask))
     if found is None or not isinstance(found["fill"], float) or found["fill"] > -1e30:
         raise NotAttention("the additive mask is not a boolean mask (where(visible, 0, min)); "
                            "other biases (ALiBi, relative positions) are not block-sparse")
@@ -80,12 +90,12 @@ def sdpa_site(node: Node) -> AttentionSite:
 
 def eager_site(node: Node) -> AttentionSite:
     """`node` = matmul(probs, v); walks back to the scores and the mask."""
-    probs = _through_casts(node.args[0])
+    probs = through_casts(node.args[0])
     if probs.target not in (aten.softmax.int, aten._softmax.default) or probs.args[1] not in (-1, 3):
         raise NotAttention("the matmul's left operand is not a softmax over the last dim")
-    scores, mask = _through_casts(probs.args[0]), None
+    scores, mask = through_casts(probs.args[0]), None
     if scores.target is aten.add.Tensor:
-        scores, mask = _through_casts(scores.args[0]), scores.args[1]
+        scores, mask = through_casts(scores.args[0]), scores.args[1]
     scale = 1.0
     if scores.target in (aten.mul.Tensor, aten.div.Tensor) and isinstance(scores.args[1], (int, float)):
         scale = scores.args[1] if scores.target is aten.mul.Tensor else 1.0 / scores.args[1]
@@ -104,7 +114,11 @@ def attention_site(node: Node) -> Optional[AttentionSite]:
     if node.target is aten.scaled_dot_product_attention.default:
         return sdpa_site(node)
     if node.target is aten.matmul.default and isinstance(node.args[0], Node):
-        head = _through_casts(node.args[0])
+        head = through_casts(node.args[0])
         if head.target in (aten.softmax.int, aten._softmax.default):
             return eager_site(node)
     return None
+
+
+__all__ = ["AttentionSite", "NotAttention", "attention_site", "boolean_mask", "eager_site", "sdpa_site",
+           "unrepeat"]

@@ -1,6 +1,6 @@
 """`moe-dispatch`: rewrite mixture-of-experts blocks, in any form, into `sparsecc::moe`.
 
-For every router `topk`, `moe_regions.find_block` finds the block around it,
+For every router `topk`, `regions.find_block` finds the block around it,
 the router and expert weights are read off the graph, and each structurally
 possible reading (weight orientation, gate/up order, normalisation) is
 confirmed by running the dispatch on the block's own inputs from the example
@@ -11,8 +11,9 @@ as it was, with the reason in the report. The rewrite is exact.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 from torch.fx import GraphModule, Node
@@ -20,16 +21,15 @@ from torch.fx import GraphModule, Node
 from sparsecc.runtime.moe_routing import capacity_mask, route
 from sparsecc.runtime.ops.moe import moe_flops
 
-from .graph import module_path
-from .manager import Pass, PassContext, PassResult, PassStats, Skip
-from .moe_experts import per_expert_candidates, per_expert_linears, shared_expert, stacked_candidates
-from .moe_regions import (MoEBlock, NotAnMoE, _region_constants, block_form, find_activation, find_block,
-                          find_output, read_router, topk_nodes)
-from .moe_rewrite import erase_region, insert_dispatch
-from .numerics import relative_error
-from .options import Bounds, OptionBounds
-from .records import RewriteRecord
-from .recording import record_values
+from ..graph import layer_name
+from ..manager import Pass, PassContext, PassResult
+from ..options import Bounds, OptionBounds
+from ..records import RewriteRecord
+from ..region import RegionRule, rewrite_regions
+from .experts import per_expert_candidates, per_expert_linears, shared_expert, stacked_candidates
+from .reading import Reading, dispatch, insert_dispatch
+from .regions import (MoEBlock, NotAnMoE, block_form, find_activation, find_block, find_output, read_router,
+                      region_constants, topk_nodes)
 
 
 @dataclass(frozen=True)
@@ -40,41 +40,47 @@ class MoEDispatch(Pass):
     option_bounds: ClassVar[dict[str, OptionBounds]] = {"capacity_factor": Bounds(0), "tolerance": Bounds(0)}
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        stats, blocks = PassStats(), []
+        return rewrite_regions(gm, ctx, MoERule(self))
+
+
+class MoERule(RegionRule):
+    """Regions: MoE blocks, one per module around a router topk. Readings: the expert weight
+    layouts the structure allows, each with and without top-k normalisation. Exact."""
+    options: MoEDispatch
+
+    def find(self, gm: GraphModule, ctx: PassContext) -> tuple[list[MoEBlock], list[tuple[str, str]]]:
+        blocks, misses = {}, []
         for topk in topk_nodes(gm):
             try:
-                blocks.append(analyse(gm, topk))
+                block = analyse(gm, topk)
             except NotAnMoE as err:
-                stats.skipped.append(Skip(_where(topk), "moe-dispatch", str(err)))
-        blocks = _unique(blocks)
-        stats.matched = len(blocks)
-        values = record_values(gm, ctx, [n for b in blocks for n in (b.hidden, b.router, b.output)])
-        for block in blocks:
-            self._rewrite(gm, block, values, ctx, stats)
-        return PassResult(gm, stats.rewritten > 0, stats)
+                misses.append((layer_name(topk), str(err)))
+                continue
+            blocks.setdefault(block.path, block)   # one block per module, however many topks it has
+        return list(blocks.values()), misses
 
-    def _rewrite(self, gm, block: MoEBlock, values: dict, ctx: PassContext, stats: PassStats) -> None:
-        reading, error = confirm(block, values, self.tolerance)   # structure is confirmed without capacity
-        if reading is None:
-            stats.skipped.append(Skip(block.path, "moe-dispatch", error))
-            return
-        insert_dispatch(gm, block, reading, self.capacity_factor)
-        erase_region(gm, block)
-        ctx.records.append(moe_record(block, reading, values, self.capacity_factor))
-        stats.rewritten += 1
+    def recorded(self, block: MoEBlock) -> tuple[Node, ...]:
+        return block.hidden, block.router, block.output
 
+    def readings(self, gm: GraphModule, block: MoEBlock, values: dict) -> Iterator[Reading]:
+        for gate_up, down, gated in block.expert_candidates:
+            for normalize in (block.normalize, not block.normalize):
+                yield Reading(gate_up.contiguous(), down.contiguous(), gated, normalize)
 
-def _where(node: Node) -> str:
-    return module_path(node) or node.name
+    def reproduce(self, gm: GraphModule, block: MoEBlock, reading: Reading, values: dict):
+        hidden, logits, want = values[block.hidden], values[block.router], values[block.output]
+        got = dispatch(block, reading, hidden.to(reading.w_gate_up.dtype), logits, 0.0).to(want.dtype)
+        return got, want.reshape(got.shape)   # structure is confirmed without capacity
 
+    def unconfirmed(self, block: MoEBlock, best: float, tolerance: float) -> str:
+        return (f"no dispatch of the recognised structure reproduces the block "
+                f"(closest relative error {best:.2e} > {tolerance:.0e})")
 
-def _unique(blocks: list[MoEBlock]) -> list[MoEBlock]:
-    seen, out = set(), []
-    for block in blocks:
-        if block.path not in seen:
-            seen.add(block.path)
-            out.append(block)
-    return out
+    def insert(self, gm: GraphModule, block: MoEBlock, reading: Reading, values: dict,
+               error: float) -> tuple[Node, RewriteRecord]:
+        capacity_factor = self.options.capacity_factor
+        out = insert_dispatch(gm, block, reading, capacity_factor)
+        return out, moe_record(block, reading, values, capacity_factor)
 
 
 def analyse(gm: GraphModule, topk: Node) -> MoEBlock:
@@ -82,7 +88,7 @@ def analyse(gm: GraphModule, topk: Node) -> MoEBlock:
     router, scoring, normalize = read_router(gm, topk)
     hidden = router.args[0]
     num_experts, width = router.meta["val"].shape[-1], hidden.meta["val"].shape[-1]
-    consts = list(_region_constants(gm, region).values())
+    consts = list(region_constants(gm, region).values())
     groups, others = per_expert_linears(region, path, router)
     if any(c.dim() == 3 for c in consts):
         candidates, sources = stacked_candidates(consts, num_experts, width), []
@@ -94,42 +100,6 @@ def analyse(gm: GraphModule, topk: Node) -> MoEBlock:
     return MoEBlock(path, region, topk, router, hidden, output, block_form(region, bool(not sources)),
                     int(topk.args[1]), scoring, normalize, candidates, find_activation(region),
                     shared, shared_gate, sources)
-
-
-@dataclass(frozen=True)
-class Reading:
-    w_gate_up: torch.Tensor
-    w_down: torch.Tensor
-    gated: bool
-    normalize: bool
-
-
-def dispatch(block: MoEBlock, reading: Reading, hidden: torch.Tensor, logits: torch.Tensor,
-             capacity_factor: float) -> torch.Tensor:
-    shared = block.shared
-    return torch.ops.sparsecc.moe(
-        hidden.reshape(-1, hidden.shape[-1]), logits.reshape(-1, logits.shape[-1]),
-        reading.w_gate_up, reading.w_down,
-        shared.gate_up if shared else None, shared.down if shared else None, block.shared_gate,
-        block.top_k, reading.normalize, block.scoring, block.activation, reading.gated, capacity_factor)
-
-
-def confirm(block: MoEBlock, values: dict, tolerance: float) -> tuple[Optional[Reading], str]:
-    """The first reading whose dispatch reproduces the block output, or None and the closest error."""
-    hidden, logits, want = values[block.hidden], values[block.router], values[block.output]
-    if hidden.dtype in (torch.float16, torch.bfloat16):
-        tolerance *= 100
-    best = float("inf")
-    for gate_up, down, gated in block.expert_candidates:
-        for normalize in (block.normalize, not block.normalize):
-            reading = Reading(gate_up.contiguous(), down.contiguous(), gated, normalize)
-            got = dispatch(block, reading, hidden.to(gate_up.dtype), logits, 0.0).to(want.dtype)
-            error = relative_error(got, want.reshape(got.shape))
-            if error <= tolerance:
-                return reading, ""
-            best = min(best, error)
-    return None, (f"no dispatch of the recognised structure reproduces the block "
-                  f"(closest relative error {best:.2e} > {tolerance:.0e})")
 
 
 def moe_record(block: MoEBlock, reading: Reading, values: dict, capacity_factor: float) -> RewriteRecord:
@@ -153,3 +123,6 @@ def moe_record(block: MoEBlock, reading: Reading, values: dict, capacity_factor:
                  "shared_expert": block.shared is not None, "capacity_factor": capacity_factor,
                  "dropped_pairs": dropped, "pairs": tokens * block.top_k,
                  "tokens_per_expert": {"min": min(counts), "median": statistics.median(counts), "max": max(counts)}})
+
+
+__all__ = ["MoEDispatch", "MoERule", "analyse", "moe_record"]

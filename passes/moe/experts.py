@@ -16,8 +16,8 @@ from typing import Optional
 import torch
 from torch.fx import GraphModule, Node
 
-from .graph import module_path
-from .moe_regions import ACTIVATIONS, MLPWeights, NotAnMoE, _const, _expert_index, _users_through
+from ..graph import module_path
+from .regions import ACTIVATIONS, MLPWeights, NotAnMoE, constant_of, expert_index, users_through
 
 aten = torch.ops.aten
 Candidate = tuple[torch.Tensor, torch.Tensor, bool]
@@ -57,7 +57,7 @@ def _readings(gate_up: torch.Tensor, down: torch.Tensor) -> list[Candidate]:
 
 
 def _feeds_activation(node: Node) -> Optional[Node]:
-    return next((u for u in _users_through(node) if u.target in ACTIVATIONS), None)
+    return next((u for u in users_through(node) if u.target in ACTIVATIONS), None)
 
 
 def _depends_on(node: Node, targets: set[Node], depth: int = 8) -> bool:
@@ -78,7 +78,7 @@ def mlp_from_linears(gm: GraphModule, linears: list[Node]) -> MLPWeights:
         raise NotAnMoE(f"linears {[module_path(l) for l in linears]} do not form a (gated) MLP")
     gate, down = gates[0], downs[0]
     up = next((l for l in firsts if l is not gate), None)
-    weights = [_const(gm, l.args[1]) for l in (gate, up, down) if l is not None]
+    weights = [constant_of(gm, l.args[1]) for l in (gate, up, down) if l is not None]
     activation = ACTIVATIONS[_feeds_activation(gate).target]
     gate_up = torch.cat(weights[:2], 0) if up is not None else weights[0]
     sources = [l.args[1].target for l in (gate, up, down) if l is not None]
@@ -90,7 +90,7 @@ def per_expert_linears(region: list[Node], block_path: str, router: Node) -> tup
     experts, others = defaultdict(list), []
     for node in region:
         if node.target is aten.linear.default and node is not router:
-            key = _expert_index(module_path(node), block_path)
+            key = expert_index(module_path(node), block_path)
             (experts[key] if key else others).append(node)
     numbered = sorted(experts, key=lambda k: int(re.findall(r"\d+", k)[-1]))
     return {k: experts[k] for k in numbered}, others
@@ -108,12 +108,12 @@ def per_expert_candidates(gm: GraphModule, groups: dict[str, list[Node]], num_ex
 
 def shared_expert(gm: GraphModule, linears: list[Node], width: int) -> tuple[Optional[MLPWeights], Optional[torch.Tensor]]:
     """The shared expert's MLP and its sigmoid gate [1, H] from the linears outside the experts."""
-    gates = [l for l in linears if _const(gm, l.args[1]) is not None and _const(gm, l.args[1]).shape[0] == 1
-             and any(u.target is aten.sigmoid.default for u in _users_through(l))]
+    gates = [l for l in linears if constant_of(gm, l.args[1]) is not None and constant_of(gm, l.args[1]).shape[0] == 1
+             and any(u.target is aten.sigmoid.default for u in users_through(l))]
     rest = [l for l in linears if l not in gates]
     if len(gates) > 1 or (gates and not rest):
         raise NotAnMoE("found a shared-expert gate without exactly one shared expert")
     mlp = mlp_from_linears(gm, rest) if rest else None
     if mlp is not None and mlp.gate_up.shape[1] != width:
         raise NotAnMoE(f"extra linears {[module_path(l) for l in rest]} are not a shared expert of width {width}")
-    return mlp, (_const(gm, gates[0].args[1]) if gates else None)
+    return mlp, (constant_of(gm, gates[0].args[1]) if gates else None)

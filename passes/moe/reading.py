@@ -1,18 +1,37 @@
-"""Put `sparsecc::moe` in place of a confirmed MoE block and take the block's own nodes out."""
+"""A reading of an MoE block: the `sparsecc::moe` call that would reproduce it.
+
+`dispatch` runs a reading eagerly on recorded values (to confirm it);
+`insert_dispatch` puts the confirmed one into the graph before the block's output.
+"""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 from torch.fx import GraphModule, Node
 
-from .rewriter import RewriteError, Rewriter
-
-if TYPE_CHECKING:
-    from .moe_dispatch import Reading
-    from .moe_regions import MoEBlock
+from ..rewriter import RewriteError, Rewriter
+from .regions import MoEBlock
 
 aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class Reading:
+    w_gate_up: torch.Tensor
+    w_down: torch.Tensor
+    gated: bool
+    normalize: bool
+
+
+def dispatch(block: MoEBlock, reading: Reading, hidden: torch.Tensor, logits: torch.Tensor,
+             capacity_factor: float) -> torch.Tensor:
+    shared = block.shared
+    return torch.ops.sparsecc.moe(
+        hidden.reshape(-1, hidden.shape[-1]), logits.reshape(-1, logits.shape[-1]),
+        reading.w_gate_up, reading.w_down,
+        shared.gate_up if shared else None, shared.down if shared else None, block.shared_gate,
+        block.top_k, reading.normalize, block.scoring, block.activation, reading.gated, capacity_factor)
 
 
 def _flat(rw: Rewriter, node: Node) -> Node:
@@ -21,7 +40,7 @@ def _flat(rw: Rewriter, node: Node) -> Node:
     return node if val.dim() == 2 else rw.call(aten.reshape.default, node, [-1, val.shape[-1]])
 
 
-def _shaped_like(rw: Rewriter, flat: Node, block: "MoEBlock") -> Node:
+def _shaped_like(rw: Rewriter, flat: Node, block: MoEBlock) -> Node:
     """The [T, H] result back in the block output's shape and dtype."""
     want = block.output.meta["val"]
     out = flat
@@ -61,7 +80,7 @@ def _size_node(rw: Rewriter, expr) -> Node:
     raise RewriteError(f"no node of the graph computes the dynamic size {expr}")
 
 
-def insert_dispatch(gm: GraphModule, block: "MoEBlock", reading: "Reading", capacity_factor: float) -> Node:
+def insert_dispatch(gm: GraphModule, block: MoEBlock, reading: Reading, capacity_factor: float) -> Node:
     rw = Rewriter(gm, block.output)
     base = f"{block.path}.moe_" if block.path else "moe_"
     consts = [rw.add_constant(base + name, tensor) if tensor is not None else None for name, tensor in (
@@ -73,19 +92,7 @@ def insert_dispatch(gm: GraphModule, block: "MoEBlock", reading: "Reading", capa
         hidden = rw.call(aten.to.dtype, hidden, reading.w_gate_up.dtype)
     y = rw.call(torch.ops.sparsecc.moe.default, hidden, _flat(rw, block.router), *consts, block.top_k,
                 reading.normalize, block.scoring, block.activation, reading.gated, capacity_factor)
-    out = _shaped_like(rw, y, block)
-    block.output.replace_all_uses_with(out)
-    return out
+    return _shaped_like(rw, y, block)
 
 
-def erase_region(gm: GraphModule, block: "MoEBlock") -> int:
-    """Erase the block's nodes nothing reads any more, runtime asserts and in-place ops included.
-
-    In-place ops inside a block only write tensors the block made, and the block's
-    result was confirmed against the dispatch, so its dead nodes have no effect left."""
-    erased = 0
-    for node in reversed(block.region):
-        if not node.users and node.graph is gm.graph:
-            gm.graph.erase_node(node)
-            erased += 1
-    return erased
+__all__ = ["Reading", "dispatch", "insert_dispatch"]

@@ -5,7 +5,7 @@ topk whose region (nodes made inside it, by `nn_module_stack`) also holds the
 expert weights, either stacked 3-D constants `[E, ., .]` (transformers 5.x
 `grouped_mm` / `batched_mm` forms) or E numbered expert submodules of linears
 (`experts.0.w1` ...: the classic loop and the dense formulation). Structure
-gives the candidates; `moe_dispatch` confirms one by running it.
+gives the candidates; `moe.dispatch` confirms one by running it.
 """
 from __future__ import annotations
 
@@ -16,15 +16,15 @@ from typing import Optional
 import torch
 from torch.fx import GraphModule, Node
 
-from .fake import resolve_attr
-from .graph import module_path, module_paths, nodes_in_module
+from ..fake import resolve_attr
+from ..graph import VALUE_PRESERVING, module_path, module_paths, nodes_in_module, through_casts
+from ..region import NotARegion
 
 aten = torch.ops.aten
 ACTIVATIONS = {aten.silu.default: "silu", aten.relu.default: "relu", aten.gelu.default: "gelu"}
-_PASS_THROUGH = (aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.clone.default)
 
 
-class NotAnMoE(ValueError):
+class NotAnMoE(NotARegion):
     """The region is not a dispatchable MoE block; the message says why."""
 
 
@@ -41,7 +41,7 @@ class MLPWeights:
 @dataclass
 class MoEBlock:
     path: str
-    region: list[Node]
+    nodes: list[Node]                  # made inside the block's module, graph order
     topk: Node
     router: Node                       # the linear producing router logits [.., E]
     hidden: Node                       # the router's input: the tokens [.., H]
@@ -60,29 +60,35 @@ class MoEBlock:
     def num_experts(self) -> int:
         return self.expert_candidates[0][0].shape[0]
 
+    @property
+    def layer(self) -> str:
+        return self.path
+
 
 def topk_nodes(gm: GraphModule) -> list[Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.topk.default]
 
 
-def _const(gm: GraphModule, node) -> Optional[torch.Tensor]:
+def constant_of(gm: GraphModule, node) -> Optional[torch.Tensor]:
+    """The tensor a get_attr node reads, None for any other argument."""
     if isinstance(node, Node) and node.op == "get_attr":
         value = resolve_attr(gm, node.target)
         return value if isinstance(value, torch.Tensor) else None
     return None
 
 
-def _region_constants(gm: GraphModule, region: list[Node]) -> dict[str, torch.Tensor]:
+def region_constants(gm: GraphModule, region: list[Node]) -> dict[str, torch.Tensor]:
+    """The constant tensors the region's nodes read, by attribute name."""
     consts = {}
     for node in region:
         for arg in node.all_input_nodes:
-            value = _const(gm, arg)
+            value = constant_of(gm, arg)
             if value is not None:
                 consts[arg.target] = value
     return consts
 
 
-def _expert_index(path: str, block: str) -> Optional[str]:
+def expert_index(path: str, block: str) -> Optional[str]:
     """'mlp.experts.3.w1' inside 'mlp' -> 'mlp.experts.3' (the expert's own module)."""
     rest = path[len(block):].lstrip(".") if block else path
     found = re.match(r"((?:[^.]+\.)*?\d+)(?:\.|$)", rest)
@@ -93,39 +99,33 @@ def find_block(gm: GraphModule, topk: Node) -> tuple[str, list[Node]]:
     """The innermost module around `topk` whose region holds expert weights."""
     for path in reversed(module_paths(topk)):
         region = nodes_in_module(gm, path)
-        stacked = [v for v in _region_constants(gm, region).values() if v.dim() == 3]
-        experts = {_expert_index(module_path(n), path) for n in region if n.target is aten.linear.default}
+        stacked = [v for v in region_constants(gm, region).values() if v.dim() == 3]
+        experts = {expert_index(module_path(n), path) for n in region if n.target is aten.linear.default}
         if len(stacked) >= 2 or len(experts - {None}) >= 2:
             return path, region
     raise NotAnMoE("no module around the topk holds expert weights (stacked [E, ., .] or numbered experts)")
 
 
-def _through(node: Node) -> Node:
-    """Skip dtype casts and copies backwards."""
-    while isinstance(node, Node) and node.target in _PASS_THROUGH:
-        node = node.args[0]
-    return node
-
-
-def _users_through(node: Node) -> list[Node]:
+def users_through(node: Node) -> list[Node]:
+    """The users of `node`, looking forward through casts and copies (VALUE_PRESERVING)."""
     users = []
     for user in node.users:
-        users += _users_through(user) if user.target in _PASS_THROUGH else [user]
+        users += users_through(user) if user.target in VALUE_PRESERVING else [user]
     return users
 
 
 def _linear_weight(gm: GraphModule, node: Node) -> Optional[torch.Tensor]:
     if isinstance(node, Node) and node.target is aten.linear.default:
-        return _const(gm, node.args[1])
+        return constant_of(gm, node.args[1])
     return None
 
 
 def read_router(gm: GraphModule, topk: Node) -> tuple[Node, str, bool]:
     """(router linear, scoring, normalize) from the nodes around the topk."""
-    source = _through(topk.args[0])
+    source = through_casts(topk.args[0])
     if source.target in (aten.softmax.int, aten._softmax.default, aten.sigmoid.default):
         scoring = "sigmoid" if source.target is aten.sigmoid.default else "softmax"
-        router = _through(source.args[0])
+        router = through_casts(source.args[0])
         normalize = _normalizes(topk)
     else:  # top-k of the raw logits, then softmax over the k: normalised softmax weights
         router, scoring, normalize = source, "softmax", True
@@ -137,7 +137,7 @@ def read_router(gm: GraphModule, topk: Node) -> tuple[Node, str, bool]:
 def _normalizes(topk: Node) -> bool:
     """Whether the top-k weights are divided by their sum."""
     values = [u for u in topk.users if u.args[1] == 0]
-    for user in _users_through(values[0]) if values else []:
+    for user in users_through(values[0]) if values else []:
         if user.target in (aten.div.Tensor, aten.div_.Tensor) and user.args[0] is not None:
             divisor = user.args[1]
             if isinstance(divisor, Node) and divisor.target is aten.sum.dim_IntList:
@@ -174,5 +174,6 @@ def find_activation(region: list[Node]) -> str:
     return "silu"
 
 
-__all__ = ["MLPWeights", "MoEBlock", "NotAnMoE", "block_form", "find_activation", "find_block", "find_output",
-           "read_router", "topk_nodes"]
+__all__ = ["ACTIVATIONS", "MLPWeights", "MoEBlock", "NotAnMoE", "block_form", "constant_of", "expert_index",
+           "find_activation", "find_block", "find_output", "read_router", "region_constants", "topk_nodes",
+           "users_through"]

@@ -8,29 +8,33 @@ input of layer i+1 is computed with layers <= i already pruned, as SparseGPT
 and Wanda do. A value is dropped as soon as its last reader has run, so peak
 memory is the live activations at the frontier (about one layer's worth per
 batch), not the whole model's. The graph itself is never modified.
+
+A target's weight is one matrix [out, K] (a linear or conv layer) or a stack
+of them [E, out, K] (the experts of a `sparsecc.moe`); each matrix is pruned
+from its own inputs, which `columns(values, index)` reads from the batch's
+node values (for expert e: only the tokens routed to e).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import Tensor
 from torch.fx import GraphModule, Node
 
-from .fake import resolve_attr
+from ..fake import resolve_attr
 
 
 @dataclass
 class LayerTarget:
-    """One layer to prune: its root node, input node, weight attribute and how to read its input."""
+    """One weight to prune at root `node`: how to read it as matrices and the input columns each matrix sees."""
     node: Node
-    x: Node
     weight: Node
     layer: str
-    columns: Callable[[Tensor], Tensor]      # layer input -> [tokens, K] (im2col for convolutions)
-    to_matrix: Callable[[Tensor], Tensor]    # stored weight -> [out, K]
-    from_matrix: Callable[[Tensor], Tensor]  # [out, K] -> stored weight layout
+    columns: Callable[[dict[Node, Any], int], Tensor]  # (node values, matrix index) -> [tokens, K] (im2col for conv)
+    to_matrix: Callable[[Tensor], Tensor]    # stored weight -> [out, K], or [E, out, K] for stacked experts
+    from_matrix: Callable[[Tensor], Tensor]  # that layout -> stored weight layout
     between: tuple[Node, ...] = ()           # nodes from the weight to the root (aten.t), re-run after pruning
 
 
@@ -71,26 +75,29 @@ PruneFn = Callable[[LayerTarget, Tensor, Iterable[Tensor]], tuple[Tensor, Tensor
 
 def prune_layerwise(gm: GraphModule, batches: list[tuple], targets: list[LayerTarget], prune: PruneFn,
                     progress: Optional[Callable] = None) -> dict[str, tuple[Tensor, Tensor]]:
-    """weight attribute -> (pruned [out, K] weight, kept mask); `prune(target, weight, inputs)` chooses both.
+    """weight attribute -> (pruned weight, kept mask) in `to_matrix`'s layout; `prune(target, matrix, inputs)`
+    chooses both for each [out, K] matrix of the weight.
 
-    `inputs` yields the layer's input columns [tokens, K], one calibration batch at a time.
+    `inputs` yields that matrix's input columns [tokens, K], one calibration batch at a time.
     A weight shared by several targets is pruned at its first use, from that use's inputs.
     """
     overrides: dict[str, Tensor] = {}
     pruned: dict[str, tuple[Tensor, Tensor]] = {}
     steppers = [_Stepper(gm, batch, overrides) for batch in batches]
     last_use = _last_uses(gm)
-    at_node = {t.node: t for t in targets}
+    at_node: dict[Node, list[LayerTarget]] = {}
+    for t in targets:  # in order: an expert's down projection reads its pruned gate/up projection
+        at_node.setdefault(t.node, []).append(t)
     bar = progress(total=len(targets)) if progress else None
     with torch.no_grad():
         for node in gm.graph.nodes:
             if node.op == "output":
                 break
-            target = at_node.get(node)
-            if target is not None and target.weight.target not in pruned:
-                pruned[target.weight.target] = _prune_one(gm, target, steppers, overrides, prune)
-            if bar is not None and target is not None:
-                bar.update(1)
+            for target in at_node.get(node, ()):
+                if target.weight.target not in pruned:
+                    pruned[target.weight.target] = _prune_one(gm, target, steppers, overrides, prune)
+                if bar is not None:
+                    bar.update(1)
             for index, stepper in enumerate(steppers):
                 try:
                     stepper.step(node, last_use)
@@ -105,9 +112,10 @@ def prune_layerwise(gm: GraphModule, batches: list[tuple], targets: list[LayerTa
 
 def _prune_one(gm: GraphModule, target: LayerTarget, steppers: list[_Stepper], overrides: dict,
                prune: PruneFn) -> tuple[Tensor, Tensor]:
-    stored = resolve_attr(gm, target.weight.target)
-    inputs = (target.columns(s.env[target.x]) for s in steppers)
-    weight, mask = prune(target, target.to_matrix(stored), inputs)
+    matrix = target.to_matrix(resolve_attr(gm, target.weight.target))
+    stack = matrix if matrix.dim() == 3 else matrix[None]
+    parts = [prune(target, w, (target.columns(s.env, index) for s in steppers)) for index, w in enumerate(stack)]
+    weight, mask = (torch.stack(p).reshape(matrix.shape) for p in zip(*parts))
     overrides[target.weight.target] = target.from_matrix(weight)
     for stepper in steppers:  # values already computed from the dense weight are recomputed
         stepper.env[target.weight] = overrides[target.weight.target]

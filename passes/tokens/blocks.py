@@ -5,8 +5,8 @@ body that (1) does its matmuls inside child modules of the module that makes
 the add (`model.layers.3` adds `model.layers.3.mlp(...)`), (2) mixes no
 tokens (no attention, no matmul of two activations), (3) reads nothing but
 `h` and constants, and (4) keeps its intermediates to itself. The body is the
-set of nodes on a path from `h` to the add; `moe_dispatch`-style numerical
-confirmation then checks it acts token by token (`token_routing_check`).
+set of nodes on a path from `h` to the add; the region driver's numerical
+confirmation then checks it acts token by token (`check`).
 
 The router's features are the block's normalised input: the latest node that
 every path from `h` to the first matmul passes through and that still has
@@ -20,17 +20,17 @@ import networkx as nx
 import torch
 from torch.fx import GraphModule, Node
 
-from .graph import module_path, module_paths
+from ..graph import layer_name, module_path, module_paths
+from ..region import ASSERTS, NotARegion, ancestors
 
 aten = torch.ops.aten
 MATMULS = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.bmm.default, aten.matmul.default,
            aten.convolution.default, aten.baddbmm.default}
 ATTENTION = {aten.scaled_dot_product_attention.default, aten._scaled_dot_product_flash_attention_for_cpu.default,
              aten._scaled_dot_product_efficient_attention.default}
-ASSERTS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default}
 
 
-class NotRoutable(ValueError):
+class NotRoutable(NotARegion):
     """The candidate is not a routable residual block; the message says why."""
 
 
@@ -43,11 +43,19 @@ class ResidualBlock:
     body: list[Node]               # nodes from h to output (output included, h excluded), graph order
     source: Node                   # router features: the block's normalised input ([B, S, H])
     extra_inputs: list[Node] = field(default_factory=list)   # non-constant inputs besides h (layer)
-    extra_kinds: list[str] = field(default_factory=list)     # per extra input: rows | mask (token_routing_copy)
+    extra_kinds: list[str] = field(default_factory=list)     # per extra input: rows | mask (body_copy)
 
     @property
     def shape(self) -> list[int]:
         return list(self.residual.meta["val"].shape)
+
+    @property
+    def layer(self) -> str:
+        return self.path
+
+    @property
+    def nodes(self) -> list[Node]:
+        return self.body
 
 
 def routed_body(block: ResidualBlock) -> tuple[list[Node], list[Node]]:
@@ -96,16 +104,11 @@ def mixes_tokens(node: Node) -> bool:
 
 def body_between(start: Node, end: Node) -> list[Node]:
     """Nodes on a path start -> end (end included, start excluded), in graph order."""
-    ancestors, stack = {end}, [end]
-    while stack:
-        for inp in stack.pop().all_input_nodes:
-            if inp not in ancestors:
-                ancestors.add(inp)
-                stack.append(inp)
+    upstream = ancestors([end])
     reach, stack = set(), [start]
     while stack:
         for user in stack.pop().users:
-            if user in ancestors and user not in reach:
+            if user in upstream and user not in reach:
                 reach.add(user)
                 stack.append(user)
     return [n for n in end.graph.nodes if n in reach]
@@ -210,23 +213,24 @@ def find_mlp_blocks(gm: GraphModule) -> tuple[list[ResidualBlock], list[tuple[st
             blocks.append(mlp_block(add))
         except NotRoutable as err:
             if "not an MLP" not in str(err) and "no operand" not in str(err):
-                misses.append((module_path(add) or add.name, str(err)))
+                misses.append((layer_name(add), str(err)))
     return blocks, misses
 
 
 __all__ = [
-    "ASSERTS",
     "ATTENTION",
     "MATMULS",
     "NotRoutable",
     "ResidualBlock",
     "body_between",
     "check_closed",
+    "common_module",
     "find_mlp_blocks",
     "is_matmul",
     "mixes_tokens",
     "mlp_block",
     "outside_inputs",
     "residual_adds",
+    "routed_body",
     "router_source",
 ]

@@ -1,22 +1,25 @@
 """Confirm a routed block before it replaces the dense one, and measure what routing costs.
 
-`mlp` blocks must act token by token: the body copy, run on a random subset of
-the tokens, must reproduce those tokens' dense outputs (1e-4 relative; x100 in
-16-bit). `layer` blocks mix tokens by design; their copy must reproduce the
-dense layer when every token is kept (this checks the gathered rotary tables
-and mask), and must run at the routed token count. `routed_error` is the
-relative L2 error of the routed block against the dense one on the example
-inputs (the block's dense inputs), which the report shows per block.
+The reading token routing confirms (`RoutedCopy`) is the block's body copied to
+run on the kept tokens. `mlp` blocks must act token by token: the copy, run on
+a random subset of the tokens, must reproduce those tokens' dense outputs (the
+region driver's tolerance). `layer` blocks mix tokens by design; their copy
+must reproduce the dense layer when every token is kept (this checks the
+gathered rotary tables and mask), and must run at the routed token count.
+`routed_error` is the relative L2 error of the routed block against the dense
+one on the example inputs (the block's dense inputs), which the report shows per block.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch.fx import GraphModule
 
-from .numerics import relative_error
-from .token_routing_copy import gather_input, standalone_body
-from .token_routing_regions import ResidualBlock, routed_body
-from .token_routing_routers import scores
+from ..numerics import relative_error
+from .blocks import NotRoutable, ResidualBlock, routed_body
+from .body_copy import gather_input, standalone_body
+from .routers import scores
 
 ops = torch.ops.sparsecc
 
@@ -44,27 +47,40 @@ def run_routed(gm: GraphModule, block: ResidualBlock, values: dict, indices: tor
         return body(*gathered_inputs(block, values, indices))
 
 
-def confirm(gm: GraphModule, block: ResidualBlock, values: dict, kept: int, tolerance: float) -> str | None:
-    """None when the copy is faithful (see the module docstring), else the reason."""
-    h, want = values[block.residual], values[block.output]
-    batch, seq = h.shape[:2]
-    if h.dtype in (torch.float16, torch.bfloat16):
-        tolerance *= 100
-    if block.where == "layer":
-        trial, indices = seq, torch.arange(seq).expand(batch, seq).contiguous()
-    else:
-        trial = kept if kept < seq else max(1, seq // 2)
-        generator = torch.Generator().manual_seed(0)
-        indices = torch.rand(batch, seq, generator=generator).argsort(-1)[:, :trial].sort(-1).values
+@dataclass(frozen=True)
+class RoutedCopy:
+    """A block's body copied to run on `kept` of its `seq` tokens, per sequence of the batch."""
+    block: ResidualBlock      # inputs moved past the blocks routed before it
+    batch: int
+    seq: int
+    kept: int
+
+
+def trial_tokens(copy: RoutedCopy) -> torch.Tensor:
+    """[B, T] the tokens the copy is confirmed on: all of them (layer), else a fixed random subset."""
+    batch, seq, kept = copy.batch, copy.seq, copy.kept
+    if copy.block.where == "layer":
+        return torch.arange(seq).expand(batch, seq).contiguous()
+    trial = kept if kept < seq else max(1, seq // 2)
+    generator = torch.Generator().manual_seed(0)
+    return torch.rand(batch, seq, generator=generator).argsort(-1)[:, :trial].sort(-1).values
+
+
+def reproduce(gm: GraphModule, copy: RoutedCopy, values: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the copy's outputs on the trial tokens, the dense block's outputs there)."""
+    block, want = copy.block, values[copy.block.output]
+    indices = trial_tokens(copy).to(want.device)
     try:
-        got = run_routed(gm, block, values, indices.to(h.device))
-        if block.where == "layer" and kept < seq:
-            run_routed(gm, block, values, indices[:, :kept].to(h.device))
+        got = run_routed(gm, block, values, indices)
+        if block.where == "layer" and copy.kept < copy.seq:
+            run_routed(gm, block, values, indices[:, :copy.kept])
     except Exception as err:  # noqa: BLE001 -- whatever the copied ops raise, the block stays dense, with the reason
-        return f"the block's body does not run on a subset of the tokens: {type(err).__name__}: {err}"
-    error = relative_error(got, ops.route_gather(want, indices.to(want.device)))
-    if error <= tolerance:
-        return None
+        raise NotRoutable(f"the block's body does not run on a subset of the tokens: {type(err).__name__}: {err}") \
+            from err
+    return got, ops.route_gather(want, indices)
+
+
+def unconfirmed_reason(block: ResidualBlock, error: float, tolerance: float) -> str:
     if block.where == "layer":
         return f"the layer copy with every token kept differs from the layer by {error:.2e} (> {tolerance:.0e})"
     return (f"the block does not act token by token: on a subset of tokens it differs from the dense "
@@ -80,4 +96,5 @@ def routed_error(gm: GraphModule, block: ResidualBlock, values: dict, router: st
     return relative_error(got, values[block.output])
 
 
-__all__ = ["confirm", "gathered_inputs", "routed_error", "run_routed"]
+__all__ = ["RoutedCopy", "gathered_inputs", "reproduce", "routed_error", "run_routed", "trial_tokens",
+           "unconfirmed_reason"]

@@ -12,7 +12,7 @@ import torch
 from sparsecc.runtime.ops.moe import moe_flops
 from torch.fx import Node
 
-from .token_routing_regions import ATTENTION
+from .blocks import ATTENTION
 
 aten = torch.ops.aten
 

@@ -1,6 +1,6 @@
 """`where="layer"`: whole decoder layers as routed blocks (attention and MLP skipped together).
 
-A layer is an MLP residual block (`token_routing_regions`) whose residual input
+A layer is an MLP residual block (`blocks`) whose residual input
 is, through dtype casts, an attention residual add `h1 = h0 + attn(norm(h0), ...)`.
 The block runs from h0 to the MLP's add. Nodes made inside the layer's module
 from inputs outside it (rotary `unsqueeze(cos, 1)`) are pulled into the body, so
@@ -14,9 +14,8 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from .graph import in_module, module_path
-from .token_routing_copy import input_kind
-from .token_routing_regions import (
+from ..graph import in_module, module_path, through_casts
+from .blocks import (
     NotRoutable,
     ResidualBlock,
     body_between,
@@ -28,15 +27,9 @@ from .token_routing_regions import (
     outside_inputs,
     router_source,
 )
+from .body_copy import input_kind
 
 aten = torch.ops.aten
-_CASTS = (aten.to.dtype, aten._to_copy.default, aten.clone.default, aten.alias.default, aten.to.dtype_layout)
-
-
-def _through_casts(node: Node) -> Node:
-    while isinstance(node, Node) and node.target in _CASTS:
-        node = node.args[0]
-    return node
 
 
 def _attention_residual(mid: Node) -> Node:
@@ -64,7 +57,7 @@ def _pull_layer_inputs(body: list[Node], residual: Node, layer: str) -> list[Nod
 
 
 def layer_block(mlp: ResidualBlock) -> ResidualBlock:
-    h0 = _attention_residual(_through_casts(mlp.residual))
+    h0 = _attention_residual(through_casts(mlp.residual))
     layer = module_path(mlp.output)
     body = _pull_layer_inputs(body_between(h0, mlp.output), h0, layer)
     check_closed(body, mlp.output)

@@ -20,12 +20,12 @@ import torch
 from torch import Tensor
 from torch.fx import GraphModule, Node
 
-from .manager import PassContext
-from .recording import record_values
-from .rewriter import Rewriter
-from .token_routing_regions import ResidualBlock
+from ..calibration import calibration_batches
+from ..manager import PassContext
+from ..region import record_values
+from ..rewriter import Rewriter
+from .blocks import ResidualBlock
 
-ROUTERS = ("norm", "calibrated", "weights")
 RIDGE = 1e-3    # x mean diagonal of X^T X: keeps the fit defined with fewer tokens than features
 aten = torch.ops.aten
 
@@ -57,16 +57,6 @@ def insert_scores(rw: Rewriter, block: ResidualBlock, router: str, probe: Probe 
     return rw.call(aten.squeeze.dim, rw.call(aten.linear.default, features, weight, bias), -1)
 
 
-def calibration_batches(ctx: PassContext) -> tuple[list[tuple], str]:
-    """The batches the probes are fitted on (flat tensors in placeholder order) and where they came from."""
-    if ctx.calibration is None:
-        return [tuple(ctx.example_inputs)], "example inputs (no calibration given)"
-    batches = [(b,) if isinstance(b, Tensor) else tuple(b) for b in ctx.calibration]
-    if not batches:
-        raise ValueError("token-routing: calibration is empty; pass at least one batch or None")
-    return batches, f"calibration: {len(batches)} batch(es)"
-
-
 def fit_probe(features: Tensor, targets: Tensor) -> Probe:
     """Ridge least squares of targets [N] on [features, 1] [N, H+1], in float64."""
     x = torch.cat([features.double(), features.new_ones(features.shape[0], 1, dtype=torch.float64)], 1)
@@ -81,13 +71,13 @@ def fit_probe(features: Tensor, targets: Tensor) -> Probe:
 
 def fit_probes(gm: GraphModule, ctx: PassContext, blocks: list[ResidualBlock]) -> tuple[dict[str, Probe], str]:
     """Per block path, the probe predicting ||output - residual|| from the normalised input."""
-    batches, source = calibration_batches(ctx)
+    batches, source = calibration_batches(ctx, "token-routing")
     wanted = [n for b in blocks for n in (b.source, b.residual, b.output)]
     features = {b.path: [] for b in blocks}
     targets = {b.path: [] for b in blocks}
     for index, batch in enumerate(batches):
         try:
-            values = record_values(gm, PassContext(example_inputs=batch), wanted)
+            values = record_values(gm, batch, wanted)
         except Exception as err:  # the graph's own error, re-raised naming the batch
             raise ValueError(f"token-routing: calibration batch {index} does not run through the captured "
                              f"graph (batches must have the example inputs' shapes): {err}") from err
@@ -138,9 +128,7 @@ def save_router_weights(path: str | Path, probes: dict[str, Probe]) -> None:
 
 
 __all__ = [
-    "ROUTERS",
     "Probe",
-    "calibration_batches",
     "fit_probe",
     "fit_probes",
     "insert_scores",

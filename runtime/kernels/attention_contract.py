@@ -14,10 +14,6 @@ from ..attention_layout import Layout, as_4d, layout_problem
 EMPTY_ROWS = ("zero", "uniform", "nan")
 
 
-def _shape(t: Tensor) -> list[int]:
-    return list(t.shape)
-
-
 def block_size_problem(block_q: int, block_k: int) -> Optional[str]:
     """Block sizes the kernels tile by: powers of two from 16 (64 and 128 are the tuned ones)."""
     for name, size in (("block_q", block_q), ("block_k", block_k)):
@@ -28,9 +24,9 @@ def block_size_problem(block_q: int, block_k: int) -> Optional[str]:
 
 def operand_problem(q: Tensor, k: Tensor, v: Tensor) -> Optional[str]:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        return f"q {_shape(q)}, k {_shape(k)}, v {_shape(v)} must be [B, H, S, D]"
-    if k.shape[0] != q.shape[0] or _shape(v)[:3] != _shape(k)[:3] or k.shape[3] != q.shape[3]:
-        return f"k {_shape(k)} and v {_shape(v)} do not match q {_shape(q)} (same B, Skv, D)"
+        return f"q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)} must be [B, H, S, D]"
+    if k.shape[0] != q.shape[0] or list(v.shape)[:3] != list(k.shape)[:3] or k.shape[3] != q.shape[3]:
+        return f"k {list(k.shape)} and v {list(v.shape)} do not match q {list(q.shape)} (same B, Skv, D)"
     if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
         return f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} kv heads"
     if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
@@ -43,10 +39,10 @@ def mask_problem(q: Tensor, k: Tensor, mask: Optional[Tensor]) -> Optional[str]:
         return None
     batch, heads, seq = q.shape[:3]
     if mask.dtype != torch.bool or not 2 <= mask.dim() <= 4:
-        return f"mask {mask.dtype}{_shape(mask)} must be bool [Bm, Hm, S, Skv]"
-    lead = _shape(as_4d(mask))[:2]
-    if lead[0] not in (1, batch) or lead[1] not in (1, heads) or _shape(mask)[-2:] != [seq, k.shape[2]]:
-        return f"mask {_shape(mask)} must be [1|{batch}, 1|{heads}, {seq}, {k.shape[2]}]"
+        return f"mask {mask.dtype}{list(mask.shape)} must be bool [Bm, Hm, S, Skv]"
+    lead = list(as_4d(mask).shape)[:2]
+    if lead[0] not in (1, batch) or lead[1] not in (1, heads) or list(mask.shape)[-2:] != [seq, k.shape[2]]:
+        return f"mask {list(mask.shape)} must be [1|{batch}, 1|{heads}, {seq}, {k.shape[2]}]"
     return None
 
 

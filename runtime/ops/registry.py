@@ -33,7 +33,7 @@ class OpDef:
     op: Any                                     # torch.ops.sparsecc.<name>.default
     kernels: dict[str, Callable[..., Any]]      # backend ("torch", "triton") -> kernel
     verify: Verifier
-    onnx_export: Optional[str] = None           # export rule in sparsecc.onnx.rules.EXPORT_RULES
+    onnx_export: Optional[str] = None           # export rule in sparsecc.onnx.export.rules.EXPORT_RULES
     attrs: tuple[str, ...] = field(default=())  # non-tensor arguments, printed as {k=v}
     # Small well-formed argument tuples (CPU), for the registry test that walks every op.
     samples: Optional[Callable[[], list[tuple]]] = None

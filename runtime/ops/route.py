@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..kernels.cpu.route import kept_tokens, route_cpu, route_problem
+from ..kernels.cpu.route import route_cpu, route_problem
+from ..token_routing import kept_tokens
 from .registry import OpDef
 
 

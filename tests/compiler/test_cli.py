@@ -54,6 +54,6 @@ def test_bad_factories(factory, words, capsys):
 
 def test_bad_sparsity_and_pipeline(capsys):
     assert main(["compile", FACTORY, "--sparsity", "3:2"]) == 2
-    assert "N must satisfy 0 < N < M" in capsys.readouterr().err
+    assert "weights.pattern: N:M pattern 3:2: M must be one of" in capsys.readouterr().err
     assert main(["opt", FACTORY, "--pipeline", "prune-nm{n=two}"]) == 2
     assert "n" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """Lowering to a Program and running it with the executor, without any rewrite."""
 import json
+import math
 
 import pytest
 import torch
@@ -7,9 +8,11 @@ import torch
 from sparsecc.capture import capture
 from sparsecc.errors import LoweringError
 from sparsecc.lower import lower, op_qualname
+from sparsecc.passes.verify import VerificationError, verify_graph
 from sparsecc.runtime.errors import InputMismatchError, RuntimeProgramError
 from sparsecc.runtime.executor import Executor
 from sparsecc.runtime.program import Program
+from sparsecc.runtime.validate import validate_program
 
 
 class Net(torch.nn.Module):
@@ -103,3 +106,30 @@ def test_ops_outside_the_runtime_table_do_not_lower():
 def test_qualnames():
     assert op_qualname(torch.ops.aten.add.Tensor) == "aten::add.Tensor"
     assert op_qualname(torch.ops.aten.linear.default) == "aten::linear.default"
+
+
+class SizeArithmetic(torch.nn.Module):
+    """Sizes computed with the Python operators export leaves for SymInt arithmetic."""
+
+    def forward(self, x):
+        n = x.shape[0]
+        return x.new_zeros(torch.sym_max(n, 4)), x.new_ones(n ** 2), x.new_ones(math.ceil(n / 3))
+
+
+def test_python_size_arithmetic_verifies_lowers_and_runs():
+    batch = torch.export.Dim("batch", min=4, max=64)
+    c, program, constants = _lowered(SizeArithmetic(), (torch.randn(5, 3),), dynamic_shapes={"x": {0: batch}})
+    verify_graph(c.gm)
+    assert {"py::sym_max", "py::pow", "py::ceil"} <= {i.op for i in program.instructions}
+    validate_program(program, constants, device="cpu")
+    assert [o.shape for o in Executor(program, constants).run([torch.randn(7, 3)])] == [(7,), (49,), (3,)]
+
+
+def test_what_the_verifier_refuses_the_lowering_refuses():
+    c = capture(Net(), (torch.randn(3, 16),))
+    node = next(n for n in c.gm.graph.nodes if n.target == torch.ops.aten.linear.default)
+    node.target = math.hypot   # a Python call the runtime's op table does not hold
+    with pytest.raises(VerificationError, match="allowed Python operator"):
+        verify_graph(c.gm)
+    with pytest.raises(LoweringError, match="cannot lower call to <built-in function hypot>"):
+        lower(c.gm, c.symbol_ranges, c.in_spec, c.out_spec)

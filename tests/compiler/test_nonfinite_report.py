@@ -74,7 +74,7 @@ def test_fp16_overflow_names_the_layer_that_overflowed():
 def test_dense_graph_is_traced_when_only_the_reference_is_non_finite():
     model, x = Stack(), torch.randn(2, 5, 32)
     compiled = sparsecc.compile(model, (x,), sparsity="2:4")
-    dense_gm = compiled._captured.dense_gm
+    dense_gm = compiled.captured.dense_gm
     last = dense_gm.get_submodule("layers.2")
     weight = last.weight.detach().clone()
     weight[0, 0] = math.nan
@@ -90,7 +90,7 @@ def test_non_finite_inputs_are_not_blamed_on_a_layer():
     x = torch.randn(2, 5, 32)
     compiled = sparsecc.compile(model, (x,), sparsity="2:4")
     x[0, 0, 0] = math.nan
-    site = locate_non_finite(compiled(x), compiled(x), compiled.graph_module, compiled._captured.dense_gm, (x,))
+    site = locate_non_finite(compiled(x), compiled(x), compiled.graph_module, compiled.captured.dense_gm, (x,))
     assert site is None
 
 

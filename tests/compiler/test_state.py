@@ -146,7 +146,7 @@ def test_a_weight_the_forward_writes_is_not_pruned():
 def test_check_run_leaves_the_program_state_at_its_initial_value(counter):
     cm = sparsecc.compile(counter, (torch.randn(2, 8),), sparsity="2:4")
     assert cm.state_dict()["calls"].item() == 0
-    assert cm._captured.dense_gm.calls.item() == 0
+    assert cm.captured.dense_gm.calls.item() == 0
 
 
 def test_reset_state_restarts_the_sequence(counter):
@@ -237,3 +237,32 @@ def test_sweep_reference_runs_each_start_from_the_compile_time_state(counter):
     cm = sparsecc.compile(counter, (torch.randn(2, 8),), sparsity="2:4", check=False)
     assert unstructured_error(cm, (torch.randn(2, 8),), 0.0) == 0.0   # nothing pruned: same state, same output
     assert unstructured_error(cm, (torch.randn(2, 8),), 0.0) == 0.0
+
+
+class PlainAttribute(torch.nn.Module):
+    """State kept in an unregistered tensor attribute (torch.export lifts it as a constant)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+        self.cache = torch.zeros(8)
+
+    def forward(self, x):
+        self.cache.add_(1.0)
+        return self.lin(x) + self.cache
+
+
+def test_state_in_a_plain_tensor_attribute_is_the_programs_own_and_starts_where_eager_does():
+    model, x = PlainAttribute(), torch.randn(2, 8)
+    eager = copy.deepcopy(model)
+    cm = sparsecc.compile(model, (x,))
+    assert torch.equal(model.cache, torch.zeros(8))   # compile's own runs left the user's tensor alone
+    torch.testing.assert_close(cm(x), eager(x), rtol=1e-6, atol=1e-6)   # the first call sees cache == 1
+    torch.testing.assert_close(cm(x), eager(x), rtol=1e-6, atol=1e-6)
+    assert torch.equal(model.cache, torch.zeros(8))
+
+
+@pytest.mark.parametrize("sparsity", ["2:4", {"weights": {"pattern": "2:4", "method": "wanda"}}])
+def test_without_the_check_the_program_still_starts_from_the_compile_time_state(counter, sparsity):
+    cm = sparsecc.compile(counter, (torch.randn(2, 8),), sparsity=sparsity, check=False)
+    assert cm.state_dict()["calls"].item() == 0   # calibration ran the graph; its updates are not kept

@@ -12,8 +12,9 @@ import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
-from sparsecc.onnx.importer import check_supported, make_module
-from sparsecc.onnx.onnx_ops import to_torch
+from sparsecc.onnx.frontend.load import check_supported
+from sparsecc.onnx.frontend.onnx_module import make_module
+from sparsecc.onnx.frontend.tensors import to_torch
 
 FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz)
 

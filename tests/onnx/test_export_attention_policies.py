@@ -6,7 +6,7 @@ import pytest
 import sparsecc
 import torch
 import torch.nn.functional as F
-from sparsecc.onnx.body import DOMAIN
+from sparsecc.onnx.export.body import DOMAIN
 from sparsecc.runtime.attention_layout import layout_from_mask
 from sparsecc.runtime.ops.block_attention import skipped_blocks
 

@@ -6,14 +6,14 @@ import pytest
 import sparsecc
 import torch
 from onnx import TensorProto, helper
-from sparsecc.onnx.export import OnnxExportError
-from sparsecc.onnx.functions_route import (
+from sparsecc.onnx.export.exporter import OnnxExportError
+from sparsecc.onnx.export.functions_route import (
     route_function,
     route_gather_function,
     unroute_function,
 )
-from sparsecc.onnx.rules import rule_for
-from sparsecc.onnx.spec import CallSpec, Operand
+from sparsecc.onnx.export.rules import rule_for
+from sparsecc.onnx.export.spec import CallSpec, Operand
 
 from examples.tiny_moe import LoopMoE, MaskedAttention
 
@@ -65,7 +65,7 @@ def test_an_unnamed_dim_keeps_the_compiled_symbol(tmp_path):
     path = tmp_path / "unnamed.onnx"
     result = _export(compiled, path, compare_dense=True)   # the dense graph exports with the same dims
     assert result.weight_bytes < result.dense_weight_bytes
-    symbol, = compiled._captured.symbol_ranges
+    symbol, = compiled.captured.symbol_ranges
     assert _dims(path) == [symbol, 16]
     assert max(_max_error(path, compiled, [(2, 16), (9, 16), (32, 16)])) < 1e-5
 

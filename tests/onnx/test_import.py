@@ -7,7 +7,7 @@ import pytest
 import sparsecc
 import torch
 from onnx import TensorProto, helper
-from sparsecc.onnx.importer import OnnxImportError, load_model
+from sparsecc.onnx.frontend.load import OnnxImportError, load_model
 
 from ..passes.hf_attention import llama
 from .helpers import assert_close, node_types, run_ort

@@ -10,7 +10,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from sparsecc.cli import main
-from sparsecc.onnx.importer import layer_scopes, make_module
+from sparsecc.onnx.frontend.onnx_module import layer_scopes, make_module
 
 from .helpers import assert_close, node_types, run_ort
 

@@ -6,10 +6,10 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import helper
-from sparsecc.onnx.body import DOMAIN
-from sparsecc.onnx.rules import EXPORT_RULES, rule_for, rule_name
-from sparsecc.onnx.schemas import split_arguments
-from sparsecc.onnx.spec import CallSpec, Operand
+from sparsecc.onnx.export.body import DOMAIN
+from sparsecc.onnx.export.rules import EXPORT_RULES, rule_for, rule_name
+from sparsecc.onnx.export.schemas import split_arguments
+from sparsecc.onnx.export.spec import CallSpec, Operand
 from sparsecc.runtime.ops import OPS
 
 WITH_RULES = [name for name, opdef in OPS.items() if rule_name(opdef) in EXPORT_RULES]

@@ -8,7 +8,8 @@ from typing import ClassVar
 import pytest
 import torch
 
-from sparsecc.passes import PASSES, Cleanup
+import sparsecc.passes.manager as pass_manager
+from sparsecc.passes import PASSES, Cleanup, build_pipeline
 from sparsecc.passes.manager import Pass, PassContext, PassManager, PassResult, PassStats, Skip
 from sparsecc.passes.match import Const, Op, Var
 from sparsecc.passes.rewrite import Rule, RuleSet, apply_rules
@@ -34,13 +35,23 @@ class LinearToMatmul(Pass):
 
 @dataclass(frozen=True)
 class BreakShapes(Pass):
-    """Records a wrong shape on the first relu, as a buggy pass would."""
+    """Records a wrong shape on the first relu, as a buggy pass would; `modified` is what it claims."""
     name: ClassVar[str] = "break-shapes"
+    modified: bool = True
 
     def run(self, gm, ctx):
         relu = next(n for n in gm.graph.nodes if n.target == aten.relu.default)
         relu.meta["val"] = relu.meta["val"][:1]
-        return PassResult(gm, True)
+        return PassResult(gm, self.modified)
+
+
+@dataclass(frozen=True)
+class Look(Pass):
+    """Reads the graph and changes nothing."""
+    name: ClassVar[str] = "look"
+
+    def run(self, gm, ctx):
+        return PassResult(gm, False, PassStats(extra={"nodes": len(gm.graph.nodes)}))
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,20 @@ def test_verification_failure_names_the_pass_and_node():
     PassManager([BreakShapes()], verify=False).run(capture(TwoLayer(), (X,)))  # lint alone does not look at meta
 
 
+def test_only_a_pass_that_modified_the_graph_is_verified_after(monkeypatch):
+    verified = []
+    monkeypatch.setattr(pass_manager, "verify_graph", lambda gm: verified.append(len(gm.graph.nodes)))
+    ctx = PassContext()
+    PassManager([Look(), LinearToMatmul(), Look()]).run(capture(TwoLayer(), (X,)), ctx)
+    before, after = ctx.stats["look"].extra["nodes"], ctx.stats["look#2"].extra["nodes"]
+    assert verified == [before, after] and after == before + 2   # the input graph, then linear-to-matmul
+
+
+def test_a_pass_that_claims_no_change_but_changed_the_graph_is_caught():
+    with pytest.raises(VerificationError, match="'break-shapes' returned modified=False but changed the graph"):
+        PassManager([BreakShapes(modified=False)]).run(capture(TwoLayer(), (X,)))
+
+
 def test_pass_errors_carry_the_pass_spelling():
     with pytest.raises(RuntimeError) as info:
         PassManager([Explode(level=2)]).run(capture(TwoLayer(), (X,)))
@@ -88,7 +113,7 @@ def test_print_ir_after_all_and_progress():
 
 
 def test_dump_dir_holds_ir_and_dot_per_pass(tmp_path):
-    PassManager.from_pipeline("cleanup", dump_dir=tmp_path / "dump").run(capture(TwoLayer(), (X,)))
+    PassManager(build_pipeline("cleanup"), dump_dir=tmp_path / "dump").run(capture(TwoLayer(), (X,)))
     names = sorted(p.name for p in (tmp_path / "dump").iterdir())
     assert names == ["00-input.dot", "00-input.mlir", "01-cleanup.dot", "01-cleanup.mlir"]
     assert (tmp_path / "dump" / "01-cleanup.mlir").read_text().startswith("func @forward(")

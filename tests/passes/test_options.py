@@ -35,7 +35,7 @@ def test_unsupported_annotation_is_a_programming_error():
 import math  # noqa: E402
 
 from sparsecc.passes import PASSES, build_pipeline  # noqa: E402
-from sparsecc.passes.moe_dispatch import MoEDispatch  # noqa: E402
+from sparsecc.passes.moe import MoEDispatch  # noqa: E402
 from sparsecc.passes.options import Bounds, OptionError, bounds_problem  # noqa: E402
 from sparsecc.passes.pipeline import PipelineError  # noqa: E402
 
@@ -83,11 +83,11 @@ def test_every_numeric_pass_option_has_bounds(name):
     ("token-routing{capacity=nan}", "option 'capacity': expected a number in (0, 1], got nan"),
     ("token-routing{capacity=0}", "option 'capacity': expected a number in (0, 1], got 0.0"),
     ("token-routing{tolerance=-1}", "option 'tolerance': expected a finite number >= 0, got -1.0"),
-    ("sparse-attention{sinks=-1}", "sinks=-1 must be an integer >= 0"),
-    ("sparse-attention{policy=window,window=0}", "window=0 must be an integer >= 1"),
+    ("sparse-attention{sinks=-1}", "option 'sinks': expected an integer >= 0, got -1"),
+    ("sparse-attention{policy=window,window=0}", "option 'window': expected an integer >= 1, got 0"),
     ("sparse-attention{window=0}", "option 'window': expected an integer >= 1, got 0"),
-    ("sparse-attention{policy=topk,topk=inf}", "topk=inf must be"),
-    ("sparse-attention{policy=threshold,threshold=nan}", "threshold=nan must lie in (0, 1)"),
+    ("sparse-attention{policy=topk,topk=inf}", "option 'topk': expected a fraction in (0, 1) or a whole count"),
+    ("sparse-attention{policy=threshold,threshold=nan}", "option 'threshold': expected a number in (0, 1), got nan"),
     ("sparse-attention{tolerance=nan}", "option 'tolerance': expected a finite number >= 0, got nan"),
 ])
 def test_pipeline_options_out_of_bounds_name_pass_key_and_range(pipeline, message):
@@ -99,3 +99,47 @@ def test_pipeline_options_out_of_bounds_name_pass_key_and_range(pipeline, messag
 def test_passes_made_directly_are_checked_too():
     with pytest.raises(OptionError, match=r"pass 'moe-dispatch': option 'capacity_factor': .* got nan"):
         MoEDispatch(capacity_factor=math.nan)
+
+
+# --- value types: checked from the annotation, before the pass's own checks and the bounds ---
+
+from sparsecc.passes import PruneNM, SparseAttention, TokenRouting  # noqa: E402
+from sparsecc.passes.options import OneOf, value_problem  # noqa: E402
+
+
+@pytest.mark.parametrize("value, hint, problem", [
+    (4.0, int, "expected an integer, got 4.0"), (True, int, "expected an integer, got True"),
+    ("x", float, "expected a number, got 'x'"), ("lm_head", tuple[str, ...], "expected a list of str, got 'lm_head'"),
+    ((1.5,), Optional[tuple[str, ...]], "expected a list of str or none, got (1.5,)"),
+    ("slow", Literal["fast", "exact"], "expected one of fast, exact, got 'slow'"),
+    (1, Literal[True], "expected one of True, got 1"),
+])
+def test_value_problems_name_the_expected_type(value, hint, problem):
+    assert value_problem(value, hint) == problem
+
+
+@pytest.mark.parametrize("value, hint", [
+    (4, int), (4, float), (0.5, float), (["a"], tuple[str, ...]), (None, Optional[int]),
+    ("exact", Literal["fast", "exact"]), (object(), Any),
+])
+def test_values_of_the_annotated_type_pass(value, hint):
+    assert value_problem(value, hint) is None
+
+
+@pytest.mark.parametrize("make, option, problem", [
+    (lambda: PruneNM(n=2.0), "n", "expected an integer, got 2.0"),
+    (lambda: PruneNM(exclude="lm_head"), "exclude", "expected a list of str, got 'lm_head'"),
+    (lambda: TokenRouting(where="attention"), "where", "expected one of mlp, layer, got 'attention'"),
+    (lambda: SparseAttention(block=96), "block", "expected 64 or 128, got 96"),
+    (lambda: PruneNM(method="obs"), "method", "unknown method 'obs' (available: magnitude, wanda, sparsegpt)"),
+])
+def test_option_errors_name_the_option_apart_from_the_pass(make, option, problem):
+    with pytest.raises(OptionError) as err:
+        make()
+    assert (err.value.option, err.value.problem) == (option, problem)
+    assert str(err.value).startswith("pass '") and str(err.value).endswith(problem)
+
+
+def test_one_of_accepts_only_its_choices():
+    assert OneOf(64, 128).describe() == "64 or 128"
+    assert bounds_problem(64, OneOf(64, 128)) is None and bounds_problem(True, OneOf(1, 2)) is not None

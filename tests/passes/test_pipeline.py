@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from sparsecc.passes import PASSES, Cleanup
 from sparsecc.passes.manager import Pass
-from sparsecc.passes.pipeline import PipelineError, build_pipeline, parse_pipeline
+from sparsecc.passes.pipeline import PipelineError, build_pipeline, format_pipeline, parse_pipeline
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,21 @@ def test_spelling_lists_only_non_default_options():
     assert Toy().spelling() == "toy" and Cleanup().spelling() == "cleanup"
     assert Toy(n=4, exclude=("lm_head", "a b"), label="none").spelling() == \
         'toy{n=4,exclude=[lm_head,"a b"],label="none"}'
+
+
+@dataclass(frozen=True)
+class Headline(Pass):
+    name: ClassVar[str] = "headline"
+    always_spelled: ClassVar[tuple[str, ...]] = ("mode",)
+    mode: str = "fast"
+    n: int = 2
+
+
+def test_always_spelled_options_show_at_their_default():
+    assert Headline().spelling() == "headline{mode=fast}" and Headline(n=3).spelling() == "headline{mode=fast,n=3}"
+    passes = [Headline(), Cleanup()]
+    assert format_pipeline(passes) == "headline{mode=fast},cleanup"
+    assert build_pipeline(format_pipeline(passes), {"headline": Headline, "cleanup": Cleanup}) == passes
 
 
 _texts = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)

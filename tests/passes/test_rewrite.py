@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from sparsecc.passes.manager import PassContext, Skip
+from sparsecc.passes.graph import layer_name
 from sparsecc.passes.match import Const, Op, Var
-from sparsecc.passes.rewrite import CheckResult, Rule, RuleSet, apply_rules, fail, ok, where
+from sparsecc.passes.rewrite import CheckResult, Rule, RuleIndex, RuleSet, apply_rules, fail, ok
 from sparsecc.passes.rewriter import RewriteError
 from sparsecc.passes.verify import verify_graph
 
@@ -108,7 +109,51 @@ def test_check_results_and_rule_sets():
     assert combined.name == "a+b" and combined.rules == (LINEAR_NO_BIAS, DOUBLE_RELU) and len(combined) == 2
 
 
-def test_where_falls_back_to_node_name(gm):
+def test_skips_name_the_layer_else_the_node(gm):
     placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
     linear = next(n for n in gm.graph.nodes if n.target == aten.linear.default)
-    assert where(placeholder) == "x" and where(linear) == "layers.0.fc1"
+    assert layer_name(placeholder) == "x" and layer_name(linear) == "layers.0.fc1"
+
+
+class CountingOp(Op):
+    """An `Op` pattern that records the target of every node it is tried at."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tried = []
+
+    def bind(self, value, m):
+        if value is m.node:
+            self.tried.append(value.target)
+        return super().bind(value, m)
+
+
+class CountingVar(Var):
+    """A root `Var` (any node) that records the targets it is tried at."""
+
+    def __init__(self, name):
+        super().__init__(name)
+        self.tried = []
+
+    def bind(self, value, m):
+        self.tried.append(value.target)
+        return False
+
+
+def test_a_node_tries_only_the_rules_for_its_op(gm):
+    relu, anywhere = CountingOp(aten.relu.default, Var("x")), CountingVar("x")
+    rules = RuleSet("toy", [Rule("relu", relu, lambda m, rw: m["x"], lambda m, ctx: fail("kept")),
+                            Rule("any", anywhere, lambda m, rw: m["x"]), LINEAR_NO_BIAS])
+    calls = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    stats = apply_rules(gm, rules, PassContext())
+    assert relu.tried == [aten.relu.default] * calls.count(aten.relu.default) and anywhere.tried == calls
+    assert stats.rewritten == 2 and {s.rule for s in stats.skipped} == {"relu"}
+
+
+def test_rule_index_keeps_the_rule_set_order_and_matches_packets():
+    by_packet = Rule("packet", Op(aten.linear, Var("x"), Const("w")), _linear_to_matmul)
+    anywhere = Rule("any", Var("x"), lambda m, rw: m["x"])
+    index = RuleIndex(RuleSet("toy", [by_packet, DOUBLE_RELU, anywhere, LINEAR_NO_BIAS]))
+    assert index.rules_for(aten.linear.default) == (by_packet, anywhere, LINEAR_NO_BIAS)
+    assert index.rules_for(aten.relu.default) == (DOUBLE_RELU, anywhere)
+    assert index.rules_for(aten.mm.default) == (anywhere,)

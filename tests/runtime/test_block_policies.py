@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsecc.runtime.attention_layout import _diagonal_blocks, block_states, layout_from_mask, window_layout
+from sparsecc.runtime.attention_layout import block_states, diagonal_blocks, layout_from_mask, window_layout
 from sparsecc.runtime.attention_policies import (topk_budget, topk_layout_from_mask, window_blocks,
                                                  window_layout_from_mask)
 from sparsecc.runtime.ops.block_attention import visible_elements
@@ -69,7 +69,7 @@ def test_topk_keeps_its_budget_of_the_mask_blocks_and_the_forced_ones(mask, topk
     kept = sum(block_states(layout)).bool()
     visible = sum(block_states(layout_from_mask(mask, block, block))).bool().expand_as(kept)
     sink_blocks = torch.arange(kept.shape[-1]) * block < sinks
-    forced = visible & (sink_blocks | _diagonal_blocks(seq, keys, block, block, None))
+    forced = visible & (sink_blocks | diagonal_blocks(seq, keys, block, block, None))
     assert not (forced & ~kept).any()                                  # visible diagonal and sink blocks stay
     assert (kept.sum(-1) <= torch.maximum(topk_budget(topk, visible), forced.sum(-1))).all()
     assert (kept.sum(-1) >= torch.minimum(topk_budget(topk, visible), visible.sum(-1))).all()

@@ -1,7 +1,8 @@
 """sparsecc::route / route_gather / unroute: CPU kernels and Triton kernels against the ops' reference semantics."""
 import pytest
 import torch
-from sparsecc.runtime.kernels.cpu.route import kept_tokens, route_cpu
+from sparsecc.runtime.kernels.cpu.route import route_cpu
+from sparsecc.runtime.token_routing import kept_tokens
 from sparsecc.runtime.ops.route import route_reference
 
 ops = torch.ops.sparsecc

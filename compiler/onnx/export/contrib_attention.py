@@ -38,7 +38,7 @@ from onnxscript import ir
 
 from .body import DOMAIN
 from .contrib import CONTRIB
-from .runner import SHARED_BUFFERS
+from ..runner import SHARED_BUFFERS
 
 _FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16)
 _NEITHER = "GroupQueryAttention (local_window_size band) and SparseAttention (static causal block-CSR) do not fit"

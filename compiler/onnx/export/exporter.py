@@ -30,6 +30,8 @@ from sparsecc.errors import SparseccError
 from torch.utils import _pytree as pytree
 
 from .body import DOMAIN
+from .contrib import try_contrib
+from .contrib_attention import map_attention
 from .rules import EXPORT_RULES, dynamic_shape_misfit, rule_for, rule_name
 from .spec import CallSpec, Operand
 from .translate import translation_table
@@ -66,7 +68,7 @@ class ExportResult:
 def export_compiled(compiled, path: str, contrib: bool = False, opset: int | None = None,
                     compare_dense: bool = False) -> ExportResult:
     """CompiledModel.export_onnx: the rewritten graph, and optionally the dense graph for its file size."""
-    captured = compiled._captured
+    captured = compiled.captured
     result = export_graph(compiled.graph_module, captured.in_spec, path, contrib, opset or DEFAULT_OPSET,
                           captured.symbol_ranges)
     if compare_dense:
@@ -262,8 +264,6 @@ def _operand(value: ir.Value) -> Operand:
 def attach_sparse_semantics(model: ir.Model, contrib: bool, opset: int,
                             result: ExportResult | None = None) -> onnx.ModelProto:
     """Give every sparsecc node a local function (or a contrib form); returns the model proto."""
-    from .contrib import try_contrib
-    from .contrib_attention import map_attention
     result = result or ExportResult("", 0)
     _check_dynamic_shapes(model, opset)
     functions: dict[tuple[str, str], onnx.FunctionProto] = {}

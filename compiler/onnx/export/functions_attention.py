@@ -20,7 +20,9 @@ import math
 import numpy as np
 from onnx import TensorProto, numpy_helper
 
+from .attention_heads import repeat_heads
 from .body import Body
+from .functions_attention_policies import threshold_kept, topk_kept
 from .spec import CallSpec
 
 LAYOUT_OUTPUTS = ("kv_num_blocks", "kv_indices", "full_num_blocks", "full_indices")
@@ -45,16 +47,15 @@ def _compact(b: Body, flags: str, nk: int) -> tuple[str, str]:
 def window_reach(seq: int, keys: int, window: int, sinks: int, block_q: int, block_k: int) -> np.ndarray:
     """[NQ, NK] blocks the window policy may keep: the band, and causally reachable sink blocks
     (`sparsecc.runtime.attention_policies.window_layout_from_mask`, evaluated at export time)."""
-    from sparsecc.runtime.attention_layout import _causal_blocks
+    from sparsecc.runtime.attention_layout import causal_blocks
     from sparsecc.runtime.attention_policies import window_blocks
     reach = window_blocks(seq, keys, window, 0, block_q, block_k).clone()
     sink_blocks = min(math.ceil(sinks / block_k), reach.shape[1])
-    reach[:, :sink_blocks] = _causal_blocks(seq, keys, block_q, block_k, None)[0][:, :sink_blocks]
+    reach[:, :sink_blocks] = causal_blocks(seq, keys, block_q, block_k, None)[0][:, :sink_blocks]
     return reach.numpy()
 
 
 def block_layout_function(spec: CallSpec):
-    from .functions_attention_policies import topk_kept  # that module builds on the helpers here
     a = spec.attrs
     bq, bk, policy = a["block_q"], a["block_k"], a.get("policy", "mask")
     if policy not in ("mask", "window", "topk"):
@@ -99,29 +100,12 @@ def _elements(b: Body, blocks: str, nq: int, nk: int, bq: int, bk: int, s: int, 
     return b.op("Slice", grid, b.ints(0, 0), b.ints(s, skv), b.ints(2, 3))
 
 
-def batch_shape(b: Body, batch: int | str, like: str, *rest: int) -> str:
-    """The shape [batch, *rest]: constant for a static batch, else with dim 0 read from input `like`."""
-    if isinstance(batch, int):
-        return b.ints(batch, *rest)
-    return b.op("Concat", b.op("Shape", like, start=0, end=1), b.ints(*rest), axis=0)
-
-
 def _causal(b: Body, s: int, skv: int) -> str:
     rows = b.const(np.arange(s)[:, None] + (skv - s))
     return b.op("LessOrEqual", b.const(np.arange(skv)[None, :]), rows)
 
 
-def _repeat_heads(b: Body, x: str, shape: tuple, hq: int) -> str:
-    """[B, Hkv, L, D] -> [B, Hq, L, D], kv head h // (Hq/Hkv) for query head h (B may be symbolic)."""
-    _, hkv, length, dim = shape
-    if hq == hkv:
-        return x
-    grown = b.op("Expand", b.op("Unsqueeze", x, b.ints(2)), b.ints(1, hkv, hq // hkv, length, dim))
-    return b.op("Reshape", grown, b.ints(0, hq, length, dim))
-
-
 def block_attention_function(spec: CallSpec):
-    from .functions_attention_policies import threshold_kept  # that module builds on the helpers here
     a = spec.attrs
     ops = spec.operands
     where = f"block_attention node '{spec.node}'"
@@ -136,8 +120,8 @@ def block_attention_function(spec: CallSpec):
     rule = _as_4d(b, "mask", ops[7].shape)[0] if len(ops) > 7 and ops[7] is not None else _causal(b, s, skv)
     visible = b.op("Or", full, b.op("And", partial, rule))
     f32 = lambda x: b.op("Cast", x, to=TensorProto.FLOAT)
-    k = _repeat_heads(b, f32("k"), k_shape, hq)
-    v = _repeat_heads(b, f32("v"), v_shape, hq)
+    k = repeat_heads(b, f32("k"), k_shape, hq)
+    v = repeat_heads(b, f32("v"), v_shape, hq)
     scores = b.op("Mul", b.op("MatMul", f32("q"), b.op("Transpose", k, perm=[0, 1, 3, 2])),
                   b.const(a["scale"], np.float32))
     if a.get("threshold", 0.0) > 0:

@@ -1,4 +1,4 @@
-"""Function bodies of the data-dependent attention policies, in standard ONNX (used by `functions_attention`).
+"""Function bodies of the data-dependent attention policies, in standard ONNX (`functions_attention` calls them).
 
 topk (`block_layout`, `sparsecc.runtime.attention_policies.topk_layout_from_mask`):
     scores  = mean(q block) . mean(k block)  fp32 [B, Hq, NQ, NK]; rows past S or Skv are zeros
@@ -24,8 +24,8 @@ import math
 import numpy as np
 from onnx import TensorProto, helper
 
+from .attention_heads import batch_shape, repeat_heads
 from .body import Body
-from .functions_attention import _repeat_heads, batch_shape
 from .spec import CallSpec
 
 NEG_INF = -np.inf
@@ -50,8 +50,8 @@ def _block_means(b: Body, x: str, shape: tuple, block: int) -> str:
 
 def _forced_blocks(seq: int, keys: int, sinks: int, block_q: int, block_k: int) -> np.ndarray:
     """[NQ, NK] sink and diagonal blocks, evaluated at export time as the runtime computes them."""
-    from sparsecc.runtime.attention_layout import _diagonal_blocks
-    diagonal = _diagonal_blocks(seq, keys, block_q, block_k, None).numpy()
+    from sparsecc.runtime.attention_layout import diagonal_blocks
+    diagonal = diagonal_blocks(seq, keys, block_q, block_k, None).numpy()
     return diagonal | (np.arange(diagonal.shape[1]) < math.ceil(sinks / block_k))[None, :]
 
 
@@ -70,7 +70,7 @@ def topk_kept(b: Body, spec: CallSpec, visible: str, seq: int, keys: int) -> str
     q_shape, k_shape = (spec.operands[i].static_but_batch(f"{where}: {n}") for i, n in ((1, "q"), (2, "k")))
     bq, bk = a["block_q"], a["block_k"]
     nq, nk = math.ceil(seq / bq), math.ceil(keys / bk)
-    k_means = _repeat_heads(b, _block_means(b, "k", k_shape, bk), (k_shape[0], k_shape[1], nk, k_shape[3]),
+    k_means = repeat_heads(b, _block_means(b, "k", k_shape, bk), (k_shape[0], k_shape[1], nk, k_shape[3]),
                             q_shape[1])
     scores = b.op("MatMul", _block_means(b, "q", q_shape, bq), b.op("Transpose", k_means, perm=[0, 1, 3, 2]))
     forced = b.op("And", b.const(_forced_blocks(seq, keys, a.get("sinks", 0), bq, bk), np.bool_), visible)

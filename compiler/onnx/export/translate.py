@@ -3,7 +3,7 @@
 The exporter inlines onnxscript functions and constant-folds what it can, which
 would decompress N:M weights into dense initializers; an opaque node keeps the
 compressed tensors as its inputs. Its meaning is attached afterwards as a local
-function (export.py).
+function (exporter.py).
 """
 from __future__ import annotations
 

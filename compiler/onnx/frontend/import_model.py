@@ -6,13 +6,8 @@ from typing import Any
 
 import torch
 
-from .importer import (
-    OnnxImportError,
-    example_inputs,
-    graph_inputs,
-    load_model,
-    make_module,
-)
+from .load import OnnxImportError, example_inputs, graph_inputs, load_model
+from .onnx_module import make_module
 
 
 def import_for_compile(path: Any, inputs: Any = None, dims: dict[str, int] | None = None

@@ -1,6 +1,6 @@
 """Import an ONNX model as a torch module whose forward runs the ONNX graph with ATen ops.
 
-    load_model(path)            -> ModelProto, with a clear error for a corrupt or truncated
+    load.load_model(path)       -> ModelProto, with a clear error for a corrupt or truncated
                                    file and for every unsupported op (named with its node)
     OnnxModule(model, inputs)   -> nn.Module: initializers as parameters named after the
                                    ONNX names (dotted names become submodules), forward(inputs)
@@ -27,62 +27,11 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from google.protobuf.message import DecodeError
 from onnx import numpy_helper
-from sparsecc.errors import SparseccError
 
-from . import onnx_ops_nn, onnx_ops_shape  # noqa: F401  (fill the op table)
-from .onnx_ops import OPS, to_torch, torch_dtype
-
-
-class OnnxImportError(SparseccError):
-    """The ONNX file cannot be imported; the message names the op, node or problem."""
-
-
-def supported_ops() -> list[str]:
-    return sorted(OPS)
-
-
-def load_model(path: str) -> onnx.ModelProto:
-    """Read and validate an ONNX file: corrupt, truncated or unsupported models fail here."""
-    try:
-        model = onnx.load(path)
-    except FileNotFoundError:
-        raise OnnxImportError(f"{path}: no such file") from None
-    except (DecodeError, ValueError, RuntimeError, OSError) as err:
-        raise OnnxImportError(f"{path} is not a readable ONNX model (corrupt or truncated file?): {err}") from None
-    if not model.graph.node and not model.graph.output:
-        raise OnnxImportError(f"{path} holds no graph (empty, corrupt or truncated file?)")
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as err:
-        raise OnnxImportError(f"{path} is not a valid ONNX model: {str(err).splitlines()[0]}") from None
-    check_supported(model)
-    return model
-
-
-def check_supported(model: onnx.ModelProto) -> None:
-    for i, node in enumerate(model.graph.node):
-        if node.domain not in ("", "ai.onnx") or node.op_type not in OPS:
-            op_name = f"{node.domain}.{node.op_type}" if node.domain else node.op_type
-            raise OnnxImportError(f"unsupported ONNX op '{op_name}' at node '{node.name or '#' + str(i)}' "
-                                  f"(node {i}); supported ops: {', '.join(supported_ops())}")
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
-
-
-def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    """The real inputs (old files also list initializers as inputs)."""
-    initializers = {t.name for t in model.graph.initializer}
-    return [i for i in model.graph.input if i.name not in initializers]
-
-
-def python_name(text: str) -> str:
-    name = re.sub(r"\W", "_", text)
-    name = "_" + name if not name or name[0].isdigit() or keyword.iskeyword(name) else name
-    return name
+from .load import OnnxImportError, graph_inputs, opset_version
+from .op_table import OPS
+from .tensors import to_torch
 
 
 class _Ctx:
@@ -112,6 +61,13 @@ class _Ctx:
         module.numbers[name] = (value.float() if value.dtype in (torch.bfloat16, torch.float16) else value).numpy()
         return module.numbers[name]
 
+    def axes(self, index: int, attr: str = "axes") -> list[int] | None:
+        """Axes from input `index` (newer opsets) or the attribute (older); None when absent."""
+        if len(self.node.input) > index and self.node.input[index]:
+            return [int(a) for a in self.const(index)]
+        value = self.attr(attr, None)
+        return None if value is None else list(value)
+
     def linear_weight(self, i: int, transposed: bool = False) -> torch.Tensor | None:
         """B of a MatMul/Gemm as an [out, in] parameter when B is a constant 2-D float, else None."""
         return self.module.linear_weight(self.node, i, transposed)
@@ -126,7 +82,7 @@ class OnnxModule(torch.nn.Module):
         # True: an input an op needs as numbers (a Reshape shape, Slice starts) is frozen to its example
         # value, so the module is specialised to it (the node test suite feeds axes and shapes as inputs)
         self.freeze_number_inputs = freeze_number_inputs
-        self.opset = _opset(model)
+        self.opset = opset_version(model)
         self.graph = model.graph
         self.input_names = [i.name for i in graph_inputs(model)]
         self.output_names = [o.name for o in model.graph.output]
@@ -329,6 +285,13 @@ def _layer_name(node: onnx.NodeProto, value: str) -> str:
     return value
 
 
+def python_name(text: str) -> str:
+    """`text` as a Python identifier (the forward's parameter name of an ONNX input)."""
+    name = re.sub(r"\W", "_", text)
+    name = "_" + name if not name or name[0].isdigit() or keyword.iskeyword(name) else name
+    return name
+
+
 def make_module(model: onnx.ModelProto, example_inputs: Sequence[torch.Tensor],
                 freeze_number_inputs: bool = False) -> OnnxModule:
     """An OnnxModule whose forward takes the graph inputs by their (Python-safe) names."""
@@ -344,27 +307,3 @@ def make_module(model: onnx.ModelProto, example_inputs: Sequence[torch.Tensor],
         + [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
     module.__class__ = type("OnnxModel", (OnnxModule,), {"forward": forward})
     return module
-
-
-def parse_dims(items: Sequence[str]) -> dict[str, int]:
-    """['batch=2', 'seq=16'] -> {'batch': 2, 'seq': 16}."""
-    dims = {}
-    for item in items:
-        name, sep, size = item.partition("=")
-        if not sep or not size.strip().isdigit():
-            raise OnnxImportError(f"--dim expects NAME=SIZE, got {item!r}")
-        dims[name.strip()] = int(size)
-    return dims
-
-
-def example_inputs(model: onnx.ModelProto, dims: dict[str, int] | None = None) -> tuple[torch.Tensor, ...]:
-    """Inputs of the declared shapes (symbolic dims from `dims`, else 1): zeros for integers, randn for floats."""
-    generator = torch.Generator().manual_seed(0)
-    tensors = []
-    for value in graph_inputs(model):
-        kind = value.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else (dims or {}).get(d.dim_param, 1) for d in kind.shape.dim]
-        dtype = torch_dtype(kind.elem_type)
-        tensors.append(torch.randn(shape, generator=generator).to(dtype) if dtype.is_floating_point
-                       else torch.zeros(shape, dtype=dtype))
-    return tuple(tensors)

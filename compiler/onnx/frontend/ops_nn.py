@@ -1,4 +1,5 @@
-"""ONNX operators as torch code, part 3: matmuls, convolution, pooling, normalisation, attention.
+"""ONNX operators as torch code, part 3: matmuls, convolution, pooling, normalisation, attention
+(calling convention: `op_table`).
 
 A MatMul or Gemm whose B is a constant 2-D float becomes `F.linear` over a
 weight stored [out, in] (the importer keeps it under the layer's name), the
@@ -7,14 +8,12 @@ form the prune-nm rules match.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .onnx_ops import op
 
-
-@op("MatMul")
 def _matmul(ctx, a, b):
     """F.linear for a constant 2-D B; aten.bmm for 3-D operands of one batch size (what
     torch.bmm captures as, e.g. per-token expert matmuls); else matmul's broadcasting rules."""
@@ -26,7 +25,6 @@ def _matmul(ctx, a, b):
     return torch.matmul(a, b)
 
 
-@op("Gemm")
 def _gemm(ctx, a, b, c=None):
     alpha, beta = ctx.attr("alpha", 1.0), ctx.attr("beta", 1.0)
     a = a.t() if ctx.attr("transA", 0) else a
@@ -68,7 +66,6 @@ def _torch_padding(x: torch.Tensor, pads: list[int], value: float) -> tuple[torc
     return F.pad(x, flat, value=value), [0] * dims
 
 
-@op("Conv")
 def _conv(ctx, x, w, b=None):
     dims = x.dim() - 2
     kernel = list(ctx.attr("kernel_shape", w.shape[2:]))
@@ -86,7 +83,6 @@ def _explicit_pad(x: torch.Tensor, pads: list[int], value: float) -> torch.Tenso
     return F.pad(x, flat, value=value) if any(flat) else x
 
 
-@op("MaxPool", "AveragePool")
 def _pool(ctx, x):
     """Pads applied explicitly (ONNX allows pads over half the kernel); average divisors by pooling a mask."""
     dims = x.dim() - 2
@@ -112,20 +108,17 @@ def _pool(ctx, x):
     return total / count
 
 
-@op("GlobalAveragePool", "GlobalMaxPool")
 def _global_pool(ctx, x):
     dims = list(range(2, x.dim()))
     return x.mean(dims, keepdim=True) if ctx.op_type == "GlobalAveragePool" else x.amax(dims, keepdim=True)
 
 
-@op("BatchNormalization")
 def _batch_norm(ctx, x, scale, bias, mean, var):
     if ctx.attr("training_mode", 0):
         raise ValueError(f"BatchNormalization node '{ctx.node.name}': training_mode=1 is not supported")
     return F.batch_norm(x, mean, var, scale, bias, False, 0.0, ctx.attr("epsilon", 1e-5))
 
 
-@op("LayerNormalization")
 def _layer_norm(ctx, x, scale, bias=None):
     axis = ctx.attr("axis", -1) % x.dim()
     eps = ctx.attr("epsilon", 1e-5)
@@ -140,7 +133,6 @@ def _layer_norm(ctx, x, scale, bias=None):
     return (y if bias is None else y + bias), mean, inv_std
 
 
-@op("RMSNormalization")
 def _rms_norm(ctx, x, scale):
     axis = ctx.attr("axis", -1) % x.dim()
     return F.rms_norm(x, x.shape[axis:], scale.expand(x.shape[axis:]), ctx.attr("epsilon", 1e-5))
@@ -154,7 +146,6 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.reshape(batch, seq, heads, width // heads).transpose(1, 2)
 
 
-@op("Attention")
 def _attention(ctx, q, k, v, mask=None, past_key=None, past_value=None, *rest):
     """ONNX Attention (opset 23): scaled dot-product attention with GQA, masks and a KV cache."""
     if rest and any(r is not None for r in rest) or ctx.attr("softcap", 0.0) or ctx.attr("qk_matmul_output_mode", 0):
@@ -182,3 +173,10 @@ def _attention(ctx, q, k, v, mask=None, past_key=None, past_value=None, *rest):
         y = y.transpose(1, 2).reshape(y.shape[0], y.shape[2], -1)
     outputs = [y, k, v][: len(ctx.node.output)]
     return tuple(outputs) if len(outputs) > 1 else y
+
+
+NN_OPS: dict[str, Callable] = {
+    "MatMul": _matmul, "Gemm": _gemm, "Conv": _conv, "MaxPool": _pool, "AveragePool": _pool,
+    "GlobalAveragePool": _global_pool, "GlobalMaxPool": _global_pool, "BatchNormalization": _batch_norm,
+    "LayerNormalization": _layer_norm, "RMSNormalization": _rms_norm, "Attention": _attention,
+}

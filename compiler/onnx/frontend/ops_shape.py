@@ -1,20 +1,16 @@
-"""ONNX operators as torch code, part 2: shapes, indexing and constants (see onnx_ops.py)."""
+"""ONNX operators as torch code, part 2: shapes, indexing and constants (calling convention: `op_table`)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from onnx import numpy_helper
 
-from .onnx_ops import _axes, op, to_torch
+from .tensors import to_torch
 
 
-def _tensor(array: np.ndarray) -> torch.Tensor:
-    return to_torch(array)
-
-
-@op("Constant")
 def _constant(ctx):
     for name in ("value", "value_float", "value_floats", "value_int", "value_ints"):
         value = ctx.attr(name, None)
@@ -23,37 +19,32 @@ def _constant(ctx):
     else:
         raise ValueError(f"Constant node '{ctx.node.name}': only value/value_float(s)/value_int(s) are supported")
     if name == "value":
-        return _tensor(numpy_helper.to_array(value))
+        return to_torch(numpy_helper.to_array(value))
     dtype = np.float32 if "float" in name else np.int64
-    return _tensor(np.asarray(value, dtype=dtype))
+    return to_torch(np.asarray(value, dtype=dtype))
 
 
-@op("ConstantOfShape")
 def _constant_of_shape(ctx, shape):
     value = ctx.attr("value", None)
-    fill = _tensor(numpy_helper.to_array(value)) if value is not None else torch.zeros(1)
+    fill = to_torch(numpy_helper.to_array(value)) if value is not None else torch.zeros(1)
     return torch.full([int(d) for d in ctx.const(0)], fill.reshape(-1)[0].item(), dtype=fill.dtype)
 
 
-@op("Shape")
 def _shape(ctx, x):
     start, end = ctx.attr("start", 0), ctx.attr("end", None)
     return torch.tensor(list(x.shape)[start:end], dtype=torch.int64)
 
 
-@op("Size")
 def _size(ctx, x):
     return torch.tensor(x.numel(), dtype=torch.int64)
 
 
-@op("Range")
 def _range(ctx, start, limit, delta):
     s, lim, d = (ctx.const(i).reshape(-1)[0].item() for i in range(3))
     count = max(math.ceil((lim - s) / d), 0)
     return (torch.arange(count, dtype=torch.float64) * d + s).to(start.dtype)
 
 
-@op("Reshape")
 def _reshape(ctx, x, shape):
     target = [int(d) for d in ctx.const(1)]
     if not ctx.attr("allowzero", 0):
@@ -61,28 +52,24 @@ def _reshape(ctx, x, shape):
     return x.reshape(target)
 
 
-@op("Flatten")
 def _flatten(ctx, x):
     axis = ctx.attr("axis", 1)
     axis = axis + x.dim() if axis < 0 else axis
     return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
 
 
-@op("Transpose")
 def _transpose(ctx, x):
     perm = ctx.attr("perm", None)
     return x.permute(list(perm) if perm is not None else list(range(x.dim()))[::-1])
 
 
-@op("Concat")
 def _concat(ctx, *xs):
     return torch.cat([x for x in xs if x is not None], ctx.attr("axis"))
 
 
-@op("Split")
 def _split(ctx, x, split=None):
     axis, outputs = ctx.attr("axis", 0), len(ctx.node.output)
-    sizes = _axes(ctx, 1, "split")
+    sizes = ctx.axes(1, "split")
     if sizes is None:
         length = x.shape[axis]
         count = ctx.attr("num_outputs", outputs)
@@ -91,7 +78,6 @@ def _split(ctx, x, split=None):
     return tuple(torch.split(x, sizes, axis))
 
 
-@op("Slice")
 def _slice(ctx, x, starts, ends, axes=None, steps=None):
     if ctx.opset < 10:
         starts, ends, axes = ctx.attr("starts"), ctx.attr("ends"), ctx.attr("axes", None)
@@ -122,7 +108,6 @@ def _slice_axis(x: torch.Tensor, axis: int, start: int, end: int, step: int) -> 
     return torch.index_select(x, axis, torch.tensor(picks, dtype=torch.int64))
 
 
-@op("Gather")
 def _gather(ctx, data, indices):
     axis = ctx.attr("axis", 0) % data.dim()
     size = data.shape[axis]
@@ -132,16 +117,14 @@ def _gather(ctx, data, indices):
     return picked.reshape(*data.shape[:axis], *indices.shape, *data.shape[axis + 1:])
 
 
-@op("GatherElements")
 def _gather_elements(ctx, data, indices):
     axis = ctx.attr("axis", 0) % data.dim()
     indices = torch.where(indices < 0, indices + data.shape[axis], indices)
     return torch.gather(data, axis, indices.to(torch.int64))
 
 
-@op("Unsqueeze")
 def _unsqueeze(ctx, x, axes=None):
-    axes = _axes(ctx, 1)
+    axes = ctx.axes(1)
     rank = x.dim() + len(axes)
     out = x
     for axis in sorted(a % rank for a in axes):
@@ -149,31 +132,26 @@ def _unsqueeze(ctx, x, axes=None):
     return out
 
 
-@op("Squeeze")
 def _squeeze(ctx, x, axes=None):
-    axes = _axes(ctx, 1)
+    axes = ctx.axes(1)
     if axes is None:
         return x.squeeze() if x.dim() else x
     return x.squeeze([a % x.dim() for a in axes]) if axes else x
 
 
-@op("Expand")
 def _expand(ctx, x, shape):
     target = torch.broadcast_shapes(tuple(x.shape), tuple(int(d) for d in ctx.const(1)))
     return x.expand(target)
 
 
-@op("Tile")
 def _tile(ctx, x, repeats):
     return x.repeat([int(r) for r in ctx.const(1)])
 
 
-@op("Dropout")
 def _dropout(ctx, x, *_):
     return (x, torch.ones_like(x, dtype=torch.bool)) if len(ctx.node.output) > 1 else x
 
 
-@op("GatherND")
 def _gather_nd(ctx, data, indices):
     """out[b..., i..., :] = data[b..., indices[b..., i..., 0], ..., indices[b..., i..., q-1], :]
     with `batch_dims` leading b: one advanced index (aten.index), the form torch code
@@ -183,3 +161,12 @@ def _gather_nd(ctx, data, indices):
     rank = indices.dim() - 1                        # dims of the index tuples: batch + the rest
     batch = [torch.arange(data.shape[j]).reshape([-1 if d == j else 1 for d in range(rank)]) for j in range(b)]
     return data[tuple(batch + [indices[..., j] for j in range(indices.shape[-1])])]
+
+
+SHAPE_OPS: dict[str, Callable] = {
+    "Constant": _constant, "ConstantOfShape": _constant_of_shape, "Shape": _shape, "Size": _size,
+    "Range": _range, "Reshape": _reshape, "Flatten": _flatten, "Transpose": _transpose, "Concat": _concat,
+    "Split": _split, "Slice": _slice, "Gather": _gather, "GatherElements": _gather_elements,
+    "Unsqueeze": _unsqueeze, "Squeeze": _squeeze, "Expand": _expand, "Tile": _tile, "Dropout": _dropout,
+    "GatherND": _gather_nd,
+}

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import sparsecc
 
-from .hf_attention import gpt2, ids_and_padding, llama
+from ..hf_attention import gpt2, ids_and_padding, llama
 
 PIPELINE = "sparse-attention{block=64},cleanup"
 
@@ -210,9 +210,9 @@ def test_config_errors_name_the_key(config, message):
 
 def test_pass_options_are_checked_before_anything_runs():
     inputs, _ = _masked_inputs(seq=32)
-    with pytest.raises(ValueError, match="threshold=2.0 must lie in"):
+    with pytest.raises(ValueError, match=r"option 'threshold': expected a number in \(0, 1\), got 2.0"):
         sparsecc.compile(MaskedAttention(), inputs, pipeline="sparse-attention{policy=threshold,threshold=2.0}")
-    with pytest.raises(ValueError, match="topk=0.0 must be"):
+    with pytest.raises(ValueError, match="option 'topk': expected a fraction .* got 0.0"):
         sparsecc.compile(MaskedAttention(), inputs, pipeline="sparse-attention{policy=topk,topk=0}")
 
 

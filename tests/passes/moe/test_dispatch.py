@@ -4,8 +4,8 @@ import torch
 
 import sparsecc
 
-from . import moe_models as mm
-from .hf_moe import mixtral, qwen2_moe, tokens
+from .. import moe_models as mm
+from ..hf_moe import mixtral, qwen2_moe, tokens
 
 
 def _compile(model, inputs, **kw):

@@ -5,14 +5,15 @@ from torch import nn
 
 import sparsecc
 from sparsecc.errors import ConfigError
-from sparsecc.passes import PassContext, PassManager
-from sparsecc.passes.layerwise import prune_layerwise
-from sparsecc.passes.nm_methods import NO_CALIBRATION, magnitude_prune
-from sparsecc.passes.prune_nm import PruneNM, _NMRewrite
-from sparsecc.passes.sparsegpt import HessianStats, sparsegpt_prune
-from sparsecc.passes.wanda import WandaStats
+from sparsecc.passes import PassContext, PassManager, build_pipeline
+from sparsecc.passes.calibration import NO_CALIBRATION
+from sparsecc.passes.nm.layerwise import prune_layerwise
+from sparsecc.passes.nm.methods import magnitude_prune
+from sparsecc.passes.nm.prune import NMRules, PruneNM
+from sparsecc.passes.nm.sparsegpt import HessianStats, sparsegpt_prune
+from sparsecc.passes.nm.wanda import WandaStats
 
-from .helpers import capture, outputs
+from ..helpers import capture, outputs
 
 
 class MLP(nn.Module):
@@ -117,7 +118,7 @@ def test_layers_see_inputs_computed_with_earlier_layers_already_pruned():
     x = torch.randn(16, 32)
     gm = capture(model, (x,))
     ctx = PassContext(example_inputs=(x,))
-    targets = _NMRewrite(PruneNM(), gm, ctx).targets()
+    targets = NMRules(PruneNM(), gm, ctx).targets()
     seen = {}
 
     def prune(target, weight, inputs):
@@ -135,7 +136,7 @@ def test_pipeline_option_and_pass_context_calibration():
     model, x = MLP(), torch.randn(8, 32)
     gm = capture(model, (x,))
     ctx = PassContext(example_inputs=(x,), calibration=[(torch.randn(32, 32),)])
-    gm = PassManager.from_pipeline("prune-nm{n=2,m=4,method=sparsegpt,percdamp=0.1,blocksize=8},cleanup").run(gm, ctx)
+    gm = PassManager(build_pipeline("prune-nm{n=2,m=4,method=sparsegpt,percdamp=0.1,blocksize=8},cleanup")).run(gm, ctx)
     assert ctx.stats["prune-nm"].rewritten == 2
     assert ctx.records[0].details["calibration"] == "calibration: 1 batch(es) of [32, 32]"
     assert outputs(gm, x)[0].shape == (8, 32)
@@ -144,7 +145,7 @@ def test_pipeline_option_and_pass_context_calibration():
 def test_bad_method_options_and_calibration_are_named():
     with pytest.raises(ConfigError, match="unknown method 'obs'.*magnitude, wanda, sparsegpt"):
         sparsecc.compile(MLP(), (torch.randn(4, 32),), {"weights": {"method": "obs"}})
-    with pytest.raises(ConfigError, match="weights.blocksize: expected a positive multiple of M=8"):
+    with pytest.raises(ConfigError, match="weights.blocksize: blocksize must be a positive multiple of M=8"):
         sparsecc.compile(MLP(), (torch.randn(4, 32),), {"weights": {"pattern": "4:8", "blocksize": 12}})
     with pytest.raises(ConfigError, match="calibration batch 1 has structure"):
         sparsecc.compile(MLP(), (torch.randn(4, 32),), {"weights": {"method": "wanda"}},
@@ -152,7 +153,7 @@ def test_bad_method_options_and_calibration_are_named():
     with pytest.raises(ConfigError, match="calibration: expected an iterable of batches"):
         sparsecc.compile(MLP(), (torch.randn(4, 32),), "2:4", calibration=torch.randn(4, 32))
     with pytest.raises(ValueError, match="unknown method 'obs'"):
-        PassManager.from_pipeline("prune-nm{method=obs}").run(capture(MLP(), (torch.randn(4, 32),)), PassContext())
+        PassManager(build_pipeline("prune-nm{method=obs}")).run(capture(MLP(), (torch.randn(4, 32),)), PassContext())
 
 
 def test_sparsegpt_names_the_layer_when_the_hessian_cannot_be_factored():
@@ -163,7 +164,7 @@ def test_sparsegpt_names_the_layer_when_the_hessian_cannot_be_factored():
 def test_calibration_runs_the_captured_graph_of_an_onnx_import():
     np = pytest.importorskip("numpy")
     from onnx import TensorProto, helper, numpy_helper
-    from sparsecc.onnx.importer import make_module
+    from sparsecc.onnx.frontend.onnx_module import make_module
 
     rng = np.random.default_rng(0)
     weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)

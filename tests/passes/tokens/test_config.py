@@ -28,8 +28,8 @@ def test_weights_file_with_spaces_survives_the_pipeline_string():
 @pytest.mark.parametrize("section, message", [
     ({"capacity": 0}, "tokens.capacity: expected a number in \\(0, 1\\]"),
     ({"capacity": 1.5}, "tokens.capacity"),
-    ({"router": "learned"}, "tokens.router: unknown router 'learned'"),
-    ({"where": "attention"}, "tokens.where: unknown or not yet available 'attention'"),
+    ({"router": "learned"}, "tokens.router: expected one of norm, calibrated, weights, got 'learned'"),
+    ({"where": "attention"}, "tokens.where: expected one of mlp, layer, got 'attention'"),
     ({"router": "weights"}, "tokens.weights_file"),
     ({"layers": [1.5]}, "tokens.layers"),
     ({"capcity": 0.5}, "unknown key 'capcity'"),

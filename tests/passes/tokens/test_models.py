@@ -3,8 +3,8 @@ import pytest
 import sparsecc
 import torch
 
-from .hf_attention import gpt2, ids_and_padding, llama
-from .hf_moe import mixtral, qwen2_moe
+from ..hf_attention import gpt2, ids_and_padding, llama
+from ..hf_moe import mixtral, qwen2_moe
 
 
 def _logits(out):

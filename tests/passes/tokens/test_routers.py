@@ -3,15 +3,15 @@ import pytest
 import sparsecc
 import torch
 from safetensors.torch import save_file
-from sparsecc.passes.token_routing_routers import (
+from sparsecc.passes.tokens.routers import (
     Probe,
     fit_probe,
     save_router_weights,
     scores,
 )
 
-from .helpers import Block
-from .routing_models import stack
+from ..helpers import Block
+from ..routing_models import stack
 
 PIPELINE = "token-routing{{capacity=0.5,layers=[*],router={router}{extra}}},cleanup"
 
@@ -36,7 +36,7 @@ def test_calibrated_router_is_fitted_on_the_calibration_batches():
     compiled = _compile("calibrated", calibration=batches)
     records = compiled.report().layers
     assert all(r.details["router"] == "calibrated" and "probe_r2" in r.details for r in records)
-    assert records[0].details["router_data"] == "calibration: 3 batch(es)"
+    assert records[0].details["router_data"] == "calibration: 3 batch(es) of [4, 16, 32]"
     assert records[0].params_after == 33
     assert "routers from calibration: 3 batch(es)" in str(compiled.report())
 

@@ -3,7 +3,7 @@ import pytest
 import sparsecc
 import torch
 
-from .routing_models import CumulativeMLP, LeakyLayer, stack
+from ..routing_models import CumulativeMLP, LeakyLayer, stack
 
 
 def _compile(model, inputs, pipeline="token-routing{capacity=0.5,layers=[*]},cleanup", **kw):

@@ -1,0 +1,100 @@
+"""prune-nm on the stacked experts of `sparsecc.moe`: Wanda/SparseGPT masks from each expert's own routed tokens."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparsecc
+from sparsecc.passes import MoEDispatch, PassContext, PassManager
+from sparsecc.passes.nm.layerwise import prune_layerwise
+from sparsecc.passes.nm.methods import magnitude_prune
+from sparsecc.passes.nm.prune import NMRules, PruneNM
+from sparsecc.runtime.nm_format import decompress_nm
+
+from .. import moe_models as mm
+from ..helpers import capture
+
+
+def loud_block(seed: int = 0) -> torch.nn.Module:
+    """Block(LoopMoE): E=4, top_k=2, H=32, I=48; a quarter of the normed channels are 8x louder, so the
+    experts' input scale differs by channel and Wanda's choice differs from magnitude's."""
+    torch.manual_seed(seed)
+    model = mm.Block(mm.LoopMoE()).eval()
+    with torch.no_grad():
+        model.norm.weight[::4] = 8.0
+    return model
+
+
+def batches(count: int, seed: int) -> list[tuple]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(2, 16, 32, generator=g),) for _ in range(count)]
+
+
+def compile_experts(model, method: str, calibration):
+    return sparsecc.compile(model, (calibration[0][0],), calibration=calibration, check=False, sparsity={
+        "moe": "dispatch", "weights": {"pattern": "2:4", "method": method, "include": ["*.experts"]}})
+
+
+def expert_masks(compiled) -> dict[str, torch.Tensor]:
+    """Stacked expert weight name -> kept mask [E, out, K], decoded from the compressed constants."""
+    record = next(r for r in compiled.report().layers if r.op == "sparsecc.moe+nm_decompress")
+    constants = compiled.constants
+    return {target: decompress_nm(constants[v], constants[i], 2, 4, constants[v].shape[-1] * 2) != 0
+            for target, (v, i) in record.details["compressed"].items()}
+
+
+def moe_error(compiled, model, x) -> float:
+    """Error of the MoE branch (output minus the residual) against the dense block."""
+    with torch.no_grad():
+        dense = model(x)
+        return ((compiled(x) - dense).norm() / (dense - x).norm()).item()
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_expert_masks_follow_the_method_and_lower_the_block_error(method):
+    model, calibration, held_out = loud_block(), batches(4, seed=1), batches(1, seed=2)[0][0]
+    magnitude, chosen = (compile_experts(model, name, calibration) for name in ("magnitude", method))
+    record = next(r for r in chosen.report().layers if r.op == "sparsecc.moe+nm_decompress")
+    assert record.details["method"] == method and "calibration: 4 batch(es)" in record.details["calibration"]
+    assert sum(record.details["routed_rows"]) == 4 * 32 * 2      # every token reaches its top_k = 2 experts
+    masks = {"magnitude": expert_masks(magnitude), method: expert_masks(chosen)}
+    assert all(not torch.equal(masks["magnitude"][w], masks[method][w]) for w in masks[method])
+    assert moe_error(chosen, model, held_out) < 0.75 * moe_error(magnitude, model, held_out)
+
+
+def test_each_expert_observes_only_its_routed_tokens_and_down_reads_the_pruned_gate_up():
+    model, x = loud_block(), torch.randn(2, 16, 32)
+    gm = PassManager([MoEDispatch()]).run(capture(model, (x,)), PassContext(example_inputs=(x,)))
+    targets = NMRules(PruneNM(method="wanda"), gm, PassContext(example_inputs=(x,))).targets()
+    assert [t.layer for t in targets] == [targets[0].layer] * 2 and targets[0].layer.endswith(".experts")
+    seen = {}
+
+    def prune(target, weight, inputs):
+        seen.setdefault(target.weight.target, []).append(torch.cat(list(inputs)))
+        return magnitude_prune(weight, 2, 4)
+
+    pruned = prune_layerwise(gm, [(x,)], targets, prune)
+    with torch.no_grad():
+        h = model.norm(x).reshape(-1, 32)
+        chosen = model.mlp.router.gate(h).softmax(-1).topk(2, dim=-1).indices
+    gate_up, down = (t.weight.target for t in targets)
+    for e in range(4):
+        rows = h[(chosen == e).any(-1)]
+        torch.testing.assert_close(seen[gate_up][e], rows)
+        gate, up = F.linear(rows, pruned[gate_up][0][e]).chunk(2, dim=-1)
+        torch.testing.assert_close(seen[down][e], F.silu(gate) * up)
+
+
+def test_an_expert_no_token_reaches_is_pruned_by_magnitude_and_the_record_says_so():
+    model = loud_block()
+    with torch.no_grad():
+        model.norm.bias.fill_(10.0)
+        model.mlp.router.gate.weight[3] = -10.0      # logit of expert 3 is about -10 * 10 * 32 for every token
+    calibration = batches(2, seed=3)
+    compiled = {name: compile_experts(model, name, calibration) for name in ("magnitude", "wanda")}
+    masks = {name: expert_masks(c) for name, c in compiled.items()}
+    record = next(r for r in compiled["wanda"].report().layers if r.op == "sparsecc.moe+nm_decompress")
+    assert record.details["routed_rows"][3] == 0 and record.details["magnitude_experts"] == [3]
+    assert "experts [3] got no calibration token, pruned by magnitude" in str(compiled["wanda"].report())
+    for weight in masks["wanda"]:
+        assert torch.equal(masks["wanda"][weight][3], masks["magnitude"][weight][3])
+        assert not torch.equal(masks["wanda"][weight][:3], masks["magnitude"][weight][:3])
