@@ -22,6 +22,7 @@ from sparsecc.passes.fake import resolve_attr
 from sparsecc.passes.state import state_targets, written_inputs
 
 from .errors import CaptureError, ConfigError
+from .model_call import BoundCall, bind_call, bound_forward, graph_dynamic_shapes
 
 _EXPORT_REASON_LINES = 25
 
@@ -35,6 +36,7 @@ class Captured:
     symbol_ranges: dict[str, list[Optional[int]]]
     state_names: list[str] = field(default_factory=list)   # constants the forward writes (program state)
     initial_state: dict[str, torch.Tensor] = field(default_factory=dict)   # their values at capture
+    bound: BoundCall = field(default_factory=BoundCall)   # keyword constants baked in, outputs dropped
 
     def reset_dense_state(self) -> None:
         """Put the dense reference's state back to its value at capture (each reference run starts there)."""
@@ -67,9 +69,11 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: Optional[dict] = None,
     check_model(model)
     # no_grad: traced under grad mode, an in-place write into a buffer leaves the user's tensor
     # requiring grad (a non-leaf), which then breaks deepcopy and every later eager call
-    with _eval_mode(model), torch.no_grad(), _buffers_kept(model):
+    tensor_kwargs, bound = bind_call(model, kwargs)
+    with _eval_mode(model), torch.no_grad(), _buffers_kept(model), bound_forward(model, bound):
         try:
-            ep = torch.export.export(model, args, kwargs or {}, dynamic_shapes=dynamic_shapes, strict=False)
+            ep = torch.export.export(model, args, tensor_kwargs, strict=False,
+                                     dynamic_shapes=graph_dynamic_shapes(dynamic_shapes, bound.constants))
         except Exception as err:  # the exporter raises many types; all mean "cannot capture"
             raise CaptureError(_capture_message(model, err)) from err
     gm, dense_gm = _unlifted(ep), _unlifted(ep)
@@ -78,7 +82,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: Optional[dict] = None,
     _own_state(gm, state_names)
     _own_state(dense_gm, state_names)
     initial_state = {name: resolve_attr(gm, name).detach().clone() for name in state_names}
-    return Captured(gm, dense_gm, gm._in_spec, gm._out_spec, _symbol_ranges(ep), state_names, initial_state)
+    return Captured(gm, dense_gm, gm._in_spec, gm._out_spec, _symbol_ranges(ep), state_names, initial_state, bound)
 
 
 def _refuse_input_mutation(model: torch.nn.Module, gm: torch.fx.GraphModule) -> None:
@@ -128,15 +132,28 @@ def _capture_message(model: torch.nn.Module, err: Exception) -> str:
 
 @contextmanager
 def _buffers_kept(model: torch.nn.Module):
-    """Put the model's buffers back as they were: non-strict export runs the forward on the real
-    tensors a module reaches through other objects (a StaticCache's layers alias the buffers)."""
-    saved = [(buffer, buffer.detach().clone()) for buffer in {id(b): b for b in model.buffers()}.values()]
+    """Put the model's buffers and plain tensor attributes back as they were: non-strict export runs
+    the forward on the real tensors a module holds outside its parameters (a tensor attribute, a
+    StaticCache's layers aliasing the buffers), so an in-place write there would reach the user."""
+    saved = [(tensor, tensor.detach().clone()) for tensor in _mutable_tensors(model)]
     try:
         yield
     finally:
-        for buffer, value in saved:
-            if not torch.equal(buffer, value):
-                buffer.copy_(value)
+        for tensor, value in saved:
+            if not torch.equal(tensor, value):
+                tensor.copy_(value)
+
+
+def _mutable_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Buffers and tensors held as plain attributes (directly or in a list, tuple or dict), each once."""
+    found: dict[int, torch.Tensor] = {id(b): b for b in model.buffers()}
+    for module in model.modules():
+        for value in vars(module).values():
+            items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
+            for item in items:
+                if isinstance(item, torch.Tensor) and not isinstance(item, torch.nn.Parameter):
+                    found.setdefault(id(item), item)
+    return list(found.values())
 
 
 class _eval_mode:
