@@ -20,21 +20,57 @@ a 0-dim tensor. All functions are vectorised torch and run on any device.
 from __future__ import annotations
 
 import math
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-SCORINGS = ("softmax", "sigmoid")
+SCORINGS = ("softmax", "sigmoid", "sparsemixer")
+GROUP_SCORE_TOP = 2   # a group's score is the sum of its best 2 corrected scores (DeepSeek-V3)
 
 
-def route(router_logits: Tensor, top_k: int, normalize: bool, scoring: str) -> tuple[Tensor, Tensor]:
-    """(weights fp32 [T, k], experts int64 [T, k]): the top_k scores, divided by their sum if normalize."""
+def group_limited(choice: Tensor, n_group: int, topk_group: int) -> Tensor:
+    """choice [T, E] with every expert outside each token's best topk_group groups set to -inf; experts
+    are split into n_group consecutive groups, a group scored by the sum of its top-2 choice scores."""
+    grouped = choice.view(choice.shape[0], n_group, choice.shape[1] // n_group)
+    group_scores = grouped.topk(GROUP_SCORE_TOP, dim=-1).values.sum(-1)
+    kept = torch.zeros_like(group_scores, dtype=torch.bool)
+    kept.scatter_(1, group_scores.topk(topk_group, dim=-1).indices, True)
+    return grouped.masked_fill(~kept[..., None], float("-inf")).view_as(choice)
+
+
+def sparsemixer(logits: Tensor, top_k: int, eps: float) -> tuple[Tensor, Tensor]:
+    """PhiMoE's inference routing: slot j takes the best expert m_j not taken yet; its weight is the
+    softmax at m_j over the untaken experts i with (s[m_j] - s[i]) / max(|s[i]|, s[m_j]) <= 2*eps."""
+    weights, experts, untaken = [], [], logits
+    for _ in range(top_k):
+        best, index = untaken.max(dim=-1, keepdim=True)
+        far = (best - logits) / logits.abs().clamp(min=best) > 2 * eps
+        weights.append(untaken.masked_fill(far, float("-inf")).softmax(-1).gather(-1, index))
+        experts.append(index)
+        untaken = untaken.scatter(-1, index, float("-inf"))
+    return torch.cat(weights, -1), torch.cat(experts, -1)
+
+
+def route(router_logits: Tensor, top_k: int, normalize: bool, scoring: str, *,
+          score_correction_bias: Optional[Tensor] = None, n_group: int = 1, topk_group: int = 1,
+          routed_scaling_factor: float = 1.0, sparsemixer_eps: float = 0.01) -> tuple[Tensor, Tensor]:
+    """(weights fp32 [T, k], experts int64 [T, k]), the routing of `sparsecc.runtime.ops.moe`: experts
+    chosen on scores + score_correction_bias (group-limited when n_group > 1), weighted by the
+    uncorrected scores, divided by their sum if normalize, times routed_scaling_factor."""
     logits = router_logits.float()
-    scores = logits.softmax(-1) if scoring == "softmax" else logits.sigmoid()
-    weights, experts = scores.topk(top_k, dim=-1)
+    if scoring == "sparsemixer":
+        weights, experts = sparsemixer(logits, top_k, sparsemixer_eps)
+    else:
+        scores = logits.softmax(-1) if scoring == "softmax" else logits.sigmoid()
+        choice = scores if score_correction_bias is None else scores + score_correction_bias.float()
+        if n_group > 1:
+            choice = group_limited(choice, n_group, topk_group)
+        experts = choice.topk(top_k, dim=-1).indices
+        weights = scores.gather(1, experts)
     if normalize:
         weights = weights / weights.sum(-1, keepdim=True)
-    return weights, experts
+    return weights * routed_scaling_factor, experts
 
 
 def sort_by_expert(experts: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
@@ -94,9 +130,10 @@ def capacity_mask(experts: Tensor, num_experts: int, capacity_factor: float) -> 
 
 
 def route_within_capacity(router_logits: Tensor, top_k: int, normalize: bool, scoring: str,
-                          capacity_factor: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(weights, experts with dropped pairs set to E, dropped count): what both kernels dispatch."""
-    weights, experts = route(router_logits, top_k, normalize, scoring)
+                          capacity_factor: float, **selection: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """(weights, experts with dropped pairs set to E, dropped count): what both kernels dispatch;
+    `selection` takes route's keyword arguments."""
+    weights, experts = route(router_logits, top_k, normalize, scoring, **selection)
     if capacity_factor <= 0:
         return weights, experts, experts.new_zeros(())
     num_experts = router_logits.shape[-1]

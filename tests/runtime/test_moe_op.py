@@ -6,18 +6,25 @@ import torch
 import torch.nn.functional as F
 
 from sparsecc.runtime.kernels.cpu.moe import ACTIVATIONS, moe_cpu
+from sparsecc.runtime.kernels.moe_contract import MOE_ARGUMENTS
 from sparsecc.runtime.ops import get_op
-from sparsecc.runtime.ops.moe import MOE, _sample, moe_flops, moe_reference, verify_moe
+from sparsecc.runtime.ops.moe import MOE, moe_flops, moe_reference, sample_moe_arguments, verify_moe, with_options
 
 moe = torch.ops.sparsecc.moe.default
 
 
 def make_call(tokens=10, width=16, inter=8, num_experts=4, top_k=2, *, gated=True, shared=False,
               shared_gate=False, normalize=True, scoring="softmax", activation="silu", capacity_factor=0.0,
-              dtype=torch.float32):
-    """The op's 13 arguments with random weights."""
-    return (*_sample(tokens, width, inter, num_experts, gated, shared, shared_gate, dtype),
+              dtype=torch.float32, biases=False, **options):
+    """The op's arguments with random weights: the first 13, or all of them when `biases` (random
+    b_gate_up, b_down) or other `options` of the op are given by name."""
+    call = (*sample_moe_arguments(tokens, width, inter, num_experts, gated, shared, shared_gate, dtype),
             top_k, normalize, scoring, activation, gated, capacity_factor)
+    if biases:
+        rows = (2 if gated else 1) * inter
+        options.update(b_gate_up=torch.randn(num_experts, rows, dtype=dtype),
+                       b_down=torch.randn(num_experts, width, dtype=dtype))
+    return with_options(call, **options) if options else call
 
 
 def dense_moe(hidden, router_logits, w_gate_up, w_down, top_k, normalize, scoring, activation, gated):
@@ -66,6 +73,17 @@ CASES = {
     "capacity": dict(tokens=16, capacity_factor=0.5),
     "capacity, top-1": dict(tokens=12, top_k=1, capacity_factor=1.0, shared=True),
     "no tokens": dict(tokens=0),
+    "DeepSeek-V3 routing": dict(tokens=12, num_experts=8, top_k=3, scoring="sigmoid", shared=True,
+                                score_correction_bias=torch.linspace(-0.5, 0.5, 8), n_group=4, topk_group=2,
+                                routed_scaling_factor=2.5),
+    "group limit, capacity": dict(tokens=16, num_experts=8, n_group=2, topk_group=1, capacity_factor=0.5),
+    "GPT-OSS experts": dict(biases=True, interleaved=True, activation="swiglu_clamped", swiglu_limit=0.5),
+    "GPT-OSS experts, looped (300 tokens)": dict(tokens=300, biases=True, interleaved=True,
+                                                 activation="swiglu_clamped", swiglu_limit=0.5, swiglu_alpha=1.0),
+    "biases, not gated": dict(biases=True, gated=False, activation="gelu"),
+    "biases, looped, capacity": dict(tokens=300, biases=True, capacity_factor=0.5),
+    "sparsemixer": dict(scoring="sparsemixer", normalize=False, sparsemixer_eps=0.2),
+    "sparsemixer, no tokens": dict(tokens=0, scoring="sparsemixer"),
 }
 
 
@@ -91,15 +109,21 @@ def test_capacity_drops_change_the_output():
     torch.testing.assert_close(y, moe_reference(*call))
 
 
-def test_op_runs_the_cpu_kernel_and_passes_opcheck():
-    call = make_call(shared=True, shared_gate=True, capacity_factor=1.0)
+@pytest.mark.parametrize("options", [dict(), dict(biases=True, interleaved=True, activation="swiglu_clamped"),
+                                     dict(num_experts=8, scoring="sigmoid", score_correction_bias=torch.ones(8),
+                                          n_group=4, topk_group=2, routed_scaling_factor=2.0)])
+def test_op_runs_the_cpu_kernel_and_passes_opcheck(options):
+    call = make_call(shared=True, shared_gate=True, capacity_factor=1.0, **options)
     torch.testing.assert_close(moe(*call), moe_cpu(*call))
     torch.library.opcheck(moe, call)
 
 
 def test_registry_entry():
     assert get_op("sparsecc::moe") is MOE and MOE.op is moe and MOE.kernel("torch") is moe_cpu
-    assert MOE.attrs == ("top_k", "normalize", "scoring", "activation", "gated", "capacity_factor")
+    schema = [a for a in moe._schema.arguments]
+    assert tuple(a.name for a in schema) == MOE_ARGUMENTS  # MoECall binds the kernels' arguments as the op's
+    assert MOE.attrs == tuple(a.name for a in schema if not isinstance(a.type, torch.TensorType)
+                              and not isinstance(a.type, torch.OptionalType))
     assert MOE.onnx_export == "moe" and "triton" in MOE.kernels
 
 
@@ -130,9 +154,7 @@ def test_verifier_accepts_a_well_formed_call():
 
 
 def _change(call, **changes):
-    names = ["hidden", "router_logits", "w_gate_up", "w_down", "shared_gate_up", "shared_down", "shared_gate",
-             "top_k", "normalize", "scoring", "activation", "gated", "capacity_factor"]
-    return [changes.get(name, value) for name, value in zip(names, call)]
+    return with_options(call, **changes)
 
 
 @pytest.mark.parametrize("changes,reason", [
@@ -148,6 +170,27 @@ def _change(call, **changes):
     (dict(scoring="softplus"), "scoring 'softplus'"),
     (dict(activation="swish"), "activation 'swish'"),
     (dict(capacity_factor=-1.0), "capacity_factor"),
+    (dict(score_correction_bias=torch.randn(5)), r"score_correction_bias \[5\] .* must be floating point \[E=4\]"),
+    (dict(score_correction_bias=torch.zeros(4, dtype=torch.int64)), "score_correction_bias"),
+    (dict(n_group=3), "n_group=3 must be a positive divisor of E=4"),
+    (dict(n_group=0), "n_group=0"),
+    (dict(n_group=4, topk_group=1), "leaves 1 expert per group"),
+    (dict(n_group=2, topk_group=3), r"topk_group=3 must be in 1..n_group=2"),
+    (dict(n_group=2, topk_group=0), "topk_group=0"),
+    (dict(n_group=2, topk_group=1, top_k=3), "top_k=3 exceeds the 2 experts in topk_group=1 of n_group=2"),
+    (dict(routed_scaling_factor=0.0), "routed_scaling_factor=0.0 must be finite and > 0"),
+    (dict(routed_scaling_factor=float("nan")), "routed_scaling_factor"),
+    (dict(scoring="sparsemixer", top_k=1), "sparsemixer' picks exactly top_k=2"),
+    (dict(scoring="sparsemixer", n_group=2), "sparsemixer"),
+    (dict(sparsemixer_eps=-0.1), "sparsemixer_eps"),
+    (dict(b_gate_up=torch.randn(4, 8)), r"b_gate_up \[4, 8\] must be \[E=4, 16\]"),
+    (dict(b_down=torch.randn(3, 16)), r"b_down \[3, 16\] must be \[E=4, H=16\]"),
+    (dict(b_down=torch.randn(4, 16, dtype=torch.float64)), "b_down dtype"),
+    (dict(interleaved=1), "interleaved=1 must be a boolean"),
+    (dict(activation="swiglu_clamped", gated=False, w_gate_up=torch.randn(4, 8, 16), shared_gate_up=None,
+          shared_down=None, shared_gate=None), "needs gated experts"),
+    (dict(swiglu_limit=0.0), "swiglu_limit=0.0 must be finite and > 0"),
+    (dict(swiglu_alpha=float("inf")), "swiglu_alpha"),
 ])
 def test_verifier_names_the_problem(changes, reason):
     problem = verify_moe(*_change(make_call(shared=True, shared_gate=True), **changes))

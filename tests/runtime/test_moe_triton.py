@@ -58,9 +58,27 @@ def test_capacity_factor_drops_pairs():
     assert_kernel_matches(tokens=12, capacity_factor=0.5)
 
 
+@pytest.mark.parametrize("options", [
+    dict(num_experts=8, scoring="sigmoid", score_correction_bias=torch.linspace(-1, 1, 8), n_group=4, topk_group=2,
+         routed_scaling_factor=2.5, shared=True),
+    dict(scoring="sparsemixer", normalize=False, sparsemixer_eps=0.2),
+    dict(biases=True, interleaved=True, activation="swiglu_clamped", swiglu_limit=0.5, swiglu_alpha=1.702),
+    dict(biases=True, interleaved=True, activation="swiglu_clamped", swiglu_limit=0.5, shared=True, tokens=12,
+         capacity_factor=0.5),
+    dict(biases=True, activation="gelu_tanh"),
+    dict(biases=True, gated=False, activation="relu"),
+], ids=["DeepSeek-V3 routing", "sparsemixer", "GPT-OSS experts", "GPT-OSS experts, shared, capacity",
+        "biases, gated", "biases, not gated"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_routing_and_expert_options(options, dtype):
+    assert_kernel_matches(dtype, **options)
+
+
 def test_ragged_shapes_and_several_k_steps():
     # H=40, I=24 do not fill 16-wide tiles; BLOCK_K=16 takes 3 steps over H and 2 over I.
     assert_kernel_matches(width=40, inter=24, tiles=dict(block_m=16, block_n=16, block_k=16))
+    assert_kernel_matches(width=40, inter=24, tiles=dict(block_m=16, block_n=16, block_k=16), biases=True,
+                          interleaved=True, activation="swiglu_clamped", swiglu_limit=0.5)
 
 
 def test_default_tiles():
@@ -82,3 +100,18 @@ def test_cuda_shapes(tokens, num_experts, top_k, dtype):
     y = torch.ops.sparsecc.moe(*call)  # the op's CUDA kernel is the Triton launcher
     in_fp32 = [t.float() if isinstance(t, torch.Tensor) else t for t in call]
     torch.testing.assert_close(y.float(), moe_reference(*in_fp32), rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("options", [
+    dict(scoring="sigmoid", score_correction_bias=torch.linspace(-1, 1, 8), n_group=4, topk_group=2,
+         routed_scaling_factor=2.5, shared=True),
+    dict(biases=True, interleaved=True, activation="swiglu_clamped", swiglu_limit=7.0, swiglu_alpha=1.702),
+], ids=["DeepSeek-V3 form", "GPT-OSS form"])
+def test_cuda_family_forms(options, dtype):
+    call = make_call(300, 1024, 704, 8, 2, dtype=dtype, **options)
+    on_cuda = [t.cuda() if isinstance(t, torch.Tensor) else t for t in call]
+    y = torch.ops.sparsecc.moe(*on_cuda)
+    in_fp32 = [t.float() if isinstance(t, torch.Tensor) else t for t in call]
+    torch.testing.assert_close(y.float().cpu(), moe_reference(*in_fp32), rtol=3e-2, atol=3e-2)
