@@ -111,10 +111,15 @@ class Pass:
         """The values a Literal option accepts (command-line `choices`, say)."""
         return typing.get_args(cls.option_types()[option])
 
+    def spelled_options(self) -> tuple[str, ...]:
+        """Options the pipeline text shows even at their default (a pass may add those its mode uses)."""
+        return self.always_spelled
+
     def spelling(self) -> str:
-        """The pipeline text of this pass; options at their default are left out unless `always_spelled`."""
+        """The pipeline text of this pass; options at their default are left out unless `spelled_options`."""
+        shown = self.spelled_options()
         options = [f"{f.name}={format_option(getattr(self, f.name))}" for f in dataclasses.fields(self)
-                   if f.name in self.always_spelled or not _is_default(f, getattr(self, f.name))]
+                   if f.name in shown or not _is_default(f, getattr(self, f.name))]
         return self.name + ("{" + ",".join(options) + "}" if options else "")
 
 

@@ -56,16 +56,25 @@ class SparseAttention(Pass):
                  Bounds(1, whole=True, noun="a whole count")),
         "threshold": Bounds(0, 1, low_open=True, high_open=True), "tolerance": Bounds(0)}
     always_spelled: ClassVar[tuple[str, ...]] = ("policy", "block")
+    policy_options: ClassVar[dict[str, tuple[str, ...]]] = {   # what each policy reads, shown in the report
+        "mask": (), "window": ("window", "sinks"), "topk": ("topk", "sinks"), "threshold": ("threshold",)}
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         # `mask` leaves is_causal to SDPA: its causal kernel already skips blocks
+        before = set(gm.graph.nodes)
         converted = causal_sdpa_as_mask(gm) if self.policy != "mask" else {}
         result = rewrite_regions(gm, ctx, AttentionRule(self))
         remaining = set(gm.graph.nodes)
         for node, (args, kwargs) in converted.items():  # left dense: back to SDPA's causal fast path
             if node in remaining:
                 node.args, node.kwargs = args, kwargs
+        for node in reversed(list(gm.graph.nodes)):     # and the causal masks made for them go again
+            if node not in before and not node.users and node.op == "call_function":
+                gm.graph.erase_node(node)
         return result
+
+    def spelled_options(self) -> tuple[str, ...]:
+        return self.always_spelled + self.policy_options.get(self.policy, ())
 
     def options_problem(self) -> Optional[OptionProblem]:
         if self.policy not in POLICIES:
@@ -108,7 +117,7 @@ class AttentionRule(RegionRule):
         return sites, misses
 
     def recorded(self, site: AttentionSite) -> tuple[Node, ...]:
-        return site.root, site.q, site.k, site.v, site.mask
+        return tuple(n for n in (site.root, site.q, site.k, site.v, site.mask, site.sinks) if n is not None)
 
     def readings(self, gm: GraphModule, site: AttentionSite, values: dict) -> Iterator[BlockCall]:
         return (BlockCall(self.options.block, (), 0.0, empty_rows) for empty_rows in EMPTY_ROWS)

@@ -249,3 +249,18 @@ def test_is_causal_sdpa_is_narrowed_by_lossy_policies_and_left_to_sdpa_under_mas
     assert 0 < error and abs(error - layer.details["error_vs_dense"]) < 1e-5
     # the first 64 + 4 rows see every key they saw before: exact there
     torch.testing.assert_close(got[:, :, :64], dense[:, :, :64], rtol=1e-5, atol=1e-5)
+
+
+class CausalSDPA(torch.nn.Module):
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def test_a_causal_site_left_dense_leaves_the_graph_as_it_was():
+    """A lossy policy turns causal SDPA into a mask to try it; a site it then skips goes back whole."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 256, 16) for _ in range(3))
+    cm = sparsecc.compile(CausalSDPA(), (q, k, v),
+                          pipeline="sparse-attention{policy=window,window=64,block=64,tolerance=0.0},cleanup")
+    assert [s["rule"] for s in cm.report().skipped] == ["sparse-attention"]
+    assert "block_attention" not in cm.ir() and "arange" not in cm.ir()
