@@ -12,7 +12,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from sparsecc.runtime.attention_layout import Layout, density
-from sparsecc.runtime.ops.block_attention import skipped_blocks, visible_elements
+from sparsecc.runtime.ops.block_attention import attention_logits, skipped_blocks, visible_elements
 
 from ..rewriter import Rewriter
 from .sites import AttentionSite
@@ -37,8 +37,9 @@ class BlockCall:
 
 def run_block_attention(site: AttentionSite, values: dict, call: BlockCall) -> torch.Tensor:
     q, k, v, mask = (values[n] for n in (site.q, site.k, site.v, site.mask))
+    sinks = None if site.sinks is None else values[site.sinks].reshape(-1)
     return torch.ops.sparsecc.block_attention(q, k, v, *call.layout(mask, q, k), mask, site.scale, call.block,
-                                              call.block, call.threshold, call.empty_rows)
+                                              call.block, call.threshold, call.empty_rows, site.softcap, sinks)
 
 
 def achieved_density(site: AttentionSite, values: dict, call: BlockCall) -> float:
@@ -47,8 +48,8 @@ def achieved_density(site: AttentionSite, values: dict, call: BlockCall) -> floa
     layout = Layout(*call.layout(mask, q, k))
     if call.threshold <= 0:
         return density(layout)
-    keys, groups = k.shape[2], q.shape[1] // k.shape[1]
-    logits = q.float() @ k.float().repeat_interleave(groups, 1).transpose(-1, -2) * site.scale
+    keys = k.shape[2]
+    logits = attention_logits(q, k, site.scale, site.softcap)
     visible = visible_elements(layout, mask, q.shape[2], keys, call.block, call.block)
     logits = logits.masked_fill(~visible, float("-inf"))
     skipped = skipped_blocks(logits, layout, call.threshold, call.block, call.block).sum().item()
@@ -63,8 +64,9 @@ def insert_block_attention(gm: GraphModule, site: AttentionSite, call: BlockCall
     layout = rw.call(torch.ops.sparsecc.block_layout.default, site.mask, call.block, call.block, *call.layout_args,
                      *operands)
     parts = [rw.getitem(layout, i) for i in range(4)]
+    sinks = None if site.sinks is None else rw.call(torch.ops.aten.reshape.default, site.sinks, [-1])
     out = rw.call(torch.ops.sparsecc.block_attention.default, site.q, site.k, site.v, *parts, site.mask,
-                  site.scale, call.block, call.block, call.threshold, call.empty_rows)
+                  site.scale, call.block, call.block, call.threshold, call.empty_rows, site.softcap, sinks)
     want = site.root.meta["val"]
     if out.meta["val"].dtype != want.dtype:
         out = rw.call(torch.ops.aten.to.dtype, out, want.dtype)

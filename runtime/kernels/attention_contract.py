@@ -54,13 +54,24 @@ def attr_problem(scale: float, threshold: float, empty_rows: str) -> Optional[st
     return None if empty_rows in EMPTY_ROWS else f"empty_rows {empty_rows!r} is not one of {', '.join(EMPTY_ROWS)}"
 
 
+def variant_problem(q: Tensor, softcap: float, sinks: Optional[Tensor]) -> Optional[str]:
+    """Logit softcapping (0 = off) and learned sink logits (one per query head)."""
+    if not isinstance(softcap, (int, float)) or isinstance(softcap, bool) or not math.isfinite(softcap) \
+            or softcap < 0:
+        return f"softcap={softcap!r} must be a finite number > 0 (0 = no softcapping)"
+    if sinks is not None and (list(sinks.shape) != [q.shape[1]] or not sinks.dtype.is_floating_point):
+        return f"sinks {sinks.dtype}{list(sinks.shape)} must be one float logit per query head [{q.shape[1]}]"
+    return None
+
+
 def block_attention_problem(q: Tensor, k: Tensor, v: Tensor, layout: Layout, mask: Optional[Tensor], scale: float,
                             block_q: int, block_k: int, threshold: float, empty_rows: str,
-                            check_data: bool) -> Optional[str]:
+                            check_data: bool, softcap: float = 0.0, sinks: Optional[Tensor] = None) -> Optional[str]:
     """None when a block_attention call is well formed, else the first problem found."""
     problem = operand_problem(q, k, v) or block_size_problem(block_q, block_k)
     if problem:
         return problem
     nq, nk = math.ceil(q.shape[2] / block_q), math.ceil(k.shape[2] / block_k)
     problem = layout_problem(layout, q.shape[0], q.shape[1], nq, nk, check_data)
-    return problem or mask_problem(q, k, mask) or attr_problem(scale, threshold, empty_rows)
+    return (problem or mask_problem(q, k, mask) or attr_problem(scale, threshold, empty_rows)
+            or variant_problem(q, softcap, sinks))

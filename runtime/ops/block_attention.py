@@ -15,6 +15,14 @@ NaN. Measured in torch 2.13 on CPU: `F.scaled_dot_product_attention` with an
 all-False boolean row returns 0 on both the math and the flash backend, not
 NaN, so such SDPA calls are "zero"; the eager softmax of an all -inf row is NaN.
 
+Variants (Gemma2, GPT-OSS): softcap > 0 replaces every logit by softcap * tanh(logit / softcap)
+before the mask (0: off); sinks [Hq] adds one learned logit per query head to each row's softmax
+and drops its weight after it (v of the sink is 0):
+
+    out_i = sum_j exp(l_ij) v_j / (sum_j exp(l_ij) + exp(sinks[h]))
+
+so with sinks no row is empty: a row that sees no key gives 0 whatever `empty_rows` says.
+
 threshold > 0 (BLASST): each query block visits its full blocks, then its
 partial blocks, in ascending order, and skips a block when for every row r of
 the block  max_j logit(r, j) - m_r < log(threshold),  m_r being the largest
@@ -31,25 +39,27 @@ from torch import Tensor
 
 from ..attention_layout import Layout, as_4d, block_states, causal_layout, layout_from_mask
 from ..kernels.attention_contract import block_attention_problem
-from ..kernels.cpu.block_attention import block_attention_cpu, fill_empty_rows
+from ..kernels.cpu.block_attention import block_attention_cpu, fill_empty_rows, softcapped, with_sinks
 from .registry import OpDef, has_data
 
 
 def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
                            full_num_blocks: Tensor, full_indices: Tensor, mask: Optional[Tensor], scale: float,
-                           block_q: int, block_k: int, threshold: float = 0.0, empty_rows: str = "zero") -> Tensor:
+                           block_q: int, block_k: int, threshold: float = 0.0, empty_rows: str = "zero",
+                           softcap: float = 0.0, sinks: Optional[Tensor] = None) -> Tensor:
     """The Triton kernel; imported on first call so loading the op registry stays cheap."""
     from ..kernels.triton.block_attention import block_attention_triton as launch
     return launch(q, k, v, kv_num_blocks, kv_indices, full_num_blocks, full_indices, mask, scale,
-                  block_q, block_k, threshold, empty_rows)
+                  block_q, block_k, threshold, empty_rows, softcap, sinks)
 
 
 @torch.library.custom_op("sparsecc::block_attention", mutates_args=(), device_types="cpu")
 def block_attention(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
                     full_num_blocks: Tensor, full_indices: Tensor, mask: Optional[Tensor], scale: float,
-                    block_q: int, block_k: int, threshold: float = 0.0, empty_rows: str = "zero") -> Tensor:
+                    block_q: int, block_k: int, threshold: float = 0.0, empty_rows: str = "zero",
+                    softcap: float = 0.0, sinks: Optional[Tensor] = None) -> Tensor:
     return block_attention_cpu(q, k, v, kv_num_blocks, kv_indices, full_num_blocks, full_indices, mask, scale,
-                               block_q, block_k, threshold, empty_rows)
+                               block_q, block_k, threshold, empty_rows, softcap, sinks)
 
 
 block_attention.register_kernel("cuda")(block_attention_triton)
@@ -57,7 +67,7 @@ block_attention.register_kernel("cuda")(block_attention_triton)
 
 @block_attention.register_fake
 def _(q, k, v, kv_num_blocks, kv_indices, full_num_blocks, full_indices, mask, scale, block_q, block_k,
-      threshold=0.0, empty_rows="zero"):
+      threshold=0.0, empty_rows="zero", softcap=0.0, sinks=None):
     return q.new_empty(*q.shape[:3], v.shape[3])
 
 
@@ -107,30 +117,38 @@ def _skipped(logits: Tensor, layout: Layout, threshold: float, block_q: int, blo
 
 
 def block_attention_reference(q, k, v, kv_num_blocks, kv_indices, full_num_blocks, full_indices, mask, scale,
-                              block_q, block_k, threshold=0.0, empty_rows="zero") -> Tensor:
+                              block_q, block_k, threshold=0.0, empty_rows="zero", softcap=0.0,
+                              sinks=None) -> Tensor:
     """The semantics above as one dense masked softmax in fp32, for tests."""
     batch, heads, seq, _ = q.shape
     groups = heads // k.shape[1]
     layout = Layout(kv_num_blocks, kv_indices, full_num_blocks, full_indices)
     visible = visible_elements(layout, mask, seq, k.shape[2], block_q, block_k).expand(batch, heads, -1, -1)
-    logits = q.float() @ k.float().repeat_interleave(groups, 1).transpose(-1, -2) * scale
-    logits = logits.masked_fill(~visible, float("-inf"))
+    logits = attention_logits(q, k, scale, softcap).masked_fill(~visible, float("-inf"))
     if threshold > 0:
         logits = logits.masked_fill(_skipped(logits, layout, threshold, block_q, block_k), float("-inf"))
     seen = logits.amax(-1) > float("-inf")
     weights = torch.softmax(logits.masked_fill(~seen[..., None], 0.0), -1) * seen[..., None]
-    out = weights @ v.float().repeat_interleave(groups, 1)
-    lse = torch.where(seen, 0.0, float("-inf"))
+    row_max = logits.amax(-1).masked_fill(~seen, 0.0)
+    lse = torch.where(seen, torch.logsumexp(logits - row_max[..., None], -1) + row_max, float("-inf"))
+    out, lse = with_sinks(weights @ v.float().repeat_interleave(groups, 1), lse, sinks)
     return fill_empty_rows(out, lse, v, empty_rows).to(q.dtype)
 
 
+def attention_logits(q: Tensor, k: Tensor, scale: float, softcap: float = 0.0) -> Tensor:
+    """fp32 [B, Hq, S, Skv] q . k * scale, softcapped when softcap > 0; k read per query head."""
+    logits = q.float() @ k.float().repeat_interleave(q.shape[1] // k.shape[1], 1).transpose(-1, -2) * scale
+    return softcapped(logits, softcap)
+
+
 def verify_block_attention(q, k, v, kv_num_blocks, kv_indices, full_num_blocks, full_indices, mask, scale,
-                           block_q, block_k, threshold=0.0, empty_rows="zero") -> Optional[str]:
+                           block_q, block_k, threshold=0.0, empty_rows="zero", softcap=0.0,
+                           sinks=None) -> Optional[str]:
     """None when the call is well formed, else the first inconsistency found; real (constant) layout
     tensors also have their values checked (counts in [0, NK], indices in [0, NK), ascending, disjoint)."""
     layout = Layout(kv_num_blocks, kv_indices, full_num_blocks, full_indices)
     return block_attention_problem(q, k, v, layout, mask, scale, block_q, block_k, threshold, empty_rows,
-                                   check_data=all(has_data(t) for t in layout))
+                                   check_data=all(has_data(t) for t in layout), softcap=softcap, sinks=sinks)
 
 
 def _qkv(batch, heads, kv_heads, seq, keys, dim, dtype=torch.float32):
@@ -145,10 +163,13 @@ def _samples() -> list[tuple]:
             (*_qkv(2, 2, 2, 24, 50, 16), *layout_from_mask(padding, 16, 32), padding, 0.25, 16, 32, 0.0, "nan"),
             (*_qkv(1, 2, 1, 1, 40, 16, torch.bfloat16), *causal_layout(1, 40, 16, 16), None, 0.25, 16, 16, 0.0,
              "uniform"),
-            (*_qkv(1, 2, 2, 40, 40, 16), *causal, None, 0.25, 16, 16, 0.5, "zero")]
+            (*_qkv(1, 2, 2, 40, 40, 16), *causal, None, 0.25, 16, 16, 0.5, "zero"),
+            (*_qkv(1, 4, 2, 40, 40, 16), *causal, None, 0.25, 16, 16, 0.0, "zero", 5.0, torch.randn(4)),
+            (*_qkv(2, 2, 2, 24, 50, 16), *layout_from_mask(padding, 16, 32), padding, 0.25, 16, 32, 0.0, "nan",
+             0.0, torch.randn(2))]
 
 
 BLOCK_ATTENTION = OpDef(name="block_attention", op=torch.ops.sparsecc.block_attention.default,
                         kernels={"torch": block_attention_cpu, "triton": block_attention_triton},
                         verify=verify_block_attention,
-                        attrs=("scale", "block_q", "block_k", "threshold", "empty_rows"), samples=_samples)
+                        attrs=("scale", "block_q", "block_k", "threshold", "empty_rows", "softcap"), samples=_samples)

@@ -119,3 +119,58 @@ def test_functions_match_the_cpu_kernels(seq, keys, heads, kv_heads, block_q, bl
     for empty_rows in ("zero", "nan"):
         got, want = _run_function("block_attention", (q, k, v, *layout, mask, 0.35, block_q, block_k, 0.3, empty_rows))
         np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
+class CappedOrSunkAttention(torch.nn.Module):
+    """Eager attention as Gemma2 (softcap) and GPT-OSS (sink logits) write it, under causal (& a sliding
+    window of `window` keys) & key padding `keep` (None: no padding, so the mask is known at export)."""
+
+    def __init__(self, softcap=0.0, heads=4, window=None):
+        super().__init__()
+        self.softcap, self.window = softcap, window
+        self.sinks = torch.nn.Parameter(torch.linspace(-1.0, 2.0, heads)) if not softcap else None
+
+    def forward(self, q, k, v, keep=None):
+        groups, seq = q.shape[1] // k.shape[1], q.shape[-2]
+        k, v = (t.repeat_interleave(groups, 1) for t in (k, v))
+        scores = q @ k.transpose(2, 3) * q.shape[-1] ** -0.5
+        if self.softcap:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        rows, cols = torch.arange(seq)[:, None], torch.arange(seq)[None, :]
+        visible = ((rows >= cols) & (cols > rows - self.window if self.window else True))[None, None]
+        visible = visible if keep is None else visible & keep[:, None, None, :]
+        scores = scores + torch.where(visible, torch.zeros(()), torch.finfo(torch.float32).min)
+        if self.sinks is None:
+            return torch.softmax(scores, -1) @ v
+        scores = torch.cat([scores, self.sinks.reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1)], -1)
+        probs = torch.softmax(scores - scores.max(-1, keepdim=True).values, -1)
+        return probs[..., :-1] @ v
+
+
+@pytest.mark.parametrize("softcap", [5.0, 0.0], ids=["softcap", "sinks"])
+def test_softcap_and_sinks_run_in_onnxruntime(softcap, tmp_path):
+    inputs = _inputs(heads=4, kv_heads=2)
+    model = CappedOrSunkAttention(softcap)
+    compiled = sparsecc.compile(model, inputs, sparsity={"attention": {"block": 64}})
+    assert compiled.report().layers[0].details["error_vs_dense"] < 1e-5
+    result, exported = _export_and_compare(compiled, inputs, tmp_path / "variant.onnx")
+    np.testing.assert_allclose(run_ort(str(tmp_path / "variant.onnx"), *inputs)[0], model(*inputs).detach().numpy(),
+                               rtol=1e-4, atol=1e-5)
+    body = {n.op_type for n in _function_of(exported, "block_attention").node}
+    assert ("Tanh" in body) == bool(softcap) and ("Exp" in body) != bool(softcap)
+
+
+@pytest.mark.parametrize("window", [None, 40], ids=["causal", "sliding"])
+@pytest.mark.parametrize("softcap", [5.0, 0.0], ids=["softcap", "sinks"])
+def test_softcap_and_sinks_become_group_query_attention(softcap, window, tmp_path):
+    """GroupQueryAttention's softcap and head_sink compute the op's softcap and sinks (measured in ORT 1.32)."""
+    q, k, v, _ = _inputs(seq=160, heads=4, kv_heads=2)
+    model = CappedOrSunkAttention(softcap, window=window)
+    compiled = sparsecc.compile(model, (q, k, v), sparsity={"attention": {"block": 64}})
+    path = str(tmp_path / "gqa.onnx")
+    result = compiled.export_onnx(path, contrib=True)
+    assert result.contrib_nodes == {"com.microsoft.GroupQueryAttention": 1}
+    gqa, = [n for n in onnx.load(path).graph.node if n.op_type == "GroupQueryAttention"]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa.attribute}
+    assert attrs.get("softcap", 0.0) == softcap and (len(gqa.input) > 11 and gqa.input[11] != "") != bool(softcap)
+    np.testing.assert_allclose(run_ort(path, q, k, v)[0], model(q, k, v).detach().numpy(), rtol=1e-4, atol=1e-5)

@@ -7,7 +7,8 @@ built from `arange` does; a padding mask from a graph input does not), and
 compared element by element with what each contrib op attends to (measured in
 onnxruntime 1.32 CPU against a float64 reference, see docs/onnx.md):
 
-    GroupQueryAttention(local_window_size=W)   i - W < j <= i (W = -1: j <= i), one band for every head
+    GroupQueryAttention(local_window_size=W)   i - W < j <= i (W = -1: j <= i), one band for every head;
+                                               softcap and head_sink carry the op's softcap and sinks
     SparseAttention(sparse_block_size=b)       j <= i and block (i // b, j // b) listed in the block-CSR
                                                layout of head h (layout h % L; L = 1 or Hq)
 
@@ -16,7 +17,7 @@ need: S == Skv (prompt form, no cache), q, k, v of one dtype, float32 or
 float16, v's head dim equal to q's, scale != 0 (0 means 1/sqrt(D) to both ops),
 no threshold skipping, the same elements for every batch row, and every query
 row seeing some key (both ops would average over keys the sparse op hides). SparseAttention also needs block_q ==
-block_k and a head dim that is a multiple of 8.
+block_k, a head dim that is a multiple of 8, no softcapping and no sink logits.
 
 SparseAttention on CPU runs only with past_key/present_key (and the values) in
 one buffer: each such node gets graph inputs `<node>.past_key` and
@@ -63,6 +64,8 @@ class AttentionCall:
     scale: float
     block: int                           # block_q: SparseAttention's sparse_block_size
     block_k: int
+    softcap: float = 0.0                 # GroupQueryAttention's softcap (SparseAttention has none)
+    sinks: bool = False                  # input 8 feeds GroupQueryAttention's head_sink (SparseAttention: none)
 
 
 def static_value(value: ir.Value, opset: int, cache: dict) -> np.ndarray | str:
@@ -121,8 +124,9 @@ def attention_call(node: ir.Node) -> AttentionCall | str:
         return f"threshold={a['threshold']} skips blocks by the data at run time"
     if a["scale"] == 0.0:
         return "scale 0 (both ops read 0 as 1/sqrt(head dim))"
+    sinks = node.inputs[8] if len(node.inputs) > 8 else None
     return AttentionCall(q[0], q[1], k[1], q[2], q[3], next(iter(dtypes)), float(a["scale"]), a["block_q"],
-                         a["block_k"])
+                         a["block_k"], float(a.get("softcap", 0.0)), sinks is not None)
 
 
 def attended(node: ir.Node, layout: ir.Node, opset: int, cache: dict) -> np.ndarray | str:
@@ -201,6 +205,8 @@ def fit_attention(node: ir.Node, opset: int, cache: dict) -> tuple[AttentionFit 
     if not isinstance(window, str):
         return AttentionFit("GroupQueryAttention", window=window), layout
     blocks = causal_blocks(seen, call)
+    if not isinstance(blocks, str) and (call.softcap > 0 or call.sinks):
+        blocks = "it has no logit softcapping or sink logits"
     if not isinstance(blocks, str) and not isinstance(call.batch, int):
         blocks = f"its past/present buffers, bound by the runner, need a static batch (got {call.batch!r})"
     if isinstance(blocks, str):
@@ -237,13 +243,13 @@ def _unpack(graph: ir.Graph, node: ir.Node, packed: ir.Value, call: AttentionCal
     graph.insert_before(node, [split, swap])
     out, new = node.outputs[0], swap.outputs[0]
     new.shape, new.dtype = out.shape, out.dtype
-    ir.convenience.replace_all_uses_with(out, new)
-    if out in graph.outputs:   # a graph output keeps its name
+    is_output = out in graph.outputs
+    if is_output:   # swapped first: onnx_ir refuses to replace the uses of a graph output
         graph.outputs[graph.outputs.index(out)] = new
-        graph.remove(node, safe=True)
+    ir.convenience.replace_all_uses_with(out, new)
+    graph.remove(node, safe=True)
+    if is_output:   # a graph output keeps its name
         new.name = out.name
-    else:
-        graph.remove(node, safe=True)
 
 
 def _csr(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -293,6 +299,12 @@ def rewrite_attention(model: ir.Model, node: ir.Node, fit: AttentionFit, call: A
     if fit.op == "GroupQueryAttention":
         seqlens_k = _per_batch_row(graph, node, q, np.int32(call.seq - 1), call.batch)
         inputs = [q, k, v, None, None, seqlens_k, _const(graph, node, np.array(call.seq, np.int32))]
+        if call.sinks:  # head_sink [Hq] in q's dtype: the extra logit in each row's softmax denominator
+            cast = ir.node("Cast", [node.inputs[8]], {"to": ir.DataType(call.dtype)})
+            graph.insert_before(node, cast)
+            inputs += [None] * 4 + [cast.outputs[0]]
+        if call.softcap > 0:
+            attrs["softcap"] = call.softcap
         contrib = ir.node(fit.op, inputs, {**attrs, "local_window_size": fit.window}, domain=CONTRIB, num_outputs=1)
         graph.insert_before(node, contrib)
     else:

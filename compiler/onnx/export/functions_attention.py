@@ -12,6 +12,12 @@ visible = full | (partial & rule), then fp32 softmax(q k^T * scale + (0 | -inf))
 with kv head h // (Hq/Hkv) per query head; rows that see no key are filled as
 `empty_rows` says. The function states the semantics; it computes every block.
 threshold > 0 first drops the blocks the BLASST rule skips (`functions_attention_policies`).
+softcap > 0 caps the scores as softcap * Tanh(scores / softcap) before the mask; sinks [Hq] join each
+row's softmax as one more logit with a zero value vector:
+
+    m = max(max_j l_j, sink),   out = sum_j exp(l_j - m) v_j / (sum_j exp(l_j - m) + exp(sink - m))
+
+so no row is empty with sinks (one that sees no key gives 0).
 """
 from __future__ import annotations
 
@@ -26,7 +32,8 @@ from .functions_attention_policies import threshold_kept, topk_kept
 from .spec import CallSpec
 
 LAYOUT_OUTPUTS = ("kv_num_blocks", "kv_indices", "full_num_blocks", "full_indices")
-ATTENTION_INPUTS = ("q", "k", "v", "kv_num_blocks", "kv_indices", "full_num_blocks", "full_indices", "mask")
+ATTENTION_INPUTS = ("q", "k", "v", "kv_num_blocks", "kv_indices", "full_num_blocks", "full_indices", "mask",
+                    "sinks")
 
 
 def _as_4d(b: Body, x: str, shape: tuple) -> tuple[str, tuple]:
@@ -124,11 +131,16 @@ def block_attention_function(spec: CallSpec):
     v = repeat_heads(b, f32("v"), v_shape, hq)
     scores = b.op("Mul", b.op("MatMul", f32("q"), b.op("Transpose", k, perm=[0, 1, 3, 2])),
                   b.const(a["scale"], np.float32))
+    if a.get("softcap", 0.0) > 0:
+        cap = b.const(a["softcap"], np.float32)
+        scores = b.op("Mul", b.op("Tanh", b.op("Div", scores, cap)), cap)
     if a.get("threshold", 0.0) > 0:
         kept = threshold_kept(b, spec, scores, visible)
         kept = _elements(b, kept, nq, nk, a["block_q"], a["block_k"], s, skv)
         visible = b.op("And", visible, kept)
     bias = b.op("Where", visible, b.const(0.0, np.float32), b.const(-np.inf, np.float32))
+    if len(ops) > 8 and ops[8] is not None:
+        return b.finish([b.op("Cast", _with_sinks(b, b.op("Add", scores, bias), v, hq), to=ops[0].elem_type)])
     out = b.op("MatMul", b.op("Softmax", b.op("Add", scores, bias), axis=-1), v)
     seen = b.op("Greater", b.op("ReduceMax", b.op("Cast", visible, to=TensorProto.INT32), b.ints(-1), keepdims=1),
                 b.const(0, np.int32))
@@ -136,3 +148,12 @@ def block_attention_function(spec: CallSpec):
             "uniform": lambda: b.op("ReduceMean", v, b.ints(2), keepdims=1)}[a["empty_rows"]]()
     out = b.op("Where", seen, out, fill)
     return b.finish([b.op("Cast", out, to=ops[0].elem_type)])
+
+
+def _with_sinks(b: Body, logits: str, v: str, heads: int) -> str:
+    """softmax over [logits, sink] (sink [Hq] per head, value vector 0) times v; the max keeps exp finite."""
+    sink = b.op("Reshape", b.op("Cast", "sinks", to=TensorProto.FLOAT), b.ints(1, heads, 1, 1))
+    top = b.op("Max", b.op("ReduceMax", logits, b.ints(-1), keepdims=1), sink)
+    weights = b.op("Exp", b.op("Sub", logits, top))
+    total = b.op("Add", b.op("ReduceSum", weights, b.ints(-1), keepdims=1), b.op("Exp", b.op("Sub", sink, top)))
+    return b.op("Div", b.op("MatMul", weights, v), total)

@@ -26,9 +26,10 @@ consecutive blocks under an additive mask over that run's keys, no gather.
 
 Full runs longer than CHUNK_KEYS are cut, from their end, into CHUNK_KEYS
 pieces: the causal staircase then becomes a few bands and a piece's keys stay
-in cache. With threshold > 0 `_blockwise` visits the blocks one by one in
+in cache. With threshold > 0 or softcap > 0 `_blockwise` visits the blocks one by one in
 order (full, then partial) and skips as the op's semantics say (plain torch,
-slow: it exists for exactness, the Triton kernel is where skipping pays).
+slow: it exists for exactness, the Triton kernel is where skipping pays); softcap needs the logits
+themselves, which flash never returns. Sinks fold in after the merge, from each row's lse.
 
 Heads: a layout slice (one Bm, Hm entry) covers a set of (batch, query head)
 pairs, described as two axes over the flat heads of q [B*Hq] and k [B*Hkv]
@@ -82,6 +83,7 @@ class Problem(NamedTuple):
     rows: int
     block_k: int
     scale: float
+    softcap: float        # 0: off; else the logits pass through softcap * tanh(. / softcap)
 
 
 def head_sets(batch: int, heads: int, kv_heads: int, slice_b: Optional[int], slice_h: Optional[int]) -> HeadSet:
@@ -110,6 +112,20 @@ def merge_into(out: Tensor, lse: Tensor, piece_out: Tensor, piece_lse: Tensor) -
     safe = total.masked_fill(total == float("-inf"), 0.0)  # rows that have seen nothing stay 0
     out.lerp_(piece_out.to(out.dtype), torch.exp(piece_lse - safe)[..., None])
     lse.copy_(total)
+
+
+def softcapped(logits: Tensor, softcap: float) -> Tensor:
+    """softcap * tanh(logits / softcap) (Gemma2's logit softcapping); 0 leaves the logits as they are."""
+    return torch.tanh(logits / softcap) * softcap if softcap > 0 else logits
+
+
+def with_sinks(out: Tensor, lse: Tensor, sinks: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """(out, lse) [B, Hq, S(, Dv)] with one more logit per head, sinks [Hq], whose value vector is 0: the
+    sink takes exp(sink - lse') of each row's weight, lse' = logaddexp(lse, sink) is finite everywhere."""
+    if sinks is None:
+        return out, lse
+    total = torch.logaddexp(lse, sinks.float().to(lse.device)[:, None])
+    return out * torch.exp(lse - total)[..., None], total
 
 
 def fill_empty_rows(out: Tensor, lse: Tensor, v: Tensor, empty_rows: str) -> Tensor:
@@ -248,8 +264,9 @@ def _gathered(p: Problem, hs: HeadSet, lists: dict[int, list[int]], full: bool, 
 
 def _blockwise(p: Problem, hs: HeadSet, orders: list[list[int]], partial_counts: list[int],
                threshold: float) -> None:
-    """Online softmax over each query block's key blocks in order (full, then partial), skipping a
-    block when, for every row, its largest logit is below log(threshold) + the running maximum."""
+    """Online softmax over each query block's key blocks in order (full, then partial) on explicit
+    (softcapped) logits, skipping a block when threshold > 0 and, for every row, its largest logit is
+    below log(threshold) + the running maximum."""
     device, nq = p.q.device, len(orders)
     k_blocks, valid = _padded_table(orders, device)
     is_partial = torch.arange(k_blocks.shape[1], device=device) >= (valid.sum(1) - torch.tensor(
@@ -262,14 +279,14 @@ def _blockwise(p: Problem, hs: HeadSet, orders: list[list[int]], partial_counts:
     total, acc = torch.zeros_like(run_max), torch.zeros(*q.shape[:-1], p.v.shape[-1], device=device)
     for t in range(k_blocks.shape[1]):
         k, v = (x.float() for x in _gather_kv(p, hs, k_blocks[:, t:t + 1]))
-        logits = q @ k.transpose(-1, -2) * p.scale                          # [NQ, O, I, rows, bk]
+        logits = softcapped(q @ k.transpose(-1, -2) * p.scale, p.softcap)  # [NQ, O, I, rows, bk]
         seen = _visibility(p, hs, q_blocks, k_blocks[:, t:t + 1], valid[:, t:t + 1])
         full = valid[:, t, None, None, None, None] & in_rows
         seen = torch.where(is_partial[:, t, None, None, None, None], seen, full)
         logits = logits.masked_fill(~seen, float("-inf"))
         block_max = logits.amax(-1)
         gap = torch.where(block_max == float("-inf"), float("-inf"), block_max - run_max)
-        keep = gap.amax(-1, keepdim=True) >= math.log(threshold)
+        keep = gap.amax(-1, keepdim=True) >= (math.log(threshold) if threshold > 0 else float("-inf"))
         new_max = torch.where(keep, torch.maximum(run_max, block_max), run_max)
         safe = new_max.masked_fill(new_max == float("-inf"), 0.0)
         prob = torch.exp(logits - safe[..., None]) * keep[..., None]
@@ -281,7 +298,7 @@ def _blockwise(p: Problem, hs: HeadSet, orders: list[list[int]], partial_counts:
 
 
 def _problem(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, block_q: int,
-             block_k: int) -> Problem:
+             block_k: int, softcap: float) -> Problem:
     """Flat, contiguous, block-padded operands and fresh accumulators."""
     batch, heads, seq, _ = q.shape
     rows = min(block_q, seq)
@@ -293,7 +310,7 @@ def _problem(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: flo
     out = torch.empty(batch * heads, q_len, v.shape[3], device=q.device)  # `_clear` sets what no piece writes
     lse = torch.empty(batch * heads, q_len, device=q.device)
     return Problem(flat(q, q_len), flat(k, k_len), flat(v, k_len), out, lse,
-                   None if mask is None else as_4d(mask), seq, k.shape[2], heads, rows, block_k, scale)
+                   None if mask is None else as_4d(mask), seq, k.shape[2], heads, rows, block_k, scale, softcap)
 
 
 def _causal_diagonals(p: Problem, partial: dict[int, list[int]], exact: Optional[list[bool]]) -> set[int]:
@@ -390,7 +407,7 @@ def _slice_plan(p: Problem, hs: HeadSet, layout: list, threshold: float, direct:
     """Every piece of one layout slice: [kv_num, kv_indices, full_num, full_indices] as lists; `exact`: per
     query block, whether the mask's diagonal block is the causal triangle for every head of the slice."""
     kv_num, kv_indices, full_num, full_indices = layout
-    if threshold > 0:
+    if threshold > 0 or p.softcap > 0:  # flash cannot cap logits: explicit logits, block by block
         orders = [f[:nf] + pa[:np] for nf, f, np, pa in zip(full_num, full_indices, kv_num, kv_indices)]
         if any(orders):
             _blockwise(p, hs, orders, kv_num, threshold)
@@ -432,14 +449,15 @@ def _clear(p: Problem, hs: HeadSet, q_blocks: set[int]) -> set[int]:
 
 def block_attention_cpu(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
                         full_num_blocks: Tensor, full_indices: Tensor, mask: Optional[Tensor], scale: float,
-                        block_q: int, block_k: int, threshold: float = 0.0, empty_rows: str = "zero") -> Tensor:
+                        block_q: int, block_k: int, threshold: float = 0.0, empty_rows: str = "zero",
+                        softcap: float = 0.0, sinks: Optional[Tensor] = None) -> Tensor:
     """sparsecc::block_attention on CPU tensors (semantics in `sparsecc.runtime.ops.block_attention`).
     The layout's values are checked per call (a few reductions over [.., NQ, NK], read here anyway)."""
     refuse("block_attention", block_attention_problem(
         q, k, v, Layout(kv_num_blocks, kv_indices, full_num_blocks, full_indices), mask, scale, block_q, block_k,
-        threshold, empty_rows, check_data=True))
+        threshold, empty_rows, check_data=True, softcap=softcap, sinks=sinks))
     batch, heads, seq, _ = q.shape
-    p = _problem(q, k, v, mask, scale, block_q, block_k)
+    p = _problem(q, k, v, mask, scale, block_q, block_k, softcap)
     layout = [t.tolist() for t in (kv_num_blocks, kv_indices, full_num_blocks, full_indices)]
     layout_b, layout_h = full_num_blocks.shape[:2]
     triangles = _triangles(p)
@@ -451,4 +469,5 @@ def block_attention_cpu(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, 
             _slice_plan(p, hs, [x[b][h] for x in layout], threshold, seq < block_q, exact)
     out = p.out.view(batch, heads, -1, p.out.shape[-1])[:, :, :seq]
     lse = p.lse.view(batch, heads, -1)[:, :, :seq]
+    out, lse = with_sinks(out, lse, sinks)
     return fill_empty_rows(out, lse, v, empty_rows).to(q.dtype)
