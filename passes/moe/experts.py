@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch.fx import GraphModule, Node
@@ -20,7 +20,15 @@ from ..graph import module_path
 from .regions import ACTIVATIONS, MLPWeights, NotAnMoE, constant_of, expert_index, users_through
 
 aten = torch.ops.aten
-Candidate = tuple[torch.Tensor, torch.Tensor, bool]
+
+
+class Candidate(NamedTuple):
+    """One reading of the expert weights; `swapped`: gate_up's halves were exchanged (up rows first
+    in the model), so a gate_up bias must be exchanged the same way."""
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    gated: bool
+    swapped: bool = False
 
 
 def _oriented(weight: torch.Tensor, width: int, axis: int) -> list[torch.Tensor]:
@@ -52,8 +60,8 @@ def _readings(gate_up: torch.Tensor, down: torch.Tensor) -> list[Candidate]:
     inner, rows = down.shape[2], gate_up.shape[1]
     if rows == 2 * inner:
         gate, up = gate_up[:, :inner], gate_up[:, inner:]
-        return [(gate_up, down, True), (torch.cat([up, gate], 1), down, True)]
-    return [(gate_up, down, False)] if rows == inner else []
+        return [Candidate(gate_up, down, True), Candidate(torch.cat([up, gate], 1), down, True, True)]
+    return [Candidate(gate_up, down, False)] if rows == inner else []
 
 
 def _feeds_activation(node: Node) -> Optional[Node]:
@@ -102,7 +110,7 @@ def per_expert_candidates(gm: GraphModule, groups: dict[str, list[Node]], num_ex
     mlps = [mlp_from_linears(gm, linears) for linears in groups.values()]
     if len({(m.gate_up.shape, m.down.shape, m.gated, m.activation) for m in mlps}) != 1:
         raise NotAnMoE("experts differ in shape or activation")
-    stacked = (torch.stack([m.gate_up for m in mlps]), torch.stack([m.down for m in mlps]), mlps[0].gated)
+    stacked = Candidate(torch.stack([m.gate_up for m in mlps]), torch.stack([m.down for m in mlps]), mlps[0].gated)
     return stacked, [s for m in mlps for s in m.sources]
 
 

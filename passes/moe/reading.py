@@ -6,12 +6,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from torch.fx import GraphModule, Node
 
 from ..rewriter import RewriteError, Rewriter
-from .regions import MoEBlock
+from .block import MoEBlock
+from .routing import Routing
 
 aten = torch.ops.aten
 
@@ -21,7 +23,24 @@ class Reading:
     w_gate_up: torch.Tensor
     w_down: torch.Tensor
     gated: bool
-    normalize: bool
+    routing: Routing
+    b_gate_up: Optional[torch.Tensor] = None
+    b_down: Optional[torch.Tensor] = None
+
+    @property
+    def normalize(self) -> bool:
+        return self.routing.normalize
+
+
+def options(block: MoEBlock, reading: Reading) -> dict[str, Any]:
+    """The op's keyword arguments past capacity_factor that this reading sets (the rest keep defaults)."""
+    biases = {k: v for k, v in (("b_gate_up", reading.b_gate_up), ("b_down", reading.b_down)) if v is not None}
+    return {**reading.routing.options(), **block.expert_form.options(), **biases}
+
+
+def _positional(block: MoEBlock, reading: Reading) -> tuple:
+    """The arguments after the tensors: top_k .. gated."""
+    return block.routing.top_k, reading.normalize, reading.routing.scoring, block.expert_form.activation, reading.gated
 
 
 def dispatch(block: MoEBlock, reading: Reading, hidden: torch.Tensor, logits: torch.Tensor,
@@ -31,7 +50,7 @@ def dispatch(block: MoEBlock, reading: Reading, hidden: torch.Tensor, logits: to
         hidden.reshape(-1, hidden.shape[-1]), logits.reshape(-1, logits.shape[-1]),
         reading.w_gate_up, reading.w_down,
         shared.gate_up if shared else None, shared.down if shared else None, block.shared_gate,
-        block.top_k, reading.normalize, block.scoring, block.activation, reading.gated, capacity_factor)
+        *_positional(block, reading), capacity_factor, **options(block, reading))
 
 
 def _flat(rw: Rewriter, node: Node) -> Node:
@@ -90,8 +109,10 @@ def insert_dispatch(gm: GraphModule, block: MoEBlock, reading: Reading, capacity
     hidden = _flat(rw, block.hidden)
     if hidden.meta["val"].dtype != reading.w_gate_up.dtype:
         hidden = rw.call(aten.to.dtype, hidden, reading.w_gate_up.dtype)
-    y = rw.call(torch.ops.sparsecc.moe.default, hidden, _flat(rw, block.router), *consts, block.top_k,
-                reading.normalize, block.scoring, block.activation, reading.gated, capacity_factor)
+    keywords = {name: rw.add_constant(base + name, value) if isinstance(value, torch.Tensor) else value
+                for name, value in options(block, reading).items()}
+    y = rw.call(torch.ops.sparsecc.moe.default, hidden, _flat(rw, block.routing.router), *consts,
+                *_positional(block, reading), capacity_factor, **keywords)
     return _shaped_like(rw, y, block)
 
 

@@ -1,11 +1,12 @@
 """Find mixture-of-experts blocks in a captured graph and read off what a dispatch needs.
 
-A block is found from its router's `aten.topk`: the innermost module around the
-topk whose region (nodes made inside it, by `nn_module_stack`) also holds the
-expert weights, either stacked 3-D constants `[E, ., .]` (transformers 5.x
-`grouped_mm` / `batched_mm` forms) or E numbered expert submodules of linears
-(`experts.0.w1` ...: the classic loop and the dense formulation). Structure
-gives the candidates; `moe.dispatch` confirms one by running it.
+A block is found from its router's selection (`aten.topk`, or the sparsemixer's
+`aten.max`; see routing.py): the innermost module around it whose region (nodes
+made inside it, by `nn_module_stack`) also holds the expert weights, either
+stacked 3-D constants `[E, ., .]` (transformers 5.x `grouped_mm` / `batched_mm`
+forms) or E numbered expert submodules of linears (`experts.0.w1` ...: the
+classic loop and the dense formulation). Structure gives the candidates;
+`moe.dispatch` confirms one by running it.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..fake import resolve_attr
-from ..graph import VALUE_PRESERVING, module_path, module_paths, nodes_in_module, through_casts
+from ..graph import VALUE_PRESERVING, module_path, module_paths, nodes_in_module
 from ..region import NotARegion
 
 aten = torch.ops.aten
@@ -28,6 +29,10 @@ class NotAnMoE(NotARegion):
     """The region is not a dispatchable MoE block; the message says why."""
 
 
+class NoExpertWeights(NotAnMoE):
+    """No module around the router's selection holds experts: not an MoE candidate at all."""
+
+
 @dataclass
 class MLPWeights:
     """One gated (`down(act(gate x) * up x)`) or plain (`down(act(up x))`) MLP."""
@@ -36,37 +41,6 @@ class MLPWeights:
     gated: bool
     activation: str
     sources: list[str] = field(default_factory=list)
-
-
-@dataclass
-class MoEBlock:
-    path: str
-    nodes: list[Node]                  # made inside the block's module, graph order
-    topk: Node
-    router: Node                       # the linear producing router logits [.., E]
-    hidden: Node                       # the router's input: the tokens [.., H]
-    output: Node                       # the block's result, replaced by the dispatch
-    form: str                          # grouped_mm | batched_mm | loop | dense
-    top_k: int
-    scoring: str
-    normalize: bool
-    expert_candidates: list[tuple[torch.Tensor, torch.Tensor, bool]]  # (w_gate_up [E,.,H], w_down [E,H,I], gated)
-    activation: str
-    shared: Optional[MLPWeights] = None
-    shared_gate: Optional[torch.Tensor] = None
-    sources: list[str] = field(default_factory=list)
-
-    @property
-    def num_experts(self) -> int:
-        return self.expert_candidates[0][0].shape[0]
-
-    @property
-    def layer(self) -> str:
-        return self.path
-
-
-def topk_nodes(gm: GraphModule) -> list[Node]:
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.topk.default]
 
 
 def constant_of(gm: GraphModule, node) -> Optional[torch.Tensor]:
@@ -95,15 +69,16 @@ def expert_index(path: str, block: str) -> Optional[str]:
     return f"{block}.{found.group(1)}".lstrip(".") if found else None
 
 
-def find_block(gm: GraphModule, topk: Node) -> tuple[str, list[Node]]:
-    """The innermost module around `topk` whose region holds expert weights."""
-    for path in reversed(module_paths(topk)):
+def find_block(gm: GraphModule, selection: Node) -> tuple[str, list[Node]]:
+    """The innermost module around the router's `selection` whose region holds expert weights."""
+    for path in reversed(module_paths(selection)):
         region = nodes_in_module(gm, path)
         stacked = [v for v in region_constants(gm, region).values() if v.dim() == 3]
         experts = {expert_index(module_path(n), path) for n in region if n.target is aten.linear.default}
         if len(stacked) >= 2 or len(experts - {None}) >= 2:
             return path, region
-    raise NotAnMoE("no module around the topk holds expert weights (stacked [E, ., .] or numbered experts)")
+    raise NoExpertWeights("no module around the router's top-k holds expert weights "
+                          "(stacked [E, ., .] or numbered experts)")
 
 
 def users_through(node: Node) -> list[Node]:
@@ -112,37 +87,6 @@ def users_through(node: Node) -> list[Node]:
     for user in node.users:
         users += users_through(user) if user.target in VALUE_PRESERVING else [user]
     return users
-
-
-def _linear_weight(gm: GraphModule, node: Node) -> Optional[torch.Tensor]:
-    if isinstance(node, Node) and node.target is aten.linear.default:
-        return constant_of(gm, node.args[1])
-    return None
-
-
-def read_router(gm: GraphModule, topk: Node) -> tuple[Node, str, bool]:
-    """(router linear, scoring, normalize) from the nodes around the topk."""
-    source = through_casts(topk.args[0])
-    if source.target in (aten.softmax.int, aten._softmax.default, aten.sigmoid.default):
-        scoring = "sigmoid" if source.target is aten.sigmoid.default else "softmax"
-        router = through_casts(source.args[0])
-        normalize = _normalizes(topk)
-    else:  # top-k of the raw logits, then softmax over the k: normalised softmax weights
-        router, scoring, normalize = source, "softmax", True
-    if _linear_weight(gm, router) is None:
-        raise NotAnMoE("the topk is not fed by a linear router with a constant weight")
-    return router, scoring, normalize
-
-
-def _normalizes(topk: Node) -> bool:
-    """Whether the top-k weights are divided by their sum."""
-    values = [u for u in topk.users if u.args[1] == 0]
-    for user in users_through(values[0]) if values else []:
-        if user.target in (aten.div.Tensor, aten.div_.Tensor) and user.args[0] is not None:
-            divisor = user.args[1]
-            if isinstance(divisor, Node) and divisor.target is aten.sum.dim_IntList:
-                return True
-    return False
 
 
 def find_output(block_path: str, region: list[Node], hidden: Node, router: Node) -> Node:
@@ -164,16 +108,5 @@ def block_form(region: list[Node], stacked: bool) -> str:
     return "loop" if targets & loop_ops else "dense"
 
 
-def find_activation(region: list[Node]) -> str:
-    for node in region:
-        if node.target in ACTIVATIONS:
-            name = ACTIVATIONS[node.target]
-            if name == "gelu" and node.kwargs.get("approximate", "none") == "tanh":
-                return "gelu_tanh"
-            return name
-    return "silu"
-
-
-__all__ = ["ACTIVATIONS", "MLPWeights", "MoEBlock", "NotAnMoE", "block_form", "constant_of", "expert_index",
-           "find_activation", "find_block", "find_output", "read_router", "region_constants", "topk_nodes",
-           "users_through"]
+__all__ = ["ACTIVATIONS", "MLPWeights", "NoExpertWeights", "NotAnMoE", "block_form", "constant_of", "expert_index",
+           "find_block", "find_output", "region_constants", "users_through"]
