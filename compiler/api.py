@@ -1,6 +1,7 @@
 """`sparsecc.compile` and the `CompiledModel` it returns."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -12,7 +13,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch.utils import _pytree as pytree
 
-from sparsecc.passes import PassContext, PassManager, build_pipeline, format_pipeline, print_graph
+from sparsecc.passes import Cleanup, PassContext, PassManager, build_pipeline, format_pipeline, print_graph
 from sparsecc.passes.records import RewriteRecord
 from sparsecc.runtime.errors import InputMismatchError
 from sparsecc.runtime.executor import BACKENDS, Executor
@@ -25,10 +26,11 @@ from .calibrate import calibration_inputs
 from .capture import Captured, capture, check_model, normalize_inputs
 from .config import parse_sparsity
 from .errors import ConfigError
+from .library_ops import lower_library_ops, prepare_for_passes
 from .lower import lower
 from .numerics import locate_non_finite, relative_error
 from .reference import pruned_state_dict
-from .report import Report
+from .report import Report, noop_lines
 
 
 def compile(model: torch.nn.Module, example_inputs: Any = None, sparsity: Any = None, calibration: Optional[Iterable] = None,
@@ -62,8 +64,9 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, sparsity: Any = 
     ctx = PassContext(example_inputs=flat_inputs, calibration=batches, progress=progress)
     with steps("rewrite"):
         manager = PassManager(passes, verify=verify, print_ir_after_all=print_ir_after_all, dump_dir=dump_dir)
-        gm = manager.run(captured.gm, ctx)
+        gm = manager.run(prepare_for_passes(captured.gm), ctx)   # regions inlined, ATen outside the table decomposed
     with steps("lower"):
+        gm = lower_library_ops(gm)   # what the passes did not absorb becomes ATen ops the runtime runs
         program, constants = lower(gm, captured.symbol_ranges, captured.in_spec, captured.out_spec)
         if os.environ.get("SPARSECC_VALIDATE_PROGRAMS") == "1":   # tests load-check every program they lower
             validate_program(program, constants, device=next((t.device for t in constants.values()), "cpu"))
@@ -72,11 +75,13 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, sparsity: Any = 
     captured.reset_dense_state()
     compiled.example_inputs = flat_inputs   # what `save` runs to find the kernel specialisations to build
     report = _build_report(model, format_pipeline(passes), ctx, compiled, captured)
+    report.noops = noop_lines(_requests(config if pipeline is None else None, passes, ctx))
     if check:
         with steps("check"):
             _check_against_dense(compiled, report, args, graph_kwargs)
     report.timings = dict(steps.timings)
     compiled._report = report
+    _warn_noops(report)
     _warn_dropped(captured)
     return compiled
 
@@ -167,6 +172,20 @@ def _warn_dropped(captured: Captured) -> None:
     if captured.bound.dropped_outputs:   # e.g. a DynamicCache: the program returns the rest, in the model's class
         warnings.warn("sparsecc.compile: left out of the compiled program's outputs: "
                       f"{'; '.join(captured.bound.dropped_outputs)}", stacklevel=3)
+
+
+def _requests(config: Any, passes: list, ctx: PassContext) -> list[tuple[str, Any]]:
+    """(what the user asked for, the stats of the pass that did it), cleanup left out: a request is named
+    by its sparsity section ('weights', 'moe', ...) and its pass, or by the pass alone for a pipeline."""
+    chosen = [getattr(config, f.name) for f in dataclasses.fields(config)] if config is not None else []
+    sections = {s.pass_class.name: s.key for s in chosen if s is not None}
+    return [(f"{sections[p.name]} ({p.spelling()})" if p.name in sections else p.spelling(), stats)
+            for p, stats in zip(passes, ctx.stats.values()) if not isinstance(p, Cleanup)]
+
+
+def _warn_noops(report: Report) -> None:
+    for line in report.noops:   # a request that changed nothing is easy to miss in a long report
+        warnings.warn(f"sparsecc.compile: {line}", stacklevel=3)
 
 
 def _tensor_leaves(tree: Any) -> tuple:

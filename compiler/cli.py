@@ -110,13 +110,14 @@ def _opt(args) -> int:
     from sparsecc.passes import PassContext, PassManager, build_pipeline, print_graph
     from .capture import capture, normalize_inputs
     from .factory import load_factory
+    from .library_ops import prepare_for_passes
 
     model, inputs = load_factory(args.factory)
     captured = capture(model, normalize_inputs(inputs))
     manager = PassManager(build_pipeline(args.pipeline or "cleanup"),
                           print_ir_after_all=args.print_ir_after_all, dump_dir=args.dump_dir)
     ctx = PassContext(example_inputs=normalize_inputs(inputs), progress=True)
-    print(print_graph(manager.run(captured.gm, ctx)))
+    print(print_graph(manager.run(prepare_for_passes(captured.gm), ctx)))   # as compile prepares it
     return 0
 
 

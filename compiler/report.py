@@ -11,6 +11,9 @@ from sparsecc.passes.records import RewriteRecord
 from .numerics import NonFiniteSite
 
 
+_NOOP_REASONS = 3   # distinct skip reasons a no-op line quotes
+
+
 @dataclass
 class Report:
     model: str
@@ -25,6 +28,7 @@ class Report:
     error_vs_reference: Optional[float] = None    # vs the dense model with the pruned weights (exactness)
     non_finite: Optional[NonFiniteSite] = None    # where a nan/inf error started (set only when one is non-finite)
     timings: dict[str, float] = field(default_factory=dict)
+    noops: list[str] = field(default_factory=list)   # one line per request that rewrote nothing (noop_lines)
 
     def totals(self) -> dict[str, int]:
         """Sums over the rows, each weight and each FLOP counted once where rewrites compose: an MoE
@@ -52,7 +56,7 @@ class Report:
             "model_bytes": {"before": self.model_bytes_before, "after": self.model_bytes_after},
             "error_vs_dense": self.error_vs_dense, "error_vs_reference": self.error_vs_reference,
             "non_finite": self.non_finite.to_dict() if self.non_finite else None,
-            "timings": self.timings,
+            "timings": self.timings, "noops": self.noops,
         }
 
     def to_json(self, indent: int = 2) -> str:
@@ -100,7 +104,8 @@ def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def format_report(report: Report) -> str:
-    out = [f"sparsecc report: {report.model}", f"pipeline: {report.pipeline}", f"backend:  {report.backend}", ""]
+    out = [f"sparsecc report: {report.model}", *report.noops, f"pipeline: {report.pipeline}",
+           f"backend:  {report.backend}", ""]
     if report.layers:
         rows = [[r.layer, r.op, r.pattern, "x".join(map(str, r.shape)),
                  f"{_count(r.params_before)} -> {_count(r.params_after)}",
@@ -122,6 +127,26 @@ def format_report(report: Report) -> str:
     out += _skipped_lines(report.skipped) + _error_lines(report)
     out += _timing_lines(report.timings)
     return "\n".join(out)
+
+
+def noop_lines(requests: list[tuple[str, Any]]) -> list[str]:
+    """'<request>: rewrote nothing (N layers skipped: reasons)' for each (request, its pass's PassStats)
+    that rewrote nothing, so a request that applies to nothing in the model is never silent."""
+    lines = []
+    for request, stats in requests:
+        if stats.rewritten:
+            continue
+        reasons: dict[str, int] = {}
+        for skip in stats.skipped:
+            reasons[skip.reason] = reasons.get(skip.reason, 0) + 1
+        shown = "; ".join(f"{reason} (x{count})" if count > 1 else reason
+                          for reason, count in list(reasons.items())[:_NOOP_REASONS])
+        more = f"; {len(reasons) - _NOOP_REASONS} more reasons" if len(reasons) > _NOOP_REASONS else ""
+        count = f"{len(stats.skipped)} layer{'s' if len(stats.skipped) > 1 else ''} skipped"
+        why = f"{count}: {shown}{more}" if stats.skipped else \
+            "nothing in the model has the form it rewrites"
+        lines.append(f"{request}: rewrote nothing ({why})")
+    return lines
 
 
 def _nm_method_lines(layers: list[RewriteRecord]) -> list[str]:

@@ -4,14 +4,15 @@
 `x @ W`) rather than `[out, in]`:
 
     aten.linear(x, W, b?)                 W [out, in]
-    aten.addmm(b, x, aten.t(W))           W [out, in]   (decomposed linear)
-    aten.mm(x, aten.t(W))                 W [out, in]
-    aten.matmul(x, aten.t(W))             W [out, in]   (x @ W.t())
+    aten.addmm(b, x, W.T)                 W [out, in]   (decomposed linear)
+    aten.mm(x, W.T)                       W [out, in]
+    aten.matmul(x, W.T)                   W [out, in]   (x @ W.T: Falcon's FalconLinear)
     aten.addmm(b, x, W)                   W [in, out]   (Conv1D)
     aten.mm(x, W) / aten.matmul(x, W)     W [in, out]
 
-Each becomes `sparsecc::nm_linear(x, values, indices, b?)` over the weight read
-as [out, K]. Beta/alpha of addmm are not named in the patterns, so they must be
+W.T is any spelling of a 2-D transpose (`t`, `numpy_T`, `permute(1, 0)`,
+`transpose(0, 1)`: nm/transposes.py). Each becomes
+`sparsecc::nm_linear(x, values, indices, b?)` over the weight read as [out, K]. Beta/alpha of addmm are not named in the patterns, so they must be
 at their default 1. A weight that also feeds anything else (a tied embedding,
 say) or that a MoE router reads is skipped with the reason.
 """
@@ -31,9 +32,10 @@ from .compressed import NMWeights, layer_path
 from .layerwise import LayerTarget
 from .records import example_rows, nm_record
 from .rule import NMRule
+from .transposes import TransposedConst, is_transpose
 
 aten = torch.ops.aten
-_W, _X, _B = Const("w"), Var("x"), Var("b")
+_W, _WT, _X, _B = Const("w"), TransposedConst("w"), Var("x"), Var("b")
 
 
 @dataclass(frozen=True)
@@ -47,9 +49,9 @@ class LinearForm:
 
 LINEAR_FORMS = (
     LinearForm("nm-linear", Op(aten.linear.default, _X, _W, Var("b", optional=True)), "aten.linear", False),
-    LinearForm("nm-addmm-t", Op(aten.addmm.default, _B, _X, Op(aten.t.default, _W)), "aten.addmm", False),
-    LinearForm("nm-mm-t", Op(aten.mm.default, _X, Op(aten.t.default, _W)), "aten.mm", False),
-    LinearForm("nm-matmul-t", Op(aten.matmul.default, _X, Op(aten.t.default, _W)), "aten.matmul", False),
+    LinearForm("nm-addmm-t", Op(aten.addmm.default, _B, _X, _WT), "aten.addmm", False),
+    LinearForm("nm-mm-t", Op(aten.mm.default, _X, _WT), "aten.mm", False),
+    LinearForm("nm-matmul-t", Op(aten.matmul.default, _X, _WT), "aten.matmul", False),
     LinearForm("nm-addmm", Op(aten.addmm.default, _B, _X, _W), "aten.addmm", True),
     LinearForm("nm-mm", Op(aten.mm.default, _X, _W), "aten.mm", True),
     LinearForm("nm-matmul", Op(aten.matmul.default, _X, _W), "aten.matmul", True),
@@ -59,13 +61,18 @@ _WEIGHT_SLOTS = {(aten.linear.default, 1): False, (aten.addmm.default, 2): True,
                  (aten.mm.default, 1): True, (aten.matmul.default, 1): True, (aten.conv2d.default, 1): False}
 # A router's logits may reach sparsecc.moe through reshapes as well as casts.
 _ROUTER_PATH = VALUE_PRESERVING + (aten.reshape.default, aten.view.default)
+# Before moe-dispatch a router is found by the topk it feeds: scores, bias, group sums and views lie between.
+_ROUTER_HOPS = 8
+_EXPERT_CHOICE = (aten.topk.default, aten.max.dim)   # max: PhiMoE's sparsemixer picks experts one at a time
+_MATMULS = (aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default, aten.bmm.default,
+            aten.scaled_dot_product_attention.default)
 
 
 def layouts_of(weight: Node) -> dict[Node, Optional[bool]]:
     """Layout in which each use reads `weight` (True = [in, out]); None for a use prune-nm cannot rewrite."""
     layouts = {}
     for user in weight.users:
-        if user.target is aten.t.default:
+        if is_transpose(user):
             for u in user.users:
                 slot = _WEIGHT_SLOTS.get((u.target, u.args.index(user) if user in u.args else -1))
                 layouts[u] = None if slot is None else not slot
@@ -75,11 +82,26 @@ def layouts_of(weight: Node) -> dict[Node, Optional[bool]]:
 
 
 def feeds_moe_router(node: Node) -> bool:
-    """Whether `node` (through reshapes and casts) is the router_logits of a `sparsecc::moe`."""
+    """Whether `node` is an MoE router: (through reshapes and casts) the router_logits of a `sparsecc::moe`,
+    or, before moe-dispatch, what a `topk` (or sparsemixer's `max`) selects experts from within a few ops."""
+    return _feeds_dispatched_router(node) or _feeds_topk(node)
+
+
+def _feeds_dispatched_router(node: Node) -> bool:
     for user in node.users:
         if user.target is torch.ops.sparsecc.moe.default and user.args[1] is node:
             return True
-        if user.target in _ROUTER_PATH and feeds_moe_router(user):
+        if user.target in _ROUTER_PATH and _feeds_dispatched_router(user):
+            return True
+    return False
+
+
+def _feeds_topk(node: Node, hops: int = _ROUTER_HOPS) -> bool:
+    """An expert choice within `hops` ops downstream of `node`, not past another matmul (softmax, bias, views)."""
+    for user in node.users:
+        if user.target in _EXPERT_CHOICE:
+            return True
+        if hops > 1 and user.target not in _MATMULS and _feeds_topk(user, hops - 1):
             return True
     return False
 

@@ -1,6 +1,6 @@
 """`prune-nm`: prune constant linear/conv/expert weights to N:M and run them as sparse ops.
 
-    linear / addmm / mm / matmul   -> sparsecc.nm_linear      (nm/linear.py)
+    linear / addmm / mm / matmul   -> sparsecc.nm_linear      (nm/linear.py; x @ W.T in any spelling)
     conv2d                         -> sparsecc.nm_conv2d      (nm/conv.py)
     sparsecc.moe's stacked experts -> sparsecc.nm_decompress  (nm/experts.py)
 
@@ -9,7 +9,8 @@ or Wanda / SparseGPT from calibration activations, computed layer by layer
 before the rules run; the rules then compress what the method chose.
 The weight is pruned along the reduction dim and compressed once, even when
 several layers share it (nm/compressed.py); a weight that also feeds
-anything else (a tied embedding, say) is skipped with the reason.
+anything else (a tied embedding, say) is skipped with the reason, and so is
+every other >= 2-D weight that stays dense (nm/dense_weights.py).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from ..options import Bounds, OptionBounds, OptionProblem
 from ..rewrite import CheckResult, RuleSet, apply_rules, fail, ok
 from .compressed import NMWeights
 from .conv import ConvRule
+from .dense_weights import unexplained_dense
 from .experts import ExpertRule
 from .layerwise import LayerTarget
 from .linear import LINEAR_FORMS, LinearRule
@@ -48,6 +50,9 @@ class PruneNM(Pass):
         "n": Bounds(1, whole=True), "m": Bounds(1, whole=True), "percdamp": Bounds(0),
         "blocksize": Bounds(1, whole=True)}
     always_spelled: ClassVar[tuple[str, ...]] = ("n", "m", "method", "include")
+
+    def spelled_options(self) -> tuple[str, ...]:
+        return self.always_spelled + (("percdamp", "blocksize") if self.method == "sparsegpt" else ())
 
     def options_problem(self) -> Optional[OptionProblem]:
         if self.method not in METHODS:
@@ -74,6 +79,7 @@ class PruneNM(Pass):
         if self.method != "magnitude":
             weights.pruned, weights.calibration = prune_calibrated(self, gm, ctx, rules.targets(), weights.tokens)
         stats = apply_rules(gm, rules.ruleset(), ctx)
+        stats.skipped += unexplained_dense(gm, weights, {skip.where for skip in stats.skipped})
         stats.extra["method"] = self.method
         if weights.calibration:
             stats.extra["calibration"] = weights.calibration

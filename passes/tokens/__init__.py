@@ -1,6 +1,7 @@
 """token-routing: only the top `capacity` fraction of tokens go through residual blocks.
 
     blocks.py     find `h + f(h)` MLP blocks; the router's features; what the copy runs
+    parallel.py   parallel-residual blocks (h + attn(h) + mlp(h): the MLP branch); the search over adds
     layers.py     whole decoder layers as blocks (`where="layer"`)
     body_copy.py  copy a block's body to run on the kept tokens (shape literals rescaled)
     check.py      the routed copy as a reading: confirmed token by token; its error vs dense

@@ -5,7 +5,8 @@ residual stream. Shapes written into the graph as literals (`view(x, [B*S, H])`,
 `view(y, [B, S, H])` in GPT-2's Conv1D, a flattened MoE) are rescaled:
 a leading `[B, S, ...]` becomes `[B, K, ...]` and a leading `[B*S, ...]`
 becomes `[B*K, ...]`; `-1` entries stay. In general the one dim equal to S
-becomes K (`[B, heads, S, d]` in attention). Anything else that pins the
+becomes K (`[B, heads, S, d]` in attention). An `arange` over c*B*S
+(token, expert) pairs (transformers' grouped_mm dispatch) runs over c*B*K. Anything else that pins the
 sequence length makes the copy fail its fake run or its confirmation, and the
 block is left dense with the reason.
 
@@ -38,14 +39,18 @@ class AmbiguousShape(ValueError):
 def rescale_shape(shape: Any, batch: int, seq: int, kept: int) -> Any:
     """The one dim equal to S becomes K; else a leading B*S (B > 1) becomes B*K; -1 stays.
 
-    `[B, S, ...]` -> `[B, K, ...]`, `[B*S, H]` -> `[B*K, H]`, `[B, heads, S, d]` -> `[B, heads, K, d]`.
+    `[B, S, ...]` -> `[B, K, ...]`, `[B*S, H]` -> `[B*K, H]`, `[B, heads, S, d]` -> `[B, heads, K, d]`;
+    `[-1, E]` stays even when E == S (the leading -1 takes up the token count).
     A literal where S (or B*S) appears twice, or both appear, raises AmbiguousShape."""
     if not isinstance(shape, (list, tuple)) or not shape or not all(isinstance(d, int) for d in shape):
         return shape
     dims = list(shape)
+    activation = len(dims) >= 2 and dims[0] == batch and dims[1] == seq and batch != seq
+    if dims[0] == -1 and not activation:
+        return dims   # a leading -1 takes up the (flattened) tokens; an S-sized dim after it is another size
     hits = [i for i, d in enumerate(dims) if d == seq]
     flat = [0] if batch > 1 and dims[0] == batch * seq else []   # flattened tokens lead: [B*S, ...]
-    if len(dims) >= 2 and dims[0] == batch and dims[1] == seq and batch != seq:
+    if activation:
         hits, flat = [1], []   # a [B, S, ...] activation: the token axis is 1, whatever the other dims are
     if len(hits) + len(flat) > 1:
         raise AmbiguousShape(f"shape {dims}: the sequence length {seq} (or {batch}*{seq}) appears more than once")
@@ -56,6 +61,12 @@ def rescale_shape(shape: Any, batch: int, seq: int, kept: int) -> Any:
     return dims
 
 
+def rescale_count(count: int, batch: int, seq: int, kept: int) -> int:
+    """A count of (token, slot) pairs, c*B*S (an MoE dispatch's `arange(B*S*top_k)`), becomes c*B*K."""
+    tokens = batch * seq
+    return count // tokens * batch * kept if count >= tokens and count % tokens == 0 else count
+
+
 def copy_body(body: list[Node], env: dict[Node, Any], emit: Emit, batch: int, seq: int, kept: int) -> Node:
     """Re-emit `body` in order through `emit`, inputs looked up in `env`; returns the last copy."""
     node = None
@@ -63,6 +74,8 @@ def copy_body(body: list[Node], env: dict[Node, Any], emit: Emit, batch: int, se
         args = map_arg(node.args, lambda n: env.get(n, n))
         if node.target in SHAPE_ARG_OPS and len(args) > 1:
             args = (args[0], rescale_shape(args[1], batch, seq, kept), *args[2:])
+        elif node.target is aten.arange.default and isinstance(args[0], int):
+            args = (rescale_count(args[0], batch, seq, kept), *args[1:])
         env[node] = emit(node, args, dict(map_arg(node.kwargs, lambda n: env.get(n, n))))
     return env[node]
 
@@ -116,6 +129,7 @@ __all__ = [
     "copy_body",
     "gather_input",
     "input_kind",
+    "rescale_count",
     "rescale_shape",
     "standalone_body",
 ]

@@ -75,7 +75,8 @@ def reproduce(gm: GraphModule, copy: RoutedCopy, values: dict) -> tuple[torch.Te
         if block.where == "layer" and copy.kept < copy.seq:
             run_routed(gm, block, values, indices[:, :copy.kept])
     except Exception as err:  # noqa: BLE001 -- whatever the copied ops raise, the block stays dense, with the reason
-        raise NotRoutable(f"the block's body does not run on a subset of the tokens: {type(err).__name__}: {err}") \
+        raise NotRoutable("the block's body does not run on a subset of the tokens (a size inside it is fixed to "
+                          f"the {copy.batch}x{copy.seq} tokens it was captured with): {type(err).__name__}: {err}") \
             from err
     return got, ops.route_gather(want, indices)
 
@@ -90,9 +91,11 @@ def unconfirmed_reason(block: ResidualBlock, error: float, tolerance: float) -> 
 def routed_error(gm: GraphModule, block: ResidualBlock, values: dict, router: str, probe,
                  capacity: float) -> float:
     """Relative error of the routed block against the dense block on the example inputs."""
-    h = values[block.residual]
+    passed = values[block.residual]
+    for term in block.bypass:   # a parallel block's attention: what the tokens not routed still get
+        passed = passed + values[term]
     indices = ops.route(scores(router, values[block.source], probe), capacity)
-    got = ops.unroute(h, run_routed(gm, block, values, indices), indices)
+    got = ops.unroute(passed, run_routed(gm, block, values, indices), indices)
     return relative_error(got, values[block.output])
 
 

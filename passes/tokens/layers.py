@@ -1,7 +1,8 @@
 """`where="layer"`: whole decoder layers as routed blocks (attention and MLP skipped together).
 
 A layer is an MLP residual block (`blocks`) whose residual input
-is, through dtype casts, an attention residual add `h1 = h0 + attn(norm(h0), ...)`.
+is, through dtype casts, an attention residual add `h1 = h0 + attn(norm(h0), ...)`,
+or a parallel-residual block (`parallel`) from its own input h0.
 The block runs from h0 to the MLP's add. Nodes made inside the layer's module
 from inputs outside it (rotary `unsqueeze(cos, 1)`) are pulled into the body, so
 what the body reads from outside is the model-level per-position tables
@@ -21,13 +22,14 @@ from .blocks import (
     body_between,
     check_closed,
     common_module,
-    find_mlp_blocks,
+    describe,
     is_matmul,
     mixes_tokens,
     outside_inputs,
     router_source,
 )
 from .body_copy import input_kind
+from .parallel import find_mlp_blocks
 
 aten = torch.ops.aten
 
@@ -57,7 +59,9 @@ def _pull_layer_inputs(body: list[Node], residual: Node, layer: str) -> list[Nod
 
 
 def layer_block(mlp: ResidualBlock) -> ResidualBlock:
-    h0 = _attention_residual(through_casts(mlp.residual))
+    """The decoder layer around MLP block `mlp`: from the attention block's input (the parallel block's own
+    input when attention is a bypass branch of it) to the MLP's add."""
+    h0 = mlp.residual if mlp.bypass else _attention_residual(through_casts(mlp.residual))
     layer = module_path(mlp.output)
     body = _pull_layer_inputs(body_between(h0, mlp.output), h0, layer)
     check_closed(body, mlp.output)
@@ -68,7 +72,7 @@ def layer_block(mlp: ResidualBlock) -> ResidualBlock:
     for extra, kind in zip(extras, kinds):
         if not kind:
             shown = list(extra.meta["val"].shape) if hasattr(extra.meta.get("val"), "shape") else "?"
-            raise NotRoutable(f"the layer reads %{extra.name} {shown}, which is neither a per-position table "
+            raise NotRoutable(f"the layer reads {describe(extra)} {shown}, which is neither a per-position table "
                               f"[B|1, S, ...] nor an attention mask [B|1, H|1, S, S]")
     path = common_module([n for n in body if is_matmul(n)])
     return ResidualBlock(path, "layer", h0, mlp.output, body, router_source(body, h0), extras, kinds)

@@ -31,11 +31,12 @@ from ..options import Bounds, OptionBounds, OptionProblem
 from ..records import RewriteRecord
 from ..region import RegionRule, rewrite_regions
 from ..rewriter import Rewriter
-from .blocks import NotRoutable, ResidualBlock, find_mlp_blocks, routed_body
+from .blocks import NotRoutable, ResidualBlock, routed_body
 from .body_copy import copy_body, gather_input
 from .check import RoutedCopy, reproduce, routed_error, unconfirmed_reason
 from .flops import body_flops
 from .layers import find_layer_blocks
+from .parallel import find_mlp_blocks
 from .routers import Probe, fit_probes, insert_scores, load_probes
 
 ops = torch.ops.sparsecc
@@ -178,7 +179,10 @@ def insert_routing(gm: GraphModule, copy: RoutedCopy, router: str, probe: Probe 
         return made
 
     rows = copy_body(nodes, env, emit, batch, seq, kept)
-    out = rw.call(ops.unroute.default, block.residual, rows, indices)
+    passed = block.residual
+    for term in block.bypass:   # a parallel block's attention: what the tokens not routed still get
+        passed = rw.call(torch.ops.aten.add.Tensor, passed, term)
+    out = rw.call(ops.unroute.default, passed, rows, indices)
     return out, list(rw.created)
 
 

@@ -1,0 +1,82 @@
+"""prune-nm reaches every spelling of a linear (`x @ W.T`, `W.t()`, `W.permute(1, 0)`, ...) and gives a
+reason for every weight it leaves dense (stacked experts outside sparsecc.moe, routers, embeddings)."""
+import pytest
+import torch
+
+import sparsecc
+
+from ..moe.families import gpt_oss, mixtral, tokens
+
+hf = pytest.importorskip("transformers")
+
+
+class Spellings(torch.nn.Module):
+    """Four linears, each written as a matmul of the activation with a transposed constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.weights = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(16, 16)) for _ in range(4)])
+
+    def forward(self, x):
+        a, b, c, d = self.weights
+        x = x @ a.T
+        x = torch.matmul(x, b.t())
+        x = x @ c.permute(1, 0)
+        return x @ d.transpose(0, 1)
+
+
+def _nm_linears(compiled) -> int:
+    return sum(n.target is torch.ops.sparsecc.nm_linear.default for n in compiled.graph_module.graph.nodes)
+
+
+def test_every_spelling_of_a_transposed_weight_becomes_nm_linear():
+    compiled = sparsecc.compile(Spellings().eval(), (torch.randn(2, 5, 16),), sparsity="2:4")
+    report = compiled.report()
+    assert _nm_linears(compiled) == 4 and len(report.layers) == 4
+    assert report.error_vs_reference is not None and report.error_vs_reference < 1e-5
+
+
+@pytest.fixture(scope="module")
+def falcon():
+    torch.manual_seed(0)
+    config = hf.FalconConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             use_cache=False)
+    model = hf.FalconForCausalLM(config).eval()
+    return model, sparsecc.compile(model, (tokens(),), sparsity="2:4")
+
+
+def test_falcon_linears_are_nm_and_match_the_pruned_model(falcon):
+    model, compiled = falcon
+    report = compiled.report()
+    falcon_linears = [name for name, m in model.named_modules() if type(m).__name__ == "FalconLinear"]
+    assert len(falcon_linears) == 8
+    assert sorted(r.layer for r in report.layers) == sorted(falcon_linears)
+    assert _nm_linears(compiled) == 8
+    assert report.error_vs_reference is not None and report.error_vs_reference < 1e-5
+    assert {s["layer"]: s["reason"] for s in report.skipped}["lm_head"].startswith("weight is tied")
+
+
+@pytest.mark.parametrize("family", [gpt_oss, mixtral], ids=["gpt_oss", "mixtral"])
+def test_batched_mm_experts_stay_dense_with_the_reason(family):
+    model = family("batched_mm")
+    report = sparsecc.compile(model, (tokens(),), sparsity="2:4").report()
+    reasons = {s["layer"]: s["reason"] for s in report.skipped}
+    experts = {layer: reason for layer, reason in reasons.items() if ".experts (" in layer}
+    stacked = [layer for layer, reason in experts.items() if "run moe-dispatch" in reason]
+    assert len(stacked) == 2 * len(model.model.layers)       # gate_up_proj and down_proj per layer
+    assert all("stacked expert weights" in experts[layer] for layer in stacked)
+    routers = [layer for layer, reason in reasons.items() if reason.startswith("router of an MoE block")]
+    assert len(routers) == len(model.model.layers)
+    assert not any(".mlp" in r.layer for r in report.layers)   # neither router nor experts pruned
+    assert report.error_vs_reference is not None and report.error_vs_reference < 1e-5
+
+
+def test_every_dense_weight_of_two_or_more_dims_has_a_reason(falcon):
+    model, compiled = falcon
+    report = compiled.report()
+    explained = {r.layer for r in report.layers} | {s["layer"].split(" (")[0] for s in report.skipped}
+    owners: dict[int, set[str]] = {}   # a tied weight is explained under either of its modules
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if parameter.dim() >= 2:
+            owners.setdefault(id(parameter), set()).add(name.rpartition(".")[0])
+    assert all(modules & explained for modules in owners.values()), [m for m in owners.values() if not m & explained]
