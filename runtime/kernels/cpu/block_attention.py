@@ -407,7 +407,8 @@ def _slice_plan(p: Problem, hs: HeadSet, layout: list, threshold: float, direct:
     """Every piece of one layout slice: [kv_num, kv_indices, full_num, full_indices] as lists; `exact`: per
     query block, whether the mask's diagonal block is the causal triangle for every head of the slice."""
     kv_num, kv_indices, full_num, full_indices = layout
-    if threshold > 0 or p.softcap > 0:  # flash cannot cap logits: explicit logits, block by block
+    # flash cannot cap logits nor take values of another head size (MLA): explicit logits, block by block
+    if threshold > 0 or p.softcap > 0 or p.v.shape[-1] != p.q.shape[-1]:
         orders = [f[:nf] + pa[:np] for nf, f, np, pa in zip(full_num, full_indices, kv_num, kv_indices)]
         if any(orders):
             _blockwise(p, hs, orders, kv_num, threshold)
