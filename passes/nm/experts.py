@@ -1,29 +1,35 @@
 """The prune-nm rule for the stacked expert weights of `sparsecc.moe`.
 
     sparsecc.moe(hidden [T, H], router_logits [T, E], w_gate_up [E, 2I, H] or [E, I, H], w_down [E, H, I],
-                 shared..., top_k, normalize, scoring, activation, gated, capacity_factor)
+                 shared..., top_k, normalize, scoring, activation, gated, capacity_factor, **options)
 
-Each expert's matrices are pruned N:M along their reduction dims (H for
-gate/up, I for down) and kept compressed at rest; `sparsecc.nm_decompress`
-expands them for each call (the grouped GEMMs read dense weights).
+Any call matches, whatever routing and expert options it sets (correction bias, group limit, scaling,
+expert biases, interleaved or clamped SwiGLU, sparsemixer); the rewrite keeps every argument but the
+two stacked weights. Each expert's matrices are pruned N:M along their reduction dims (H for gate/up,
+I for down) and kept compressed at rest; `sparsecc.nm_decompress` expands them for each call (the
+grouped GEMMs read dense weights).
 
 Wanda and SparseGPT see, for expert e, only what reaches e's matmuls on the
-calibration batches: gate/up reads the hidden rows of the tokens routed to e
-(top_k and capacity as the op dispatches them), down reads
-act(gate) * up of those rows, computed with e's gate/up already pruned. An
-expert no calibration token reached has no statistics; it is pruned by
-magnitude and the record says so (`routed_rows`, `magnitude_experts`).
+calibration batches, computed by the runtime's own routing and expert form
+(`moe_routing.route_within_capacity`, `ExpertForm`) with all of the call's
+options: gate/up reads the hidden rows of the tokens routed to e, down reads
+form(rows @ gate_up[e].T + b_gate_up[e]) of those rows, computed with e's
+gate/up already pruned. An expert no calibration token reached has no
+statistics; it is pruned by magnitude and the record says so
+(`routed_rows`, `magnitude_experts`).
 """
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.fx import Node
 
-from sparsecc.runtime.kernels.cpu.moe import ACTIVATIONS
+from sparsecc.runtime.kernels.cpu.moe import ExpertForm
+from sparsecc.runtime.kernels.moe_contract import MOE_ARGUMENTS, MoECall
 from sparsecc.runtime.moe_routing import route_within_capacity
 
 from ..match import AnyArg, Const, Match, Op, Var
@@ -34,28 +40,33 @@ from .layerwise import LayerTarget
 from .records import example_rows, nm_record
 from .rule import NMRule
 
+# hidden, router_logits and the two stacked weights by name; every other argument, options included, as given
 MOE_PATTERN = Op(torch.ops.sparsecc.moe.default, Var("h"), Var("logits"), Const("w"), Const("w2"),
-                 AnyArg(), AnyArg(), AnyArg(), Var("top_k"), Var("normalize"), Var("scoring"), Var("activation"),
-                 Var("gated"), Var("capacity_factor", optional=True))
+                 *(AnyArg() for _ in MOE_ARGUMENTS[4:]))
 
 
-def routed_rows(m: Match, values: dict, expert: int) -> Tensor:
-    """The hidden rows of the tokens `sparsecc.moe` (match `m`) sends to `expert`, in token order."""
-    hidden, logits = values[m["h"]], values[m["logits"]]
-    _, experts, _ = route_within_capacity(logits.reshape(-1, logits.shape[-1]), m["top_k"], m["normalize"],
-                                          m["scoring"], m.get("capacity_factor") or 0.0)
+def bound_call(node: Node, values: dict[Node, Any]) -> MoECall:
+    """The arguments of the moe call `node`, each argument node replaced by its value in `values`."""
+    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), values.__getitem__)
+    return MoECall(*args, **kwargs)
+
+
+def routed_rows(node: Node, values: dict, expert: int) -> Tensor:
+    """The hidden rows of the tokens the moe call `node` sends to `expert`, in token order."""
+    call = bound_call(node, values)
+    _, experts, _ = route_within_capacity(call.router_logits, call.top_k, call.normalize, call.scoring,
+                                          call.capacity_factor, **call.selection())
     tokens = (experts == expert).nonzero()[:, 0]
-    return hidden.reshape(-1, hidden.shape[-1])[tokens]
+    return call.hidden[tokens]
 
 
-def expert_hidden(m: Match, values: dict, expert: int) -> Tensor:
-    """What the down projection of `expert` reads: act(gate) * up (or act(gate_up)) of its routed rows."""
-    projected = F.linear(routed_rows(m, values, expert), values[m["w"]][expert])
-    act = ACTIVATIONS[m["activation"]]
-    if m["gated"]:
-        gate, up = projected.chunk(2, dim=-1)
-        return act(gate) * up
-    return act(projected)
+def expert_hidden(node: Node, values: dict, expert: int) -> Tensor:
+    """What the down projection of `expert` reads: the call's expert form of its routed rows' gate/up
+    projection (bias included)."""
+    call = bound_call(node, values)
+    bias = None if call.b_gate_up is None else call.b_gate_up[expert]
+    projected = F.linear(routed_rows(node, values, expert), call.w_gate_up[expert], bias)
+    return ExpertForm.of(call).apply(projected)
 
 
 class ExpertRule(NMRule):
@@ -75,7 +86,7 @@ class ExpertRule(NMRule):
     def targets(self, m: Match) -> list[LayerTarget]:
         """gate/up first: the down projection's inputs are computed with the pruned gate/up."""
         same = lambda w: w  # noqa: E731  (stored [E, out, K] is already the matrix layout)
-        return [LayerTarget(node=m.node, weight=node, layer=self.layer(m), columns=partial(columns, m),
+        return [LayerTarget(node=m.node, weight=node, layer=self.layer(m), columns=partial(columns, m.node),
                             to_matrix=same, from_matrix=same)
                 for node, columns in ((m["w"], routed_rows), (m["w2"], expert_hidden))]
 
@@ -85,13 +96,14 @@ class ExpertRule(NMRule):
                       for node in (m["w"], m["w2"])}
         dense = {node: rw.call(torch.ops.sparsecc.nm_decompress.default, v, i, n, mm,
                                self.weights.stored(node).shape[-1]) for node, (v, i) in compressed.items()}
-        args = [dense.get(a, a) if isinstance(a, Node) else a for a in m.node.args]
+        args, kwargs = torch.fx.node.map_arg((m.node.args, m.node.kwargs), lambda a: dense.get(a, a))
         self.weights.ctx.records.append(self._record(m, compressed))
-        return rw.call(torch.ops.sparsecc.moe.default, *args, **m.node.kwargs)
+        return rw.call(torch.ops.sparsecc.moe.default, *args, **kwargs)
 
     def _record(self, m: Match, compressed: dict[Node, tuple[Node, Node]]):
         weights = [self.weights.stored(node) for node in compressed]
-        flops = 2 * example_rows(m["h"].meta["val"], weights[0].shape[-1]) * m["top_k"] * sum(
+        top_k = MoECall(*m.node.args, **m.node.kwargs).top_k
+        flops = 2 * example_rows(m["h"].meta["val"], weights[0].shape[-1]) * top_k * sum(
             w[0].numel() for w in weights)
         details = {"reference": "unavailable", **self.weights.method_details(), **self._routing_details(m),
                    "compressed": {node.target: [v.target, i.target] for node, (v, i) in compressed.items()}}

@@ -5,9 +5,12 @@ import torch.nn.functional as F
 
 import sparsecc
 from sparsecc.passes import MoEDispatch, PassContext, PassManager
+from sparsecc.passes.nm.experts import bound_call
 from sparsecc.passes.nm.layerwise import prune_layerwise
 from sparsecc.passes.nm.methods import magnitude_prune
 from sparsecc.passes.nm.prune import NMRules, PruneNM
+from sparsecc.runtime.kernels.cpu.moe import ExpertForm, shared_expert_output
+from sparsecc.runtime.moe_routing import route_within_capacity
 from sparsecc.runtime.nm_format import decompress_nm
 
 from .. import moe_models as mm
@@ -98,3 +101,104 @@ def test_an_expert_no_token_reaches_is_pruned_by_magnitude_and_the_record_says_s
     for weight in masks["wanda"]:
         assert torch.equal(masks["wanda"][weight][3], masks["magnitude"][weight][3])
         assert not torch.equal(masks["wanda"][weight][:3], masks["magnitude"][weight][:3])
+
+
+# Stock families whose moe call sets routing and expert options: DeepSeek-V3 (group-limited sigmoid
+# routing, correction bias, scaling, shared expert), GPT-OSS (expert biases, interleaved clamped SwiGLU).
+OPTION_FAMILIES = ("deepseek_v3", "gpt_oss")
+
+
+@pytest.fixture(scope="module", params=OPTION_FAMILIES)
+def family(request):
+    """(ids, calibration, {request: compiled}) for one family, batched_mm experts."""
+    fam = pytest.importorskip("tests.passes.moe.families")
+    model, ids = fam.FAMILIES[request.param]("batched_mm"), fam.tokens()
+    calibration = [(fam.tokens(seq=8)[:, :6].roll(i, 1),) for i in range(3)]
+    experts_only = {"pattern": "2:4", "include": ["*.experts"]}
+    requests = {"dense": None, "2:4": "2:4", "magnitude": experts_only, "wanda": {**experts_only, "method": "wanda"}}
+    compiled = {name: sparsecc.compile(model, (ids,), calibration=calibration, check=False,
+                                       sparsity={"moe": "dispatch", **({"weights": w} if w else {})})
+                for name, w in requests.items()}
+    return ids, calibration, compiled
+
+
+def moe_nodes(compiled) -> list:
+    return [n for n in compiled.graph_module.graph.nodes if n.target == torch.ops.sparsecc.moe.default]
+
+
+def options(moe) -> tuple:
+    """The moe call's arguments after the two stacked weights, constants by name."""
+    return torch.fx.node.map_arg((moe.args[4:], dict(moe.kwargs)), lambda a: a.target)
+
+
+def test_experts_with_every_option_are_pruned_and_the_moe_keeps_its_options(family):
+    _, _, compiled = family
+    pruned, dense = moe_nodes(compiled["2:4"]), moe_nodes(compiled["dense"])
+    assert len(pruned) == len(dense) == 2
+    for p, d in zip(pruned, dense):
+        assert [a.target for a in p.args[2:4]] == [torch.ops.sparsecc.nm_decompress.default] * 2
+        assert options(p) == options(d) and len(p.kwargs) >= 4     # routing / expert options set
+    report = str(compiled["2:4"].report())
+    assert "run moe-dispatch" not in report and report.count("sparsecc.moe+nm_decompress") == 2
+
+
+def test_pruned_experts_match_the_dispatched_model_with_the_pruned_weights(family):
+    """The rewrite is exact: the dense moe with the decompressed expert weights computes the same."""
+    ids, _, compiled = family
+    reference = compiled["dense"]
+    for target, mask in expert_weights(compiled["magnitude"]).items():
+        reference.constants[target].copy_(mask)
+    with torch.no_grad():
+        got, want = compiled["magnitude"](ids).logits, reference(ids).logits
+    reference.reset_state()
+    assert ((got - want).norm() / want.norm()).item() < 1e-5
+
+
+def expert_weights(compiled) -> dict[str, torch.Tensor]:
+    """Stacked expert weight name -> its dense pruned value, decoded from the compressed constants."""
+    constants, weights = compiled.constants, {}
+    for record in compiled.report().layers:
+        for target, (v, i) in record.details.get("compressed", {}).items():
+            weights[target] = decompress_nm(constants[v], constants[i], 2, 4, constants[v].shape[-1] * 2)
+    return weights
+
+
+def test_wanda_sees_the_runtime_routing_and_chooses_other_masks_than_magnitude(family):
+    ids, calibration, compiled = family
+    records = [r for r in compiled["wanda"].report().layers if r.op == "sparsecc.moe+nm_decompress"]
+    dispatched = next(r for r in compiled["wanda"].report().layers if r.op == "sparsecc.moe")
+    rows = records[0].details["routed_rows"]
+    assert sum(rows) == len(calibration) * ids.numel() * dispatched.details["top_k"]   # no capacity limit
+    magnitude, wanda = expert_weights(compiled["magnitude"]), expert_weights(compiled["wanda"])
+    assert all(not torch.equal(magnitude[w] != 0, wanda[w] != 0) for w in wanda)
+
+
+def test_calibration_inputs_of_every_expert_rebuild_the_moe_output(family):
+    """Per expert, down(what Wanda saw at down) weighted by the runtime's routing, plus the shared expert,
+    is the moe's output: the rows and hidden each expert observes follow every routing and expert option."""
+    ids, _, compiled = family
+    gm = compiled["dense"].graph_module
+    every = NMRules(PruneNM(method="wanda"), gm, PassContext(example_inputs=(ids,))).targets()
+    targets = [t for t in every if t.layer.endswith(".experts")][:2]      # the first moe's gate/up, down
+    seen = {}
+
+    def keep(target, weight, inputs):
+        seen.setdefault(target.weight.target, []).append(torch.cat(list(inputs)))
+        return weight, weight != 0
+
+    prune_layerwise(gm, [(ids,)], targets, keep)
+    interpreter = torch.fx.Interpreter(gm, garbage_collect_values=False)
+    with torch.no_grad():
+        interpreter.run(ids)
+    call = bound_call(targets[0].node, interpreter.env)
+    weights, experts, _ = route_within_capacity(call.router_logits, call.top_k, call.normalize, call.scoring,
+                                                call.capacity_factor, **call.selection())
+    rebuilt = torch.zeros_like(call.hidden)
+    for e, hidden in enumerate(seen[targets[1].weight.target]):
+        token, slot = (experts == e).nonzero().unbind(-1)
+        out = F.linear(hidden, call.w_down[e], None if call.b_down is None else call.b_down[e])
+        rebuilt.index_add_(0, token, out * weights[token, slot, None])
+    if call.shared_down is not None:
+        rebuilt += shared_expert_output(call.hidden, call.shared_gate_up, call.shared_down, call.shared_gate,
+                                        ExpertForm.of(call))
+    torch.testing.assert_close(rebuilt, interpreter.env[targets[0].node], rtol=1e-5, atol=1e-5)
