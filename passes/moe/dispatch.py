@@ -74,7 +74,7 @@ class MoERule(RegionRule):
             for b_gate_up, b_down in bias_pairs(block.biases, candidate):
                 for routing in routing_variants(block):
                     yield Reading(candidate.gate_up.contiguous(), candidate.down.contiguous(), candidate.gated,
-                                  routing, b_gate_up, b_down)
+                                  routing, b_gate_up, b_down, candidate.gate_up_from, candidate.down_from)
 
     def reproduce(self, gm: GraphModule, block: MoEBlock, reading: Reading, values: dict):
         hidden, logits, want = values[block.hidden], values[block.routing.router], values[block.output]
@@ -88,8 +88,10 @@ class MoERule(RegionRule):
     def insert(self, gm: GraphModule, block: MoEBlock, reading: Reading, values: dict,
                error: float) -> tuple[Node, RewriteRecord]:
         capacity_factor = self.options.capacity_factor
-        out = insert_dispatch(gm, block, reading, capacity_factor)
-        return out, moe_record(block, reading, values, capacity_factor)
+        out, sources = insert_dispatch(gm, block, reading, capacity_factor)
+        record = moe_record(block, reading, values, capacity_factor)
+        record.details["sources"] = sources   # how each constant was built: compiler/reference.py inverts it
+        return out, record
 
 
 def describe(block: MoEBlock) -> str:
@@ -117,9 +119,9 @@ def analyse(gm: GraphModule, selection: Node) -> MoEBlock:
     router = routing.router
     hidden = router.args[0]
     num_experts, width = router.meta["val"].shape[-1], hidden.meta["val"].shape[-1]
-    consts = list(region_constants(gm, region).values())
+    consts = region_constants(gm, region)
     groups, others = per_expert_linears(region, path, router)
-    if any(c.dim() == 3 for c in consts):
+    if any(c.dim() == 3 for c in consts.values()):
         candidates, sources = stacked_candidates(consts, num_experts, width), []
     else:
         stacked, sources = per_expert_candidates(gm, groups, num_experts)

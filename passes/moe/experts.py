@@ -6,12 +6,18 @@
 Stacked 3-D constants may come in either orientation; per-expert linears are
 told apart by the graph: `down` reads what the others produced, `gate` feeds
 the activation, `up` is the rest.
+
+Each stacked tensor carries its provenance, how it was built from the graph's
+constants (the model's parameters), so the pruned values can be put back under
+the model's names (compiler/reference.py inverts it). A provenance is a constant's
+name, or {"transpose": [a, b], "of": p}, {"cat": dim, "sizes": [..], "of": [p, ..]},
+{"stack": dim, "of": [p, ..]}, {"swap_halves": dim, "of": p}.
 """
 from __future__ import annotations
 
 import re
 from collections import defaultdict
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch.fx import GraphModule, Node
@@ -29,21 +35,29 @@ class Candidate(NamedTuple):
     down: torch.Tensor
     gated: bool
     swapped: bool = False
+    gate_up_from: Any = None           # provenance (module docstring) of gate_up, and of down
+    down_from: Any = None
 
 
-def _oriented(weight: torch.Tensor, width: int, axis: int) -> list[torch.Tensor]:
+class Sourced(NamedTuple):
+    """A tensor and its provenance."""
+    tensor: torch.Tensor
+    source: Any
+
+
+def _oriented(weight: Sourced, width: int, axis: int) -> list[Sourced]:
     """Views of a stacked [E, a, b] weight with `width` on `axis` (1 or 2); both when a == b."""
     views = []
-    if weight.shape[axis] == width:
+    if weight.tensor.shape[axis] == width:
         views.append(weight)
-    if weight.shape[3 - axis] == width:
-        views.append(weight.transpose(1, 2))
+    if weight.tensor.shape[3 - axis] == width:
+        views.append(Sourced(weight.tensor.transpose(1, 2), {"transpose": [1, 2], "of": weight.source}))
     return views
 
 
-def stacked_candidates(consts: list[torch.Tensor], num_experts: int, width: int) -> list[Candidate]:
-    """Every (gate_up, down, gated) reading of two stacked constants consistent with the shapes."""
-    stacked = [c for c in consts if c.dim() == 3 and c.shape[0] == num_experts]
+def stacked_candidates(consts: dict[str, torch.Tensor], num_experts: int, width: int) -> list[Candidate]:
+    """Every (gate_up, down, gated) reading of two stacked constants (by name) consistent with the shapes."""
+    stacked = [Sourced(c, name) for name, c in consts.items() if c.dim() == 3 and c.shape[0] == num_experts]
     if len(stacked) != 2:
         raise NotAnMoE(f"expected 2 stacked expert weights [E={num_experts}, ., .], found {len(stacked)}")
     found = []
@@ -52,16 +66,28 @@ def stacked_candidates(consts: list[torch.Tensor], num_experts: int, width: int)
             for g in _oriented(gate_up, width, 2):
                 found += _readings(g, d)
     if not found:
-        raise NotAnMoE(f"stacked expert weights {[list(c.shape) for c in stacked]} do not fit hidden size {width}")
+        shapes = [list(c.tensor.shape) for c in stacked]
+        raise NotAnMoE(f"stacked expert weights {shapes} do not fit hidden size {width}")
     return found
 
 
-def _readings(gate_up: torch.Tensor, down: torch.Tensor) -> list[Candidate]:
-    inner, rows = down.shape[2], gate_up.shape[1]
+def _readings(gate_up: Sourced, down: Sourced) -> list[Candidate]:
+    inner, rows = down.tensor.shape[2], gate_up.tensor.shape[1]
     if rows == 2 * inner:
-        gate, up = gate_up[:, :inner], gate_up[:, inner:]
-        return [Candidate(gate_up, down, True), Candidate(torch.cat([up, gate], 1), down, True, True)]
-    return [Candidate(gate_up, down, False)] if rows == inner else []
+        gate, up = gate_up.tensor[:, :inner], gate_up.tensor[:, inner:]
+        swapped = {"swap_halves": 1, "of": gate_up.source}
+        return [Candidate(gate_up.tensor, down.tensor, True, False, gate_up.source, down.source),
+                Candidate(torch.cat([up, gate], 1), down.tensor, True, True, swapped, down.source)]
+    return [Candidate(gate_up.tensor, down.tensor, False, False, gate_up.source, down.source)] if rows == inner else []
+
+
+def mlp_provenance(mlp: MLPWeights) -> tuple[Any, Any]:
+    """Provenance of an MLP's gate_up ([gate; up] rows, or the one first linear) and of its down."""
+    firsts, down = mlp.sources[:-1], mlp.sources[-1]
+    if len(firsts) == 1:
+        return firsts[0], down
+    half = mlp.gate_up.shape[0] // 2   # gate and up multiply elementwise: same rows
+    return {"cat": 0, "sizes": [half, half], "of": firsts}, down
 
 
 def _feeds_activation(node: Node) -> Optional[Node]:
@@ -110,7 +136,9 @@ def per_expert_candidates(gm: GraphModule, groups: dict[str, list[Node]], num_ex
     mlps = [mlp_from_linears(gm, linears) for linears in groups.values()]
     if len({(m.gate_up.shape, m.down.shape, m.gated, m.activation) for m in mlps}) != 1:
         raise NotAnMoE("experts differ in shape or activation")
-    stacked = Candidate(torch.stack([m.gate_up for m in mlps]), torch.stack([m.down for m in mlps]), mlps[0].gated)
+    gate_ups, downs = zip(*(mlp_provenance(m) for m in mlps))
+    stacked = Candidate(torch.stack([m.gate_up for m in mlps]), torch.stack([m.down for m in mlps]), mlps[0].gated,
+                        False, {"stack": 0, "of": list(gate_ups)}, {"stack": 0, "of": list(downs)})
     return stacked, [s for m in mlps for s in m.sources]
 
 

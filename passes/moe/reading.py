@@ -13,6 +13,7 @@ from torch.fx import GraphModule, Node
 
 from ..rewriter import RewriteError, Rewriter
 from .block import MoEBlock
+from .experts import mlp_provenance
 from .routing import Routing
 
 aten = torch.ops.aten
@@ -26,6 +27,8 @@ class Reading:
     routing: Routing
     b_gate_up: Optional[torch.Tensor] = None
     b_down: Optional[torch.Tensor] = None
+    gate_up_from: Any = None           # provenance of w_gate_up and w_down (experts.py)
+    down_from: Any = None
 
     @property
     def normalize(self) -> bool:
@@ -99,13 +102,19 @@ def _size_node(rw: Rewriter, expr) -> Node:
     raise RewriteError(f"no node of the graph computes the dynamic size {expr}")
 
 
-def insert_dispatch(gm: GraphModule, block: MoEBlock, reading: Reading, capacity_factor: float) -> Node:
+def insert_dispatch(gm: GraphModule, block: MoEBlock, reading: Reading,
+                    capacity_factor: float) -> tuple[Node, dict[str, Any]]:
+    """The dispatch's result node, and the provenance of each expert weight constant it added, by name."""
     rw = Rewriter(gm, block.output)
     base = f"{block.path}.moe_" if block.path else "moe_"
-    consts = [rw.add_constant(base + name, tensor) if tensor is not None else None for name, tensor in (
-        ("w_gate_up", reading.w_gate_up), ("w_down", reading.w_down),
-        ("shared_gate_up", block.shared.gate_up if block.shared else None),
-        ("shared_down", block.shared.down if block.shared else None), ("shared_gate", block.shared_gate))]
+    shared_from = mlp_provenance(block.shared) if block.shared else (None, None)
+    built = (("w_gate_up", reading.w_gate_up, reading.gate_up_from), ("w_down", reading.w_down, reading.down_from),
+             ("shared_gate_up", block.shared.gate_up if block.shared else None, shared_from[0]),
+             ("shared_down", block.shared.down if block.shared else None, shared_from[1]),
+             ("shared_gate", block.shared_gate, None))
+    consts = [rw.add_constant(base + name, tensor) if tensor is not None else None for name, tensor, _ in built]
+    sources = {node.target: source for node, (_, _, source) in zip(consts, built)
+               if node is not None and source is not None}
     hidden = _flat(rw, block.hidden)
     if hidden.meta["val"].dtype != reading.w_gate_up.dtype:
         hidden = rw.call(aten.to.dtype, hidden, reading.w_gate_up.dtype)
@@ -113,7 +122,7 @@ def insert_dispatch(gm: GraphModule, block: MoEBlock, reading: Reading, capacity
                 for name, value in options(block, reading).items()}
     y = rw.call(torch.ops.sparsecc.moe.default, hidden, _flat(rw, block.routing.router), *consts,
                 *_positional(block, reading), capacity_factor, **keywords)
-    return _shaped_like(rw, y, block)
+    return _shaped_like(rw, y, block), sources
 
 
 __all__ = ["Reading", "dispatch", "insert_dispatch"]

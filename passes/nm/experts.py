@@ -17,6 +17,9 @@ form(rows @ gate_up[e].T + b_gate_up[e]) of those rows, computed with e's
 gate/up already pruned. An expert no calibration token reached has no
 statistics; it is pruned by magnitude and the record says so
 (`routed_rows`, `magnitude_experts`).
+
+The record carries moe-dispatch's provenance of each pruned weight (`sources`), from which
+compiler/reference.py rebuilds the model's own parameters, pruned, for `error_vs_reference`.
 """
 from __future__ import annotations
 
@@ -105,12 +108,24 @@ class ExpertRule(NMRule):
         top_k = MoECall(*m.node.args, **m.node.kwargs).top_k
         flops = 2 * example_rows(m["h"].meta["val"], weights[0].shape[-1]) * top_k * sum(
             w[0].numel() for w in weights)
-        details = {"reference": "unavailable", **self.weights.method_details(), **self._routing_details(m),
+        details = {**self._provenance(compressed), **self.weights.method_details(), **self._routing_details(m),
                    "compressed": {node.target: [v.target, i.target] for node, (v, i) in compressed.items()}}
         return nm_record(self.weights.gm, layer=self.layer(m), op="sparsecc.moe+nm_decompress",
                          source_op="sparsecc.moe", n=self.weights.options.n, m=self.weights.options.m,
                          shape=list(weights[0].shape), dense=weights, compressed=list(compressed.values()),
                          flops=flops, details=details)
+
+    def _provenance(self, compressed: dict[Node, tuple[Node, Node]]) -> dict:
+        """How moe-dispatch built each pruned weight from the model's parameters (its record's `sources`), so
+        compiler/reference.py can put the pruned values back under the model's names; else why it cannot."""
+        built = {name: source for record in self.weights.ctx.records
+                 for name, source in record.details.get("sources", {}).items()}
+        unknown = [node.target for node in compressed if node.target not in built]
+        if unknown:
+            return {"reference": "unavailable",
+                    "reference_unavailable": f"stacked expert weights {unknown} were not built by moe-dispatch from "
+                                             "the model's parameters: their source is unknown"}
+        return {"sources": {node.target: built[node.target] for node in compressed}}
 
     def _routing_details(self, m: Match) -> dict:
         """Calibration rows each expert saw, and the experts that saw none (pruned by magnitude)."""

@@ -134,7 +134,7 @@ def test_expert_weights_pruned_two_to_four_are_exact_against_the_pruned_experts(
         assert (constants[target].reshape(-1, 4) != 0).sum(-1).max() <= 2
     want = Executor(dense.program, constants).run([ids])[0]
     torch.testing.assert_close(pruned(ids)["logits"], want, rtol=1e-5, atol=1e-5)
-    assert pruned.report().error_vs_reference is None
+    assert pruned.report().error_vs_reference < 1e-5   # the experts are put back under the model's names
 
 
 @pytest.mark.interpreter
