@@ -251,11 +251,6 @@ def test_is_causal_sdpa_is_narrowed_by_lossy_policies_and_left_to_sdpa_under_mas
     torch.testing.assert_close(got[:, :, :64], dense[:, :, :64], rtol=1e-5, atol=1e-5)
 
 
-class CausalSDPA(torch.nn.Module):
-    def forward(self, q, k, v):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-
-
 def test_a_causal_site_left_dense_leaves_the_graph_as_it_was():
     """A lossy policy turns causal SDPA into a mask to try it; a site it then skips goes back whole."""
     torch.manual_seed(0)
