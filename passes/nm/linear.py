@@ -18,6 +18,7 @@ say) or that a MoE router reads is skipped with the reason.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -99,11 +100,18 @@ def _feeds_dispatched_router(node: Node) -> bool:
 def _feeds_topk(node: Node, hops: int = _ROUTER_HOPS) -> bool:
     """An expert choice within `hops` ops downstream of `node`, not past another matmul (softmax, bias, views)."""
     for user in node.users:
-        if user.target in _EXPERT_CHOICE:
+        if user.target in _EXPERT_CHOICE and _indices_used(user):
             return True
         if hops > 1 and user.target not in _MATMULS and _feeds_topk(user, hops - 1):
             return True
     return False
+
+
+def _indices_used(choice: Node) -> bool:
+    """The choice's indices (output 1) select something in the graph: a head whose argmax is only
+    returned to the caller is not a router."""
+    return any(item.target is operator.getitem and item.args[1] == 1 and any(u.op != "output" for u in item.users)
+               for item in choice.users)
 
 
 def _op_text(node: Node) -> str:

@@ -80,3 +80,20 @@ def test_every_dense_weight_of_two_or_more_dims_has_a_reason(falcon):
         if parameter.dim() >= 2:
             owners.setdefault(id(parameter), set()).add(name.rpartition(".")[0])
     assert all(modules & explained for modules in owners.values()), [m for m in owners.values() if not m & explained]
+
+
+class ArgmaxHead(torch.nn.Module):
+    """A head whose argmax the forward returns: not an MoE router, so it is pruned like any linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+
+    def forward(self, x):
+        logits = self.head(torch.relu(self.a(x)))
+        return logits, logits.max(-1).indices
+
+
+def test_a_head_whose_argmax_is_returned_is_not_kept_dense_as_a_router():
+    compiled = sparsecc.compile(ArgmaxHead().eval(), (torch.randn(4, 64),), sparsity="2:4")
+    assert [r.layer for r in compiled.report().layers] == ["a", "head"]
