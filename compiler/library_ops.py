@@ -22,6 +22,7 @@ op's CompositeImplicitAutograd kernel, and a custom op's Python implementation.
 from __future__ import annotations
 
 import operator
+import warnings
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -29,6 +30,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils import _pytree as pytree
 
+from sparsecc.passes.graph import layer_name
 from sparsecc.passes.fake import graph_fake_mode, node_fake, resolve_attr, to_fake
 from sparsecc.passes.verify import in_module, type_mismatch
 from sparsecc.runtime.op_table import qualname_of
@@ -83,7 +85,22 @@ def prepare_for_passes(gm: GraphModule) -> GraphModule:
 
 def lower_library_ops(gm: GraphModule) -> GraphModule:
     """Decompose or inline every call outside the runtime's op table (after the passes)."""
+    _warn_dense_grouped_products(gm)
     return _fit(gm, _outside_table)
+
+
+_GROUPED_PRODUCTS = ("transformers::grouped_mm_fallback", "aten::_grouped_mm")
+
+
+def _warn_dense_grouped_products(gm: GraphModule) -> None:
+    """Grouped expert products left to lowering cost E times their FLOPs: say where, and what avoids it."""
+    layers = sorted({layer_name(n) for n in gm.graph.nodes
+                     if n.op == "call_function" and any(name in str(n.target).replace(".", "::", 1)
+                                                        for name in _GROUPED_PRODUCTS)})
+    if layers:
+        warnings.warn(f"sparsecc: {len(layers)} grouped expert product(s) ({', '.join(layers[:4])}"
+                      f"{', ...' if len(layers) > 4 else ''}) lowered as a product over every expert (E times the "
+                      "expert FLOPs); add {\"moe\": \"dispatch\"} to run each token's experts only", stacklevel=3)
 
 
 def _fit(gm: GraphModule, wanted: Callable[[Node], bool]) -> GraphModule:

@@ -221,3 +221,12 @@ def test_no_grad_and_autocast_off_regions_are_inlined():
 def test_an_autocast_on_region_is_refused_with_its_op():
     with pytest.raises(LoweringError, match=r"op wrap_with_autocast .* cannot be lowered"):
         _compile(Regions(autocast=True).eval(), (torch.randn(3, 8),))
+
+
+def test_lowering_grouped_expert_products_says_what_it_costs_and_what_avoids_it(moe_model):
+    with pytest.warns(UserWarning, match=r"grouped expert product\(s\) \(model\.layers\.0\..*E times the expert FLOPs"):
+        sparsecc.compile(moe_model, (_ids(),))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=".*(KV cache|cache).*")   # the dropped cache output
+        sparsecc.compile(moe_model, (_ids(),), sparsity={"moe": "dispatch"})   # absorbed: no such warning
