@@ -126,7 +126,8 @@ def run_workers(jobs: Sequence[KernelJob], cache: KernelCache, workers: Optional
         raise SparseccError("kernel build failed:\n" + "\n".join(failures))
 
 
-def _worker_env() -> dict[str, str]:
+def worker_env() -> dict[str, str]:
+    """The environment of a kernel-build worker process: the real compiler (never the interpreter)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # Triton 3.9's default, stated so it does not warn
     return env
@@ -138,7 +139,7 @@ def _run_worker(chunk: list[KernelJob], cache: KernelCache, bar: tqdm) -> list[s
     done, failures = set(), []
     with tempfile.TemporaryFile("w+") as stderr:
         proc = subprocess.Popen([sys.executable, "-m", "sparsecc.build_worker"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=stderr, text=True, env=_worker_env())
+                                stdout=subprocess.PIPE, stderr=stderr, text=True, env=worker_env())
         proc.stdin.write(json.dumps(request))
         proc.stdin.close()
         for line in proc.stdout:

@@ -55,7 +55,7 @@ def window_layout_from_mask(mask: Tensor, window: int, sinks: int, block_q: int,
     reach = band.clone()
     reach[:, :sink_blocks] = causal_blocks(seq, keys, block_q, block_k, mask.device)[0][:, :sink_blocks]
     states = torch.zeros(2, *core.shape[:2], *band.shape, dtype=torch.bool, device=mask.device)  # (any, all)
-    uniform = _uniform_band(core, band, block_q, block_k)
+    uniform = uniform_band(core, band, block_q, block_k)
     if uniform is not None:
         first, count, width = uniform
         q_blocks = torch.arange(first, first + count, device=mask.device)
@@ -73,7 +73,7 @@ def window_layout_from_mask(mask: Tensor, window: int, sinks: int, block_q: int,
     return Layout(*(t.expand(*mask4.shape[:2], *t.shape[2:]).contiguous() for t in layout))
 
 
-def _uniform_band(core: Tensor, band: Tensor, block_q: int, block_k: int) -> Optional[tuple[int, int, int]]:
+def uniform_band(core: Tensor, band: Tensor, block_q: int, block_k: int) -> Optional[tuple[int, int, int]]:
     """(first query block, count, width) of the run of query blocks whose band is `width` whole key blocks
     ending at their diagonal block, readable as one strided view of the mask's 8-byte words; None if none."""
     seq, keys = core.shape[-2:]

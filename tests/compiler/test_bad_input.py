@@ -8,7 +8,7 @@ from sparsecc.errors import CaptureError, ConfigError
 from sparsecc.runtime.errors import InputMismatchError
 
 from .models import Projections
-from .test_compile import _assert_untouched, _snapshot
+from ..untouched import assert_untouched, snapshot
 
 
 class DataDependent(torch.nn.Module):
@@ -25,10 +25,10 @@ class DataDependent(torch.nn.Module):
 @pytest.mark.parametrize("pattern", ["3:2", "2:3:4", "0:4", "2:6"])
 def test_invalid_pattern(pattern):
     model = Projections()
-    snapshot = _snapshot(model)
+    before = snapshot(model)
     with pytest.raises(ConfigError, match="weights.pattern"):
         sparsecc.compile(model, (torch.randn(2, 32),), sparsity=pattern)
-    _assert_untouched(model, snapshot)
+    assert_untouched(model, before)
 
 
 def test_unknown_config_key():
@@ -38,13 +38,13 @@ def test_unknown_config_key():
 
 def test_uncapturable_model_shows_exporter_reason():
     model = DataDependent()
-    snapshot = _snapshot(model)
+    before = snapshot(model)
     with pytest.raises(CaptureError) as err:
         sparsecc.compile(model, (torch.randn(2, 8),), sparsity="2:4")
     message = str(err.value)
     assert "torch.export could not capture DataDependent" in message
     assert "data-dependent" in message.lower() or "guard" in message.lower()
-    _assert_untouched(model, snapshot)
+    assert_untouched(model, before)
 
 
 @pytest.mark.parametrize("inputs, words", [

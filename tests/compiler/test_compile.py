@@ -4,26 +4,13 @@ import torch
 
 import sparsecc
 
+from ..untouched import assert_untouched, snapshot
 from .models import Projections, TiedLM
-
-
-def _snapshot(model):
-    state = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
-    return state, [m.training for m in model.modules()]
-
-
-def _assert_untouched(model, snapshot):
-    state, flags = snapshot
-    now = model.state_dict(keep_vars=True)
-    assert now.keys() == state.keys()
-    for key, value in state.items():
-        assert torch.equal(now[key], value) and now[key].dtype == value.dtype, key
-    assert [m.training for m in model.modules()] == flags
 
 
 def test_every_linear_form_is_rewritten_and_exact():
     model, x = Projections(), torch.randn(2, 5, 32)
-    snapshot = _snapshot(model)
+    before = snapshot(model)
     compiled = sparsecc.compile(model, (x,), sparsity="2:4")
     report = compiled.report()
     assert sorted(r.source_op for r in report.layers) == ["aten.addmm", "aten.linear", "aten.matmul", "aten.matmul"]
@@ -31,7 +18,7 @@ def test_every_linear_form_is_rewritten_and_exact():
     assert report.error_vs_reference < 1e-5
     reference = torch.func.functional_call(model, compiled.pruned_state_dict(), (x,))
     torch.testing.assert_close(compiled(x), reference, rtol=1e-5, atol=1e-5)
-    _assert_untouched(model, snapshot)
+    assert_untouched(model, before)
 
 
 @pytest.mark.parametrize("pattern", ["1:4", "2:4", "4:8", "2:8", "8:16"])
@@ -48,7 +35,7 @@ def test_patterns_keep_n_of_every_m(pattern):
 
 def test_tied_and_indivisible_weights_are_skipped_with_reasons():
     model, tokens = TiedLM(), torch.randint(0, 64, (2, 6))
-    snapshot = _snapshot(model)
+    before = snapshot(model)
     compiled = sparsecc.compile(model, (tokens,), sparsity="2:4")
     report = compiled.report()
     assert [r.layer for r in report.layers] == ["odd"]
@@ -56,7 +43,7 @@ def test_tied_and_indivisible_weights_are_skipped_with_reasons():
     assert "reduction dim 10 is not divisible by M=4" in reasons["back"]
     assert reasons["head"].startswith("weight is tied to aten.embedding")
     assert torch.equal(model.head.weight, model.embed.weight)
-    _assert_untouched(model, snapshot)
+    assert_untouched(model, before)
 
 
 def test_include_and_exclude_globs():

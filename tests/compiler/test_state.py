@@ -14,6 +14,8 @@ import sparsecc
 from sparsecc.build import record_kernels
 from sparsecc.errors import CaptureError, SparseccError
 
+from ..untouched import assert_untouched, snapshot
+
 
 class Counter(torch.nn.Module):
     """Scales a linear layer by the number of calls so far (a buffer updated in place)."""
@@ -59,20 +61,6 @@ class WritesInput(torch.nn.Module):
     def forward(self, x):
         x.add_(1)
         return x * 2
-
-
-def snapshot(model: torch.nn.Module) -> dict:
-    """Copies of every parameter and buffer, plus each submodule's training flag."""
-    tensors = {name: t.detach().clone() for name, t in [*model.named_parameters(), *model.named_buffers()]}
-    return {"tensors": tensors, "training": [m.training for m in model.modules()]}
-
-
-def assert_untouched(model: torch.nn.Module, before: dict) -> None:
-    after = snapshot(model)
-    assert after["tensors"].keys() == before["tensors"].keys()
-    changed = [name for name, t in before["tensors"].items() if not torch.equal(t, after["tensors"][name])]
-    assert changed == [], f"compile or the compiled program wrote {changed} of the user's model"
-    assert after["training"] == before["training"]
 
 
 def inputs(count: int) -> list[torch.Tensor]:

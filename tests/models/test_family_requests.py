@@ -10,6 +10,7 @@ import torch
 
 import sparsecc
 
+from ..untouched import assert_untouched, snapshot
 from .families import FAMILIES, MOE, tokens
 from .requests import EXACT, REQUESTS, skip_reasons, sparse_ops
 
@@ -31,7 +32,7 @@ def models():
 @pytest.mark.parametrize("family, request_name", CASES, ids=[f"{f}-{r}" for f, r in CASES])
 def test_family_request(models, family, request_name):
     model = models(family)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = snapshot(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         compiled = sparsecc.compile(model, (tokens(),), sparsity=REQUESTS[request_name], progress=False)
@@ -44,4 +45,4 @@ def test_family_request(models, family, request_name):
         assert error is not None and error < 1e-5, f"{family} {request_name}: {EXACT[request_name]} = {error}"
     out = compiled(tokens())
     assert torch.isfinite(out.logits).all()
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())   # the user's model untouched
+    assert_untouched(model, before)

@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from sparsecc.kernel_build import _worker_env, kernel_jobs
+from sparsecc.kernel_build import worker_env, kernel_jobs
 from sparsecc.runtime.kernel_cache import KernelCache, cache_key
 from sparsecc.runtime.kernels.triton.nm_linear import nm_decompress_triton
 from sparsecc.runtime.kernels.triton.launch import bind_launch, use_launcher
@@ -48,7 +48,7 @@ def test_two_processes_building_the_same_kernel_at_once(tmp_path):
     request = json.dumps({"cache_dir": str(tmp_path), "jobs": [{"key": job.key, "target": job.target,
                                                                  "spec": job.spec.to_dict()}]})
     procs = [subprocess.Popen([sys.executable, "-m", "sparsecc.build_worker"], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_worker_env())
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=worker_env())
              for _ in range(2)]
     outputs = [p.communicate(request, timeout=300) for p in procs]
     for proc, (out, err) in zip(procs, outputs):

@@ -114,12 +114,12 @@ def test_verifier_names_bad_policy_arguments(args, reason):
 
 @pytest.mark.parametrize("seq,keys,window,sinks", [(256, 256, 70, 5), (192, 256, 64, 0), (256, 256, 31, 40)])
 def test_window_band_read_as_words_matches_the_mask_layout(seq, keys, window, sinks):
-    from sparsecc.runtime.attention_policies import _uniform_band
+    from sparsecc.runtime.attention_policies import uniform_band
 
     mask = causal_mask(seq, keys) & (torch.rand(2, 1, seq, keys) > 0.02)
     mask[1, ..., :50] = False
     band = window_blocks(seq, keys, window, 0, 32, 32)
-    assert _uniform_band(mask, band, 32, 32) is not None  # the strided fast path serves most query blocks
+    assert uniform_band(mask, band, 32, 32) is not None  # the strided fast path serves most query blocks
     full, partial = block_states(window_layout_from_mask(mask, window, sinks, 32, 32))
     mask_full, mask_partial = block_states(layout_from_mask(mask, 32, 32))
     reach = window_blocks(seq, keys, window, sinks, 32, 32)
