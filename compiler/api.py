@@ -67,7 +67,8 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, sparsity: Any = 
         gm = manager.run(prepare_for_passes(captured.gm), ctx)   # regions inlined, ATen outside the table decomposed
     with steps("lower"):
         gm = lower_library_ops(gm)   # what the passes did not absorb becomes ATen ops the runtime runs
-        program, constants = lower(gm, captured.symbol_ranges, captured.in_spec, captured.out_spec)
+        program, constants = lower(gm, captured.symbol_ranges, captured.in_spec, captured.out_spec,
+                                   captured.bound.constants)
         if os.environ.get("SPARSECC_VALIDATE_PROGRAMS") == "1":   # tests load-check every program they lower
             validate_program(program, constants, device=next((t.device for t in constants.values()), "cpu"))
     compiled = CompiledModel(program, constants, backend, gm, captured, list(ctx.records))
@@ -177,10 +178,13 @@ def _warn_dropped(captured: Captured) -> None:
 def _requests(config: Any, passes: list, ctx: PassContext) -> list[tuple[str, Any]]:
     """(what the user asked for, the stats of the pass that did it), cleanup left out: a request is named
     by its sparsity section ('weights', 'moe', ...) and its pass, or by the pass alone for a pipeline."""
-    chosen = [getattr(config, f.name) for f in dataclasses.fields(config)] if config is not None else []
+    if config is None:
+        return [(p.spelling(), stats) for p, stats in zip(passes, ctx.stats.values()) if not isinstance(p, Cleanup)]
+    chosen = [getattr(config, f.name) for f in dataclasses.fields(config)]
     sections = {s.pass_class.name: s.key for s in chosen if s is not None}
-    return [(f"{sections[p.name]} ({p.spelling()})" if p.name in sections else p.spelling(), stats)
-            for p, stats in zip(passes, ctx.stats.values()) if not isinstance(p, Cleanup)]
+    # a pass the request implies (moe-dispatch under weights) is no request: rewriting nothing is expected
+    return [(f"{sections[p.name]} ({p.spelling()})", stats)
+            for p, stats in zip(passes, ctx.stats.values()) if p.name in sections]
 
 
 def _warn_noops(report: Report) -> None:
@@ -217,6 +221,8 @@ def _build_report(model, pipeline: str, ctx: PassContext, compiled: CompiledMode
         passes={name: stats.to_dict() for name, stats in ctx.stats.items()},
         model_bytes_before=_state_bytes(captured.dense_gm),
         model_bytes_after=sum(t.numel() * t.element_size() for t in compiled.constants.values()),
+        constant_inputs=dict(captured.bound.constants),
+        dropped_outputs=list(captured.bound.dropped_outputs),
     )
 
 

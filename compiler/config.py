@@ -133,10 +133,16 @@ class SparsityConfig:
     tokens: Optional[TokensConfig] = field(default=None)
 
     def passes(self) -> list[Pass]:
-        """The passes this request stands for, in the order they run."""
+        """The passes this request stands for, in the order they run. A weights request implies
+        moe-dispatch (exact): stacked expert weights become N:M only inside sparsecc.moe."""
+        moe = self.moe if self.moe is not None or self.weights is None else MoEConfig()
         # tokens after moe-dispatch: only routed tokens reach the experts
-        sections = (self.moe, self.tokens, self.attention, self.weights)
+        sections = (moe, self.tokens, self.attention, self.weights)
         return [s.to_pass() for s in sections if s is not None] + [Cleanup()]
+
+    def implied(self) -> list[str]:
+        """Names of the passes `passes()` runs that no section asked for."""
+        return [MoEDispatch.name] if self.moe is None and self.weights is not None else []
 
     def pipeline(self) -> str:
         """The pipeline text of `passes()`, for reports and printing."""

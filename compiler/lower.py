@@ -21,6 +21,7 @@ from sparsecc.passes.fake import resolve_attr
 from sparsecc.passes.state import state_targets
 from sparsecc.passes.verify import in_module
 from sparsecc.runtime import tree_schema
+from sparsecc.runtime.inputs import plain_constant
 from sparsecc.runtime.op_table import qualname_of
 from sparsecc.runtime.program import InputSpec, Instruction, Program
 
@@ -58,8 +59,14 @@ def op_qualname(target: Any, node: torch.fx.Node | None = None) -> str:
 
 
 def lower(gm: torch.fx.GraphModule, symbol_ranges: dict | None = None,
-          in_spec: pytree.TreeSpec | None = None, out_spec: pytree.TreeSpec | None = None
-          ) -> tuple[Program, dict[str, torch.Tensor]]:
+          in_spec: pytree.TreeSpec | None = None, out_spec: pytree.TreeSpec | None = None,
+          constant_kwargs: dict | None = None) -> tuple[Program, dict[str, torch.Tensor]]:
+    """The Program of `gm` and its constants; `constant_kwargs` are the keyword inputs capture baked in
+    (the artifact stores them as JSON so a loaded program accepts them at call time)."""
+    for name, value in (constant_kwargs or {}).items():
+        if not plain_constant(value):
+            raise LoweringError(f"keyword input {name}={value!r}: an artifact stores constant keyword inputs as "
+                                "plain JSON (finite numbers, strings, bools, None, short lists)")
     draft = _Draft()
     for node in gm.graph.nodes:
         _lower_node(gm, node, draft)
@@ -76,6 +83,7 @@ def lower(gm: torch.fx.GraphModule, symbol_ranges: dict | None = None,
         in_spec=_structure(in_spec),
         out_spec=_structure(out_spec),
         state_names=state_targets(gm),   # the constants the program writes: its own state
+        constant_kwargs=dict(constant_kwargs or {}),
     )
     return program, draft.constants
 

@@ -30,9 +30,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch.utils import _pytree as pytree
 
-from sparsecc.runtime.errors import InputMismatchError
-
-CONSTANT_LEAVES = (type(None), bool, int, float, str)   # what a constant keyword input may hold
+from sparsecc.runtime.inputs import CONSTANT_LEAVES, without_constants
 
 
 @dataclass
@@ -44,14 +42,7 @@ class BoundCall:
 
     def graph_kwargs(self, kwargs: Optional[dict]) -> dict:
         """`kwargs` without the constants, which must equal the captured values (or be left out)."""
-        kwargs = dict(kwargs or {})
-        for name, value in self.constants.items():
-            got = kwargs.pop(name, value)
-            if not same_constant(got, value):
-                raise InputMismatchError(f"keyword input {name!r}: the model was compiled with {name}={value!r} "
-                                         f"(a constant of the capture), got {_brief(got)}; compile again for "
-                                         "another value")
-        return kwargs
+        return without_constants(self.constants, kwargs)
 
 
 def bind_call(model: torch.nn.Module, kwargs: Optional[dict]) -> tuple[dict, BoundCall]:
@@ -90,21 +81,6 @@ def graph_dynamic_shapes(dynamic_shapes: Any, constants: dict) -> Any:
 def is_constant(value: Any) -> bool:
     """Plain data with no tensor in it: None, a scalar, a string, or a container of those."""
     return all(isinstance(leaf, CONSTANT_LEAVES) for leaf in pytree.tree_leaves(value))
-
-
-def same_constant(got: Any, want: Any) -> bool:
-    # the type must match too: True == 1 but use_cache=1 is not what was compiled
-    if type(got) is not type(want):
-        return False
-    if isinstance(want, (tuple, list)):
-        return len(got) == len(want) and all(same_constant(g, w) for g, w in zip(got, want))
-    if isinstance(want, dict):
-        return got.keys() == want.keys() and all(same_constant(got[k], want[k]) for k in want)
-    return got == want
-
-
-def _brief(value: Any) -> str:
-    return f"a tensor {list(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)[:80]
 
 
 @contextmanager

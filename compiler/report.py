@@ -29,6 +29,8 @@ class Report:
     non_finite: Optional[NonFiniteSite] = None    # where a nan/inf error started (set only when one is non-finite)
     timings: dict[str, float] = field(default_factory=dict)
     noops: list[str] = field(default_factory=list)   # one line per request that rewrote nothing (noop_lines)
+    constant_inputs: dict[str, Any] = field(default_factory=dict)   # keyword inputs baked in at capture
+    dropped_outputs: list[str] = field(default_factory=list)        # model outputs the program does not return
 
     def totals(self) -> dict[str, int]:
         """Sums over the rows, each weight and each FLOP counted once where rewrites compose: an MoE
@@ -57,6 +59,7 @@ class Report:
             "error_vs_dense": self.error_vs_dense, "error_vs_reference": self.error_vs_reference,
             "non_finite": self.non_finite.to_dict() if self.non_finite else None,
             "timings": self.timings, "noops": self.noops,
+            "constant_inputs": self.constant_inputs, "dropped_outputs": self.dropped_outputs,
         }
 
     def to_json(self, indent: int = 2) -> str:
@@ -105,7 +108,7 @@ def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
 
 def format_report(report: Report) -> str:
     out = [f"sparsecc report: {report.model}", *report.noops, f"pipeline: {report.pipeline}",
-           f"backend:  {report.backend}", ""]
+           f"backend:  {report.backend}", *_call_lines(report), ""]
     if report.layers:
         rows = [[r.layer, r.op, r.pattern, "x".join(map(str, r.shape)),
                  f"{_count(r.params_before)} -> {_count(r.params_after)}",
@@ -127,6 +130,16 @@ def format_report(report: Report) -> str:
     out += _skipped_lines(report.skipped) + _error_lines(report)
     out += _timing_lines(report.timings)
     return "\n".join(out)
+
+
+def _call_lines(report: Report) -> list[str]:
+    """What capture fixed about the call: keyword inputs baked in, outputs left out."""
+    out = []
+    if report.constant_inputs:
+        values = ", ".join(f"{k}={v!r}" for k, v in report.constant_inputs.items())
+        out.append(f"constant inputs: {values} (baked in: a call may repeat them or leave them out)")
+    out += [f"dropped output: {what}" for what in report.dropped_outputs]
+    return out
 
 
 def noop_lines(requests: list[tuple[str, Any]]) -> list[str]:

@@ -5,7 +5,8 @@ any value inside its range, the same value wherever the symbol appears.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import math
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -63,3 +64,46 @@ def _check_dim(spec: InputSpec, axis: int, want: Any, got: int, bound: dict[str,
         raise InputMismatchError(f"{where}: size {got} outside the range [{low}, {high}] of dynamic dim {want}")
     if bound.setdefault(want, got) != got:
         raise InputMismatchError(f"{where}: size {got} but dynamic dim {want} is already {bound[want]} in another input")
+
+
+# Constant keyword inputs (use_cache=False, return_dict=True) are baked into the program at capture:
+# plain data, stored in the artifact as JSON. A call may repeat the compiled value or leave it out.
+CONSTANT_LEAVES = (type(None), bool, int, float, str)
+MAX_CONSTANT_ITEMS = 256   # leaves a stored constant keyword may hold (a flag, a tuple of flags)
+
+
+def plain_constant(value: Any, budget: Optional[list] = None) -> bool:
+    """True when `value` is JSON-like plain data: None, bool, int, float (finite), str, or lists/tuples/str-keyed
+    dicts of those, at most MAX_CONSTANT_ITEMS leaves."""
+    budget = [MAX_CONSTANT_ITEMS] if budget is None else budget
+    if isinstance(value, (list, tuple)):
+        return all(plain_constant(v, budget) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and plain_constant(v, budget) for k, v in value.items())
+    budget[0] -= 1
+    finite = not isinstance(value, float) or math.isfinite(value)
+    return budget[0] >= 0 and isinstance(value, CONSTANT_LEAVES) and finite
+
+
+def same_constant(got: Any, want: Any) -> bool:
+    """`got` is the compiled value: same type (True == 1, but use_cache=1 is not what was compiled), a tuple
+    and a list alike (the artifact stores both as a JSON list)."""
+    if isinstance(want, (tuple, list)):
+        return isinstance(got, (tuple, list)) and len(got) == len(want) and all(map(same_constant, got, want))
+    if type(got) is not type(want):
+        return False
+    if isinstance(want, dict):
+        return got.keys() == want.keys() and all(same_constant(got[k], want[k]) for k in want)
+    return got == want
+
+
+def without_constants(constants: dict[str, Any], kwargs: Optional[dict]) -> dict:
+    """`kwargs` without the program's constant keyword inputs, each of which must equal its compiled value."""
+    kwargs = dict(kwargs or {})
+    for name, value in constants.items():
+        got = kwargs.pop(name, value)
+        if not same_constant(got, value):
+            brief = f"a tensor {list(got.shape)}" if isinstance(got, torch.Tensor) else repr(got)[:80]
+            raise InputMismatchError(f"keyword input {name!r}: the model was compiled with {name}={value!r} "
+                                     f"(a constant of the capture), got {brief}; compile again for another value")
+    return kwargs

@@ -18,6 +18,7 @@ from .artifact import (device_target, malformed, parse_target, program_on, read_
                        verify_files, weights_name)
 from .errors import ArtifactError, InputMismatchError
 from .executor import Executor
+from .inputs import without_constants
 from .program import Program
 from .call_guard import CallGuard
 from .validate import default_max_bytes, validate_program
@@ -63,7 +64,7 @@ class LoadedModel:
         self._initial_state = self.state_dict()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        tensors = _input_tensors(self._in_spec, args, kwargs)
+        tensors = _input_tensors(self._in_spec, args, without_constants(self.program.constant_kwargs, kwargs))
         if self.kernels is None:
             outputs = self._executor.run(tensors)
         else:

@@ -54,6 +54,7 @@ class Program:
     in_spec: Any = None                    # structure of (args, kwargs), sparsecc.runtime.tree_schema JSON
     out_spec: Any = None                   # structure of the outputs, same schema
     state_names: list[str] = field(default_factory=list)  # constants the program mutates (its own state)
+    constant_kwargs: dict[str, Any] = field(default_factory=dict)  # keyword inputs baked in at capture (plain data)
 
     def to_dict(self) -> dict[str, Any]:
         return {"format_version": FORMAT_VERSION, **asdict(self)}

@@ -22,6 +22,7 @@ import torch
 
 from .errors import ArtifactError
 from .fake_run import FakeRun, propagate
+from .inputs import MAX_CONSTANT_ITEMS, plain_constant
 from .op_table import DTYPES, argument_problem, bind_arguments, returns_alias, writes_of
 from .program import InputSpec, Instruction, Program
 
@@ -87,6 +88,10 @@ def check_structure(program: Program) -> None:
              "program", "constant_names must be distinct strings")
     _require(isinstance(program.state_names, list) and set(program.state_names) <= set(names), "program",
              "state_names must name constants")
+    constants = program.constant_kwargs
+    _require(isinstance(constants, dict) and len(constants) <= MAX_CONSTANT_ITEMS
+             and all(isinstance(k, str) and plain_constant(v) for k, v in constants.items()), "program",
+             "constant_kwargs must map keyword names to plain JSON data (null, bool, number, string, lists)")
     _require(isinstance(program.instructions, list) and isinstance(program.outputs, list), "program",
              "instructions and outputs must be lists")
     for index, inst in enumerate(program.instructions):

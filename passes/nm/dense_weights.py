@@ -6,7 +6,8 @@ pass in silence, so after the rules run each remaining weight is named with
 what reads it:
 
     stacked [E, out, in] / [E, in, out] expert weights (batched_mm, grouped_mm, a loop)
-        -> "run moe-dispatch to make them N:M" (the expert rule prunes them inside sparsecc.moe)
+        -> moe-dispatch did not rewrite their block (a weights request runs it; the expert rule prunes
+           them inside sparsecc.moe)
     an MoE router read through a cast  -> kept dense, like the routers the linear rules decline
     an embedding table, expert biases  -> a lookup, not a matmul
     anything else                      -> the ops that read it
@@ -50,9 +51,16 @@ def dense_reason(weights: NMWeights, weight: Node, tensor: torch.Tensor, readers
     ops = ", ".join(sorted({str(r.target).removesuffix(".default") for r in readers}))
     if any(feeds_moe_router(r) for r in readers):
         return "router of an MoE block, kept dense: pruning it would change which experts tokens reach"
+    if any(r.target is torch.ops.sparsecc.moe.default for r in readers) and tensor.dim() == 2:
+        k, m = tensor.shape[-1], weights.options.m
+        if tensor.shape[0] == 1:
+            return f"shared-expert gate {list(tensor.shape)} of sparsecc.moe (one output row): kept dense"
+        why = f"its reduction dim {k} is not divisible by M={m}" if k % m else "outside the include/exclude globs"
+        return f"shared expert {list(tensor.shape)} of sparsecc.moe, kept dense: {why}"
     if tensor.dim() >= 3:
         return (f"stacked expert weights {list(tensor.shape)} read by {ops}: prune-nm makes experts N:M "
-                "inside sparsecc.moe; run moe-dispatch (sparsity 'moe': 'dispatch') to make them N:M")
+                "only inside sparsecc.moe, and moe-dispatch did not rewrite this block (its reason is in the "
+                "report; a pipeline without moe-dispatch never does)")
     if any(r.target in _LOOKUPS for r in readers):
         return f"table {list(tensor.shape)} read by {ops} (a lookup, not a matmul): kept dense"
     return (f"read by {ops}: not a linear form prune-nm rewrites (linear, or matmul/mm/addmm of an activation "
@@ -71,7 +79,7 @@ def unexplained_dense(gm: GraphModule, weights: NMWeights, explained: set[str]) 
             continue
         seen.add(node.target)
         layer, readers = layer_path(node), _readers(node)
-        if not readers or layer in explained or layer + ".experts" in explained:
+        if not readers or layer in explained or (tensor.dim() >= 3 and layer + ".experts" in explained):
             continue
         where = f"{layer} ({node.target.rpartition('.')[2]})"
         skips.append(Skip(where, RULE, dense_reason(weights, node, tensor, readers)))

@@ -72,6 +72,17 @@ def expert_hidden(node: Node, values: dict, expert: int) -> Tensor:
     return ExpertForm.of(call).apply(projected)
 
 
+def shared_rows(node: Node, values: dict, index: int) -> Tensor:
+    """What the shared expert's gate/up reads: every hidden row."""
+    return bound_call(node, values).hidden
+
+
+def shared_hidden(node: Node, values: dict, index: int) -> Tensor:
+    """What the shared expert's down projection reads: the call's expert form of every row's gate/up."""
+    call = bound_call(node, values)
+    return ExpertForm.of(call).apply(F.linear(call.hidden, call.shared_gate_up))
+
+
 class ExpertRule(NMRule):
     """Check, replace and calibration targets of the stacked experts."""
     rule_name, pattern = "nm-moe-experts", MOE_PATTERN
@@ -86,31 +97,55 @@ class ExpertRule(NMRule):
                 return fail(f"expert reduction dim {k} is not divisible by M={self.weights.options.m}")
         return ok()
 
+    def shared_layer(self, m: Match) -> str:
+        """The shared expert's module ('...mlp.shared_experts'), from the parameter its down projection came from."""
+        down = MoECall(*m.node.args, **m.node.kwargs).shared_down
+        source = self._provenance({down: None}).get("sources", {}).get(down.target)
+        return source.rpartition(".")[0].rpartition(".")[0] if isinstance(source, str) else layer_path(m["w"]) + ".shared_expert"
+
+    def shared(self, m: Match) -> list[Node]:
+        """The shared expert's (gate_up, down) constants when it has one prune-nm can prune (selected, K % M == 0);
+        what stays dense is named with its reason by dense_weights.py."""
+        call = MoECall(*m.node.args, **m.node.kwargs)
+        nodes = [call.shared_gate_up, call.shared_down]
+        if not all(isinstance(n, Node) and n.op == "get_attr" for n in nodes):
+            return []
+        divisible = all(self.weights.stored(n).shape[-1] % self.weights.options.m == 0 for n in nodes)
+        return nodes if divisible and self.weights.options.selects(self.shared_layer(m)) else []
+
     def targets(self, m: Match) -> list[LayerTarget]:
         """gate/up first: the down projection's inputs are computed with the pruned gate/up."""
-        same = lambda w: w  # noqa: E731  (stored [E, out, K] is already the matrix layout)
-        return [LayerTarget(node=m.node, weight=node, layer=self.layer(m), columns=partial(columns, m.node),
-                            to_matrix=same, from_matrix=same)
-                for node, columns in ((m["w"], routed_rows), (m["w2"], expert_hidden))]
+        same = lambda w: w  # noqa: E731  (stored [E, out, K] / [out, K] is already the matrix layout)
+        shared = self.shared(m)
+        reads = [(m["w"], routed_rows, self.layer(m)), (m["w2"], expert_hidden, self.layer(m))]
+        reads += [(node, columns, self.shared_layer(m)) for node, columns in zip(shared, (shared_rows, shared_hidden))]
+        return [LayerTarget(node=m.node, weight=node, layer=layer, columns=partial(columns, m.node),
+                            to_matrix=same, from_matrix=same) for node, columns, layer in reads]
 
     def replace(self, m: Match, rw: Rewriter) -> Node:
         n, mm = self.weights.options.n, self.weights.options.m
+        experts, shared = (m["w"], m["w2"]), self.shared(m)
         compressed = {node: self.weights.compress(node.target, self.weights.stored(node), rw)
-                      for node in (m["w"], m["w2"])}
+                      for node in (*experts, *shared)}
         dense = {node: rw.call(torch.ops.sparsecc.nm_decompress.default, v, i, n, mm,
                                self.weights.stored(node).shape[-1]) for node, (v, i) in compressed.items()}
         args, kwargs = torch.fx.node.map_arg((m.node.args, m.node.kwargs), lambda a: dense.get(a, a))
-        self.weights.ctx.records.append(self._record(m, compressed))
+        top_k = MoECall(*m.node.args, **m.node.kwargs).top_k
+        self.weights.ctx.records.append(self._record(m, {w: compressed[w] for w in experts}, self.layer(m), top_k))
+        if shared:   # every token runs the shared expert: top_k 1 over all rows
+            self.weights.ctx.records.append(self._record(m, {w: compressed[w] for w in shared},
+                                                         self.shared_layer(m), 1))
         return rw.call(torch.ops.sparsecc.moe.default, *args, **kwargs)
 
-    def _record(self, m: Match, compressed: dict[Node, tuple[Node, Node]]):
+    def _record(self, m: Match, compressed: dict[Node, tuple[Node, Node]], layer: str, rows_per_token: int):
         weights = [self.weights.stored(node) for node in compressed]
-        top_k = MoECall(*m.node.args, **m.node.kwargs).top_k
-        flops = 2 * example_rows(m["h"].meta["val"], weights[0].shape[-1]) * top_k * sum(
-            w[0].numel() for w in weights)
-        details = {**self._provenance(compressed), **self.weights.method_details(), **self._routing_details(m),
+        matrices = [w[0] if w.dim() == 3 else w for w in weights]
+        flops = 2 * example_rows(m["h"].meta["val"], matrices[0].shape[-1]) * rows_per_token * sum(
+            w.numel() for w in matrices)
+        routing = self._routing_details(m) if weights[0].dim() == 3 else {}
+        details = {**self._provenance(compressed), **self.weights.method_details(), **routing,
                    "compressed": {node.target: [v.target, i.target] for node, (v, i) in compressed.items()}}
-        return nm_record(self.weights.gm, layer=self.layer(m), op="sparsecc.moe+nm_decompress",
+        return nm_record(self.weights.gm, layer=layer, op="sparsecc.moe+nm_decompress",
                          source_op="sparsecc.moe", n=self.weights.options.n, m=self.weights.options.m,
                          shape=list(weights[0].shape), dense=weights, compressed=list(compressed.values()),
                          flops=flops, details=details)

@@ -174,3 +174,28 @@ def test_plain_module_constants_dynamic_shapes_by_name_and_an_opaque_output():
     assert three == 3
     with pytest.raises(InputMismatchError, match="'mode'.*mode='negated'.*'plain'"):
         compiled(x, mode="plain")
+
+
+def test_a_saved_artifact_accepts_the_constant_keywords_and_refuses_others(tmp_path):
+    model, ids = build("llama"), token_ids()
+    flags = {"use_cache": False, "return_dict": True}
+    compiled = sparsecc.compile(model, (ids,), example_kwargs=flags, check=False)
+    report = compiled.report()
+    assert report.constant_inputs == flags and "constant inputs: use_cache=False" in str(report)
+    assert report.to_dict()["constant_inputs"] == flags
+    compiled.save(str(tmp_path / "artifact"), targets=["cpu"], progress=False)
+    loaded = sparsecc.runtime.load(str(tmp_path / "artifact"), device="cpu")
+    assert loaded.program.constant_kwargs == flags
+    torch.testing.assert_close(loaded(ids, **flags).logits, compiled(ids).logits)
+    torch.testing.assert_close(loaded(ids).logits, compiled(ids).logits)
+    with pytest.raises(InputMismatchError, match="'use_cache'.*use_cache=False"):
+        loaded(ids, use_cache=True)
+    with pytest.raises(InputMismatchError, match="'return_dict'"):
+        loaded(ids, return_dict=1)
+
+
+def test_the_report_names_the_dropped_cache():
+    model, ids = build("llama"), token_ids()
+    report = compile_quietly(model, (ids,), check=False).report()
+    assert any("KV cache" in line for line in report.dropped_outputs)
+    assert "dropped output: KV cache" in str(report)

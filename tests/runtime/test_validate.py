@@ -128,3 +128,14 @@ def test_a_call_time_failure_names_the_instruction():
 def test_the_example_models_validate(make, x):
     compiled = sparsecc.compile(make().eval(), (x,), sparsity="2:4", check=False)
     validate_program(compiled.program, compiled.constants, device="cpu")
+
+
+@pytest.mark.parametrize("constant_kwargs", [
+    {"use_cache": float("nan")}, {"flags": list(range(1000))}, {"nested": {1: True}}, ["use_cache"],
+    {"x": {"__class__": object()}},
+])
+def test_constant_keyword_inputs_must_be_plain_json(constant_kwargs):
+    steps = [inst("aten::relu.default", [X], [1])]
+    crafted = dataclasses.replace(program(steps, [{"r": 1}], num_registers=2, constants=weights()),
+                                  constant_kwargs=constant_kwargs)
+    _refused(crafted, "constant_kwargs must map keyword names to plain JSON")

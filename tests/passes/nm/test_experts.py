@@ -202,3 +202,41 @@ def test_calibration_inputs_of_every_expert_rebuild_the_moe_output(family):
         rebuilt += shared_expert_output(call.hidden, call.shared_gate_up, call.shared_down, call.shared_gate,
                                         ExpertForm.of(call))
     torch.testing.assert_close(rebuilt, interpreter.env[targets[0].node], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "qwen2_moe"])
+def test_shared_expert_is_pruned_from_the_rows_its_own_linears_read(name):
+    """The shared expert's gate/up sees every hidden row and its down the expert form of them, as the
+    model's own shared-expert linears do (eager hooks); "2:4" alone prunes it and stays exact."""
+    fam = pytest.importorskip("tests.passes.moe.families")
+    model, ids = fam.FAMILIES[name]("grouped_mm"), fam.tokens()
+    dense = sparsecc.compile(model, (ids,), sparsity={"moe": "dispatch"}, check=False)
+    targets = [t for t in NMRules(PruneNM(method="wanda"), dense.graph_module, PassContext(example_inputs=(ids,)))
+               .targets() if "shared" in t.layer][:2]
+    seen = {}
+
+    def keep(target, weight, inputs):
+        seen[target.weight.target] = torch.cat(list(inputs))
+        return weight, weight != 0
+
+    prune_layerwise(dense.graph_module, [(ids,)], targets, keep)
+    block = model.get_submodule(targets[0].layer.rpartition(".")[0])
+    attribute = "shared_experts" if hasattr(block, "shared_experts") else "shared_expert"   # DeepSeek / Qwen2
+    shared, eager = getattr(block, attribute), {}
+
+    def record(key):
+        def hook(module, args, out) -> None:   # returns None: the output stays the module's own
+            eager.setdefault(key, args[0].reshape(-1, args[0].shape[-1]))
+        return hook
+    hooks = [shared.gate_proj.register_forward_hook(record("gate_up")),
+             shared.down_proj.register_forward_hook(record("down"))]
+    with torch.no_grad():
+        model(ids)
+    for hook in hooks:
+        hook.remove()
+    gate_up, down = (t.weight.target for t in targets)
+    torch.testing.assert_close(seen[gate_up], eager["gate_up"])
+    torch.testing.assert_close(seen[down], eager["down"], rtol=1e-5, atol=1e-6)
+    report = sparsecc.compile(model, (ids,), sparsity={"weights": {"pattern": "2:4", "method": "wanda"}}).report()
+    assert {f"model.layers.{i}.mlp.{attribute}" for i in range(len(model.model.layers))} <= {r.layer for r in report.layers}
+    assert report.error_vs_reference is not None and report.error_vs_reference < 1e-5

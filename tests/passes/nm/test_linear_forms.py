@@ -57,16 +57,28 @@ def test_falcon_linears_are_nm_and_match_the_pruned_model(falcon):
 
 
 @pytest.mark.parametrize("family", [gpt_oss, mixtral], ids=["gpt_oss", "mixtral"])
-def test_batched_mm_experts_stay_dense_with_the_reason(family):
+def test_weights_request_alone_makes_batched_mm_experts_nm_inside_moe(family):
+    """"2:4" alone implies moe-dispatch (exact): the stacked experts are pruned inside sparsecc.moe."""
     model = family("batched_mm")
-    report = sparsecc.compile(model, (tokens(),), sparsity="2:4").report()
-    reasons = {s["layer"]: s["reason"] for s in report.skipped}
-    experts = {layer: reason for layer, reason in reasons.items() if ".experts (" in layer}
-    stacked = [layer for layer, reason in experts.items() if "run moe-dispatch" in reason]
-    assert len(stacked) == 2 * len(model.model.layers)       # gate_up_proj and down_proj per layer
-    assert all("stacked expert weights" in experts[layer] for layer in stacked)
-    routers = [layer for layer, reason in reasons.items() if reason.startswith("router of an MoE block")]
+    compiled = sparsecc.compile(model, (tokens(),), sparsity="2:4")
+    report = compiled.report()
+    assert report.pipeline.startswith("moe-dispatch")
+    moes = [n for n in compiled.graph_module.graph.nodes if n.target is torch.ops.sparsecc.moe.default]
+    assert len(moes) == len(model.model.layers)
+    assert all(a.target is torch.ops.sparsecc.nm_decompress.default for n in moes for a in n.args[2:4])
+    assert not any("stacked expert weights" in s["reason"] for s in report.skipped)
+    routers = [s["layer"] for s in report.skipped if s["reason"].startswith("router of an MoE block")]
     assert len(routers) == len(model.model.layers)
+    assert not report.noops     # the implied moe-dispatch is no request of its own
+    assert report.error_vs_reference is not None and report.error_vs_reference < 1e-5
+
+
+def test_a_pipeline_without_moe_dispatch_lists_stacked_experts_with_the_reason():
+    model = mixtral("batched_mm")
+    report = sparsecc.compile(model, (tokens(),), pipeline="prune-nm,cleanup").report()
+    experts = {s["layer"]: s["reason"] for s in report.skipped if ".experts (" in s["layer"]}
+    assert len(experts) == 2 * len(model.model.layers)       # gate_up_proj and down_proj per layer
+    assert all("moe-dispatch did not rewrite this block" in reason for reason in experts.values())
     assert not any(".mlp" in r.layer for r in report.layers)   # neither router nor experts pruned
     assert report.error_vs_reference is not None and report.error_vs_reference < 1e-5
 
