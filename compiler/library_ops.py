@@ -160,7 +160,7 @@ def _decompose(gm: GraphModule, node: Node) -> None:
                             "it and it is not an op with a decomposition (a higher-order op other than a "
                             "no-grad or autocast-off region, or a Python call)")
     tried = []
-    for source, implementation in _implementations(node.target):
+    for source, implementation in _implementations(node.target, _device_of(node)):
         try:
             traced, inputs = _trace(gm, node, implementation)
         except Exception as err:  # a failed trace (data-dependent loop, unsupported form) means: try the next
@@ -173,8 +173,8 @@ def _decompose(gm: GraphModule, node: Node) -> None:
                         f"into ATen ops: {reasons}")
 
 
-def _implementations(op: torch._ops.OpOverload) -> Iterator[tuple[str, Callable[..., Any]]]:
-    """Candidate ATen-level implementations of `op`, most specific first."""
+def _implementations(op: torch._ops.OpOverload, device: str) -> Iterator[tuple[str, Callable[..., Any]]]:
+    """Candidate ATen-level implementations of `op` on `device` tensors, most specific first."""
     name = _op_name(op)
     if name in LIBRARY_EQUIVALENTS:
         equal_to, decomposition = LIBRARY_EQUIVALENTS[name]
@@ -185,18 +185,28 @@ def _implementations(op: torch._ops.OpOverload) -> Iterator[tuple[str, Callable[
         yield "torch decomposition", torch._decomp.decomposition_table[op]
     if op.has_kernel_for_dispatch_key(torch._C.DispatchKey.CompositeImplicitAutograd):
         yield "composite implementation", op.decompose
-    python_body = _custom_op_body(op)
+    python_body = _custom_op_body(op, device)
     if python_body is not None:
-        yield "Python implementation", python_body
+        yield f"Python implementation for {device}", python_body
 
 
-def _custom_op_body(op: torch._ops.OpOverload) -> Optional[Callable[..., Any]]:
-    """The Python function a `torch.library.custom_op` was defined with (its CPU kernel if registered)."""
+def _custom_op_body(op: torch._ops.OpOverload, device: str) -> Optional[Callable[..., Any]]:
+    """The Python kernel a `torch.library.custom_op` runs on `device` (its kernel for that device type, or the
+    one for every device): the op's own semantics there, so a trace of it is exact. None when it has neither."""
     definition = torch._library.custom_ops.OPDEFS.get(f"{op.namespace}::{op._opname}")
     if definition is None:
         return None
     kernels = definition._backend_fns
-    return kernels.get("cpu") or kernels.get(None) or definition._init_fn
+    return kernels.get(device) or kernels.get(None)
+
+
+def _device_of(node: Node) -> str:
+    """The device type the node's tensor inputs live on ('cpu' when it reads none)."""
+    for a in pytree.tree_leaves((node.args, node.kwargs)):
+        value = a.meta.get("val") if isinstance(a, Node) else None
+        if isinstance(value, torch.Tensor):
+            return value.device.type
+    return "cpu"
 
 
 def _trace(gm: GraphModule, node: Node, implementation: Callable[..., Any]) -> tuple[GraphModule, list[Node]]:

@@ -106,9 +106,10 @@ def sink_column_dropped(probs: Node) -> tuple[Node, bool]:
     """(the softmax, True) when `probs` is softmax(...)[..., :-1] (or [..., :Skv]), else (probs, False)."""
     if probs.target is not aten.slice.Tensor or not _last_dim(probs.args[1]):
         return probs, False
-    softmax, (start, end) = through_casts(probs.args[0]), (tuple(probs.args[2:4]) + (0, None))[:2]
+    softmax, (start, end, step) = through_casts(probs.args[0]), (tuple(probs.args[2:5]) + (0, None, 1)[
+        len(probs.args[2:5]):])
     width = softmax.meta["val"].shape[-1]
-    if start != 0 or end not in (-1, width - 1):
+    if start != 0 or end not in (-1, width - 1) or step != 1:
         raise NotAttention("the softmax output is sliced other than dropping its last (sink) column")
     return softmax, True
 
@@ -119,9 +120,13 @@ def unshifted(scores: Node) -> Node:
         return scores
     row_max = scores.args[1]
     reduced = row_max.args[0] if row_max.target is operator.getitem and row_max.args[1] == 0 else row_max
-    if reduced.target in (aten.max.dim, aten.amax.default) and reduced.args[0] is scores.args[0]:
-        return through_casts(scores.args[0])
-    return scores
+    if reduced.target not in (aten.max.dim, aten.amax.default) or reduced.args[0] is not scores.args[0]:
+        return scores
+    dims = reduced.args[1] if len(reduced.args) > 1 else None
+    dims = [dims] if isinstance(dims, int) else list(dims or [])
+    keepdim = reduced.args[2] if len(reduced.args) > 2 else reduced.kwargs.get("keepdim", False)
+    # only a max over the softmax's own (last) dim is constant along it: subtracting it changes nothing
+    return through_casts(scores.args[0]) if len(dims) == 1 and _last_dim(dims[0]) and keepdim else scores
 
 
 def split_sinks(scores: Node) -> tuple[Node, Node]:

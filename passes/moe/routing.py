@@ -16,11 +16,14 @@ open (normalisation) is settled by confirming readings on numbers (dispatch.py).
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch.fx import GraphModule, Node
+
+from sparsecc.runtime.moe_routing import GROUP_SCORE_TOP
 
 from ..graph import through_casts
 from .regions import NotAnMoE, constant_of, users_through
@@ -77,9 +80,10 @@ def read_routing(gm: GraphModule, selection: Node) -> Routing:
         return _sparsemixer(gm, selection)
     choice, top_k = through_casts(selection.args[0]), int(selection.args[1])
     groups = _group_limit(choice)
-    if groups:
-        choice = choice.args[0]
+    masked, choice = (choice, choice.args[0]) if groups else (None, choice)
     bias, scores = _correction_bias(gm, choice)
+    if masked is not None:
+        _check_group_fill(masked, bias, top_k, *groups)
     if scores.target in SCORES:
         router, scoring = through_casts(scores.args[0]), SCORES[scores.target]
         weights = _routing_weights(selection, scores)
@@ -118,9 +122,39 @@ def _group_limit(choice: Node) -> Optional[tuple[int, int]]:
     for node in mask_inputs:
         if node.target is aten.topk.default:
             n_group = node.args[0].meta["val"].shape[-1]
-            if 1 < n_group < experts and experts % n_group == 0:
+            if 1 < n_group < experts and experts % n_group == 0 and _sums_best_two(node.args[0]):
                 return int(n_group), int(node.args[1])
-    raise NotAnMoE("the router masks experts before its topk, but not by a top-k over expert groups")
+    raise NotAnMoE("the router masks experts before its topk, but not by a top-k over expert groups each scored "
+                   f"by the sum of its best {GROUP_SCORE_TOP} experts")
+
+
+def _sums_best_two(group_scores: Node) -> bool:
+    """`group_scores` = topk(grouped choice, GROUP_SCORE_TOP).values.sum(-1), as sparsecc.moe scores a group."""
+    if group_scores.target is not aten.sum.dim_IntList or list(group_scores.args[1]) not in ([-1], [2]):
+        return False
+    values = group_scores.args[0]
+    if values.target is not operator.getitem or values.args[1] != 0:
+        return False
+    best = values.args[0]
+    return best.target is aten.topk.default and best.args[1] == GROUP_SCORE_TOP and \
+        (best.args[2] if len(best.args) > 2 else -1) in (-1, 2)
+
+
+def _check_group_fill(masked: Node, bias: Optional[torch.Tensor], top_k: int, n_group: int, topk_group: int) -> None:
+    """sparsecc.moe drops the experts outside the best groups (-inf). A model filling them with 0.0 (DeepSeek-V3)
+    picks the same experts when every kept one scores above 0 and enough are kept: scores are > 0 (softmax,
+    sigmoid), so that holds when the correction bias is >= 0. Otherwise the reading is refused."""
+    fill = masked.args[2]
+    experts = masked.meta["val"].shape[-1]
+    if top_k > topk_group * experts // n_group:
+        raise NotAnMoE(f"the router keeps {topk_group} of {n_group} expert groups, fewer experts than its top-{top_k}")
+    if fill == float("-inf"):
+        return
+    if fill != 0.0:
+        raise NotAnMoE(f"the router fills experts outside its best groups with {fill}, not -inf or 0")
+    if bias is not None and float(bias.min()) < 0:
+        raise NotAnMoE("the router fills experts outside its best groups with 0 while a negative score-correction "
+                       "bias can score kept experts below 0: sparsecc.moe would pick other experts")
 
 
 def _upstream(node: Node, stop: Node) -> list[Node]:

@@ -191,7 +191,7 @@ def test_custom_op_with_a_python_implementation_is_decomposed():
 def test_an_op_that_cannot_be_decomposed_is_named_with_its_layer():
     with pytest.raises(LoweringError, match=r"op sparsecc_test::count_loop .* in module tail is outside the "
                                             r"sparsecc runtime's op table and cannot be decomposed.*Python "
-                                            r"implementation: GuardOnDataDependentSymNode"):
+                                            r"implementation for cpu: GuardOnDataDependentSymNode"):
         _compile(LinearThen(Counter()).eval(), (torch.randn(4, 8),))
 
 

@@ -127,8 +127,8 @@ def moe_nodes(compiled) -> list:
 
 
 def options(moe) -> tuple:
-    """The moe call's arguments after the two stacked weights, constants by name."""
-    return torch.fx.node.map_arg((moe.args[4:], dict(moe.kwargs)), lambda a: a.target)
+    """The moe call's arguments after the expert weights (stacked and shared), constants by name."""
+    return torch.fx.node.map_arg((moe.args[6:], dict(moe.kwargs)), lambda a: a.target)
 
 
 def test_experts_with_every_option_are_pruned_and_the_moe_keeps_its_options(family):
@@ -137,9 +137,13 @@ def test_experts_with_every_option_are_pruned_and_the_moe_keeps_its_options(fami
     assert len(pruned) == len(dense) == 2
     for p, d in zip(pruned, dense):
         assert [a.target for a in p.args[2:4]] == [torch.ops.sparsecc.nm_decompress.default] * 2
+        shared = [a.target for a in p.args[4:6] if a is not None]   # DeepSeek-V3's shared expert is pruned too
+        assert shared == [torch.ops.sparsecc.nm_decompress.default] * len([a for a in d.args[4:6] if a is not None])
         assert options(p) == options(d) and len(p.kwargs) >= 4     # routing / expert options set
     report = str(compiled["2:4"].report())
-    assert "run moe-dispatch" not in report and report.count("sparsecc.moe+nm_decompress") == 2
+    shared = 2 if any(a is not None for a in pruned[0].args[4:6]) else 0   # a shared expert has its own row
+    assert "did not rewrite this block" not in report
+    assert report.count("sparsecc.moe+nm_decompress") == 2 + shared
 
 
 def test_pruned_experts_match_the_dispatched_model_with_the_pruned_weights(family):
