@@ -22,8 +22,8 @@ from sparsecc.runtime.program import Program
 from sparsecc.runtime.validate import validate_program
 
 from .cached_launch import CachedKernelLauncher, jit_forced
-from .calibrate import calibration_inputs
-from .capture import Captured, capture, check_model, normalize_inputs
+from .calibrate import capture_calibrated
+from .capture import Captured, check_model, normalize_inputs
 from .config import parse_sparsity
 from .errors import ConfigError
 from .library_ops import lower_library_ops, prepare_for_passes
@@ -57,10 +57,10 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, sparsity: Any = 
     backend = _pick_backend(backend, model)
     passes = build_pipeline(pipeline) if pipeline is not None else config.passes()
     with steps("capture"):
-        captured = capture(model, args, example_kwargs, dynamic_shapes)
+        # dims where a calibration batch differs from the example are captured dynamic
+        captured, batches = capture_calibrated(model, args, example_kwargs, dynamic_shapes, calibration)
     graph_kwargs = captured.bound.graph_kwargs(example_kwargs)   # without the constants capture baked in
     flat_inputs = _tensor_leaves((args, graph_kwargs))   # the graph's placeholders, in order
-    batches = calibration_inputs(calibration, captured.in_spec, graph_kwargs, captured.gm)
     ctx = PassContext(example_inputs=flat_inputs, calibration=batches, progress=progress)
     with steps("rewrite"):
         manager = PassManager(passes, verify=verify, print_ir_after_all=print_ir_after_all, dump_dir=dump_dir)

@@ -62,4 +62,4 @@ def prune_calibrated(options, gm: torch.fx.GraphModule, ctx: PassContext, target
 def _progress(ctx: PassContext, method: str):
     if not ctx.progress:
         return None
-    return partial(tqdm, desc=f"prune-nm {method}", unit="layer", leave=False)
+    return partial(tqdm, desc=f"prune-nm {method}", unit="layer", leave=False, mininterval=0)   # a layer is slow: show each
