@@ -150,6 +150,12 @@ class CompiledModel:
         from .onnx.export.exporter import export_compiled
         return export_compiled(self, path, contrib=contrib, opset=opset, compare_dense=compare_dense)
 
+    def export_mlir(self, path: str):
+        """Write the rewritten model as linalg-on-tensors MLIR, N:M weights as structured[N, M] sparse tensors
+        (docs/mlir.md). Returns an MlirExportResult (file size, the structured weights)."""
+        from .mlir_export import export_mlir
+        return export_mlir(self, path)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """A copy of the program's state (the buffers its forward writes: counters, KV caches), by
         the model's names; calls update the program's own copy, never the user's module."""

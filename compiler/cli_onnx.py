@@ -1,4 +1,5 @@
-"""`sparsecc export` (a model factory to ONNX) and `sparsecc sparsify` (an ONNX file to a sparse ONNX file)."""
+"""`sparsecc export` (a model factory to ONNX, or to MLIR with --mlir) and `sparsecc sparsify`
+(an ONNX file to a sparse ONNX file)."""
 from __future__ import annotations
 
 import argparse
@@ -6,10 +7,13 @@ from collections.abc import Callable
 
 
 def add_parsers(sub: argparse._SubParsersAction, add_model_args: Callable, sparsity_type: Callable) -> None:
-    export = sub.add_parser("export", help="compile a model and write it as ONNX that stock onnxruntime runs")
+    export = sub.add_parser("export", help="compile a model and write it as ONNX that stock onnxruntime runs "
+                                           "(or as MLIR with --mlir)")
     add_model_args(export)
     export.add_argument("--sparsity", type=sparsity_type, default="2:4", help='"N:M" or a JSON dict (default 2:4)')
-    export.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    export.add_argument("-o", "--output", required=True, help="the .onnx (or .mlir with --mlir) file to write")
+    export.add_argument("--mlir", action="store_true", help="write linalg-on-tensors MLIR through torch-mlir, N:M "
+                                                            "weights as structured[N, M] sparse tensors (docs/mlir.md)")
     _add_onnx_args(export)
     export.add_argument("--compare-dense", action="store_true", help="also export the dense model and report sizes")
     sparsify = sub.add_parser("sparsify", help="import an ONNX file, rewrite it for a sparsity request, export it")
@@ -39,6 +43,9 @@ def export_command(args) -> int:
     compiled = sparsecc.compile(model, inputs, sparsity=args.sparsity, pipeline=args.pipeline, progress=True,
                                 print_ir_after_all=args.print_ir_after_all, dump_dir=args.dump_dir)
     print(compiled.report())
+    if args.mlir:
+        print(compiled.export_mlir(args.output))
+        return 0
     print(compiled.export_onnx(args.output, contrib=args.contrib, opset=args.opset,
                                compare_dense=args.compare_dense))
     return 0
