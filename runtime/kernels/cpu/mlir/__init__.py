@@ -1,0 +1,1 @@
+"""CPU kernels generated through MLIR (torch-mlir's bindings, LLVM ExecutionEngine JIT)."""

@@ -1,0 +1,291 @@
+"""MLIR text of the N:M decode kernel: y[r, t] = sum_k W[r, k] * x[t, k] over compressed rows.
+
+The kernel walks the stored layout of nm_format directly: no kernel-private metadata.
+A *window* is V consecutive stored values of a row; they cover S = V*M/N dense
+columns (S = 32 for fp32, 64 for bf16: the two x registers one permute can read).
+Per window:
+
+    positions  the window's V*BITS index bits (V*BITS/8 whole bytes, one masked load)
+    lanes      lane i gets its BITS-bit position p_i: a constant byte shuffle moves the
+               bytes holding bits [i*BITS, i*BITS+BITS) into lane i, a constant shift
+               right drops the bits below, `& (M-1)` the bits above
+    index_i    M*(i // N) + p_i: the dense column of value i inside the window
+    x_i        two-register permute of the window's x (vpermi2ps / vpermi2w) by index_i
+    acc_t     += values * x_i  (fp32: FMA; bf16: vdpbf16ps, pairs of products in fp32)
+
+Any index content keeps every read inside the window (the permute reads registers),
+so a corrupt index tensor gives wrong numbers, never an out-of-bounds access.
+Signature (memrefs are 1-D, flattened): (values, indices u8, x [T*K], bias f32 [out_rows],
+y [T*out_rows] in x's dtype, row_begin, row_end, out_rows); y[t*out_rows + r] for rows
+[row_begin, row_end), rounded once from fp32 after the bias, as F.linear does. Writing y
+here, not with torch ops after the call, matters: a torch op over y starts torch's OpenMP
+workers, which then spin on the second core and slow the next call's helper thread.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from ....nm_format import index_bits, nm_index_bytes
+
+REGISTER_BITS = 512
+MAX_TOKENS = 16          # more tokens: the dense GEMM path
+TOKEN_GROUP = 4          # tokens accumulated per pass over a row block
+MAX_ACCUMULATORS = 16    # + one index and one values register per row + x + permute fit the 32 registers
+MAX_BLOCK_ROWS = 4
+WINDOW_BYTES_LOADED = 16  # a window's index bytes are read by one 16-byte masked load
+PASS_PIPELINE = ("builtin.module(convert-scf-to-cf,convert-vector-to-llvm{enable-x86=true},"
+                 "convert-arith-to-llvm,finalize-memref-to-llvm,convert-func-to-llvm,"
+                 "convert-cf-to-llvm,reconcile-unrealized-casts)")
+ELEMENT = {"float32": ("f32", 32), "bfloat16": ("i16", 16)}   # (storage type, bits) of values and x
+PERMUTE = {"float32": "llvm.x86.avx512.vpermi2var.ps.512", "bfloat16": "llvm.x86.avx512.vpermi2var.hi.512"}
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """What a compiled decode kernel is specialised on: all compile-time constants.
+
+    Blocking: `block_rows` rows share each x load, `unroll` windows run as independent
+    accumulators, tokens go in groups of at most `group` (a row block's values are re-read
+    from L1 per group); block_rows * unroll * group accumulators stay <= MAX_ACCUMULATORS."""
+    dtype: str          # "float32" | "bfloat16"
+    k: int              # in_features
+    n: int
+    m: int
+    tokens: int
+    block_rows: int = 0     # 0: chosen from the token count
+    unroll: int = 0         # 0: chosen from the token count
+    group: int = TOKEN_GROUP    # tokens accumulated per pass over a row block
+
+    @property
+    def lanes(self) -> int:
+        return REGISTER_BITS // ELEMENT[self.dtype][1]
+
+    @property
+    def window_values(self) -> int:
+        return 2 * self.lanes * self.n // self.m
+
+    @property
+    def window_columns(self) -> int:
+        return 2 * self.lanes
+
+    @property
+    def token_groups(self) -> list[tuple[int, int]]:
+        """(first token, count) of each group."""
+        return [(t, min(self.group, self.tokens - t)) for t in range(0, self.tokens, self.group)]
+
+    @property
+    def blocking(self) -> tuple[int, int]:
+        """(rows per block, windows per loop step). One token: 2 windows in flight (memory bound;
+        1-4 rows x 1-4 windows were within noise at 4096x4096). More tokens: 4 rows share each x
+        load; at 11008x4096, 8 and 16 tokens, 4 rows x 4 tokens beat 2x8, 4x8, 8x2, 8x4 by 5-30%
+        in fp32 and bf16 (one thread, fastest of 7), and software prefetch did not help."""
+        group = self.token_groups[0][1]
+        even = (self.k // self.window_columns) % 2 == 0
+        default = (1, 2 if even else 1) if group == 1 else (min(MAX_BLOCK_ROWS, MAX_ACCUMULATORS // group), 1)
+        return self.block_rows or default[0], self.unroll or default[1]
+
+    @property
+    def name(self) -> str:
+        rows, unroll = self.blocking
+        return f"nm_decode_{self.dtype}_k{self.k}_{self.n}of{self.m}_t{self.tokens}_r{rows}_u{unroll}_g{self.group}"
+
+
+def unsupported(spec: DecodeSpec) -> Optional[str]:
+    """Why no decode kernel exists for `spec`, or None."""
+    if spec.dtype not in ELEMENT:
+        return f"dtype {spec.dtype} (fp32 and bf16 only)"
+    if spec.m % spec.n or spec.m & (spec.m - 1):
+        return f"{spec.n}:{spec.m}: N and M must be powers of two"
+    values, bits = spec.window_values, index_bits(spec.m)
+    if values < 4 or values * bits % 8 or values * bits > 8 * WINDOW_BYTES_LOADED:
+        return f"{spec.n}:{spec.m}: a window of {values} values does not hold whole index bytes"
+    if spec.k % spec.window_columns:
+        return f"in_features={spec.k} is not a multiple of the {spec.window_columns}-column window"
+    if not 1 <= spec.tokens <= MAX_TOKENS:
+        return f"{spec.tokens} tokens (decode kernel takes 1..{MAX_TOKENS})"
+    return None
+
+
+def vector_literal(values: list[int]) -> str:
+    return "[" + ", ".join(str(v) for v in values) + "]"
+
+
+def lane_constants(spec: DecodeSpec) -> tuple[list[int], list[int], list[int]]:
+    """(byte shuffle mask, shift per lane, dense-column base per lane) of the index builder."""
+    lane_bytes, bits = ELEMENT[spec.dtype][1] // 8, index_bits(spec.m)
+    shuffle, shifts, bases = [], [], []
+    for lane in range(spec.lanes):
+        value = lane if lane < spec.window_values else 0   # lanes past the window are never used
+        first_bit = value * bits
+        shuffle += [min(first_bit // 8 + b, WINDOW_BYTES_LOADED - 1) for b in range(lane_bytes)]
+        shifts.append(first_bit % 8)
+        bases.append(spec.m * (value // spec.n))
+    return shuffle, shifts, bases
+
+
+def index_constant_lines(spec: DecodeSpec, lane_t: str) -> list[str]:
+    """The constants `index_lines` uses: row strides, window byte mask, shifts, in-group mask, bases."""
+    _, shifts, bases = lane_constants(spec)
+    window_bytes = spec.window_values * index_bits(spec.m) // 8
+    return [f"%row_values = arith.constant {spec.k * spec.n // spec.m} : index",
+            f"%row_bytes = arith.constant {nm_index_bytes(spec.k, spec.n, spec.m)} : index",
+            f"%window_values = arith.constant {spec.window_values} : index",
+            f"%window_bytes = arith.constant {window_bytes} : index",
+            f"%byte_mask = vector.constant_mask [{window_bytes}] : vector<{WINDOW_BYTES_LOADED}xi1>",
+            f"%no_bytes = arith.constant dense<0> : vector<{WINDOW_BYTES_LOADED}xi8>",
+            f"%shifts = arith.constant dense<{vector_literal(shifts)}> : {lane_t}",
+            f"%in_group = arith.constant dense<{spec.m - 1}> : {lane_t}",
+            f"%bases = arith.constant dense<{vector_literal(bases)}> : {lane_t}"]
+
+
+def _header(spec: DecodeSpec) -> list[str]:
+    store, _ = ELEMENT[spec.dtype]
+    return [f"func.func @{spec.name}(%values: memref<?x{store}>, %indices: memref<?xi8>, %x: memref<?x{store}>,",
+            f"    %bias: memref<?xf32>, %y: memref<?x{store}>, %row_begin: index, %row_end: index, %out_rows: index) {{",
+            *("  " + line for line in index_constant_lines(spec, _lane_t(spec))),
+            f"  %windows = arith.constant {spec.k // spec.window_columns} : index",
+            f"  %window_columns = arith.constant {spec.window_columns} : index",
+            f"  %zero = arith.constant dense<0.0> : {_acc_type(spec)}"]
+
+
+def _acc_type(spec: DecodeSpec) -> str:
+    width = spec.window_values if spec.dtype == "float32" else spec.window_values // 2
+    return f"vector<{width}xf32>"
+
+
+def _lane_t(spec: DecodeSpec) -> str:
+    return f"vector<{spec.lanes}x{'i32' if spec.dtype == 'float32' else 'i16'}>"
+
+
+def index_lines(q: str, byte_index: str, shuffle: list[int], lane_t: str) -> list[str]:
+    """Build `{q}ix`, the window's permute indices, from its index bytes at %indices[byte_index]."""
+    byte_t = f"vector<{WINDOW_BYTES_LOADED}xi8>"
+    return [
+        f"{q}raw = vector.maskedload %indices[{byte_index}], %byte_mask, %no_bytes : memref<?xi8>, "
+        f"vector<{WINDOW_BYTES_LOADED}xi1>, {byte_t} into {byte_t}",
+        f"{q}spread = vector.shuffle {q}raw, {q}raw {vector_literal(shuffle)} : {byte_t}, {byte_t}",
+        f"{q}lanes = vector.bitcast {q}spread : vector<{REGISTER_BITS // 8}xi8> to {lane_t}",
+        f"{q}shifted = arith.shrui {q}lanes, %shifts : {lane_t}",
+        f"{q}pos = arith.andi {q}shifted, %in_group : {lane_t}",
+        f"{q}ix = arith.ori {q}pos, %bases : {lane_t}",
+    ]
+
+
+def _window_rows(spec: DecodeSpec, p: str, u: int, rows: int, shuffle: list[int]) -> list[str]:
+    """Window `%w + u` of each row of the block: its permute indices and its values."""
+    store, _ = ELEMENT[spec.dtype]
+    lines = [f"{p}w{u} = arith.addi {p}w, %c{u} : index",
+             f"{p}vo{u} = arith.muli {p}w{u}, %window_values : index",
+             f"{p}bo{u} = arith.muli {p}w{u}, %window_bytes : index",
+             f"{p}xo{u} = arith.muli {p}w{u}, %window_columns : index"]
+    for j in range(rows):
+        q = f"{p}{j}_{u}"
+        lines += [f"{q}vi = arith.addi {p}value_row{j}, {p}vo{u} : index",
+                  f"{q}bi = arith.addi {p}index_row{j}, {p}bo{u} : index",
+                  *index_lines(q, f"{q}bi", shuffle, _lane_t(spec)),
+                  f"{q}wv = vector.load %values[{q}vi] : memref<?x{store}>, vector<{spec.window_values}x{store}>"]
+    return lines
+
+
+def _token_products(spec: DecodeSpec, p: str, u: int, t: int, rows: int) -> list[str]:
+    """Load token t's window of x once, permute it for each row, accumulate."""
+    q, store = f"{p}{u}_{t}", ELEMENT[spec.dtype][0]
+    wide, vals = f"vector<{spec.lanes}x{store}>", f"vector<{spec.window_values}x{store}>"
+    lines = [f"{q}xt = arith.addi {p}xo{u}, %c{t * spec.k} : index",
+             f"{q}xh = arith.addi {q}xt, %c{spec.lanes} : index",
+             f"{q}xa = vector.load %x[{q}xt] : memref<?x{store}>, {wide}",
+             f"{q}xb = vector.load %x[{q}xh] : memref<?x{store}>, {wide}"]
+    for j in range(rows):
+        r, g = f"{p}{j}_{u}", f"{p}{j}_{u}_{t}g"
+        lines.append(f'{g} = llvm.call_intrinsic "{PERMUTE[spec.dtype]}"({q}xa, {r}ix, {q}xb) : '
+                     f"({wide}, {_lane_t(spec)}, {wide}) -> {wide}")
+        if spec.window_values < spec.lanes:
+            lines.append(f"{g}s = vector.extract_strided_slice {g} {{offsets = [0], sizes = [{spec.window_values}], "
+                         f"strides = [1]}} : {wide} to {vals}")
+            g += "s"
+        lines += _accumulate(spec, f"{p}acc{j}_{u}_{t}", f"{p}next{j}_{u}_{t}", f"{r}wv", g, vals)
+    return lines
+
+
+def _accumulate(spec: DecodeSpec, acc: str, out: str, weights: str, xs: str, vals: str) -> list[str]:
+    if spec.dtype == "float32":
+        return [f"{out} = vector.fma {weights}, {xs}, {acc} : {vals}"]
+    pairs = f"vector<{spec.window_values}xbf16>"
+    return [f"{out}w = vector.bitcast {weights} : {vals} to {pairs}",
+            f"{out}x = vector.bitcast {xs} : {vals} to {pairs}",
+            f"{out} = x86.avx512.dot {acc}, {out}w, {out}x : {pairs} -> {_acc_type(spec)}"]
+
+
+def _row_block(spec: DecodeSpec, p: str, rows: int, unroll: int, group: tuple[int, int]) -> list[str]:
+    """`rows` rows from %row (in scope) times one token group: the window loop and the stores."""
+    shuffle, _, _ = lane_constants(spec)
+    tokens = range(group[0], group[0] + group[1])
+    accs = [(j, u, t) for j in range(rows) for u in range(unroll) for t in tokens]
+    types = ", ".join([_acc_type(spec)] * len(accs))
+    lines = []
+    for j in range(rows):
+        lines += [f"{p}r{j} = arith.addi %row, %c{j} : index",
+                  f"{p}value_row{j} = arith.muli {p}r{j}, %row_values : index",
+                  f"{p}index_row{j} = arith.muli {p}r{j}, %row_bytes : index"]
+    body = []
+    for u in range(unroll):
+        body += _window_rows(spec, p, u, rows, shuffle)
+        for t in tokens:
+            body += _token_products(spec, p, u, t, rows)
+    iter_args = ", ".join(f"{p}acc{j}_{u}_{t} = %zero" for j, u, t in accs)
+    lines += [f"{p}sums:{len(accs)} = scf.for {p}w = %c0 to %windows step %c{unroll} iter_args({iter_args}) "
+              f"-> ({types}) {{",
+              *("  " + line for line in body),
+              f"  scf.yield {', '.join(f'{p}next{j}_{u}_{t}' for j, u, t in accs)} : {types}",
+              "}"]
+    return lines + _store_sums(spec, p, accs)
+
+
+def _store_sums(spec: DecodeSpec, p: str, accs: list[tuple[int, int, int]]) -> list[str]:
+    """Add up each (row, token)'s unrolled accumulators, reduce the lanes, add the bias, store y[t*out_rows + r]."""
+    acc_t, lines = _acc_type(spec), []
+    for j, _, t in (a for a in accs if a[1] == 0):
+        total = f"{p}sums#{accs.index((j, 0, t))}"
+        for u in range(1, 1 + max(a[1] for a in accs)):
+            lines.append(f"{p}part{j}_{u}_{t} = arith.addf {total}, {p}sums#{accs.index((j, u, t))} : {acc_t}")
+            total = f"{p}part{j}_{u}_{t}"
+        lines += [f"{p}dot{j}_{t} = vector.reduction <add>, {total} fastmath<reassoc> : {acc_t} into f32",
+                  f"{p}yt{j}_{t} = arith.muli %out_rows, %c{t} : index",
+                  f"{p}yi{j}_{t} = arith.addi {p}yt{j}_{t}, {p}r{j} : index",
+                  *_store_output(spec, f"{p}{j}_{t}", f"{p}dot{j}_{t}", f"{p}r{j}", f"{p}yi{j}_{t}")]
+    return lines
+
+
+def _store_output(spec: DecodeSpec, q: str, dot: str, row: str, index: str) -> list[str]:
+    """y[index] = dot + bias[row], rounded once to the output dtype (nearest even, as torch rounds)."""
+    lines = [f"{q}b = memref.load %bias[{row}] : memref<?xf32>",
+             f"{q}out = arith.addf {dot}, {q}b : f32"]
+    if spec.dtype == "float32":
+        return lines + [f"memref.store {q}out, %y[{index}] : memref<?xf32>"]
+    return lines + [f"{q}half = arith.truncf {q}out : f32 to bf16",
+                    f"{q}bits = arith.bitcast {q}half : bf16 to i16",
+                    f"memref.store {q}bits, %y[{index}] : memref<?xi16>"]
+
+
+def _row_loop(spec: DecodeSpec, p: str, rows: int, unroll: int, begin: str, end: str) -> list[str]:
+    body = [line for g, group in enumerate(spec.token_groups)
+            for line in _row_block(spec, f"{p}g{g}_", rows, unroll, group)]
+    return [f"scf.for %row = {begin} to {end} step %c{rows} {{", *("  " + line for line in body), "}"]
+
+
+def decode_kernel_text(spec: DecodeSpec) -> str:
+    """The whole MLIR module (func/arith/vector/memref/scf + the x86 permute and bf16 dot)."""
+    rows, unroll = spec.blocking
+    constants = sorted({spec.lanes, spec.tokens} | set(range(max(rows, unroll, spec.tokens) + 1))
+                       | {t * spec.k for t in range(spec.tokens)})
+    lines = [*_header(spec), *(f"  %c{c} = arith.constant {c} : index" for c in constants)]
+    if rows == 1:
+        lines += ("  " + line for line in _row_loop(spec, "%b", 1, unroll, "%row_begin", "%row_end"))
+    else:
+        lines += ["  %span = arith.subi %row_end, %row_begin : index",
+                  f"  %leftover = arith.remui %span, %c{rows} : index",
+                  "  %blocks_end = arith.subi %row_end, %leftover : index"]
+        lines += ("  " + line for line in _row_loop(spec, "%b", rows, unroll, "%row_begin", "%blocks_end"))
+        lines += ("  " + line for line in _row_loop(spec, "%t", 1, unroll, "%blocks_end", "%row_end"))
+    return "\n".join([*lines, "  return", "}"])

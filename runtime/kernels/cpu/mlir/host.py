@@ -1,0 +1,44 @@
+"""What the host CPU can run: the x86 features the generated kernels need, read once at run time.
+
+The JIT compiles for the host CPU, so a kernel is only generated where the host has
+every feature it uses; the CI machine may be a Sapphire Rapids or a Zen 4, never assumed.
+"""
+from __future__ import annotations
+
+import functools
+import platform
+from pathlib import Path
+
+CPUINFO = Path("/proc/cpuinfo")
+DECODE_FEATURES = ("avx512f", "avx512bw", "avx512vl", "avx512vbmi")   # vpermi2w and the byte shuffle
+KERNEL_FEATURES = {("decode", "bfloat16"): ("avx512_bf16",),         # vdpbf16ps
+                   ("decompress", "bfloat16"): ("avx512_vbmi2",)}    # vpexpandw
+
+
+@functools.lru_cache(maxsize=1)
+def host_features() -> frozenset[str]:
+    """The host's CPU flags (Linux /proc/cpuinfo names); empty where they cannot be read."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return frozenset()
+    try:
+        text = CPUINFO.read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def missing_features(dtype: str, kernel: str = "decode") -> tuple[str, ...]:
+    """The features a `kernel` ("decode" | "decompress") of `dtype` needs that the host lacks (empty: it can run)."""
+    wanted = DECODE_FEATURES + KERNEL_FEATURES.get((kernel, dtype), ())
+    have = host_features()
+    return tuple(f for f in wanted if f not in have)
+
+
+@functools.lru_cache(maxsize=1)
+def host_target() -> str:
+    """A key naming what the JIT specialises for: the machine and the features the kernels use."""
+    used = sorted(set(DECODE_FEATURES).union(*KERNEL_FEATURES.values()) & host_features())
+    return f"{platform.machine()}:{'+'.join(used)}"

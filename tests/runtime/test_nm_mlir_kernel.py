@@ -1,0 +1,142 @@
+"""The generated N:M decode kernel (MLIR -> LLVM JIT) against decompress_nm + F.linear."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsecc.runtime.errors import RuntimeProgramError
+from sparsecc.runtime.kernels.cpu.mlir import nm_decode
+from sparsecc.runtime.kernels.cpu.mlir.codegen import DecodeSpec, decode_kernel_text, unsupported
+from sparsecc.runtime.kernels.cpu.mlir.host import missing_features
+from sparsecc.runtime.kernels.cpu.mlir.nm_decode import nm_decompress_mlir, nm_linear_mlir, row_ranges
+from sparsecc.runtime.nm_format import compress_nm, decompress_nm, nm_mask
+
+
+def runs_here(dtype: str, kernel: str = "decode") -> bool:
+    return nm_decode.mlir_available() and not missing_features(dtype, kernel)
+
+
+needs_fp32 = pytest.mark.skipif(not runs_here("float32"), reason="needs torch-mlir and AVX-512 VBMI")
+needs_bf16 = pytest.mark.skipif(not runs_here("bfloat16"), reason="needs torch-mlir and AVX-512 BF16")
+needs_expand = pytest.mark.skipif(not runs_here("bfloat16", "decompress"), reason="needs torch-mlir and AVX-512 VBMI2")
+
+
+def make_layer(rows, k, n, m, dtype):
+    weight = torch.randn(rows, k)
+    pruned = (weight * nm_mask(weight.abs(), n, m)).to(dtype)
+    values, indices = compress_nm(pruned, n, m)
+    return values, indices
+
+
+def reference(x, values, indices, bias, n, m, k):
+    """F.linear in fp32 on the decompressed weight, rounded once to x's dtype."""
+    weight = decompress_nm(values, indices, n, m, k).float()
+    return F.linear(x.float(), weight, None if bias is None else bias.float()).to(x.dtype)
+
+
+def check(rows, k, n, m, dtype, batch, with_bias):
+    values, indices = make_layer(rows, k, n, m, dtype)
+    x = torch.randn(*batch, k).to(dtype)
+    bias = torch.randn(rows).to(dtype) if with_bias else None
+    y = nm_linear_mlir(x, values, indices, bias, n, m, k)
+    expected = reference(x, values, indices, bias, n, m, k)
+    assert y is not None and y.shape == expected.shape and y.dtype == dtype and y.is_contiguous()
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
+    else:  # fp32 accumulation in another order: within one bf16 rounding of the fp32 result
+        torch.testing.assert_close(y.float(), expected.float(), rtol=1e-2, atol=2e-2)
+
+
+@needs_fp32
+@pytest.mark.parametrize("pattern", [(2, 4), (4, 8), (1, 4)])
+@pytest.mark.parametrize("tokens", [1, 2, 5, 8, 16])
+def test_fp32_equals_dense_linear(pattern, tokens):
+    check(67, 128, *pattern, torch.float32, (tokens,), with_bias=tokens % 2 == 1)
+
+
+@needs_bf16
+@pytest.mark.parametrize("pattern", [(2, 4), (4, 8), (1, 4)])
+@pytest.mark.parametrize("tokens", [1, 3, 8, 16])
+def test_bf16_equals_dense_linear(pattern, tokens):
+    check(67, 128, *pattern, torch.bfloat16, (tokens,), with_bias=tokens % 2 == 0)
+
+
+@needs_fp32
+@pytest.mark.parametrize("rows", [1, 63, 64, 129, 130])
+def test_odd_row_counts_split_across_threads(rows):
+    check(rows, 64, 2, 4, torch.float32, (3,), with_bias=True)
+
+
+@needs_fp32
+def test_three_dimensional_x_and_a_wide_layer():
+    check(40, 1024, 2, 4, torch.float32, (2, 3), with_bias=True)
+
+
+@needs_fp32
+def test_a_repeated_position_is_refused():
+    values, indices = make_layer(8, 64, 2, 4, torch.float32)
+    indices[3, 0] = 0b0101  # group 0 stores position 1 twice
+    with pytest.raises(RuntimeProgramError, match="sparsecc::nm_linear: indices row 3 stores a position twice"):
+        nm_linear_mlir(torch.randn(1, 64), values, indices, None, 2, 4, 64)
+
+
+@pytest.mark.parametrize("dtype,n,m,k,tokens,why", [
+    ("float16", 2, 4, 64, 1, "dtype"), ("float32", 3, 8, 64, 1, "powers of two"),
+    ("float32", 2, 4, 48, 1, "multiple of the 32-column window"), ("bfloat16", 2, 4, 96, 1, "64-column"),
+    ("float32", 2, 4, 64, 17, "1..16"), ("float32", 1, 16, 64, 1, "whole index bytes")])
+def test_what_no_kernel_covers_is_named(dtype, n, m, k, tokens, why):
+    assert why in unsupported(DecodeSpec(dtype, k, n, m, tokens))
+
+
+@pytest.fixture
+def patched(monkeypatch):
+    """monkeypatch, with the remembered per-shape decisions forgotten before and after the test."""
+    nm_decode.runnable_spec.cache_clear()
+    yield monkeypatch
+    nm_decode.runnable_spec.cache_clear()
+
+
+def test_unsupported_calls_return_none_for_the_fallback(patched):
+    values, indices = make_layer(8, 64, 2, 4, torch.float16)
+    assert nm_linear_mlir(torch.randn(1, 64).half(), values, indices, None, 2, 4, 64) is None
+    values, indices = make_layer(8, 64, 2, 4, torch.float32)
+    assert nm_linear_mlir(torch.randn(17, 64), values, indices, None, 2, 4, 64) is None
+    patched.setattr(nm_decode, "mlir_available", lambda: False)
+    assert nm_linear_mlir(torch.randn(1, 64), values, indices, None, 2, 4, 64) is None
+
+
+def test_a_host_without_the_features_gets_no_kernel(patched):
+    patched.setattr(nm_decode, "missing_features", lambda dtype, kernel="decode": ("avx512vbmi",))
+    values, indices = make_layer(8, 64, 2, 4, torch.float32)
+    assert nm_linear_mlir(torch.randn(1, 64), values, indices, None, 2, 4, 64) is None
+
+
+@pytest.mark.parametrize("rows,threads", [(1, 2), (127, 2), (128, 2), (1000, 3), (5, 1), (11008, 2), (4099, 2)])
+def test_row_ranges_cover_every_row_once(rows, threads):
+    spans = row_ranges(rows, threads)
+    assert spans[0][0] == 0 and spans[-1][1] == rows and len(spans) <= 4 * threads
+    assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(spans, spans[1:]))
+    assert all(begin % 4 == 0 for begin, _ in spans)
+
+
+def test_the_kernel_text_names_its_specialisation():
+    text = decode_kernel_text(DecodeSpec("bfloat16", 128, 2, 4, 3))
+    assert "@nm_decode_bfloat16_k128_2of4_t3_" in text and "x86.avx512.dot" in text
+    assert "vpermi2var.hi.512" in text and "vector.maskedload" in text
+
+
+@needs_expand
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pattern", [(2, 4), (4, 8), (1, 4)])
+def test_decompression_equals_decompress_nm(dtype, pattern):
+    values, indices = make_layer(67, 96, *pattern, dtype)
+    out = torch.full((67, 96), 7.0, dtype=dtype)          # stale contents must not survive
+    assert nm_decompress_mlir(values, indices, *pattern, 96, out) is out
+    assert torch.equal(out, decompress_nm(values, indices, *pattern, 96))
+
+
+def test_decompression_refuses_a_wrong_buffer():
+    values, indices = make_layer(4, 64, 2, 4, torch.float32)
+    if nm_decompress_mlir(values, indices, 2, 4, 64, torch.empty(4, 64)) is None:
+        pytest.skip("no generated kernel on this host")
+    with pytest.raises(RuntimeProgramError, match="sparsecc::nm_decompress: out"):
+        nm_decompress_mlir(values, indices, 2, 4, 64, torch.empty(4, 32))
