@@ -81,6 +81,7 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, sparsity: Any = 
         with steps("check"):
             _check_against_dense(compiled, report, args, graph_kwargs)
     report.timings = dict(steps.timings)
+    report.kernels = nm_kernel_choices(compiled)
     compiled._report = report
     _warn_noops(report)
     _warn_dropped(captured)
@@ -230,6 +231,19 @@ def _build_report(model, pipeline: str, ctx: PassContext, compiled: CompiledMode
         constant_inputs=dict(captured.bound.constants),
         dropped_outputs=list(captured.bound.dropped_outputs),
     )
+
+
+def nm_kernel_choices(compiled: "CompiledModel") -> list[dict]:
+    """Per N:M linear on CPU, the path the runtime measured fastest for each token bucket seen so far."""
+    from sparsecc.runtime.kernels.cpu.nm_paths import decisions
+    found = []
+    for r in compiled.records:
+        values = compiled.constants.get(r.details.get("values", ""))
+        if r.op != "sparsecc.nm_linear" or values is None or values.device.type != "cpu":
+            continue
+        for entry in decisions(values.dtype, r.details["n"], r.details["m"], *r.shape):
+            found.append({"layer": r.layer, **entry})
+    return found
 
 
 def _state_bytes(gm: torch.fx.GraphModule) -> int:

@@ -69,6 +69,8 @@ class WeightsConfig(Section):
     exclude: tuple[str, ...] = PruneNM.exclude     # module-path globs that are kept dense
     percdamp: float = PruneNM.percdamp             # sparsegpt: Hessian dampening, fraction of mean(diag H)
     blocksize: int = PruneNM.blocksize             # sparsegpt: columns updated together (a multiple of M)
+    keep: str = PruneNM.keep                       # "memory": always compressed; "speed": a dense copy may be
+                                                   # kept per layer where the CPU autotune measures it faster
 
     def pass_options(self) -> dict[str, Any]:
         options = super().pass_options()

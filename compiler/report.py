@@ -31,6 +31,7 @@ class Report:
     noops: list[str] = field(default_factory=list)   # one line per request that rewrote nothing (noop_lines)
     constant_inputs: dict[str, Any] = field(default_factory=dict)   # keyword inputs baked in at capture
     dropped_outputs: list[str] = field(default_factory=list)        # model outputs the program does not return
+    kernels: list[dict] = field(default_factory=list)   # per N:M layer: the CPU path measured fastest per bucket
 
     def totals(self) -> dict[str, int]:
         """Sums over the rows, each weight and each FLOP counted once where rewrites compose: an MoE
@@ -60,6 +61,7 @@ class Report:
             "non_finite": self.non_finite.to_dict() if self.non_finite else None,
             "timings": self.timings, "noops": self.noops,
             "constant_inputs": self.constant_inputs, "dropped_outputs": self.dropped_outputs,
+            "kernels": self.kernels,
         }
 
     def to_json(self, indent: int = 2) -> str:
@@ -126,7 +128,7 @@ def format_report(report: Report) -> str:
     out.append(f"model constants: {_size(report.model_bytes_before)} -> {_size(report.model_bytes_after)} "
                f"({_ratio(report.model_bytes_after, report.model_bytes_before)})")
     out += _nm_method_lines(report.layers) + _moe_lines(report.layers) + _attention_lines(report.layers)
-    out += _routing_lines(report.layers)
+    out += _routing_lines(report.layers) + _kernel_lines(report.kernels)
     out += _skipped_lines(report.skipped) + _error_lines(report)
     out += _timing_lines(report.timings)
     return "\n".join(out)
@@ -139,6 +141,18 @@ def _call_lines(report: Report) -> list[str]:
         values = ", ".join(f"{k}={v!r}" for k, v in report.constant_inputs.items())
         out.append(f"constant inputs: {values} (baked in: a call may repeat them or leave them out)")
     out += [f"dropped output: {what}" for what in report.dropped_outputs]
+    return out
+
+
+def _kernel_lines(kernels: list[dict]) -> list[str]:
+    """Which CPU path each N:M linear took per token bucket, and the times that chose it."""
+    if not kernels:
+        return []
+    out = ["N:M kernels (CPU, measured on the first call of each token bucket):"]
+    for k in kernels:
+        times = ", ".join(f"{path} {ms:.3f} ms" if isinstance(ms, float) else f"{path} {ms}"
+                          for path, ms in k["ms"].items())
+        out.append(f"  {k['layer']}: <= {k['tokens']} tokens -> {k['path']}" + (f" ({times})" if times else ""))
     return out
 
 

@@ -9,12 +9,15 @@ and the `gpu`-marked tests cover the same kernels there.
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
 os.environ.setdefault("SPARSECC_VALIDATE_PROGRAMS", "1")   # every program a test lowers passes load-time validation
+# N:M path choices measured by the tests stay out of the user's ~/.cache (and a stale file cannot steer a test)
+os.environ.setdefault("SPARSECC_CACHE_DIR", tempfile.mkdtemp(prefix="sparsecc-test-tuning-"))
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

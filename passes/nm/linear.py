@@ -162,8 +162,9 @@ class LinearRule(NMRule):
         n, mm = self.weights.options.n, self.weights.options.m
         weight = self.matrix(m)
         values, indices = self.weights.compress(m["w"].target, weight, rw)
+        keep = self.weights.options.keep
         out = rw.call(torch.ops.sparsecc.nm_linear.default, m["x"], values, indices, m.get("b"), n, mm,
-                      weight.shape[1])
+                      weight.shape[1], **({"keep": keep} if keep != "memory" else {}))
         self.weights.ctx.records.append(self._record(m, weight, values, indices))
         return out
 

@@ -20,6 +20,7 @@ from typing import ClassVar, Optional
 
 import torch
 
+from sparsecc.runtime.kernels.cpu.nm_paths import KEEPS
 from sparsecc.runtime.nm_format import check_nm
 from sparsecc.runtime.ops import get_op  # noqa: F401  (registers the sparsecc ops)
 
@@ -46,13 +47,16 @@ class PruneNM(Pass):
     exclude: tuple[str, ...] = ()
     percdamp: float = 0.01     # sparsegpt: dampening, a fraction of mean(diag H)
     blocksize: int = 128       # sparsegpt: columns updated together (a multiple of M)
+    keep: str = "memory"       # nm_linear at run time: "memory" stays compressed; "speed" may keep a dense
+                               # copy of a layer where that measures faster (kernels/cpu/nm_paths.py)
     option_bounds: ClassVar[dict[str, OptionBounds]] = {
         "n": Bounds(1, whole=True), "m": Bounds(1, whole=True), "percdamp": Bounds(0),
         "blocksize": Bounds(1, whole=True)}
     always_spelled: ClassVar[tuple[str, ...]] = ("n", "m", "method", "include")
 
     def spelled_options(self) -> tuple[str, ...]:
-        return self.always_spelled + (("percdamp", "blocksize") if self.method == "sparsegpt" else ())
+        spelled = self.always_spelled + (("percdamp", "blocksize") if self.method == "sparsegpt" else ())
+        return spelled + (("keep",) if self.keep != "memory" else ())
 
     def options_problem(self) -> Optional[OptionProblem]:
         if self.method not in METHODS:
@@ -61,6 +65,8 @@ class PruneNM(Pass):
             check_nm(self.n, self.m)
         except ValueError as err:
             return OptionProblem("n", str(err))
+        if self.keep not in KEEPS:
+            return OptionProblem("keep", f"keep must be one of {', '.join(KEEPS)}, got {self.keep!r}")
         if self.blocksize % self.m:
             return OptionProblem("blocksize",
                                  f"blocksize must be a positive multiple of M={self.m}, got {self.blocksize}")

@@ -8,18 +8,14 @@ Candidates for y = x @ W^T + b with W N:M-compressed:
                      fp16/bf16, and shapes to_sparse_semi_structured accepts;
                      tried from MIN_SEMI_STRUCTURED_TOKENS tokens (large batched GEMMs)
 The first call for a key (device name, dtype, N:M, out x in, token bucket =
-next power of two) times each candidate that runs and keeps the fastest. The
-choice lives in memory and in a JSON file ($SPARSECC_CACHE_DIR, default
-~/.cache/sparsecc, file nm_autotune.json, written atomically), so a later
-process does not tune again. SPARSECC_NM_PATH=triton|semi_structured forces a path.
+next power of two) times each candidate that runs and keeps the fastest,
+remembered by kernels/tuning_cache.py (in memory and in a JSON file, so a
+later process does not tune again). SPARSECC_NM_PATH=triton|semi_structured forces a path.
 """
 from __future__ import annotations
 
-import json
 import os
-import tempfile
-import threading
-from pathlib import Path
+from functools import partial
 from typing import Callable, Optional
 
 import torch
@@ -30,43 +26,17 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..nm_format import decompress_nm
 from .checks import refuse
 from .cpu.nm_linear import nm_linear_problem
+from .tuning_cache import bucket, fastest, remembered
 
 PATHS = ("triton", "semi_structured")
 MIN_SEMI_STRUCTURED_TOKENS = 64
-_choices: dict[str, dict] = {}
 _semi_weights = WeakIdKeyDictionary()     # values tensor -> (version, SparseSemiStructuredTensor)
-_lock = threading.Lock()
-
-
-def cache_file() -> Path:
-    root = os.environ.get("SPARSECC_CACHE_DIR") or Path.home() / ".cache" / "sparsecc"
-    return Path(root) / "nm_autotune.json"
 
 
 def tuning_key(tokens: int, out_features: int, in_features: int, n: int, m: int, dtype: torch.dtype,
                device: torch.device) -> str:
-    bucket = 1 << max(tokens - 1, 0).bit_length()
     return f"{torch.cuda.get_device_name(device)}|{str(dtype).removeprefix('torch.')}|{n}:{m}|" \
-           f"{out_features}x{in_features}|tokens<={bucket}"
-
-
-def _load() -> None:
-    if _choices or not cache_file().exists():
-        return
-    try:
-        _choices.update(json.loads(cache_file().read_text()))
-    except (OSError, ValueError):
-        pass  # an unreadable cache is re-tuned, never fatal
-
-
-def _store(key: str, entry: dict) -> None:
-    _choices[key] = entry
-    path = cache_file()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".nm_autotune.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(_choices, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+           f"{out_features}x{in_features}|tokens<={bucket(tokens)}"
 
 
 def semi_structured_weight(values: Tensor, indices: Tensor, n: int, m: int, in_features: int, dtype: torch.dtype):
@@ -117,17 +87,13 @@ def _time_ms(run: Callable[[], Tensor], repeats: int = 10) -> float:
 def autotune(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], n: int, m: int,
              in_features: int) -> dict:
     """{"path": fastest, "ms": {path: time or error}} for this call's shape; a failing candidate is left out."""
-    timings: dict[str, object] = {}
-    for path in candidates(x.numel() // in_features, n, m, x.dtype):
-        try:
-            timings[path] = _time_ms(lambda run=RUNNERS[path]: run(x, values, indices, bias, n, m, in_features))
-        except (RuntimeError, ValueError, NotImplementedError) as err:
-            timings[path] = f"unavailable: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
-    timed = {p: t for p, t in timings.items() if isinstance(t, float)}
-    if not timed:
+    runners = {path: partial(RUNNERS[path], x, values, indices, bias, n, m, in_features)
+               for path in candidates(x.numel() // in_features, n, m, x.dtype)}
+    try:
+        return fastest(runners, _time_ms)
+    except RuntimeError as err:
         raise RuntimeError(f"nm_linear: no CUDA path ran for x {list(x.shape)}, weight "
-                           f"[{values.shape[0]}, {in_features}] {n}:{m}: {timings}")
-    return {"path": min(timed, key=timed.get), "ms": timings}
+                           f"[{values.shape[0]}, {in_features}] {n}:{m}: {err}") from None
 
 
 def choose_path(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], n: int, m: int,
@@ -141,11 +107,7 @@ def choose_path(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tenso
     if len(candidates(tokens, n, m, x.dtype)) == 1:
         return "triton"
     key = tuning_key(tokens, values.shape[0], in_features, n, m, x.dtype, x.device)
-    with _lock:
-        _load()
-        if key not in _choices:
-            _store(key, autotune(x, values, indices, bias, n, m, in_features))
-        return _choices[key]["path"]
+    return remembered(key, lambda: autotune(x, values, indices, bias, n, m, in_features))["path"]
 
 
 def nm_linear_cuda(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], n: int, m: int,

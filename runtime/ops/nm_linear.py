@@ -3,9 +3,12 @@
     y[..., out] = x[..., in_features] @ decompress_nm(values, indices).T + bias
 
 `values [out, in_features*N/M]` and `indices [out, nm_index_bytes]` are the
-layout defined in `sparsecc.runtime.nm_format`. y has x's dtype. CPU tensors
-run the blocked CPU kernel; CUDA tensors run the path autotuned for the shape
-(`kernels/nm_autotune.py`): the Triton launcher (the fused kernel up to 16
+layout defined in `sparsecc.runtime.nm_format`. y has x's dtype. `keep`
+("memory" | "speed") says whether the runtime may keep a dense copy of the
+weight where that measures faster (CPU; "memory": never). CPU tensors run the
+path measured fastest per layer and token bucket (`kernels/cpu/nm_paths.py`:
+the MLIR-generated decode kernel, decompressed tiles + MKL, or the dense copy);
+CUDA tensors run the path autotuned for the shape (`kernels/nm_autotune.py`): the Triton launcher (the fused kernel up to 16
 tokens, Triton decompression + cuBLAS above) or torch's 2:4 semi-structured
 GEMM. Inference only: no autograd formula is registered.
 """
@@ -21,7 +24,7 @@ from .registry import OpDef, has_data
 
 
 def nm_linear_triton(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor],
-                     n: int, m: int, in_features: int) -> Tensor:
+                     n: int, m: int, in_features: int, keep: str = "memory") -> Tensor:
     """The CUDA path: Triton or torch's 2:4 semi-structured, autotuned per shape (kernels/nm_autotune.py);
     the Triton kernel alone on CPU tensors (TRITON_INTERPRET=1). Imported on first call to keep the registry cheap."""
     if x.is_cuda:
@@ -33,8 +36,8 @@ def nm_linear_triton(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[
 
 @torch.library.custom_op("sparsecc::nm_linear", mutates_args=(), device_types="cpu")
 def nm_linear(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor],
-              n: int, m: int, in_features: int) -> Tensor:
-    return nm_linear_cpu(x, values, indices, bias, n, m, in_features)
+              n: int, m: int, in_features: int, keep: str = "memory") -> Tensor:
+    return nm_linear_cpu(x, values, indices, bias, n, m, in_features, keep)
 
 
 nm_linear.register_kernel("cuda")(nm_linear_triton)
@@ -42,15 +45,15 @@ nm_linear.register_kernel("cuda")(nm_linear_triton)
 
 @nm_linear.register_fake
 def _(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor],
-      n: int, m: int, in_features: int) -> Tensor:
+      n: int, m: int, in_features: int, keep: str = "memory") -> Tensor:
     return x.new_empty(*x.shape[:-1], values.shape[0])
 
 
 def verify_nm_linear(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor],
-                     n: int, m: int, in_features: int) -> Optional[str]:
+                     n: int, m: int, in_features: int, keep: str = "memory") -> Optional[str]:
     """None when the call is well formed, else the first inconsistency found; a real `indices` constant
     also has its packed positions checked (every one < M, distinct per group)."""
-    return nm_linear_problem(x, values, indices, bias, n, m, in_features, check_data=has_data(indices))
+    return nm_linear_problem(x, values, indices, bias, n, m, in_features, check_data=has_data(indices), keep=keep)
 
 
 def _samples() -> list[tuple]:

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from sparsecc.runtime.kernels import nm_autotune
+from sparsecc.runtime.kernels import nm_autotune, tuning_cache
 from sparsecc.runtime.nm_format import compress_nm, decompress_nm, nm_mask
 
 
@@ -18,14 +18,26 @@ def test_candidates_offer_semi_structured_only_for_large_2_4_half_gemms():
 
 def test_choices_are_written_atomically_and_read_back(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(nm_autotune, "_choices", {})
-    nm_autotune._store("GPU|float16|2:4|64x64|tokens<=128", {"path": "semi_structured", "ms": {"triton": 2.0}})
+    tuning_cache.forget()
+    tuning_cache.store("GPU|float16|2:4|64x64|tokens<=128", {"path": "semi_structured", "ms": {"triton": 2.0}})
     on_disk = json.loads((tmp_path / "nm_autotune.json").read_text())
     assert on_disk["GPU|float16|2:4|64x64|tokens<=128"]["path"] == "semi_structured"
     assert [p.name for p in tmp_path.iterdir()] == ["nm_autotune.json"]      # no temp file left behind
-    monkeypatch.setattr(nm_autotune, "_choices", {})
-    nm_autotune._load()
-    assert nm_autotune._choices == on_disk
+    tuning_cache.forget()
+    assert tuning_cache.choices() == on_disk
+    tuned = []
+    entry = tuning_cache.remembered("GPU|float16|2:4|64x64|tokens<=128", lambda: tuned.append(1))
+    assert entry["path"] == "semi_structured" and not tuned      # remembered: not measured again
+    tuning_cache.forget()
+
+
+def test_the_fastest_candidate_wins_and_a_failing_one_says_why():
+    def broken():
+        raise RuntimeError("no kernel for this shape")
+    clock = {"slow": 3.0, "fast": 1.0}
+    entry = tuning_cache.fastest({"slow": lambda: "slow", "fast": lambda: "fast", "broken": broken},
+                                 lambda run: clock[run()])
+    assert entry["path"] == "fast" and entry["ms"]["broken"].startswith("unavailable: RuntimeError: no kernel")
 
 
 def test_forced_path_is_checked(monkeypatch):
@@ -57,7 +69,7 @@ def test_both_cuda_paths_match_the_dense_pruned_linear(path, dtype):
 def test_autotune_times_both_paths_and_caches_the_choice(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("SPARSECC_NM_PATH", raising=False)
-    monkeypatch.setattr(nm_autotune, "_choices", {})
+    tuning_cache.forget()
     values, indices, dense = _weights(1024, 1024, torch.float16)
     x = torch.randn(512, 1024, dtype=torch.float16, device="cuda")
     y = torch.ops.sparsecc.nm_linear(x, values, indices, None, 2, 4, 1024)   # the registered CUDA kernel

@@ -1,0 +1,141 @@
+"""The CPU paths of sparsecc::nm_linear, and the choice between them, measured per layer and token bucket.
+
+    "generated"  the MLIR-generated decode kernel (kernels/cpu/mlir/nm_decode.py): streams the
+                 compressed values and packed positions once, never a dense weight; up to
+                 MAX_DECODE_TOKENS tokens, on hosts with the AVX-512 features it needs
+    "tiles"      BLOCK_ROWS weight rows at a time decompressed into one reused workspace (the
+                 generated decompression kernel where it runs, else nm_format.decompress_nm), each
+                 tile a dense F.linear (MKL / oneDNN): the tile stays in cache between the two
+    "dense"      the whole weight decompressed once and kept (only when the layer was compiled
+                 with keep="speed": it trades the compressed layout's memory saving for speed)
+
+The first call for a key (host, threads, dtype, N:M, out x in, token bucket, keep) times each
+candidate and keeps the fastest (kernels/tuning_cache.py: in memory and on disk).
+SPARSECC_NM_CPU_PATH=generated|tiles|dense forces a path where it applies.
+"""
+from __future__ import annotations
+
+import os
+import platform
+from functools import partial
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+from ...nm_format import decompress_nm
+from ..tuning_cache import bucket, choices, cpu_ms, fastest, remembered
+from .mlir.host import host_target
+from .mlir.nm_decode import decode_spec, nm_decompress_mlir, nm_linear_mlir
+
+PATHS = ("generated", "tiles", "dense")
+KEEPS = ("memory", "speed")
+MAX_DECODE_TOKENS = 16
+BLOCK_ROWS = 256  # 32..512 rows measured at K=4096 and 11008, fp32 and bf16, 512 tokens: 256 best or within noise
+_dense_weights = WeakIdKeyDictionary()   # values tensor -> (version, dense weight): keep="speed" only
+
+
+def tiles(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], n: int, m: int,
+          in_features: int) -> Tensor:
+    """y = x @ W.T + bias, W decompressed BLOCK_ROWS rows at a time into one workspace."""
+    tokens = x.reshape(-1, in_features)
+    out_features = values.shape[0]
+    y = tokens.new_empty(tokens.shape[0], out_features)
+    workspace = tokens.new_empty(min(BLOCK_ROWS, out_features), in_features)
+    for start in range(0, out_features, BLOCK_ROWS):
+        stop = min(start + BLOCK_ROWS, out_features)
+        weight = decompress_tile(values[start:stop], indices[start:stop], n, m, in_features,
+                                 workspace[: stop - start])
+        block_bias = None if bias is None else bias[start:stop].to(y.dtype)
+        y[:, start:stop] = F.linear(tokens, weight, block_bias)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def decompress_tile(values: Tensor, indices: Tensor, n: int, m: int, k: int, out: Tensor) -> Tensor:
+    """The dense rows of (values, indices) written into `out`: the generated kernel where it runs."""
+    written = nm_decompress_mlir(values, indices, n, m, k, out)
+    return written if written is not None else decompress_nm(values, indices, n, m, k, out=out)
+
+
+def generated(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], n: int, m: int,
+              in_features: int) -> Tensor:
+    y = nm_linear_mlir(x, values, indices, bias, n, m, in_features)
+    if y is None:
+        raise NotImplementedError("no generated decode kernel for this call on this host")
+    return y
+
+
+def dense(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], n: int, m: int,
+          in_features: int) -> Tensor:
+    """F.linear with the weight decompressed once per weight (and version) and kept."""
+    cached = _dense_weights.get(values)
+    if cached is None or cached[0] != values._version:
+        out = values.new_empty(values.shape[0], in_features)
+        cached = _dense_weights[values] = (values._version, decompress_tile(values, indices, n, m, in_features, out))
+    return F.linear(x, cached[1], None if bias is None else bias.to(x.dtype))
+
+
+def holds_dense_copy(values: Tensor) -> bool:
+    """Whether the "dense" path keeps a decompressed copy of this weight (keep="speed", chosen)."""
+    return values in _dense_weights
+
+
+RUNNERS: dict[str, Callable[..., Tensor]] = {"generated": generated, "tiles": tiles, "dense": dense}
+
+
+def candidates(x: Tensor, values: Tensor, n: int, m: int, in_features: int, keep: str) -> list[str]:
+    tokens = x.numel() // in_features
+    paths = ["generated"] if tokens <= MAX_DECODE_TOKENS and decode_spec(x, values, n, m, in_features) else []
+    return paths + ["tiles"] + (["dense"] if keep == "speed" else [])
+
+
+def tuning_key(tokens: int, values: Tensor, n: int, m: int, in_features: int, keep: str) -> str:
+    return f"cpu:{_cpu_name()}:{host_target()}|threads={torch.get_num_threads()}|" \
+           f"{str(values.dtype).removeprefix('torch.')}|{n}:{m}|{values.shape[0]}x{in_features}|" \
+           f"tokens<={bucket(tokens)}|keep={keep}"
+
+
+def choose_path(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], n: int, m: int,
+                in_features: int, keep: str) -> str:
+    """The path for this call: forced by SPARSECC_NM_CPU_PATH, the only candidate, or the measured fastest."""
+    paths = candidates(x, values, n, m, in_features, keep)
+    forced = os.environ.get("SPARSECC_NM_CPU_PATH")
+    if forced:
+        if forced not in PATHS:
+            raise ValueError(f"SPARSECC_NM_CPU_PATH={forced!r}: expected one of {PATHS}")
+        return forced if forced in paths else paths[-1 if forced == "dense" else 0]
+    if len(paths) == 1:
+        return paths[0]
+    key = tuning_key(x.numel() // in_features, values, n, m, in_features, keep)
+    runners = {path: partial(RUNNERS[path], x, values, indices, bias, n, m, in_features) for path in paths}
+    path = remembered(key, lambda: fastest(runners, cpu_ms))["path"]
+    if path != "dense":
+        _dense_weights.pop(values, None)   # timed, not chosen: the layer stays compressed in memory
+    return path
+
+
+def _cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it (decisions measured on one model are not reused on another)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip().replace("|", "/")
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def decisions(dtype: torch.dtype, n: int, m: int, out_features: int, in_features: int) -> list[dict]:
+    """What this host chose so far for an nm_linear of this kind, one entry per token bucket and keep:
+    {"tokens": bucket, "keep": ..., "path": ..., "ms": {path: ms or why not}}."""
+    prefix = f"cpu:{_cpu_name()}:{host_target()}|threads={torch.get_num_threads()}|" \
+             f"{str(dtype).removeprefix('torch.')}|{n}:{m}|{out_features}x{in_features}|tokens<="
+    found = []
+    for key, entry in choices().items():
+        if key.startswith(prefix):
+            tokens, keep = key[len(prefix):].split("|keep=")
+            found.append({"tokens": int(tokens), "keep": keep, **entry})
+    return sorted(found, key=lambda d: (d["tokens"], d["keep"]))

@@ -1,0 +1,99 @@
+"""Kernel-path choices measured once and remembered: in memory and in a JSON file.
+
+A tuner (the N:M linear's CUDA and CPU path choosers) names a decision by a
+key (device, dtype, pattern, shape, token bucket, ...) and measures the
+candidates the first time the key is seen; the entry {"path": fastest, "ms":
+{path: time or why it could not run}} is kept in memory and in
+$SPARSECC_CACHE_DIR/nm_autotune.json (default ~/.cache/sparsecc), written
+atomically, so a later process does not tune again. An unreadable file is
+re-tuned, never fatal.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+_choices: dict[str, dict] = {}
+_lock = threading.RLock()
+
+
+def cache_file() -> Path:
+    root = os.environ.get("SPARSECC_CACHE_DIR") or Path.home() / ".cache" / "sparsecc"
+    return Path(root) / "nm_autotune.json"
+
+
+def load() -> None:
+    """Read the file into memory once (nothing to do when memory already holds choices)."""
+    if _choices or not cache_file().exists():
+        return
+    try:
+        _choices.update(json.loads(cache_file().read_text()))
+    except (OSError, ValueError):
+        pass  # an unreadable cache is re-tuned, never fatal
+
+
+def store(key: str, entry: dict) -> None:
+    _choices[key] = entry
+    path = cache_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".nm_autotune.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(_choices, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def remembered(key: str, tune: Callable[[], dict]) -> dict:
+    """The entry for `key`, measured by `tune()` the first time any process asks."""
+    with _lock:
+        load()
+        if key not in _choices:
+            store(key, tune())
+        return _choices[key]
+
+
+def choices() -> dict[str, dict]:
+    """Every remembered decision, by key (a copy)."""
+    with _lock:
+        load()
+        return dict(_choices)
+
+
+def forget() -> None:
+    """Drop the in-memory choices (the file stays): the next decision reads the file again."""
+    with _lock:
+        _choices.clear()
+
+
+def bucket(tokens: int) -> int:
+    """The token-count bucket a decision is made for: the next power of two."""
+    return 1 << max(tokens - 1, 0).bit_length()
+
+
+def fastest(runners: dict[str, Callable[[], object]], clock: Callable[[Callable[[], object]], float]) -> dict:
+    """{"path": fastest, "ms": {path: ms or "unavailable: why"}}; a candidate that raises is left out."""
+    timings: dict[str, object] = {}
+    for path, run in runners.items():
+        try:
+            timings[path] = clock(run)
+        except (RuntimeError, ValueError, NotImplementedError) as err:
+            timings[path] = f"unavailable: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+    timed = {p: t for p, t in timings.items() if isinstance(t, float)}
+    if not timed:
+        raise RuntimeError(f"no candidate ran: {timings}")
+    return {"path": min(timed, key=timed.get), "ms": timings}
+
+
+def cpu_ms(run: Callable[[], object], repeats: int = 5) -> float:
+    """Median wall time of `run` in ms after one warm-up call (which also compiles a kernel on first use)."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
