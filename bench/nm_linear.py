@@ -1,12 +1,18 @@
-"""Benchmark sparsecc::nm_linear (2:4) against a dense linear layer of the same (pruned) weight.
+"""Benchmark N:M linear layers compiled by sparsecc against dense linear layers of the same (pruned) weight.
 
-    python bench/nm_linear.py [--quick] [--json PATH] [--no-cpu] [--sweep]
+    python bench/nm_linear.py [--quick] [--json PATH] [--no-cpu] [--sweep] [--tokens 1,8,512]
 
-Per shape (out x in) and token count: compressed/dense weight bytes (fp16), CPU
-times (median of timed reps after a warm-up) of dense `F.linear` and of the
-CPU kernel in fp32 and bf16; with CUDA also fp16 cuBLAS, the Triton kernel
-and torch's semi-structured 2:4 (`to_sparse_semi_structured`), timed side by
-side with `triton.testing.do_bench` (median). Ratios are time / dense time.
+CPU: per shape (out x in), token count and dtype (fp32, bf16), side by side in
+one run: dense `F.linear` (MKL / oneDNN: what a user runs without sparsecc; no
+CPU library ships a 2:4 kernel, so dense is the peer too), the layer compiled
+by `sparsecc.compile(..., sparsity="2:4")` and "4:8", each called as the user
+calls it (the path it took, measured per token bucket by the runtime's
+autotune, is printed beside it). The three are timed one call each in turn,
+round after round (medians after a warm-up), so a drifting machine slows all
+alike; ratios are dense time / sparsecc time (> 1: sparsecc is faster).
+With CUDA also fp16 cuBLAS, the Triton kernel and torch's semi-structured 2:4
+(`to_sparse_semi_structured`), timed with `triton.testing.do_bench` (median);
+their ratios are time / dense time.
 """
 from __future__ import annotations
 
@@ -14,18 +20,19 @@ import argparse
 import json
 import statistics
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
 
-import sparsecc.runtime.ops  # noqa: F401  (registers sparsecc::nm_linear)
-from sparsecc.runtime.kernels.cpu.nm_linear import nm_linear_cpu
+import sparsecc
 from sparsecc.runtime.nm_format import compress_nm, nm_compressed_bytes, nm_mask
 
 N, M = 2, 4
+PATTERNS = ("2:4", "4:8")
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 QUICK_SHAPES = [(1024, 1024), (2752, 1024), (1024, 2752)]
-TOKENS = (1, 512)
+TOKENS = (1, 8, 512)
 SWEEP = {  # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps) of the fused kernel tried with --sweep
     "few": [(16, bn, bk, split, 4) for bn in (16, 32, 64) for bk in (128, 256) for split in (1, 4, 8)],
     "many": [(64, 64, 64, 1, 4), (64, 128, 64, 1, 4), (128, 64, 64, 1, 8), (128, 128, 64, 1, 8),
@@ -56,14 +63,50 @@ def pruned_layer(out_features: int, in_features: int, dtype: torch.dtype, device
     return {"dense": pruned, "values": values, "indices": indices, "in": in_features}
 
 
+def compiled_linear(shape: tuple[int, int], dtype: torch.dtype, pattern: str, tokens: int):
+    """(dense nn.Linear, the sparsecc-compiled one, its N:M weight as dense) for `pattern`."""
+    layer = torch.nn.Linear(shape[1], shape[0], bias=False).to(dtype).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = sparsecc.compile(layer, (torch.randn(tokens, shape[1], dtype=dtype),), sparsity=pattern,
+                                    check=False, progress=False)
+    return compiled
+
+
+def chosen_path(compiled, tokens: int) -> str:
+    from sparsecc.api import nm_kernel_choices
+    entries = [k for k in nm_kernel_choices(compiled) if k["tokens"] >= tokens]
+    return min(entries, key=lambda k: k["tokens"])["path"] if entries else "tiles"
+
+
+def interleaved_ms(fns: dict, reps: int) -> dict:
+    """Median ms of each callable, timed one call each in turn for `reps` rounds after one warm-up call each:
+    a machine that drifts (other tenants, clocks) slows every column alike."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def cpu_columns(shape: tuple[int, int], tokens: int, reps: int) -> dict:
     row = {}
     for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-        layer = pruned_layer(*shape, dtype)
         x = torch.randn(tokens, shape[1], dtype=dtype)
-        row[f"cpu_dense_{tag}_ms"] = cpu_ms(lambda: F.linear(x, layer["dense"]), reps)
-        row[f"cpu_nm_{tag}_ms"] = cpu_ms(
-            lambda: nm_linear_cpu(x, layer["values"], layer["indices"], None, N, M, shape[1]), reps)
+        compiled = {pattern: compiled_linear(shape, dtype, pattern, tokens) for pattern in PATTERNS}
+        dense = compiled["2:4"].pruned_state_dict()["weight"].to(dtype)   # the same pruned weight, dense
+        calls = {"dense": lambda: F.linear(x, dense)}
+        calls.update({pattern: (lambda c=c: c(x)) for pattern, c in compiled.items()})
+        for name, ms in interleaved_ms(calls, reps).items():
+            key = "dense" if name == "dense" else "nm" + name.replace(":", "")
+            row[f"cpu_{key}_{tag}_ms"] = ms
+        for pattern, c in compiled.items():
+            row[f"cpu_nm{pattern.replace(':', '')}_{tag}_path"] = chosen_path(c, tokens)
+        del compiled, calls
     return row
 
 
@@ -132,11 +175,23 @@ def fmt(row: dict, key: str, base: str) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    cols = [("cpu_dense_fp32_ms", "cpu_dense_fp32_ms"), ("cpu_nm_fp32_ms", "cpu_dense_fp32_ms"),
-            ("cpu_dense_bf16_ms", "cpu_dense_fp32_ms"), ("cpu_nm_bf16_ms", "cpu_dense_bf16_ms"),
-            ("gpu_dense_fp16_ms", "gpu_dense_fp16_ms"), ("gpu_fused_ms", "gpu_dense_fp16_ms"),
+    if any("cpu_dense_fp32_ms" in r for r in rows):
+        print(f"CPU ({torch.get_num_threads()} threads): ms, and dense / sparsecc (> 1: faster than dense)")
+        head = [f"{d} {k}" for d in ("fp32", "bf16") for k in ("dense", "2:4", "4:8")]
+        print(f"{'out x in':>12} {'tok':>4} " + " ".join(f"{h:>22}" for h in head))
+        for r in rows:
+            cells = []
+            for tag in ("fp32", "bf16"):
+                dense = r[f"cpu_dense_{tag}_ms"]
+                cells.append(f"{dense:22.3f}")
+                for name in ("24", "48"):
+                    ms, path = r[f"cpu_nm{name}_{tag}_ms"], r[f"cpu_nm{name}_{tag}_path"]
+                    cells.append(f"{ms:8.3f} {dense / ms:5.2f}x {path[:6]:>6}")
+            print(f"{r['shape']:>12} {r['tokens']:>4} " + " ".join(cells))
+    cols = [("gpu_dense_fp16_ms", "gpu_dense_fp16_ms"), ("gpu_fused_ms", "gpu_dense_fp16_ms"),
             ("gpu_decompress_ms", "gpu_dense_fp16_ms"), ("gpu_semi_ms", "gpu_dense_fp16_ms")]
-    cols = [c for c in cols if any(c[0] in r for r in rows)]
+    if not any("gpu_dense_fp16_ms" in r for r in rows):
+        return
     print(f"{'out x in':>12} {'tok':>4} {'bytes':>6} " + " ".join(f"{c[0][:-3]:>17}" for c in cols))
     for r in rows:
         print(f"{r['shape']:>12} {r['tokens']:>4} {r['bytes_ratio']:6.4f} " + " ".join(fmt(r, *c) for c in cols))
@@ -159,7 +214,7 @@ def main() -> None:
     rows = []
     for shape in QUICK_SHAPES if args.quick else SHAPES:
         for tokens in map(int, args.tokens.split(",")):
-            reps = 3 if args.quick else (15 if tokens == 1 else 5)
+            reps = 3 if args.quick else (21 if tokens <= 16 else 7)
             dense_fp16 = shape[0] * shape[1] * 2
             row = {"shape": f"{shape[0]}x{shape[1]}", "tokens": tokens,
                    "bytes_ratio": nm_compressed_bytes(*shape, N, M, torch.float16) / dense_fp16}
@@ -172,8 +227,15 @@ def main() -> None:
     print_table(rows)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            json.dump({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else _cpu_model(),
                        "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, f, indent=1)
+
+
+def _cpu_model() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "cpu"
 
 
 if __name__ == "__main__":

@@ -74,26 +74,31 @@ def bucket(tokens: int) -> int:
     return 1 << max(tokens - 1, 0).bit_length()
 
 
-def fastest(runners: dict[str, Callable[[], object]], clock: Callable[[Callable[[], object]], float]) -> dict:
-    """{"path": fastest, "ms": {path: ms or "unavailable: why"}}; a candidate that raises is left out."""
+def fastest(runners: dict[str, Callable[[], object]], clock: Callable[[Callable[[], object]], float],
+            rounds: int = 1) -> dict:
+    """{"path": fastest, "ms": {path: ms or "unavailable: why"}}. Each candidate runs once untimed (compiling its
+    kernel, allocating), then `rounds` rounds time every candidate once in turn (a drifting machine slows all
+    alike) and each keeps its median; a candidate that raises is left out with the reason."""
     timings: dict[str, object] = {}
+    samples: dict[str, list[float]] = {}
     for path, run in runners.items():
         try:
-            timings[path] = clock(run)
+            run()
+            samples[path] = []
         except (RuntimeError, ValueError, NotImplementedError) as err:
             timings[path] = f"unavailable: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+    for _ in range(rounds):
+        for path in samples:
+            samples[path].append(clock(runners[path]))
+    timings.update({path: sorted(times)[len(times) // 2] for path, times in samples.items()})
     timed = {p: t for p, t in timings.items() if isinstance(t, float)}
     if not timed:
         raise RuntimeError(f"no candidate ran: {timings}")
     return {"path": min(timed, key=timed.get), "ms": timings}
 
 
-def cpu_ms(run: Callable[[], object], repeats: int = 5) -> float:
-    """Median wall time of `run` in ms after one warm-up call (which also compiles a kernel on first use)."""
+def cpu_ms(run: Callable[[], object]) -> float:
+    """Wall time of one call of `run`, in ms."""
+    start = time.perf_counter()
     run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
+    return (time.perf_counter() - start) * 1e3

@@ -34,10 +34,11 @@ def test_choices_are_written_atomically_and_read_back(tmp_path, monkeypatch):
 def test_the_fastest_candidate_wins_and_a_failing_one_says_why():
     def broken():
         raise RuntimeError("no kernel for this shape")
-    clock = {"slow": 3.0, "fast": 1.0}
+    clock = {"slow": [3.0, 0.5, 3.0], "fast": [1.0, 1.0, 9.0]}     # medians 3.0 and 1.0: one outlier each
     entry = tuning_cache.fastest({"slow": lambda: "slow", "fast": lambda: "fast", "broken": broken},
-                                 lambda run: clock[run()])
-    assert entry["path"] == "fast" and entry["ms"]["broken"].startswith("unavailable: RuntimeError: no kernel")
+                                 lambda run: clock[run()].pop(0), rounds=3)
+    assert entry["path"] == "fast" and entry["ms"]["fast"] == 1.0 and entry["ms"]["slow"] == 3.0
+    assert entry["ms"]["broken"].startswith("unavailable: RuntimeError: no kernel")
 
 
 def test_forced_path_is_checked(monkeypatch):

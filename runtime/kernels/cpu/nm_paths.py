@@ -6,17 +6,23 @@
     "tiles"      BLOCK_ROWS weight rows at a time decompressed into one reused workspace (the
                  generated decompression kernel where it runs, else nm_format.decompress_nm), each
                  tile a dense F.linear (MKL / oneDNN): the tile stays in cache between the two
+    "whole"      the whole weight decompressed per call into a workspace reused by every layer (one
+                 per thread and dtype, the size of the largest layer), then one F.linear: MKL packs x
+                 once instead of once per tile (measured at 512 tokens: 0.96-1.04x dense, tiles
+                 1.1-1.6x)
     "dense"      the whole weight decompressed once and kept (only when the layer was compiled
                  with keep="speed": it trades the compressed layout's memory saving for speed)
 
 The first call for a key (host, threads, dtype, N:M, out x in, token bucket, keep) times each
 candidate and keeps the fastest (kernels/tuning_cache.py: in memory and on disk).
-SPARSECC_NM_CPU_PATH=generated|tiles|dense forces a path where it applies.
+SPARSECC_NM_CPU_PATH=generated|whole|tiles|dense forces a path where it applies.
 """
 from __future__ import annotations
 
+import functools
 import os
 import platform
+import threading
 from functools import partial
 from typing import Callable, Optional
 
@@ -30,11 +36,13 @@ from ..tuning_cache import bucket, choices, cpu_ms, fastest, remembered
 from .mlir.host import host_target
 from .mlir.nm_decode import decode_spec, nm_decompress_mlir, nm_linear_mlir
 
-PATHS = ("generated", "tiles", "dense")
+PATHS = ("generated", "whole", "tiles", "dense")
 KEEPS = ("memory", "speed")
 MAX_DECODE_TOKENS = 16
+TUNING_ROUNDS = 7   # timed calls per candidate, interleaved; the median decides
 BLOCK_ROWS = 256  # 32..512 rows measured at K=4096 and 11008, fp32 and bf16, 512 tokens: 256 best or within noise
 _dense_weights = WeakIdKeyDictionary()   # values tensor -> (version, dense weight): keep="speed" only
+_workspaces = threading.local()          # the "whole" path's decompression buffers, by dtype
 
 
 def tiles(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], n: int, m: int,
@@ -77,18 +85,38 @@ def dense(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], n:
     return F.linear(x, cached[1], None if bias is None else bias.to(x.dtype))
 
 
+def whole(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], n: int, m: int,
+          in_features: int) -> Tensor:
+    """F.linear with the weight decompressed into the thread's workspace (never kept per layer)."""
+    rows = values.shape[0]
+    buffer = workspace(values.dtype, rows * in_features)[: rows * in_features].view(rows, in_features)
+    weight = decompress_tile(values, indices, n, m, in_features, buffer)
+    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+def workspace(dtype: torch.dtype, numel: int) -> Tensor:
+    """This thread's decompression buffer of `dtype`, grown to hold at least `numel` elements."""
+    buffers = getattr(_workspaces, "by_dtype", None)
+    if buffers is None:
+        buffers = _workspaces.by_dtype = {}
+    if dtype not in buffers or buffers[dtype].numel() < numel:
+        buffers[dtype] = torch.empty(numel, dtype=dtype)
+    return buffers[dtype]
+
+
 def holds_dense_copy(values: Tensor) -> bool:
     """Whether the "dense" path keeps a decompressed copy of this weight (keep="speed", chosen)."""
     return values in _dense_weights
 
 
-RUNNERS: dict[str, Callable[..., Tensor]] = {"generated": generated, "tiles": tiles, "dense": dense}
+RUNNERS: dict[str, Callable[..., Tensor]] = {"generated": generated, "whole": whole, "tiles": tiles,
+                                             "dense": dense}
 
 
 def candidates(x: Tensor, values: Tensor, n: int, m: int, in_features: int, keep: str) -> list[str]:
     tokens = x.numel() // in_features
     paths = ["generated"] if tokens <= MAX_DECODE_TOKENS and decode_spec(x, values, n, m, in_features) else []
-    return paths + ["tiles"] + (["dense"] if keep == "speed" else [])
+    return paths + ["whole", "tiles"] + (["dense"] if keep == "speed" else [])
 
 
 def tuning_key(tokens: int, values: Tensor, n: int, m: int, in_features: int, keep: str) -> str:
@@ -110,12 +138,15 @@ def choose_path(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tenso
         return paths[0]
     key = tuning_key(x.numel() // in_features, values, n, m, in_features, keep)
     runners = {path: partial(RUNNERS[path], x, values, indices, bias, n, m, in_features) for path in paths}
-    path = remembered(key, lambda: fastest(runners, cpu_ms))["path"]
+    path = remembered(key, lambda: fastest(runners, cpu_ms, rounds=TUNING_ROUNDS))["path"]
     if path != "dense":
         _dense_weights.pop(values, None)   # timed, not chosen: the layer stays compressed in memory
+    if path != "whole":
+        getattr(_workspaces, "by_dtype", {}).pop(values.dtype, None)   # a workspace only where "whole" runs
     return path
 
 
+@functools.lru_cache(maxsize=1)
 def _cpu_name() -> str:
     """The CPU model as /proc/cpuinfo names it (decisions measured on one model are not reused on another)."""
     try:

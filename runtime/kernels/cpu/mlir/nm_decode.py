@@ -1,14 +1,13 @@
 """Launch the generated N:M decode kernel: y = x @ W.T + bias for 1..16 tokens, W in nm_format.
 
-Rows are split into one contiguous range per torch thread; each range is one ctypes call
-(ctypes releases the GIL), the first on the calling thread, the rest on a persistent pool.
+Rows are split into chunks run on torch's own OpenMP threads (threads.py); each chunk is one
+ctypes call (ctypes releases the GIL).
 The kernel reads the stored values and packed positions as they are: no dense weight and
 no derived metadata. `nm_linear_mlir` returns None where no kernel applies (no torch-mlir,
 host lacks the features, dtype, pattern, shape or token count), so the caller falls back.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import importlib.util
 from typing import Optional
@@ -22,11 +21,13 @@ from .codegen import DecodeSpec, unsupported
 from .decompress_kernel import decompress_spec
 from .host import missing_features
 from .jit import CompiledKernel, decode_kernel, decompress_kernel
+from .threads import run_chunks
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 MIN_ROWS_PER_CHUNK = 64     # below this a call (~5 us) and a thread hand-off cost more than the rows
 CHUNKS_PER_THREAD = 4       # work sharing granularity: 4 calls per thread cost ~20 us
 ROW_ALIGN = 4               # chunk edges on whole row blocks of the decode kernel
+MIN_BYTES_TO_SPLIT = 1 << 20  # compressed weight bytes below which one thread runs it all (measured: tiny layers)
 
 
 @functools.lru_cache(maxsize=1)
@@ -101,23 +102,13 @@ def nm_decompress_mlir(values: Tensor, indices: Tensor, n: int, m: int, k: int, 
 
 
 def run_rows(kernel: CompiledKernel, values: Tensor, *buffers: Tensor, **scalars: int) -> None:
-    """Run `kernel(values, *buffers, row_begin, row_end, *scalars)` over every row: the torch threads take row
-    chunks from one queue, so a thread that starts late (a core still busy, e.g. torch's OpenMP
-    workers spinning after the previous op) takes fewer chunks instead of delaying the call."""
-    chunks = row_ranges(values.shape[0], torch.get_num_threads())
-    buffers = [(t.data_ptr(), t.numel()) for t in (values, *buffers)]
-    queue = iter(chunks)        # next() on it is atomic under the GIL: each chunk runs once
-    helpers = min(torch.get_num_threads(), len(chunks)) - 1
+    """Run `kernel(values, *buffers, row_begin, row_end, *scalars)` over every row in chunks, on torch's
+    OpenMP threads (threads.py): a thread that starts late takes fewer chunks instead of delaying the call."""
+    # a small weight runs on the calling thread: handing work to another costs more than it saves
+    threads = torch.get_num_threads() if values.numel() * values.element_size() >= MIN_BYTES_TO_SPLIT else 1
+    pointers = [(t.data_ptr(), t.numel()) for t in (values, *buffers)]
     extra = tuple(scalars.values())
-    pending = [_pool(helpers + 1).submit(_run_chunks, kernel, buffers, queue, extra) for _ in range(helpers)]
-    _run_chunks(kernel, buffers, queue, extra)
-    for done in pending:
-        done.result()
-
-
-def _run_chunks(kernel: CompiledKernel, buffers: list[tuple[int, int]], queue, extra: tuple[int, ...]) -> None:
-    for span in queue:
-        kernel.call(buffers, span + extra)
+    run_chunks(lambda span: kernel.call(pointers, span + extra), row_ranges(values.shape[0], threads), threads)
 
 
 def row_ranges(rows: int, threads: int) -> list[tuple[int, int]]:
@@ -126,8 +117,3 @@ def row_ranges(rows: int, threads: int) -> list[tuple[int, int]]:
     count = max(1, min(threads * CHUNKS_PER_THREAD, rows // MIN_ROWS_PER_CHUNK))
     edges = [min(rows, -(-rows * i // count) // ROW_ALIGN * ROW_ALIGN) for i in range(count)] + [rows]
     return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
-
-
-@functools.lru_cache(maxsize=None)
-def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
-    return concurrent.futures.ThreadPoolExecutor(max(1, threads - 1), thread_name_prefix="sparsecc-nm")

@@ -1,0 +1,97 @@
+"""Run a generated kernel over row chunks on torch's own OpenMP threads.
+
+Right after a torch op, torch's OpenMP workers spin-wait on the other cores
+(libgomp's default), so a thread pool of our own competes with them for the
+cores. Instead the chunks run inside an OpenMP parallel region of the very
+runtime torch loaded (`GOMP_parallel` from its libgomp, found in the
+process's mappings): the workers already spinning take the work at once.
+Each team thread runs a ctypes callback that takes chunks from one shared
+queue (the GIL makes `next` atomic) and calls the kernel, which releases the
+GIL while it runs. An error in a callback is kept and raised after the
+region. Where no GOMP_parallel is loaded, a persistent thread pool runs the
+chunks instead. Measured (2 cores, 2:4, median ms, dense F.linear before each
+call): 4096x4096 fp32 8 tokens 6.0 (pool) -> 3.0 (OpenMP); 11008x4096 bf16
+8 tokens 7.4 -> 3.9.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import functools
+import itertools
+import threading
+from typing import Callable, Iterable, Optional
+
+_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+_jobs: dict[int, "_Job"] = {}
+_job_ids = itertools.count(1)
+_jobs_lock = threading.Lock()
+
+
+class _Job:
+    def __init__(self, work: Callable[[tuple[int, int]], None], chunks: Iterable[tuple[int, int]]):
+        self.work, self.queue, self.error = work, iter(chunks), None
+
+    def run(self) -> None:
+        try:
+            for chunk in self.queue:
+                self.work(chunk)
+        except BaseException as err:   # a callback cannot raise through C: kept, raised after the region
+            self.error = err
+
+
+def _team_member(job_id: int) -> None:
+    job = _jobs.get(job_id)
+    if job is not None:
+        job.run()
+
+
+_TEAM_MEMBER = _CALLBACK(_team_member)
+
+
+@functools.lru_cache(maxsize=1)
+def _gomp_parallel() -> Optional[Callable]:
+    """GOMP_parallel of the OpenMP runtime torch loaded, or None."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libgomp" in line or "libiomp" in line}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        try:
+            function = ctypes.CDLL(path).GOMP_parallel
+        except (OSError, AttributeError):
+            continue
+        function.argtypes = [_CALLBACK, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+        function.restype = None
+        return function
+    return None
+
+
+def run_chunks(work: Callable[[tuple[int, int]], None], chunks: list[tuple[int, int]], threads: int) -> None:
+    """work(chunk) for every chunk, on up to `threads` threads (the calling one included)."""
+    job = _Job(work, chunks)
+    threads = min(threads, len(chunks))
+    parallel = _gomp_parallel() if threads > 1 else None
+    if parallel is not None:
+        with _jobs_lock:
+            job_id = next(_job_ids)
+            _jobs[job_id] = job
+        try:
+            parallel(_TEAM_MEMBER, job_id, threads, 0)
+        finally:
+            _jobs.pop(job_id, None)
+    elif threads > 1:
+        pending = [_pool(threads - 1).submit(job.run) for _ in range(threads - 1)]
+        job.run()
+        for done in pending:
+            done.result()
+    else:
+        job.run()
+    if job.error is not None:
+        raise job.error
+
+
+@functools.lru_cache(maxsize=None)
+def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="sparsecc-nm")
