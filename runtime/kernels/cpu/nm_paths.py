@@ -39,6 +39,7 @@ from .mlir.nm_decode import decode_spec, nm_decompress_mlir, nm_linear_mlir
 PATHS = ("generated", "whole", "tiles", "dense")
 KEEPS = ("memory", "speed")
 MAX_DECODE_TOKENS = 16
+TUNING_VERSION = 2  # in every key: choices measured with other paths or kernels are not reused
 TUNING_ROUNDS = 7   # timed calls per candidate, interleaved; the median decides
 BLOCK_ROWS = 256  # 32..512 rows measured at K=4096 and 11008, fp32 and bf16, 512 tokens: 256 best or within noise
 _dense_weights = WeakIdKeyDictionary()   # values tensor -> (version, dense weight): keep="speed" only
@@ -120,7 +121,7 @@ def candidates(x: Tensor, values: Tensor, n: int, m: int, in_features: int, keep
 
 
 def tuning_key(tokens: int, values: Tensor, n: int, m: int, in_features: int, keep: str) -> str:
-    return f"cpu:{_cpu_name()}:{host_target()}|threads={torch.get_num_threads()}|" \
+    return f"cpu:{_cpu_name()}:{host_target()}|v{TUNING_VERSION}|threads={torch.get_num_threads()}|" \
            f"{str(values.dtype).removeprefix('torch.')}|{n}:{m}|{values.shape[0]}x{in_features}|" \
            f"tokens<={bucket(tokens)}|keep={keep}"
 
@@ -162,7 +163,7 @@ def _cpu_name() -> str:
 def decisions(dtype: torch.dtype, n: int, m: int, out_features: int, in_features: int) -> list[dict]:
     """What this host chose so far for an nm_linear of this kind, one entry per token bucket and keep:
     {"tokens": bucket, "keep": ..., "path": ..., "ms": {path: ms or why not}}."""
-    prefix = f"cpu:{_cpu_name()}:{host_target()}|threads={torch.get_num_threads()}|" \
+    prefix = f"cpu:{_cpu_name()}:{host_target()}|v{TUNING_VERSION}|threads={torch.get_num_threads()}|" \
              f"{str(dtype).removeprefix('torch.')}|{n}:{m}|{out_features}x{in_features}|tokens<="
     found = []
     for key, entry in choices().items():
