@@ -216,7 +216,7 @@ def nm_index_problem_once(indices: Tensor, n: int, m: int, in_features: int) -> 
     """nm_index_problem, remembered on the tensor when it passes (keyed by pattern, storage, shape and
     version counter): a kernel decodes a constant weight's positions on its first call only. An
     inference tensor has no version counter, so nothing proves it unchanged: it is checked every call."""
-    version = _version(indices)
+    version = tensor_version(indices)
     key = (n, m, in_features, indices.data_ptr(), tuple(indices.shape), version)
     if version is not None and getattr(indices, "_sparsecc_nm_checked", None) == key:
         return None
@@ -226,8 +226,9 @@ def nm_index_problem_once(indices: Tensor, n: int, m: int, in_features: int) -> 
     return problem
 
 
-def _version(t: Tensor) -> Optional[int]:
-    """The in-place version counter; None for inference tensors, which have none."""
+def tensor_version(t: Tensor) -> Optional[int]:
+    """The in-place version counter; None for inference tensors, which have none (and which nothing outside
+    inference mode can change in place)."""
     try:
         return t._version
     except RuntimeError:

@@ -98,13 +98,13 @@ def sdpa_site(node: Node) -> AttentionSite:
                          _scale_of(q, args.get("scale")), "sdpa")
 
 
-def _last_dim(dim) -> bool:
-    return dim in (-1, 3)
+def _last_dim(dim, rank: int) -> bool:
+    return dim in (-1, rank - 1)
 
 
 def sink_column_dropped(probs: Node) -> tuple[Node, bool]:
     """(the softmax, True) when `probs` is softmax(...)[..., :-1] (or [..., :Skv]), else (probs, False)."""
-    if probs.target is not aten.slice.Tensor or not _last_dim(probs.args[1]):
+    if probs.target is not aten.slice.Tensor or not _last_dim(probs.args[1], probs.meta["val"].dim()):
         return probs, False
     softmax, (start, end, step) = through_casts(probs.args[0]), (tuple(probs.args[2:5]) + (0, None, 1)[
         len(probs.args[2:5]):])
@@ -126,13 +126,14 @@ def unshifted(scores: Node) -> Node:
     dims = [dims] if isinstance(dims, int) else list(dims or [])
     keepdim = reduced.args[2] if len(reduced.args) > 2 else reduced.kwargs.get("keepdim", False)
     # only a max over the softmax's own (last) dim is constant along it: subtracting it changes nothing
-    return through_casts(scores.args[0]) if len(dims) == 1 and _last_dim(dims[0]) and keepdim else scores
+    rank = scores.meta["val"].dim()
+    return through_casts(scores.args[0]) if len(dims) == 1 and _last_dim(dims[0], rank) and keepdim else scores
 
 
 def split_sinks(scores: Node) -> tuple[Node, Node]:
     """(scores, sink logits [1, H, 1, 1]) of cat([scores, expand(sinks)], -1) with one sink column."""
     if scores.target is not aten.cat.default or len(scores.args[0]) != 2 or not _last_dim(
-            scores.args[1] if len(scores.args) > 1 else 0):
+            scores.args[1] if len(scores.args) > 1 else 0, scores.meta["val"].dim()):
         raise NotAttention("the softmax drops its last column, but that column is not concatenated sink logits")
     kept, sinks = scores.args[0]
     sinks = through_casts(sinks)
@@ -162,7 +163,8 @@ def uncapped(scores: Node) -> tuple[Node, float]:
 def eager_site(node: Node) -> AttentionSite:
     """`node` = matmul(probs, v); walks back to the scores, the mask, softcapping and sink logits."""
     probs, sliced = sink_column_dropped(through_casts(node.args[0]))
-    if probs.target not in (aten.softmax.int, aten._softmax.default) or not _last_dim(probs.args[1]):
+    if probs.target not in (aten.softmax.int, aten._softmax.default) or not _last_dim(probs.args[1],
+                                                                                      probs.meta["val"].dim()):
         raise NotAttention("the matmul's left operand is not a softmax over the last dim")
     scores, mask, sinks = unshifted(through_casts(probs.args[0])), None, None
     if sliced:

@@ -136,7 +136,8 @@ def _sums_best_two(group_scores: Node) -> bool:
     if values.target is not operator.getitem or values.args[1] != 0:
         return False
     best = values.args[0]
-    return best.target is aten.topk.default and best.args[1] == GROUP_SCORE_TOP and \
+    largest = best.args[3] if len(best.args) > 3 else best.kwargs.get("largest", True)
+    return best.target is aten.topk.default and best.args[1] == GROUP_SCORE_TOP and largest is True and \
         (best.args[2] if len(best.args) > 2 else -1) in (-1, 2)
 
 

@@ -15,11 +15,13 @@ import os
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
 _choices: dict[str, dict] = {}
 _lock = threading.RLock()
+_warned: set[Path] = set()   # cache files already reported unwritable
 
 
 def cache_file() -> Path:
@@ -38,13 +40,30 @@ def load() -> None:
 
 
 def store(key: str, entry: dict) -> None:
+    """Remember `entry` in memory, and in the file merged with what other processes wrote there since.
+    A file that cannot be written leaves the choice in memory only (warned once): never fatal."""
     _choices[key] = entry
     path = cache_file()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".nm_autotune.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(_choices, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        on_disk = json.loads(path.read_text()) if path.exists() else {}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".nm_autotune.")
+        with os.fdopen(fd, "w") as f:
+            json.dump({**on_disk, **_choices}, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except (OSError, ValueError) as err:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        _warn_unwritable(path, err)
+
+
+def _warn_unwritable(path: Path, err: Exception) -> None:
+    if path in _warned:
+        return
+    _warned.add(path)
+    warnings.warn(f"sparsecc: kernel path choices are not saved to {path} ({type(err).__name__}: {err}); "
+                  "they are measured again in the next process", stacklevel=4)
 
 
 def remembered(key: str, tune: Callable[[], dict]) -> dict:

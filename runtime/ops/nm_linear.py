@@ -7,7 +7,8 @@ layout defined in `sparsecc.runtime.nm_format`. y has x's dtype. `keep`
 ("memory" | "speed") says whether the runtime may keep a dense copy of the
 weight where that measures faster (CPU; "memory": never). CPU tensors run the
 path measured fastest per layer and token bucket (`kernels/cpu/nm_paths.py`:
-the MLIR-generated decode kernel, decompressed tiles + MKL, or the dense copy);
+the MLIR-generated decode kernel, the whole weight or 256-row tiles decompressed
+into a workspace + MKL, or the dense copy);
 CUDA tensors run the path autotuned for the shape (`kernels/nm_autotune.py`): the Triton launcher (the fused kernel up to 16
 tokens, Triton decompression + cuBLAS above) or torch's 2:4 semi-structured
 GEMM. Inference only: no autograd formula is registered.

@@ -3,9 +3,10 @@ import torch
 
 import sparsecc
 import sparsecc.api
+import sparsecc.calibrate
 from sparsecc.config import SparsityConfig, WeightsConfig, parse_sparsity
 from sparsecc.errors import ConfigError
-from sparsecc.passes import Cleanup, Pass, PruneNM, SparseAttention
+from sparsecc.passes import Cleanup, MoEDispatch, Pass, PruneNM, SparseAttention
 from sparsecc.passes.options import OptionError
 from sparsecc.passes.pipeline import PipelineError, build_pipeline
 
@@ -13,7 +14,8 @@ from sparsecc.passes.pipeline import PipelineError, build_pipeline
 def test_shorthand_is_magnitude_weights():
     config = parse_sparsity("2:4")
     assert config.weights == WeightsConfig(pattern="2:4")
-    assert config.pipeline() == "prune-nm{n=2,m=4,method=magnitude,include=[*]},cleanup"
+    assert config.pipeline() == "moe-dispatch,prune-nm{n=2,m=4,method=magnitude,include=[*]},cleanup"
+    assert config.implied() == ["moe-dispatch"] and parse_sparsity({"moe": "dispatch"}).implied() == []
 
 
 def test_dict_and_dataclass_agree():
@@ -108,7 +110,7 @@ def test_non_finite_and_out_of_range_numbers_name_key_and_range(section, message
 def test_bad_options_are_refused_before_capture(monkeypatch, request_, error):
     def capture(*args, **kwargs):
         raise AssertionError("capture ran before the options were checked")
-    monkeypatch.setattr(sparsecc.api, "capture", capture)
+    monkeypatch.setattr(sparsecc.calibrate, "capture", capture)
     with pytest.raises((ConfigError, PipelineError), match=error):
         sparsecc.compile(torch.nn.Linear(8, 8), (torch.randn(2, 8),), **request_)
 
@@ -127,8 +129,10 @@ def test_sections_become_passes_and_the_text_reads_back_to_them(spec):
 
 
 def test_weights_section_sets_the_prune_nm_options():
-    [prune, _] = parse_sparsity({"weights": {"pattern": "4:8", "method": "wanda", "include": ["*.mlp.*"]}}).passes()
+    [dispatch, prune, _] = parse_sparsity({"weights": {"pattern": "4:8", "method": "wanda",
+                                                       "include": ["*.mlp.*"]}}).passes()
     assert prune == PruneNM(n=4, m=8, method="wanda", include=("*.mlp.*",))
+    assert dispatch == MoEDispatch()   # implied: stacked experts become N:M only inside sparsecc.moe
 
 
 def test_section_errors_are_the_pass_errors_under_the_config_key():

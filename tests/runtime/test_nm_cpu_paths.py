@@ -104,3 +104,40 @@ def test_the_report_shows_the_measured_choice_and_keep_reaches_the_program(fresh
 def test_an_unknown_keep_is_refused_before_capture():
     with pytest.raises(sparsecc.ConfigError, match="weights.keep: keep must be one of memory, speed"):
         sparsecc.compile(torch.nn.Linear(8, 8), (torch.randn(1, 8),), sparsity={"weights": {"keep": "fast"}})
+
+
+def test_an_empty_batch_is_no_tuning_and_gives_an_empty_result(fresh_tuning):
+    values, indices, _ = weight(64, 128)
+    y = torch.ops.sparsecc.nm_linear(torch.randn(0, 128), values, indices, None, 2, 4, 128)
+    assert y.shape == (0, 64) and not tuning_cache.choices()
+
+
+def test_a_remembered_path_this_call_cannot_take_falls_back_to_the_fastest_it_can(fresh_tuning):
+    values, indices, _ = weight(64, 128)
+    x = torch.randn(40, 128)
+    key = nm_paths.tuning_key(40, values, 2, 4, 128, "memory")   # as if written where a "generated" ran here
+    tuning_cache.store(key, {"path": "generated", "ms": {"generated": 1.0, "whole": 3.0, "tiles": 2.0}})
+    assert nm_paths.choose_path(x, values, indices, None, 2, 4, 128, "memory") == "tiles"
+
+
+def test_an_unwritable_cache_directory_warns_and_the_call_runs(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("SPARSECC_CACHE_DIR", str(blocker / "cache"))    # under a file: cannot be created
+    tuning_cache.forget()
+    values, indices, dense = weight(64, 128)
+    x = torch.randn(40, 128)
+    with pytest.warns(UserWarning, match="not saved to"):
+        y = torch.ops.sparsecc.nm_linear(x, values, indices, None, 2, 4, 128)
+    torch.testing.assert_close(y, F.linear(x, dense))
+    tuning_cache.forget()
+
+
+def test_keep_speed_keeps_a_dense_copy_of_inference_tensors(fresh_tuning, monkeypatch):
+    with torch.inference_mode():
+        values, indices, dense = weight(64, 128)
+    monkeypatch.setenv("SPARSECC_NM_CPU_PATH", "dense")
+    x = torch.randn(40, 128)
+    y = torch.ops.sparsecc.nm_linear(x, values, indices, None, 2, 4, 128, "speed")
+    torch.testing.assert_close(y, F.linear(x, dense))
+    assert nm_paths.holds_dense_copy(values)

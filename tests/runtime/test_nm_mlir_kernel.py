@@ -60,9 +60,23 @@ def test_bf16_equals_dense_linear(pattern, tokens):
     check(67, 128, *pattern, torch.bfloat16, (tokens,), with_bias=tokens % 2 == 0)
 
 
+@needs_bf16
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pattern", [(8, 16), (4, 16), (2, 16), (1, 16), (2, 8), (1, 8)])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_every_offered_pattern_of_m_8_and_16_equals_dense_linear(pattern, dtype, tokens):
+    spec = DecodeSpec("float32" if dtype == torch.float32 else "bfloat16", 256, *pattern, tokens)
+    if unsupported(spec):   # not offered: nm_linear_mlir must say so by returning None
+        values, indices = make_layer(8, 256, *pattern, dtype)
+        assert nm_linear_mlir(torch.randn(tokens, 256).to(dtype), values, indices, None, *pattern, 256) is None
+        return
+    check(40, 256, *pattern, dtype, (tokens,), with_bias=True)
+
+
 @needs_fp32
-@pytest.mark.parametrize("rows", [1, 63, 64, 129, 130])
-def test_odd_row_counts_split_across_threads(rows):
+@pytest.mark.parametrize("rows", [1, 63, 64, 129, 130, 1027])
+def test_odd_row_counts_split_across_threads(rows, monkeypatch):
+    monkeypatch.setattr(nm_decode, "MIN_BYTES_TO_SPLIT", 0)   # these small weights run on every thread too
     check(rows, 64, 2, 4, torch.float32, (3,), with_bias=True)
 
 
@@ -72,17 +86,18 @@ def test_three_dimensional_x_and_a_wide_layer():
 
 
 @needs_fp32
-def test_a_repeated_position_is_refused():
+def test_a_repeated_position_is_refused_by_the_op_before_any_path():
     values, indices = make_layer(8, 64, 2, 4, torch.float32)
     indices[3, 0] = 0b0101  # group 0 stores position 1 twice
     with pytest.raises(RuntimeProgramError, match="sparsecc::nm_linear: indices row 3 stores a position twice"):
-        nm_linear_mlir(torch.randn(1, 64), values, indices, None, 2, 4, 64)
+        torch.ops.sparsecc.nm_linear(torch.randn(1, 64), values, indices, None, 2, 4, 64)
 
 
 @pytest.mark.parametrize("dtype,n,m,k,tokens,why", [
     ("float16", 2, 4, 64, 1, "dtype"), ("float32", 3, 8, 64, 1, "powers of two"),
     ("float32", 2, 4, 48, 1, "multiple of the 32-column window"), ("bfloat16", 2, 4, 96, 1, "64-column"),
-    ("float32", 2, 4, 64, 17, "1..16"), ("float32", 1, 16, 64, 1, "whole index bytes")])
+    ("float32", 2, 4, 64, 17, "1..16"), ("float32", 1, 16, 64, 1, "whole index bytes"),
+    ("bfloat16", 1, 16, 256, 1, "fewer than 4 dot-product lanes")])
 def test_what_no_kernel_covers_is_named(dtype, n, m, k, tokens, why):
     assert why in unsupported(DecodeSpec(dtype, k, n, m, tokens))
 

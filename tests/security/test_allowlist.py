@@ -94,7 +94,7 @@ def test_dtype_layout_device_and_memory_format_come_from_fixed_tables(kwargs, re
 
 
 def test_sparse_and_python_ops_are_checked_too():
-    assert "at most 7" in argument_problem("sparsecc::nm_linear", [X] * 7 + [1], {})
+    assert "at most 8" in argument_problem("sparsecc::nm_linear", [X] * 7 + ["memory", 1], {})
     assert "expects int" in argument_problem("sparsecc::nm_linear", [X, W, W, None, 2.5, 4, 8], {})
     assert argument_problem("sparsecc::nm_linear", [X, W, W, None, 2, 4, 8], {}) is None
     assert "numbers or registers" in argument_problem("py::mul", [[1, 2], 10 ** 9], {})

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ...nm_format import decompress_nm
+from ...nm_format import decompress_nm, tensor_version
 from ..tuning_cache import bucket, choices, cpu_ms, fastest, remembered
 from .mlir.host import host_target
 from .mlir.nm_decode import decode_spec, nm_decompress_mlir, nm_linear_mlir
@@ -70,7 +70,12 @@ def decompress_tile(values: Tensor, indices: Tensor, n: int, m: int, k: int, out
 
 def generated(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], n: int, m: int,
               in_features: int) -> Tensor:
-    y = nm_linear_mlir(x, values, indices, bias, n, m, in_features)
+    try:
+        y = nm_linear_mlir(x, values, indices, bias, n, m, in_features)
+    except Exception as err:   # a kernel the JIT cannot build is a path not taken, never a failed call
+        if type(err).__name__ != "MLIRError":
+            raise
+        raise NotImplementedError(f"the generated decode kernel did not compile: {str(err).splitlines()[0]}") from err
     if y is None:
         raise NotImplementedError("no generated decode kernel for this call on this host")
     return y
@@ -79,10 +84,10 @@ def generated(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor]
 def dense(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], n: int, m: int,
           in_features: int) -> Tensor:
     """F.linear with the weight decompressed once per weight (and version) and kept."""
-    cached = _dense_weights.get(values)
-    if cached is None or cached[0] != values._version:
+    cached, version = _dense_weights.get(values), tensor_version(values)
+    if cached is None or cached[0] != version:
         out = values.new_empty(values.shape[0], in_features)
-        cached = _dense_weights[values] = (values._version, decompress_tile(values, indices, n, m, in_features, out))
+        cached = _dense_weights[values] = (version, decompress_tile(values, indices, n, m, in_features, out))
     return F.linear(x, cached[1], None if bias is None else bias.to(x.dtype))
 
 
@@ -130,6 +135,8 @@ def choose_path(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tenso
                 in_features: int, keep: str) -> str:
     """The path for this call: forced by SPARSECC_NM_CPU_PATH, the only candidate, or the measured fastest."""
     paths = candidates(x, values, n, m, in_features, keep)
+    if x.numel() == 0:
+        return "tiles"   # no token: nothing to time, and no bucket's choice may be made from an empty call
     forced = os.environ.get("SPARSECC_NM_CPU_PATH")
     if forced:
         if forced not in PATHS:
@@ -139,12 +146,20 @@ def choose_path(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tenso
         return paths[0]
     key = tuning_key(x.numel() // in_features, values, n, m, in_features, keep)
     runners = {path: partial(RUNNERS[path], x, values, indices, bias, n, m, in_features) for path in paths}
-    path = remembered(key, lambda: fastest(runners, cpu_ms, rounds=TUNING_ROUNDS))["path"]
-    if path != "dense":
-        _dense_weights.pop(values, None)   # timed, not chosen: the layer stays compressed in memory
-    if path != "whole":
-        getattr(_workspaces, "by_dtype", {}).pop(values.dtype, None)   # a workspace only where "whole" runs
-    return path
+
+    def tune() -> dict:
+        entry = fastest(runners, cpu_ms, rounds=TUNING_ROUNDS)
+        if entry["path"] != "dense":
+            _dense_weights.pop(values, None)   # timed, not chosen: the layer stays compressed in memory
+        if entry["path"] != "whole" and not any(e.get("path") == "whole" for e in choices().values()):
+            getattr(_workspaces, "by_dtype", {}).pop(values.dtype, None)   # timed, and no layer runs "whole"
+        return entry
+    entry = remembered(key, tune)
+    if entry["path"] in paths:
+        return entry["path"]
+    # remembered where this call cannot take it (a file from a host with torch-mlir): the fastest it can
+    timed = {p: t for p, t in entry.get("ms", {}).items() if p in paths and isinstance(t, float)}
+    return min(timed, key=timed.get) if timed else "tiles"
 
 
 @functools.lru_cache(maxsize=1)

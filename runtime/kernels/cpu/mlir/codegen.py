@@ -100,6 +100,8 @@ def unsupported(spec: DecodeSpec) -> Optional[str]:
     values, bits = spec.window_values, index_bits(spec.m)
     if values < 4 or values * bits % 8 or values * bits > 8 * WINDOW_BYTES_LOADED:
         return f"{spec.n}:{spec.m}: a window of {values} values does not hold whole index bytes"
+    if spec.dtype == "bfloat16" and values < 8:   # vdpbf16ps sums value pairs into 4, 8 or 16 fp32 lanes
+        return f"{spec.n}:{spec.m} bf16: a window of {values} values fills fewer than 4 dot-product lanes"
     if spec.k % spec.window_columns:
         return f"in_features={spec.k} is not a multiple of the {spec.window_columns}-column window"
     if not 1 <= spec.tokens <= MAX_TOKENS:

@@ -19,8 +19,11 @@ import concurrent.futures
 import ctypes
 import functools
 import itertools
+import os
 import threading
 from typing import Callable, Iterable, Optional
+
+import torch
 
 _CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 _jobs: dict[int, "_Job"] = {}
@@ -54,10 +57,12 @@ def _gomp_parallel() -> Optional[Callable]:
     """GOMP_parallel of the OpenMP runtime torch loaded, or None."""
     try:
         with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "libgomp" in line or "libiomp" in line}
+            paths = {line.split()[-1] for line in maps
+                     if ("libgomp" in line or "libiomp" in line) and not line.rstrip().endswith("(deleted)")}
     except OSError:
         return None
-    for path in sorted(paths):
+    torch_lib = os.path.dirname(torch.__file__)   # torch's own runtime first: its workers are the ones spinning
+    for path in sorted(paths, key=lambda p: (not p.startswith(torch_lib), p)):
         try:
             function = ctypes.CDLL(path).GOMP_parallel
         except (OSError, AttributeError):
