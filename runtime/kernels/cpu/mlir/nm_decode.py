@@ -113,7 +113,8 @@ def run_rows(kernel: CompiledKernel, values: Tensor, *buffers: Tensor, **scalars
     threads = torch.get_num_threads() if values.numel() * values.element_size() >= MIN_BYTES_TO_SPLIT else 1
     pointers = [(t.data_ptr(), t.numel()) for t in (values, *buffers)]
     extra = tuple(scalars.values())
-    run_chunks(lambda span: kernel.call(pointers, span + extra), row_ranges(values.shape[0], threads), threads)
+    chunks = row_ranges(values.shape[0], threads) if threads > 1 else [(0, values.shape[0])]   # one call when alone
+    run_chunks(lambda span: kernel.call(pointers, span + extra), chunks, threads)
 
 
 def row_ranges(rows: int, threads: int) -> list[tuple[int, int]]:
