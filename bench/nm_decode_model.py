@@ -12,9 +12,7 @@ and the 2:4 one, on one token per call (batch 1); ratios are dense / 2:4
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -23,22 +21,13 @@ import torch
 import sparsecc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the repository root: examples/
+from bench.nm_linear import cpu_ms  # noqa: E402
 from examples.tiny_transformer import TinyTransformer  # noqa: E402
 
 SIZES = [dict(dim=128, heads=4, hidden=384, layers=2, vocab=512),
          dict(dim=1024, heads=8, hidden=2816, layers=4, vocab=4096),
          dict(dim=2048, heads=16, hidden=5632, layers=4, vocab=8192)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def median_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def row(size: dict, dtype: torch.dtype, reps: int) -> dict:
@@ -50,8 +39,8 @@ def row(size: dict, dtype: torch.dtype, reps: int) -> dict:
         dense = sparsecc.compile(model, (tokens,), sparsity=None, check=False, progress=False)
         sparse = sparsecc.compile(model, (tokens,), sparsity="2:4", check=False, progress=False)
     with torch.no_grad():
-        eager_ms = median_ms(lambda: model(tokens), reps)
-    dense_ms, sparse_ms = median_ms(lambda: dense(tokens), reps), median_ms(lambda: sparse(tokens), reps)
+        eager_ms = cpu_ms(lambda: model(tokens), reps)
+    dense_ms, sparse_ms = cpu_ms(lambda: dense(tokens), reps), cpu_ms(lambda: sparse(tokens), reps)
     paths = sorted({k["path"] for k in sparsecc.api.nm_kernel_choices(sparse)} or {"(one candidate: not tuned)"})
     return {"dim": size["dim"], "layers": size["layers"], "eager_ms": eager_ms, "dense_ms": dense_ms,
             "nm_ms": sparse_ms, "paths": paths}

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsecc
+from sparsecc.runtime.kernels.cpu.mlir.host import cpu_model
 from sparsecc.runtime.nm_format import compress_nm, nm_compressed_bytes, nm_mask
 
 N, M = 2, 4
@@ -227,15 +228,8 @@ def main() -> None:
     print_table(rows)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else _cpu_model(),
+            json.dump({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_model(),
                        "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, f, indent=1)
-
-
-def _cpu_model() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "cpu"
 
 
 if __name__ == "__main__":

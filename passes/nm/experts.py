@@ -99,9 +99,10 @@ class ExpertRule(NMRule):
 
     def shared_layer(self, m: Match) -> str:
         """The shared expert's module ('...mlp.shared_experts'), from the parameter its down projection came from."""
-        down = MoECall(*m.node.args, **m.node.kwargs).shared_down
-        source = self._provenance({down: None}).get("sources", {}).get(down.target)
-        return source.rpartition(".")[0].rpartition(".")[0] if isinstance(source, str) else layer_path(m["w"]) + ".shared_expert"
+        source = self._built_sources().get(MoECall(*m.node.args, **m.node.kwargs).shared_down.target)
+        if isinstance(source, str):   # 'model.layers.0.mlp.shared_experts.down_proj.weight'
+            return source.rpartition(".")[0].rpartition(".")[0]
+        return layer_path(m["w"]) + ".shared_expert"
 
     def shared(self, m: Match) -> list[Node]:
         """The shared expert's (gate_up, down) constants when it has one prune-nm can prune (selected, K % M == 0);
@@ -153,14 +154,18 @@ class ExpertRule(NMRule):
     def _provenance(self, compressed: dict[Node, tuple[Node, Node]]) -> dict:
         """How moe-dispatch built each pruned weight from the model's parameters (its record's `sources`), so
         compiler/reference.py can put the pruned values back under the model's names; else why it cannot."""
-        built = {name: source for record in self.weights.ctx.records
-                 for name, source in record.details.get("sources", {}).items()}
+        built = self._built_sources()
         unknown = [node.target for node in compressed if node.target not in built]
         if unknown:
             return {"reference": "unavailable",
                     "reference_unavailable": f"stacked expert weights {unknown} were not built by moe-dispatch from "
                                              "the model's parameters: their source is unknown"}
         return {"sources": {node.target: built[node.target] for node in compressed}}
+
+    def _built_sources(self) -> dict[str, object]:
+        """Constant name -> how moe-dispatch built it from the model's parameters (its records' `sources`)."""
+        return {name: source for record in self.weights.ctx.records
+                for name, source in record.details.get("sources", {}).items()}
 
     def _routing_details(self, m: Match) -> dict:
         """Calibration rows each expert saw, and the experts that saw none (pruned by magnitude)."""

@@ -155,3 +155,11 @@ def test_decompression_refuses_a_wrong_buffer():
         pytest.skip("no generated kernel on this host")
     with pytest.raises(RuntimeProgramError, match="sparsecc::nm_decompress: out"):
         nm_decompress_mlir(values, indices, 2, 4, 64, torch.empty(4, 32))
+
+
+def test_a_kernel_the_jit_cannot_build_is_a_path_not_taken():
+    pytest.importorskip("torch_mlir")
+    from sparsecc.runtime.kernels.cpu.mlir.jit import KernelCompileError, compile_text
+    with pytest.raises(NotImplementedError, match="the generated kernel broken did not compile") as err:
+        compile_text("func.func @broken( {", "broken")
+    assert isinstance(err.value, KernelCompileError)

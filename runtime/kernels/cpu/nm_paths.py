@@ -19,9 +19,7 @@ SPARSECC_NM_CPU_PATH=generated|whole|tiles|dense forces a path where it applies.
 """
 from __future__ import annotations
 
-import functools
 import os
-import platform
 import threading
 from functools import partial
 from typing import Callable, Optional
@@ -33,7 +31,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ...nm_format import decompress_nm, tensor_version
 from ..tuning_cache import bucket, choices, cpu_ms, fastest, remembered
-from .mlir.host import host_target
+from .mlir.host import cpu_model, host_target
 from .mlir.nm_decode import decode_spec, nm_decompress_mlir, nm_linear_mlir
 
 PATHS = ("generated", "whole", "tiles", "dense")
@@ -70,13 +68,8 @@ def decompress_tile(values: Tensor, indices: Tensor, n: int, m: int, k: int, out
 
 def generated(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], n: int, m: int,
               in_features: int) -> Tensor:
-    try:
-        y = nm_linear_mlir(x, values, indices, bias, n, m, in_features)
-    except Exception as err:   # a kernel the JIT cannot build is a path not taken, never a failed call
-        if type(err).__name__ != "MLIRError":
-            raise
-        raise NotImplementedError(f"the generated decode kernel did not compile: {str(err).splitlines()[0]}") from err
-    if y is None:
+    y = nm_linear_mlir(x, values, indices, bias, n, m, in_features)   # a kernel the JIT cannot build raises
+    if y is None:                                                      # KernelCompileError: a path not taken
         raise NotImplementedError("no generated decode kernel for this call on this host")
     return y
 
@@ -126,9 +119,15 @@ def candidates(x: Tensor, values: Tensor, n: int, m: int, in_features: int, keep
 
 
 def tuning_key(tokens: int, values: Tensor, n: int, m: int, in_features: int, keep: str) -> str:
-    return f"cpu:{_cpu_name()}:{host_target()}|v{TUNING_VERSION}|threads={torch.get_num_threads()}|" \
-           f"{str(values.dtype).removeprefix('torch.')}|{n}:{m}|{values.shape[0]}x{in_features}|" \
-           f"tokens<={bucket(tokens)}|keep={keep}"
+    return f"{_layer_key(values.dtype, n, m, values.shape[0], in_features)}{bucket(tokens)}|keep={keep}"
+
+
+def _layer_key(dtype: torch.dtype, n: int, m: int, out_features: int, in_features: int) -> str:
+    """The key of a layer's decisions on this host, up to its token bucket (decisions of other CPU models,
+    features, thread counts or tuner versions are not reused)."""
+    model = cpu_model().replace("|", "/")
+    return f"cpu:{model}:{host_target()}|v{TUNING_VERSION}|threads={torch.get_num_threads()}|" \
+           f"{str(dtype).removeprefix('torch.')}|{n}:{m}|{out_features}x{in_features}|tokens<="
 
 
 def choose_path(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], n: int, m: int,
@@ -162,24 +161,10 @@ def choose_path(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tenso
     return min(timed, key=timed.get) if timed else "tiles"
 
 
-@functools.lru_cache(maxsize=1)
-def _cpu_name() -> str:
-    """The CPU model as /proc/cpuinfo names it (decisions measured on one model are not reused on another)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip().replace("|", "/")
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def decisions(dtype: torch.dtype, n: int, m: int, out_features: int, in_features: int) -> list[dict]:
     """What this host chose so far for an nm_linear of this kind, one entry per token bucket and keep:
     {"tokens": bucket, "keep": ..., "path": ..., "ms": {path: ms or why not}}."""
-    prefix = f"cpu:{_cpu_name()}:{host_target()}|v{TUNING_VERSION}|threads={torch.get_num_threads()}|" \
-             f"{str(dtype).removeprefix('torch.')}|{n}:{m}|{out_features}x{in_features}|tokens<="
+    prefix = _layer_key(dtype, n, m, out_features, in_features)
     found = []
     for key, entry in choices().items():
         if key.startswith(prefix):

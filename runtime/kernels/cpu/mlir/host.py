@@ -42,3 +42,15 @@ def host_target() -> str:
     """A key naming what the JIT specialises for: the machine and the features the kernels use."""
     used = sorted(set(DECODE_FEATURES).union(*KERNEL_FEATURES.values()) & host_features())
     return f"{platform.machine()}:{'+'.join(used)}"
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU model as /proc/cpuinfo names it ("AMD EPYC", ...), else what platform knows."""
+    try:
+        for line in CPUINFO.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -55,13 +55,21 @@ class CompiledKernel:
         self._entry(pointers)
 
 
+class KernelCompileError(NotImplementedError):
+    """The JIT could not build a generated kernel: a path not taken (the caller falls back), never a failed call."""
+
+
 def compile_text(text: str, name: str) -> CompiledKernel:
     """Parse, lower to the LLVM dialect, JIT at -O3 for the host."""
     from torch_mlir import ir, passmanager
     from torch_mlir.execution_engine import ExecutionEngine
     with _compile_lock, ir.Context():
-        module = ir.Module.parse(text)
-        passmanager.PassManager.parse(PASS_PIPELINE).run(module.operation)
+        try:
+            module = ir.Module.parse(text)
+            passmanager.PassManager.parse(PASS_PIPELINE).run(module.operation)
+        except ir.MLIRError as err:
+            raise KernelCompileError(f"the generated kernel {name} did not compile: "
+                                     f"{str(err).splitlines()[0]}") from err
         engine = ExecutionEngine(module, opt_level=3, shared_libs=[])
     return CompiledKernel(engine, name)
 
