@@ -14,6 +14,7 @@ python3 -c "import transformers; print('transformers', transformers.__version__)
 timeout "$test_s" python3 -m pytest -q -m gpu tests -p no:cacheprovider -rs 2>&1 | tail -60 > "$out/gpu_tests.log"
 tail -25 "$out/gpu_tests.log"
 timeout "$bench_s" python3 bench/gpu_kernels.py --json "$out/gpu_kernels.json" 2>&1 | tee "$out/gpu_kernels.log" | tail -30
+timeout 150 python3 bench/attention_model.py --device cuda --window-seq 32768 --json "$out/attention_model.json" 2>&1 | tail -12 | tee "$out/attention_model.log"
 timeout 120 python3 bench/launch_path.py --json "$out/launch_path.json" 2>&1 | tail -8 | tee "$out/launch_path.log"
 [ -n "${NM_BENCH:-}" ] && timeout 150 python3 bench/nm_linear.py --no-cpu --json "$out/nm_linear_gpu.json" 2>&1 | tail -30 | tee "$out/nm_linear.log"
 rm -f compiler/passes compiler/runtime

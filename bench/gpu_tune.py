@@ -66,15 +66,17 @@ def tune_attention() -> list[dict]:
     for seq in (4096, 16384):
         torch.manual_seed(0)
         q, k, v = (torch.randn(1, heads, seq, dim, device="cuda", dtype=torch.float16) for _ in range(3))
-        mask = torch.ones(seq, seq, dtype=torch.bool, device="cuda").tril()[None, None]
+        positions = torch.arange(seq, device="cuda")
         ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         results = []
         for (bq, bk), warps, stages in itertools.product(((128, 128), (128, 64), (64, 64)), (4, 8), (2, 3)):
-            layout = torch.ops.sparsecc.block_layout(mask, bq, bk)
+            # the causal rule as a compiled model holds it (i ge j): no S x S mask tile is ever read
+            *layout, rows, cols = torch.ops.sparsecc.rule_layout([positions[:, None]], [positions], "ge", seq, seq,
+                                                                 bq, bk)
 
             def fn():
-                return block_attention_triton(q, k, v, *layout, mask, dim ** -0.5, bq, bk,
-                                              num_warps=warps, num_stages=stages)
+                return block_attention_triton(q, k, v, *layout, None, dim ** -0.5, bq, bk, rule_rows=rows,
+                                              rule_cols=cols, rule_ops="ge", num_warps=warps, num_stages=stages)
             try:
                 results.append({"config": [bq, bk, warps, stages], "err": rel_error(fn(), ref), "ms": bench_ms(fn)})
             except Exception as err:  # noqa: BLE001

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
-from sparsecc.passes import Cleanup, MoEDispatch, Pass, PruneNM, SparseAttention, TokenRouting
+from sparsecc.passes import Cleanup, FoldConstants, MoEDispatch, Pass, PruneNM, SparseAttention, TokenRouting
 from sparsecc.passes.options import OptionError
 from sparsecc.passes.pipeline import format_pipeline
 
@@ -136,11 +136,12 @@ class SparsityConfig:
 
     def passes(self) -> list[Pass]:
         """The passes this request stands for, in the order they run. A weights request implies
-        moe-dispatch (exact): stacked expert weights become N:M only inside sparsecc.moe."""
+        moe-dispatch (exact): stacked expert weights become N:M only inside sparsecc.moe. Constants fold after
+        the rewrites (an attention layout over constant inputs becomes program data), then cleanup."""
         moe = self.moe if self.moe is not None or self.weights is None else MoEConfig()
         # tokens after moe-dispatch: only routed tokens reach the experts
         sections = (moe, self.tokens, self.attention, self.weights)
-        return [s.to_pass() for s in sections if s is not None] + [Cleanup()]
+        return [s.to_pass() for s in sections if s is not None] + [FoldConstants(), Cleanup()]
 
     def implied(self) -> list[str]:
         """Names of the passes `passes()` runs that no section asked for."""

@@ -5,6 +5,7 @@ The IR is the FX graph of `torch.export.export(...).module()`; see DESIGN.md.
 from __future__ import annotations
 
 from .cleanup import Cleanup
+from .fold import FoldConstants
 from .graph import module_path, module_subgraph, nodes_in_module, to_dot, to_networkx
 from .manager import Pass, PassContext, PassManager, PassResult, PassStats, Skip
 from .match import AnyArg, Const, Lit, Match, Op, Pattern, Var, match
@@ -21,7 +22,7 @@ from .rewriter import RewriteError, Rewriter
 from .verify import VerificationError, verify_graph
 
 __all__ = [
-    "AnyArg", "CheckResult", "Cleanup", "Const", "Lit", "Match", "Op", "PASSES", "Pass",
+    "AnyArg", "CheckResult", "Cleanup", "Const", "FoldConstants", "Lit", "Match", "Op", "PASSES", "Pass",
     "PassContext", "PassManager", "PassResult", "PassStats", "Pattern", "PipelineError", "PruneNM", "MoEDispatch", "SparseAttention", "TokenRouting",
     "RewriteError", "Rewriter", "Rule", "RuleSet", "Skip", "Var", "VerificationError",
     "apply_rules", "build_pipeline", "fail", "format_option", "format_pipeline", "match", "module_path",

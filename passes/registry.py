@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from .attention import SparseAttention
 from .cleanup import Cleanup
+from .fold import FoldConstants
 from .manager import Pass
 from .moe import MoEDispatch
 from .nm.prune import PruneNM
@@ -16,6 +17,7 @@ PASSES: dict[str, type[Pass]] = {
     cls.name: cls
     for cls in (
         Cleanup,
+        FoldConstants,
         PruneNM,
         MoEDispatch,
         SparseAttention,

@@ -1,9 +1,10 @@
-"""Lossy layout policies over a boolean attention mask: they narrow the mask's layout, never widen it.
+"""Lossy layout policies over an attention mask's block states: they narrow its layout, never widen it.
 
-Each returns a `Layout` (format in `attention_layout`) whose kept blocks are a
-subset of the blocks the mask makes visible, with the mask's own block state:
-a kept block is full only where the mask's block is full, so the op reads the
-mask inside every other kept block and no element the mask hides is ever seen.
+The states (any visible, all visible) [Bm, Hm, NQ, NK] come from a boolean mask (read here, only
+where a policy needs them) or from a rule (`attention_rule.rule_block_states`, no mask at all).
+Each policy returns a `Layout` (format in `attention_layout`) whose kept blocks are a subset of
+the visible blocks, with their own state: a kept block is full only where every element is
+visible, so the op masks every other kept block and no hidden element is ever seen.
 
     window  StreamingLLM: query block qb keeps the key blocks holding a key of some row i with
             i' - window < j <= i' (i' = i + Skv - S, the query's own key position) or j < sinks
@@ -23,8 +24,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .attention_layout import (Layout, as_4d, block_any_all, block_means, block_states, causal_blocks,
-                               diagonal_blocks, layout_from_blocks, layout_from_mask, pad_to_blocks, window_blocks)
+from .attention_layout import (Layout, as_4d, block_any_all, block_means, diagonal_blocks, layout_from_blocks,
+                               pad_to_blocks, window_blocks)
 
 
 def _distinct(mask: Tensor) -> Tensor:
@@ -52,8 +53,6 @@ def window_layout_from_mask(mask: Tensor, window: int, sinks: int, block_q: int,
     seq, keys = mask4.shape[-2:]
     band = window_blocks(seq, keys, window, 0, block_q, block_k, mask.device)
     sink_blocks = min(math.ceil(sinks / block_k), band.shape[1])
-    reach = band.clone()
-    reach[:, :sink_blocks] = causal_blocks(seq, keys, block_q, block_k, mask.device)[0][:, :sink_blocks]
     states = torch.zeros(2, *core.shape[:2], *band.shape, dtype=torch.bool, device=mask.device)  # (any, all)
     uniform = uniform_band(core, band, block_q, block_k)
     if uniform is not None:
@@ -68,9 +67,16 @@ def window_layout_from_mask(mask: Tensor, window: int, sinks: int, block_q: int,
         band[:, :sink_blocks] = False
     q_blocks, k_blocks = band.nonzero(as_tuple=True)  # what the fast paths left: gather those blocks
     states[:, :, :, q_blocks, k_blocks] = torch.stack(mask_block_states(core, q_blocks, k_blocks, block_q, block_k))
-    any_visible, full = states & reach
-    layout = layout_from_blocks(full, any_visible & ~full)
+    layout = window_layout_from_states(states[0], states[1], window, sinks, block_q, block_k, seq, keys)
     return Layout(*(t.expand(*mask4.shape[:2], *t.shape[2:]).contiguous() for t in layout))
+
+
+def window_layout_from_states(any_visible: Tensor, all_visible: Tensor, window: int, sinks: int, block_q: int,
+                              block_k: int, seq: int, keys: int) -> Layout:
+    """The visible blocks [Bm, Hm, NQ, NK] the window and the sinks reach (`window_blocks`), full where all visible."""
+    reach = window_blocks(seq, keys, window, sinks, block_q, block_k, any_visible.device)
+    full = all_visible & reach
+    return layout_from_blocks(full, any_visible & reach & ~full)
 
 
 def uniform_band(core: Tensor, band: Tensor, block_q: int, block_k: int) -> Optional[tuple[int, int, int]]:
@@ -121,9 +127,15 @@ def topk_budget(topk: float, visible: Tensor) -> Tensor:
 def topk_layout_from_mask(mask: Tensor, q: Tensor, k: Tensor, topk: float, sinks: int, block_q: int,
                           block_k: int) -> Layout:
     """[B, Hq, ...] layout: the mask's visible blocks of highest pooled score (see the module docstring)."""
+    any_visible, all_visible = block_any_all(pad_to_blocks(_distinct(mask), block_q, block_k), block_q, block_k)
+    return topk_layout_from_states(any_visible, all_visible, q, k, topk, sinks, block_q, block_k)
+
+
+def topk_layout_from_states(any_visible: Tensor, all_visible: Tensor, q: Tensor, k: Tensor, topk: float,
+                            sinks: int, block_q: int, block_k: int) -> Layout:
+    """[B, Hq, ...] layout: of the visible blocks [Bm, Hm, NQ, NK], those of highest pooled score."""
     seq, keys = q.shape[2], k.shape[2]
-    full, partial = block_states(layout_from_mask(mask, block_q, block_k))             # [Bm, Hm, NQ, NK]
-    visible = full | partial
+    full, partial, visible = all_visible, any_visible & ~all_visible, any_visible
     scores = block_means(q, block_q) @ block_means(k, block_k).repeat_interleave(
         q.shape[1] // k.shape[1], dim=1).transpose(-1, -2)                             # [B, Hq, NQ, NK]
     nk = scores.shape[-1]

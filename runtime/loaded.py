@@ -102,8 +102,9 @@ def _input_tensors(schema: Optional[tree_schema.TreeNode], args: tuple, kwargs: 
 
 
 def aligned(tensors: tuple) -> tuple:
-    """Inputs 16-byte aligned, as the kernels were built for (a binary that assumes aligned pointers
-    must not see a view that starts mid-vector): a misaligned view is copied, once per call."""
+    """Inputs and constants 16-byte aligned, as the kernels were built for (a binary that assumes aligned
+    pointers must not see a view that starts mid-vector, nor a constant at an odd offset of the weights
+    file's buffer): a misaligned tensor is copied."""
     return tuple(t.clone() if t.data_ptr() % 16 else t for t in tensors)
 
 
@@ -136,7 +137,8 @@ def _load_weights(root: Path, name: str, program: Program, device: torch.device,
     path = root / name
     data = read_checked(root, name, manifest)
     try:
-        constants = {name: t.to(device) for name, t in load(data).items()}
+        stored = load(data)
+        constants = dict(zip(stored, aligned(tuple(t.to(device) for t in stored.values()))))
     except (SafetensorError, OSError, ValueError) as err:
         raise ArtifactError(f"{path}: cannot read the weights: {err}") from None
     missing = sorted(set(program.constant_names) - set(constants))

@@ -29,6 +29,7 @@ from torch.fx import Node
 from ..graph import layer_name, through_casts
 from ..match import AnyArg, Lit, Op, Var, match
 from ..region import NotARegion, ancestors
+from .mask_rule import MaskRule
 
 aten = torch.ops.aten
 REPEAT_KV = Op(aten.reshape.default, Op(aten.expand.default, Op(aten.unsqueeze.default, Var("kv"), Lit(2)), AnyArg()),
@@ -51,6 +52,8 @@ class AttentionSite:
     form: str                  # "sdpa" | "eager"
     softcap: float = 0.0       # logits capped as softcap * tanh(logit / softcap); 0 = not capped
     sinks: Optional[Node] = None  # [1, H, 1, 1] learned sink logit per query head, or None
+    rule: Optional[MaskRule] = None  # the mask read as a rule (`mask_rule`), or None ...
+    no_rule: str = ""                # ... and then why not
 
     @property
     def layer(self) -> str:

@@ -21,10 +21,13 @@ wrote the mask: zero, uniform over all keys, or NaN; the matching one is kept).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, Optional
 
+import torch
 from torch.fx import GraphModule, Node
+
+from sparsecc.runtime.attention_rule import rule_mask, stack_rule
 
 from ..graph import layer_name
 from ..manager import Pass, PassContext, PassResult
@@ -32,8 +35,10 @@ from ..numerics import relative_error
 from ..options import Bounds, OneOf, OptionBounds, OptionProblem
 from ..records import RewriteRecord
 from ..region import RegionRule, rewrite_regions
-from .block_call import BlockCall, achieved_density, insert_block_attention, run_block_attention
+from .block_call import BlockCall, achieved_density, insert_block_attention, rule_values, run_block_attention
 from .causal import causal_sdpa_as_mask
+from .layout_picture import block_picture
+from .mask_rule import NotARule, read_rule
 from .sites import AttentionSite, NotAttention, attention_site
 
 POLICIES = ("mask", "window", "topk", "threshold")
@@ -113,11 +118,12 @@ class AttentionRule(RegionRule):
             if site is not None and site.mask is None:
                 misses.append((layer_name(node), "no mask: every key block is visible, nothing to skip"))
             elif site is not None:
-                sites.append(site)
+                sites.append(with_rule(site))
         return sites, misses
 
     def recorded(self, site: AttentionSite) -> tuple[Node, ...]:
-        return tuple(n for n in (site.root, site.q, site.k, site.v, site.mask, site.sinks) if n is not None)
+        rule = site.rule.operands if site.rule else []
+        return tuple(n for n in (site.root, site.q, site.k, site.v, site.mask, site.sinks, *rule) if n is not None)
 
     def readings(self, gm: GraphModule, site: AttentionSite, values: dict) -> Iterator[BlockCall]:
         return (BlockCall(self.options.block, (), 0.0, empty_rows) for empty_rows in EMPTY_ROWS)
@@ -132,7 +138,10 @@ class AttentionRule(RegionRule):
                error: float) -> tuple[Node, RewriteRecord]:
         options = self.options
         threshold = options.threshold if options.policy == "threshold" else 0.0
-        call = BlockCall(options.block, options.layout_args(), threshold, exact.empty_rows)
+        rule = site.rule if site.rule and rule_reproduces_mask(site, values) else None
+        if site.rule and rule is None:
+            site.no_rule = "the rule read off the mask does not reproduce it on the example inputs"
+        call = BlockCall(options.block, options.layout_args(), threshold, exact.empty_rows, rule)
         if options.policy != "mask":  # lossy: the error against the dense attention it replaces
             error = relative_error(run_block_attention(site, values, call), values[site.root], same_nans=True)
         return insert_block_attention(gm, site, call), self.record(site, values, call, error)
@@ -149,7 +158,36 @@ class AttentionRule(RegionRule):
             pattern=f"{options.policy}/b{options.block}", shape=[batch, heads, seq, keys], params_before=0,
             params_after=0, bytes_before=0, bytes_after=0, flops_before=flops, flops_after=int(flops * kept),
             details={"policy": options.policy, "block": options.block, "density": kept, "error_vs_dense": error,
-                     "empty_rows": call.empty_rows, "gqa": k.shape[1] != heads, **options.policy_details()})
+                     "mask": _mask_source(call, site),
+                     "empty_rows": call.empty_rows, "gqa": k.shape[1] != heads, **options.policy_details(),
+                     "layout_blocks": block_picture(call.layout(values[site.mask], q, k))})
+
+
+def _mask_source(call: BlockCall, site: AttentionSite) -> str:
+    if call.rule:
+        return f"read as a rule of {len(call.rule.terms)} terms ({call.rule.ops}), no S x Skv tensor"
+    return f"materialised per call ({site.no_rule})"
+
+
+def with_rule(site: AttentionSite) -> AttentionSite:
+    """The site with its mask read as a rule, or with the reason it is not one (the report names it)."""
+    try:
+        return replace(site, rule=read_rule(site.mask))
+    except NotARule as err:
+        return replace(site, no_rule=str(err))
+
+
+def rule_reproduces_mask(site: AttentionSite, values: dict) -> bool:
+    """Whether the rule gives the mask's own elements on the example inputs (a check of the reading)."""
+    mask = values[site.mask]
+    rows, cols = rule_values(site.rule, values, mask.device)
+    seq, keys = mask.shape[-2:]
+    try:
+        rule = rule_mask(*stack_rule(rows, cols, seq, keys), site.rule.ops)
+    except RuntimeError:   # operands that do not broadcast to the mask's dims: not the rule we read
+        return False
+    mask4 = mask.reshape(*(1,) * (4 - mask.dim()), *mask.shape)
+    return bool(torch.equal(*torch.broadcast_tensors(rule, mask4)))
 
 
 __all__ = ["EMPTY_ROWS", "POLICIES", "AttentionRule", "SparseAttention"]

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..attention_layout import Layout, as_4d, layout_problem
+from ..attention_rule import rule_problem
 
 EMPTY_ROWS = ("zero", "uniform", "nan")
 
@@ -46,6 +47,18 @@ def mask_problem(q: Tensor, k: Tensor, mask: Optional[Tensor]) -> Optional[str]:
     return None
 
 
+def rule_call_problem(q: Tensor, k: Tensor, mask: Optional[Tensor], rule_rows: Optional[Tensor],
+                      rule_cols: Optional[Tensor], rule_ops: str) -> Optional[str]:
+    """A rule (rows, cols, ops: `attention_rule`) comes whole and alone: never beside a mask."""
+    if rule_rows is None and rule_cols is None:
+        return f"rule ops {rule_ops!r} given without rule_rows and rule_cols" if rule_ops else None
+    if rule_rows is None or rule_cols is None:
+        return "rule_rows and rule_cols must be given together"
+    if mask is not None:
+        return "a mask and a rule were both given: partial blocks take one of them"
+    return rule_problem(rule_rows, rule_cols, rule_ops, q.shape[0], q.shape[2], k.shape[2])
+
+
 def attr_problem(scale: float, threshold: float, empty_rows: str) -> Optional[str]:
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
         return f"scale={scale!r} must be a finite number"
@@ -66,12 +79,14 @@ def variant_problem(q: Tensor, softcap: float, sinks: Optional[Tensor]) -> Optio
 
 def block_attention_problem(q: Tensor, k: Tensor, v: Tensor, layout: Layout, mask: Optional[Tensor], scale: float,
                             block_q: int, block_k: int, threshold: float, empty_rows: str,
-                            check_data: bool, softcap: float = 0.0, sinks: Optional[Tensor] = None) -> Optional[str]:
+                            check_data: bool, softcap: float = 0.0, sinks: Optional[Tensor] = None,
+                            rule_rows: Optional[Tensor] = None, rule_cols: Optional[Tensor] = None,
+                            rule_ops: str = "") -> Optional[str]:
     """None when a block_attention call is well formed, else the first problem found."""
     problem = operand_problem(q, k, v) or block_size_problem(block_q, block_k)
     if problem:
         return problem
     nq, nk = math.ceil(q.shape[2] / block_q), math.ceil(k.shape[2] / block_k)
     problem = layout_problem(layout, q.shape[0], q.shape[1], nq, nk, check_data)
-    return (problem or mask_problem(q, k, mask) or attr_problem(scale, threshold, empty_rows)
-            or variant_problem(q, softcap, sinks))
+    return (problem or mask_problem(q, k, mask) or rule_call_problem(q, k, mask, rule_rows, rule_cols, rule_ops)
+            or attr_problem(scale, threshold, empty_rows) or variant_problem(q, softcap, sinks))

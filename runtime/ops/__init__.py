@@ -11,9 +11,10 @@ from .nm_conv2d import NM_CONV2D
 from .route import ROUTE
 from .route_gather import ROUTE_GATHER
 from .route_unroute import UNROUTE
+from .rule_layout import RULE_LAYOUT
 
 OPS: dict[str, OpDef] = {op.name: op for op in (NM_LINEAR, MOE, NM_DECOMPRESS, BLOCK_LAYOUT, BLOCK_ATTENTION,
-                                                ROUTE, ROUTE_GATHER, UNROUTE, NM_CONV2D)}
+                                                ROUTE, ROUTE_GATHER, UNROUTE, NM_CONV2D, RULE_LAYOUT)}
 
 
 def get_op(name: str) -> OpDef:

@@ -2,10 +2,13 @@
 
     q [B, Hq, S, D], k [B, Hkv, Skv, D], v [B, Hkv, Skv, Dv]  ->  out [B, Hq, S, Dv] (q's dtype)
     layout: kv_num_blocks, kv_indices, full_num_blocks, full_indices ([Bm, Hm, NQ(, NK)], see
-            `sparsecc.runtime.attention_layout`); mask [Bm', Hm', S, Skv] bool or None
+            `sparsecc.runtime.attention_layout`); mask [Bm', Hm', S, Skv] bool or None;
+            rule_rows [A, Bm', S], rule_cols [A, Bm', Skv] int64, rule_ops "ge,ne" or None / ""
+            (`sparsecc.runtime.attention_rule`; a rule and a mask are never given together)
 
     visible(i, j) = block(i, j) is full, or block(i, j) is partial and rule(i, j), where
-                    rule = mask, or without a mask the causal rule j <= i + Skv - S
+                    rule = mask, or the rule AND_a rule_rows[a, b, i] op_a rule_cols[a, b, j]
+                    (every head of batch row b), or with neither the causal rule j <= i + Skv - S
     out_i         = softmax_j(q_i . k_j * scale over visible j) v     (fp32 accumulation)
 
 Query head h reads kv head h // (Hq / Hkv); k and v are never repeated. A row
@@ -37,7 +40,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..attention_layout import Layout, as_4d, block_states, causal_layout, layout_from_mask
+from ..attention_layout import Layout, as_4d, block_states, causal_layout, layout_from_blocks, layout_from_mask
+from ..attention_rule import rule_block_states, rule_mask
 from ..kernels.attention_contract import block_attention_problem
 from ..kernels.cpu.block_attention import block_attention_cpu, fill_empty_rows, softcapped, with_sinks
 from .registry import OpDef, has_data
@@ -46,20 +50,23 @@ from .registry import OpDef, has_data
 def block_attention_triton(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
                            full_num_blocks: Tensor, full_indices: Tensor, mask: Optional[Tensor], scale: float,
                            block_q: int, block_k: int, threshold: float = 0.0, empty_rows: str = "zero",
-                           softcap: float = 0.0, sinks: Optional[Tensor] = None) -> Tensor:
+                           softcap: float = 0.0, sinks: Optional[Tensor] = None, rule_rows: Optional[Tensor] = None,
+                           rule_cols: Optional[Tensor] = None, rule_ops: str = "") -> Tensor:
     """The Triton kernel; imported on first call so loading the op registry stays cheap."""
     from ..kernels.triton.block_attention import block_attention_triton as launch
     return launch(q, k, v, kv_num_blocks, kv_indices, full_num_blocks, full_indices, mask, scale,
-                  block_q, block_k, threshold, empty_rows, softcap, sinks)
+                  block_q, block_k, threshold, empty_rows, softcap, sinks, rule_rows=rule_rows, rule_cols=rule_cols,
+                  rule_ops=rule_ops)
 
 
 @torch.library.custom_op("sparsecc::block_attention", mutates_args=(), device_types="cpu")
 def block_attention(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
                     full_num_blocks: Tensor, full_indices: Tensor, mask: Optional[Tensor], scale: float,
                     block_q: int, block_k: int, threshold: float = 0.0, empty_rows: str = "zero",
-                    softcap: float = 0.0, sinks: Optional[Tensor] = None) -> Tensor:
+                    softcap: float = 0.0, sinks: Optional[Tensor] = None, rule_rows: Optional[Tensor] = None,
+                    rule_cols: Optional[Tensor] = None, rule_ops: str = "") -> Tensor:
     return block_attention_cpu(q, k, v, kv_num_blocks, kv_indices, full_num_blocks, full_indices, mask, scale,
-                               block_q, block_k, threshold, empty_rows, softcap, sinks)
+                               block_q, block_k, threshold, empty_rows, softcap, sinks, rule_rows, rule_cols, rule_ops)
 
 
 block_attention.register_kernel("cuda")(block_attention_triton)
@@ -67,17 +74,20 @@ block_attention.register_kernel("cuda")(block_attention_triton)
 
 @block_attention.register_fake
 def _(q, k, v, kv_num_blocks, kv_indices, full_num_blocks, full_indices, mask, scale, block_q, block_k,
-      threshold=0.0, empty_rows="zero", softcap=0.0, sinks=None):
+      threshold=0.0, empty_rows="zero", softcap=0.0, sinks=None, rule_rows=None, rule_cols=None, rule_ops=""):
     return q.new_empty(*q.shape[:3], v.shape[3])
 
 
 def visible_elements(layout: Layout, mask: Optional[Tensor], seq: int, keys: int, block_q: int,
-                     block_k: int) -> Tensor:
+                     block_k: int, rule_rows: Optional[Tensor] = None, rule_cols: Optional[Tensor] = None,
+                     rule_ops: str = "") -> Tensor:
     """Bool [Bm|Bm', Hm|Hm', S, Skv]: the elements the op attends to (before threshold skipping)."""
     full, partial = block_states(layout)
 
     def elements(blocks: Tensor) -> Tensor:
         return blocks.repeat_interleave(block_q, -2).repeat_interleave(block_k, -1)[..., :seq, :keys]
+    if mask is None and rule_rows is not None:
+        mask = rule_mask(rule_rows, rule_cols, rule_ops).to(full.device)
     if mask is None:
         rows, cols = torch.arange(seq)[:, None], torch.arange(keys)[None, :]
         mask = (cols <= rows + keys - seq).to(full.device)
@@ -118,12 +128,13 @@ def _skipped(logits: Tensor, layout: Layout, threshold: float, block_q: int, blo
 
 def block_attention_reference(q, k, v, kv_num_blocks, kv_indices, full_num_blocks, full_indices, mask, scale,
                               block_q, block_k, threshold=0.0, empty_rows="zero", softcap=0.0,
-                              sinks=None) -> Tensor:
+                              sinks=None, rule_rows=None, rule_cols=None, rule_ops="") -> Tensor:
     """The semantics above as one dense masked softmax in fp32, for tests."""
     batch, heads, seq, _ = q.shape
     groups = heads // k.shape[1]
     layout = Layout(kv_num_blocks, kv_indices, full_num_blocks, full_indices)
-    visible = visible_elements(layout, mask, seq, k.shape[2], block_q, block_k).expand(batch, heads, -1, -1)
+    visible = visible_elements(layout, mask, seq, k.shape[2], block_q, block_k, rule_rows, rule_cols,
+                               rule_ops).expand(batch, heads, -1, -1)
     logits = attention_logits(q, k, scale, softcap).masked_fill(~visible, float("-inf"))
     if threshold > 0:
         logits = logits.masked_fill(_skipped(logits, layout, threshold, block_q, block_k), float("-inf"))
@@ -143,12 +154,13 @@ def attention_logits(q: Tensor, k: Tensor, scale: float, softcap: float = 0.0) -
 
 def verify_block_attention(q, k, v, kv_num_blocks, kv_indices, full_num_blocks, full_indices, mask, scale,
                            block_q, block_k, threshold=0.0, empty_rows="zero", softcap=0.0,
-                           sinks=None) -> Optional[str]:
+                           sinks=None, rule_rows=None, rule_cols=None, rule_ops="") -> Optional[str]:
     """None when the call is well formed, else the first inconsistency found; real (constant) layout
     tensors also have their values checked (counts in [0, NK], indices in [0, NK), ascending, disjoint)."""
     layout = Layout(kv_num_blocks, kv_indices, full_num_blocks, full_indices)
     return block_attention_problem(q, k, v, layout, mask, scale, block_q, block_k, threshold, empty_rows,
-                                   check_data=all(has_data(t) for t in layout), softcap=softcap, sinks=sinks)
+                                   check_data=all(has_data(t) for t in layout), softcap=softcap, sinks=sinks,
+                                   rule_rows=rule_rows, rule_cols=rule_cols, rule_ops=rule_ops)
 
 
 def _qkv(batch, heads, kv_heads, seq, keys, dim, dtype=torch.float32):
@@ -156,9 +168,20 @@ def _qkv(batch, heads, kv_heads, seq, keys, dim, dtype=torch.float32):
             torch.randn(batch, kv_heads, keys, dim, dtype=dtype))
 
 
+def _padded_causal_rule(lengths: list[int], seq: int, block: int) -> tuple:
+    """(layout, rule_rows, rule_cols, rule_ops) of causal attention over left-padded rows (the last
+    lengths[b] keys of row b are real): padded key blocks are absent from the layout."""
+    real = torch.arange(seq)[None, :] >= seq - torch.tensor(lengths)[:, None]
+    rows = torch.stack([torch.arange(seq).expand(len(lengths), seq), torch.zeros(len(lengths), seq, dtype=torch.long)])
+    cols = torch.stack([torch.arange(seq).expand(len(lengths), seq), real.long()])
+    any_visible, full = rule_block_states(rows, cols, "ge,ne", block, block)
+    return (*layout_from_blocks(full, any_visible & ~full), rows, cols, "ge,ne")
+
+
 def _samples() -> list[tuple]:
     causal = causal_layout(40, 40, 16, 16)
     padding = torch.rand(2, 1, 24, 50) > 0.3
+    *rule_layout, rule_rows, rule_cols, rule_ops = _padded_causal_rule([40, 21], 40, 16)
     return [(*_qkv(1, 4, 2, 40, 40, 16), *causal, None, 0.25, 16, 16, 0.0, "zero"),
             (*_qkv(2, 2, 2, 24, 50, 16), *layout_from_mask(padding, 16, 32), padding, 0.25, 16, 32, 0.0, "nan"),
             (*_qkv(1, 2, 1, 1, 40, 16, torch.bfloat16), *causal_layout(1, 40, 16, 16), None, 0.25, 16, 16, 0.0,
@@ -166,10 +189,13 @@ def _samples() -> list[tuple]:
             (*_qkv(1, 2, 2, 40, 40, 16), *causal, None, 0.25, 16, 16, 0.5, "zero"),
             (*_qkv(1, 4, 2, 40, 40, 16), *causal, None, 0.25, 16, 16, 0.0, "zero", 5.0, torch.randn(4)),
             (*_qkv(2, 2, 2, 24, 50, 16), *layout_from_mask(padding, 16, 32), padding, 0.25, 16, 32, 0.0, "nan",
-             0.0, torch.randn(2))]
+             0.0, torch.randn(2)),
+            (*_qkv(2, 4, 2, 40, 40, 16), *rule_layout, None, 0.25, 16, 16, 0.0, "zero", 0.0, None, rule_rows,
+             rule_cols, rule_ops)]
 
 
 BLOCK_ATTENTION = OpDef(name="block_attention", op=torch.ops.sparsecc.block_attention.default,
                         kernels={"torch": block_attention_cpu, "triton": block_attention_triton},
                         verify=verify_block_attention,
-                        attrs=("scale", "block_q", "block_k", "threshold", "empty_rows", "softcap"), samples=_samples)
+                        attrs=("scale", "block_q", "block_k", "threshold", "empty_rows", "softcap", "rule_ops"),
+                        samples=_samples)

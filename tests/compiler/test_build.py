@@ -70,7 +70,9 @@ def test_mixed_model_builds_every_kernel_it_uses(mixed):
                        "nm_decompress_kernel", "offsets_kernel", "scatter_kernel"]
     _check_binaries(path, manifest)
     attention = next(k for k in manifest["kernels"] if k["id"].endswith("block_attention_kernel"))
-    assert attention["constexprs"]["HAS_MASK"] and attention["constexprs"]["BLOCK_Q"] == 64
+    # the model's causal mask is read as a rule (one "ge" term), never loaded as a mask tile
+    assert attention["constexprs"]["RULE_TERMS"] == 1 and not attention["constexprs"]["HAS_MASK"]
+    assert attention["constexprs"]["BLOCK_Q"] == 64
     assert attention["used_by"] == ["sparsecc::block_attention"]
 
 

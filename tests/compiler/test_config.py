@@ -14,7 +14,7 @@ from sparsecc.passes.pipeline import PipelineError, build_pipeline
 def test_shorthand_is_magnitude_weights():
     config = parse_sparsity("2:4")
     assert config.weights == WeightsConfig(pattern="2:4")
-    assert config.pipeline() == "moe-dispatch,prune-nm{n=2,m=4,method=magnitude,include=[*]},cleanup"
+    assert config.pipeline() == "moe-dispatch,prune-nm{n=2,m=4,method=magnitude,include=[*]},fold-constants,cleanup"
     assert config.implied() == ["moe-dispatch"] and parse_sparsity({"moe": "dispatch"}).implied() == []
 
 
@@ -26,7 +26,7 @@ def test_dict_and_dataclass_agree():
 
 
 def test_none_means_no_rewrite():
-    assert parse_sparsity(None).pipeline() == "cleanup"
+    assert parse_sparsity(None).pipeline() == "fold-constants,cleanup"
 
 
 @pytest.mark.parametrize("pattern, words", [
@@ -66,7 +66,7 @@ def test_bad_section_values_are_named():
 def test_moe_comes_before_weights():
     config = parse_sparsity({"weights": "2:4", "moe": {"capacity_factor": 1.25}})
     assert config.pipeline().startswith("moe-dispatch{capacity_factor=1.25},prune-nm")
-    assert parse_sparsity({"moe": "dispatch"}).pipeline() == "moe-dispatch,cleanup"
+    assert parse_sparsity({"moe": "dispatch"}).pipeline() == "moe-dispatch,fold-constants,cleanup"
     with pytest.raises(ConfigError, match="unknown key 'capacity'"):
         parse_sparsity({"moe": {"capacity": 2}})
     with pytest.raises(ConfigError, match="moe.capacity_factor: expected a finite number >= 0, got -1"):
@@ -129,7 +129,7 @@ def test_sections_become_passes_and_the_text_reads_back_to_them(spec):
 
 
 def test_weights_section_sets_the_prune_nm_options():
-    [dispatch, prune, _] = parse_sparsity({"weights": {"pattern": "4:8", "method": "wanda",
+    [dispatch, prune, _, _] = parse_sparsity({"weights": {"pattern": "4:8", "method": "wanda",
                                                        "include": ["*.mlp.*"]}}).passes()
     assert prune == PruneNM(n=4, m=8, method="wanda", include=("*.mlp.*",))
     assert dispatch == MoEDispatch()   # implied: stacked experts become N:M only inside sparsecc.moe

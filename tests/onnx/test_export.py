@@ -54,7 +54,7 @@ def test_llama_attention_and_nm(tmp_path):
                                 sparsity={"weights": {"pattern": "2:4"}, "attention": {"block": 64}})
     path = str(tmp_path / "llama.onnx")
     result = compiled.export_onnx(path)
-    assert result.sparse_nodes == {"nm_linear": 8, "block_layout": 1, "block_attention": 1}
+    assert result.sparse_nodes == {"nm_linear": 8, "rule_layout": 1, "block_attention": 1}   # causal & padding rule
     assert_close(run_ort(path, ids, attention_mask)[0], compiled(ids, **kwargs)["logits"])
 
 

@@ -67,8 +67,8 @@ def test_topk_layout_runs_in_onnxruntime(options, shapes, tmp_path):
     exact = sparsecc.compile(MaskedAttention(), inputs, sparsity={"attention": {"block": options["block"]}})
     assert compiled.report().layers[0].details["density"] < exact.report().layers[0].details["density"]
     result, model = _export_and_compare(compiled, inputs, tmp_path / "topk.onnx")
-    assert result.sparse_nodes == {"block_layout": 1, "block_attention": 1}
-    assert "TopK" in {n.op_type for n in _function_of(model, "block_layout").node}
+    assert result.sparse_nodes == {"rule_layout": 1, "block_attention": 1}   # causal & padding read as a rule
+    assert "TopK" in {n.op_type for n in _function_of(model, "rule_layout").node}
 
 
 @pytest.mark.parametrize("shapes", [{}, {"seq": 200, "heads": 4, "kv_heads": 2}], ids=["mha", "gqa-ragged"])

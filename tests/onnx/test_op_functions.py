@@ -8,7 +8,7 @@ import torch
 from onnx import helper
 from sparsecc.onnx.export.body import DOMAIN
 from sparsecc.onnx.export.rules import EXPORT_RULES, rule_for, rule_name
-from sparsecc.onnx.export.schemas import split_arguments
+from sparsecc.onnx.export.schemas import node_inputs, split_arguments
 from sparsecc.onnx.export.spec import CallSpec, Operand
 from sparsecc.runtime.ops import OPS
 
@@ -20,30 +20,34 @@ def _elem_type(t: torch.Tensor) -> int:
     return helper.np_dtype_to_tensor_dtype(t.numpy().dtype)
 
 
+def _as_input(value):
+    """A tensor as it is; a length (SymInt argument) as the int64 scalar the node takes."""
+    return value if isinstance(value, torch.Tensor) or value is None else torch.tensor(value)
+
+
 def single_op_model(name: str, sample: tuple, results: tuple) -> tuple[onnx.ModelProto, dict]:
     opdef = OPS[name]
-    tensors, attrs = split_arguments(opdef.op)
+    _, attrs = split_arguments(opdef.op)
     bound = dict(zip([a.name for a in opdef.op._schema.arguments], sample))
     for a in attrs:
         bound.setdefault(a.name, a.default_value)
-    values = [bound.get(a.name) for a in tensors]
-    while values and values[-1] is None:
-        values.pop()
+    inputs = [(n, _as_input(v)) for n, v in node_inputs(opdef.op, bound)]
+    while inputs and inputs[-1][1] is None:
+        inputs.pop()
     attributes = {a.name: bound[a.name] for a in attrs}
     spec = CallSpec(name, f"{name}_0", attributes,
-                    tuple(None if v is None else Operand(tuple(v.shape), _elem_type(v)) for v in values), 20)
+                    tuple(None if v is None else Operand(tuple(v.shape), _elem_type(v)) for _, v in inputs), 20)
     rule = rule_for(name)
-    node = helper.make_node(name, [a.name if v is not None else "" for a, v in zip(tensors, values)],
+    node = helper.make_node(name, [n if v is not None else "" for n, v in inputs],
                             [f"out{i}" for i in range(len(opdef.op._schema.returns))], domain=DOMAIN,
                             overload=spec.key(), **{k: int(v) if isinstance(v, bool) else v for k, v in attributes.items()})
-    inputs = [helper.make_tensor_value_info(a.name, _elem_type(v), list(v.shape)) for a, v in zip(tensors, values)
-              if v is not None]
+    graph_inputs = [helper.make_tensor_value_info(n, _elem_type(v), list(v.shape)) for n, v in inputs if v is not None]
     outputs = [helper.make_tensor_value_info(o, t, list(r.shape))
                for o, t, r in zip(node.output, rule.output_types(spec), results)]
-    model = helper.make_model(helper.make_graph([node], name, inputs, outputs),
+    model = helper.make_model(helper.make_graph([node], name, graph_inputs, outputs),
                               opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid(DOMAIN, 1)],
                               functions=[rule.function(spec)])
-    return model, {a.name: v.numpy() for a, v in zip(tensors, values) if v is not None}
+    return model, {n: v.numpy() for n, v in inputs if v is not None}
 
 
 def test_every_op_with_an_onnx_export_name_has_that_rule():

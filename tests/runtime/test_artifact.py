@@ -15,7 +15,7 @@ from sparsecc.runtime.artifact import device_target, program_on, read_manifest
 from sparsecc.runtime.kernels.triton.launch import KernelSpec
 from sparsecc.runtime.call_guard import CallGuard
 from sparsecc.runtime.validate import validate_program
-from sparsecc.runtime.loaded import LoadedModel, PrebuiltKernels
+from sparsecc.runtime.loaded import LoadedModel, PrebuiltKernels, aligned
 
 from ..compiler.build_models import GPU_TARGETS, compile_mixed, kernel_cache
 
@@ -160,7 +160,8 @@ def _prebuilt_model(path, drop=None):
             served.append(self.kernel_id)
     functions = {KernelSpec.from_dict(k).key(): StandIn(k["id"]) for k in manifest["kernels"] if k["id"] != drop}
     program = Program.from_dict(manifest["program"])
-    constants = load_file(str(path / "weights.safetensors"))
+    stored = load_file(str(path / "weights.safetensors"))
+    constants = dict(zip(stored, aligned(tuple(stored.values()))))   # as the loader does
     cpu = torch.device("cpu")
     limit = 1 << 30
     guard = CallGuard(program, constants, cpu, limit, validate_program(program, constants, device=cpu, max_bytes=limit))

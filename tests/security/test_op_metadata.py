@@ -275,5 +275,7 @@ def test_verifier_takes_real_constants_beside_fake_registers(name):
     """The load-time validator's call: tensors after the first real (constants), the first fake (a register)."""
     for args in OPS[name].samples():
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            mixed = [mode.from_tensor(args[0]), *args[1:]]
+            first = args[0]   # a tensor, or a list of tensors (rule_layout's rows)
+            fake = [mode.from_tensor(t) for t in first] if isinstance(first, list) else mode.from_tensor(first)
+            mixed = [fake, *args[1:]]
         assert OPS[name].verify(*mixed) is None

@@ -27,6 +27,7 @@ from .functions_moe import INPUTS, given_operands
 from .spec import CallSpec
 
 CONTRIB = "com.microsoft"
+LAYOUT_OPS = ("block_layout", "rule_layout")   # what feeds block_attention its layout
 _UNGATED = {"relu": "relu", "gelu": "gelu", "silu": "silu"}
 _GATED = ("silu", "swiglu_clamped")   # MoE's swiglu: G * sigmoid(alpha G) * (clamp(L) + beta), G = min(g, limit)
 _NO_CONTRIB = {
@@ -125,7 +126,7 @@ def try_contrib(model: ir.Model, node: ir.Node, spec: CallSpec,
     """(contrib op used or None, one log line). Attention nodes were decided by
     `contrib_attention.map_attention`; `attention_lines` holds the log lines of those it kept."""
     where = f"{spec.op} '{spec.node}'"
-    if spec.op in ("block_attention", "block_layout"):
+    if spec.op == "block_attention" or spec.op in LAYOUT_OPS:
         return None, (attention_lines or {}).get(node.name, f"{where}: not examined for contrib ops; function form")
     if spec.op != "moe":
         return None, f"{where}: {_NO_CONTRIB.get(spec.op, 'no contrib op computes it')}; function form"

@@ -1,10 +1,11 @@
-"""onnxruntime attention contrib ops for `block_attention` (and its `block_layout`) where they compute the same thing.
+"""onnxruntime attention contrib ops for `block_attention` (and its block_layout or rule_layout) where they compute
+the same thing.
 
 What a `block_attention` node attends to, visible[h, i, j] = full | (partial & rule)
 (`sparsecc.runtime.ops.block_attention.visible_elements`), is evaluated at export
-time when its layout and mask follow from constants (a causal or window mask
-built from `arange` does; a padding mask from a graph input does not), and
-compared element by element with what each contrib op attends to (measured in
+time when its layout and mask or rule follow from constants (`attention_attended`:
+a causal or window mask or rule built from `arange` does, a layout folded at compile
+time does; a padding mask from a graph input does not), and compared element by element with what each contrib op attends to (measured in
 onnxruntime 1.32 CPU against a float64 reference, see docs/onnx.md):
 
     GroupQueryAttention(local_window_size=W)   i - W < j <= i (W = -1: j <= i), one band for every head;
@@ -32,11 +33,10 @@ import json
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from onnx import TensorProto
-from onnx.reference import ReferenceEvaluator
 from onnxscript import ir
 
+from .attention_attended import attended, layout_producer, node_attrs
 from .body import DOMAIN
 from .contrib import CONTRIB
 from ..runner import SHARED_BUFFERS
@@ -68,44 +68,9 @@ class AttentionCall:
     sinks: bool = False                  # input 8 feeds GroupQueryAttention's head_sink (SparseAttention: none)
 
 
-def static_value(value: ir.Value, opset: int, cache: dict) -> np.ndarray | str:
-    """The value's array when it follows from initializers and constants alone, else what it depends on."""
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    node = value.producer()
-    if node is None:
-        return f"graph input '{value.name}'"
-    if node.domain not in ("", "ai.onnx"):
-        return f"node '{node.name}' ({node.domain}::{node.op_type})"
-    if node not in cache:   # keyed by the node itself: a removed node's id may be reused
-        feeds = {}
-        for inp in node.inputs:
-            if inp is not None:
-                got = static_value(inp, opset, cache)
-                if isinstance(got, str):
-                    return got
-                feeds[inp.name] = got
-        proto = ir.serde.serialize_node(node)
-        cache[node] = ReferenceEvaluator(proto, opsets={"": opset}).run(None, feeds)
-    return np.asarray(cache[node][node.outputs.index(value)])
-
-
-def _attrs(node: ir.Node) -> dict:
-    return {name: attr.value for name, attr in node.attributes.items()}
-
-
-def layout_producer(node: ir.Node) -> ir.Node | str:
-    """The block_layout node whose four outputs are `node`'s layout inputs, else why not."""
-    producers = {v.producer() for v in node.inputs[3:7] if v is not None}
-    layout = producers.pop() if len(producers) == 1 else None
-    if layout is None or layout.domain != DOMAIN or layout.op_type != "block_layout":
-        return "its layout is not one block_layout node"
-    return layout
-
-
 def attention_call(node: ir.Node) -> AttentionCall | str:
     """The node's shapes and attributes, or why no contrib op takes them."""
-    a = _attrs(node)
+    a = node_attrs(node)
     if any(x is None or x.shape is None for x in node.inputs[:3]):
         return "q, k or v has no known shape"
     q, k, v = (tuple(x.shape) for x in node.inputs[:3])
@@ -127,37 +92,6 @@ def attention_call(node: ir.Node) -> AttentionCall | str:
     sinks = node.inputs[8] if len(node.inputs) > 8 else None
     return AttentionCall(q[0], q[1], k[1], q[2], q[3], next(iter(dtypes)), float(a["scale"]), a["block_q"],
                          a["block_k"], float(a.get("softcap", 0.0)), sinks is not None)
-
-
-def attended(node: ir.Node, layout: ir.Node, opset: int, cache: dict) -> np.ndarray | str:
-    """visible [Hm, S, S] bool of a node whose layout and mask follow from constants, else why not."""
-    from sparsecc.runtime.attention_layout import Layout
-    from sparsecc.runtime.ops import get_op  # registers the sparsecc ops
-    from sparsecc.runtime.ops.block_attention import visible_elements
-
-    a = _attrs(layout)
-    if a.get("policy", "mask") == "topk":
-        return "policy topk chooses blocks from q and k at run time"
-    get_op("block_layout")
-    layout_mask = static_value(layout.inputs[0], opset, cache)
-    if isinstance(layout_mask, str):
-        return f"the mask depends on {layout_mask}"
-    mask = node.inputs[7] if len(node.inputs) > 7 else None
-    rule = None if mask is None else static_value(mask, opset, cache)
-    if isinstance(rule, str):
-        return f"the mask depends on {rule}"
-    seq, bq, bk = node.inputs[0].shape[2], a["block_q"], a["block_k"]
-    layout_mask = torch.from_numpy(layout_mask.astype(bool))
-    blocks = Layout(*torch.ops.sparsecc.block_layout(layout_mask, bq, bk, a.get("policy", "mask"),
-                                                     a.get("window", 0), a.get("sinks", 0)))
-    rule = None if rule is None else torch.from_numpy(rule.astype(bool))
-    seen = visible_elements(blocks, rule, seq, seq, bq, bk).numpy()
-    if not (seen == seen[:1]).all():
-        return "the attended elements differ between batch rows"
-    empty = np.nonzero(~seen[0].any(-1))
-    if empty[0].size:
-        return f"query row {int(empty[1][0])} sees no key"
-    return seen[0]
 
 
 def band_window(seen: np.ndarray) -> int | str:
@@ -191,14 +125,14 @@ def causal_blocks(seen: np.ndarray, call: AttentionCall) -> np.ndarray | str:
 
 
 def fit_attention(node: ir.Node, opset: int, cache: dict) -> tuple[AttentionFit | str, ir.Node | None]:
-    """(the contrib op that computes exactly what `node` does, or why none; its block_layout node)."""
-    layout = layout_producer(node)
-    if isinstance(layout, str):
-        return layout, None
+    """(the contrib op that computes exactly what `node` does, or why none; its layout node, None when
+    its layout is constant)."""
+    producer = layout_producer(node)
+    layout = producer if isinstance(producer, ir.Node) else None
     call = attention_call(node)
     if isinstance(call, str):
         return call, layout
-    seen = attended(node, layout, opset, cache)
+    seen = attended(node, producer, opset, cache)
     if isinstance(seen, str):
         return seen, layout
     window = band_window(seen)
@@ -210,7 +144,7 @@ def fit_attention(node: ir.Node, opset: int, cache: dict) -> tuple[AttentionFit 
     if not isinstance(blocks, str) and not isinstance(call.batch, int):
         blocks = f"its past/present buffers, bound by the runner, need a static batch (got {call.batch!r})"
     if isinstance(blocks, str):
-        policy = _attrs(layout).get("policy", "mask")
+        policy = node_attrs(layout).get("policy", "mask") if layout is not None else "mask"
         staircase = " (the window policy keeps whole key blocks, a staircase)" if policy == "window" else ""
         return f"GroupQueryAttention: {window}{staircase}; SparseAttention: {blocks}", layout
     return AttentionFit("SparseAttention", blocks=blocks), layout
@@ -242,7 +176,7 @@ def _unpack(graph: ir.Graph, node: ir.Node, packed: ir.Value, call: AttentionCal
     swap = ir.node("Transpose", [split.outputs[0]], {"perm": [0, 2, 1, 3]})
     graph.insert_before(node, [split, swap])
     out, new = node.outputs[0], swap.outputs[0]
-    new.shape, new.dtype = out.shape, out.dtype
+    new.shape, new.dtype = out.shape, ir.DataType(call.dtype)   # q's dtype (the node may be untyped yet)
     is_output = out in graph.outputs
     if is_output:   # swapped first: onnx_ir refuses to replace the uses of a graph output
         graph.outputs[graph.outputs.index(out)] = new
@@ -328,7 +262,12 @@ def drop_unused(graph: ir.Graph, node: ir.Node) -> None:
         return
     inputs = [v for v in node.inputs if v is not None]
     graph.remove(node, safe=True)
-    for value in inputs:
+    drop_unused_values(graph, inputs)
+
+
+def drop_unused_values(graph: ir.Graph, values: list[ir.Value]) -> None:
+    """Remove the initializers and producers of `values` that nothing reads any more."""
+    for value in values:
         if value.uses() or value.is_graph_output() or value.is_graph_input():
             continue
         if value.is_initializer() and value.name in graph.initializers:
@@ -350,18 +289,21 @@ def map_attention(model: ir.Model, opset: int) -> tuple[list[tuple[str | None, s
         if isinstance(fit, str):
             kept[node.name] = misfit_line(node, fit)
             if layout is not None:
-                kept.setdefault(layout.name, f"block_layout '{layout.name}': feeds block_attention '{node.name}', "
-                                             "which keeps its function form; function form")
+                kept.setdefault(layout.name, f"{layout.op_type} '{layout.name}': feeds block_attention "
+                                             f"'{node.name}', which keeps its function form; function form")
             continue
-        call = attention_call(node)
+        call, inputs = attention_call(node), [v for v in node.inputs if v is not None]
         rewrite_attention(model, node, fit, call)
         detail = (f"local_window_size={fit.window}" if fit.op == "GroupQueryAttention" else
                   f"sparse_block_size={call.block}, {int(fit.blocks.sum())} of {fit.blocks[0].size} blocks "
                   f"in {fit.blocks.shape[0]} layout(s); past/present bound to one buffer by sparsecc.onnx.runner")
         mapped.append((f"com.microsoft.{fit.op}", f"block_attention '{node.name}': com.microsoft.{fit.op} ({detail})"))
+        if layout is None:   # a constant layout: its initializers go with the node
+            drop_unused_values(model.graph, inputs)
+            continue
         drop_unused(model.graph, layout)
         if layout.graph is None:
-            line = (f"block_layout '{layout.name}': evaluated at export time into com.microsoft.{fit.op} "
+            line = (f"{layout.op_type} '{layout.name}': evaluated at export time into com.microsoft.{fit.op} "
                     f"of block_attention '{node.name}'")
             mapped.append((None, line))
     return mapped, kept

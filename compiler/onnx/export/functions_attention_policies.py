@@ -1,6 +1,8 @@
 """Function bodies of the data-dependent attention policies, in standard ONNX (`functions_attention` calls them).
 
-topk (`block_layout`, `sparsecc.runtime.attention_policies.topk_layout_from_mask`):
+window (`block_layout`, `rule_layout`): the blocks `window_reach` keeps, from the lengths at run time.
+
+topk (`block_layout`, `rule_layout`, `sparsecc.runtime.attention_policies.topk_layout_from_states`):
     scores  = mean(q block) . mean(k block)  fp32 [B, Hq, NQ, NK]; rows past S or Skv are zeros
               in the sums and a ragged last block divides by its own row count; kv head h // (Hq/Hkv)
     forced  = (sink or diagonal block, both fixed at export time) and visible
@@ -24,9 +26,9 @@ import math
 import numpy as np
 from onnx import TensorProto, helper
 
-from .attention_heads import batch_shape, repeat_heads
+from .attention_heads import batch_shape, block_bounds, repeat_heads
 from .body import Body
-from .spec import CallSpec
+from .spec import CallSpec, Operand
 
 NEG_INF = -np.inf
 
@@ -48,6 +50,19 @@ def _block_means(b: Body, x: str, shape: tuple, block: int) -> str:
     return b.op("Div", sums, b.const(sizes, np.float32))
 
 
+def window_reach(b: Body, seq: str, keys: str, window: int, sinks: int, block_q: int, block_k: int) -> str:
+    """[NQ, NK] bool, for 0-d lengths read at run time: the causal key blocks holding a key of the band
+    i' - window < j <= i' (i' = i + Skv - S) of some row of the query block, or a key j < sinks
+    (`sparsecc.runtime.attention_layout.window_blocks`)."""
+    q_first, q_last = (b.op("Unsqueeze", x, b.ints(1)) for x in block_bounds(b, seq, block_q))   # [NQ, 1]
+    k_first, k_last = block_bounds(b, keys, block_k)                                            # [NK]
+    own_first, own_last = (b.op("Add", x, b.op("Sub", keys, seq)) for x in (q_first, q_last))
+    causal = b.op("LessOrEqual", k_first, own_last)
+    low = b.op("Max", k_first, b.op("Add", own_first, b.const(1 - window)))
+    in_window = b.op("LessOrEqual", low, b.op("Min", k_last, own_last))
+    return b.op("And", causal, b.op("Or", in_window, b.op("Less", k_first, b.const(sinks))))
+
+
 def _forced_blocks(seq: int, keys: int, sinks: int, block_q: int, block_k: int) -> np.ndarray:
     """[NQ, NK] sink and diagonal blocks, evaluated at export time as the runtime computes them."""
     from sparsecc.runtime.attention_layout import diagonal_blocks
@@ -64,10 +79,12 @@ def _budget(b: Body, visible: str, topk: float) -> str:
     return b.op("Cast", b.op("Max", wanted, b.const(1.0, np.float32)), to=TensorProto.INT64)
 
 
-def topk_kept(b: Body, spec: CallSpec, visible: str, seq: int, keys: int) -> str:
-    """Bool [B, Hq, NQ, NK]: the key blocks the topk policy keeps, given the mask's visible blocks."""
-    a, where = spec.attrs, f"block_layout node '{spec.node}'"
-    q_shape, k_shape = (spec.operands[i].static_but_batch(f"{where}: {n}") for i, n in ((1, "q"), (2, "k")))
+def topk_kept(b: Body, spec: CallSpec, visible: str, q: Operand, k: Operand) -> str:
+    """Bool [B, Hq, NQ, NK]: the key blocks the topk policy keeps, given the visible blocks; q and k are the
+    body's inputs 'q' and 'k', static but for the batch (the pooled scores are shaped by S and Skv)."""
+    a, where = spec.attrs, f"{spec.op} node '{spec.node}'"
+    q_shape, k_shape = q.static_but_batch(f"{where}: q"), k.static_but_batch(f"{where}: k")
+    seq, keys = q_shape[2], k_shape[2]
     bq, bk = a["block_q"], a["block_k"]
     nq, nk = math.ceil(seq / bq), math.ceil(keys / bk)
     k_means = repeat_heads(b, _block_means(b, "k", k_shape, bk), (k_shape[0], k_shape[1], nk, k_shape[3]),

@@ -15,21 +15,22 @@ import onnxscript
 import torch
 
 from .body import DOMAIN
-from .schemas import ensure_registered, split_arguments
+from .schemas import ensure_registered, formal_inputs, split_arguments
 
 
 def translator(name: str, op: torch._ops.OpOverload) -> Callable[..., Any]:
     """fn(args as the op takes them) -> the node's output(s), with the op's own signature."""
     ensure_registered(name, op)
     emit = getattr(onnxscript.values.Opset(DOMAIN, 1), name)
-    tensors, attrs = split_arguments(op)
+    _, attrs = split_arguments(op)
 
     def translate(*args: Any, **kwargs: Any) -> Any:
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        inputs = [bound.arguments[a.name] for a in tensors]
         values = {a.name: bound.arguments[a.name] for a in attrs}
-        return emit(*inputs, **{k: int(v) if isinstance(v, bool) else v for k, v in values.items()})
+        # by keyword: the exporter binds a positional variadic input to every positional argument
+        return emit(**formal_inputs(op, bound.arguments),
+                    **{k: int(v) if isinstance(v, bool) else v for k, v in values.items()})
 
     signature = inspect.Signature([
         inspect.Parameter(a.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,

@@ -15,10 +15,13 @@ gathered blocks:
               whose blocks are each followed by their causal diagonal block takes it
               along under one shared additive mask.
     diagonal  the aligned diagonal blocks under the exact causal triangle (the causal
-              rule, or a mask checked to equal it): flash's own causal path
+              rule, or a mask or rule checked to equal it): flash's own causal path
     gathered  the remaining partial blocks of every query block, gathered and padded to
               the most any block has, under the per-element mask as an additive -inf
               mask; also the full blocks of a slice whose runs are scattered (top-k)
+
+Partial blocks' elements come from one `attention_sources` source (the mask, the rule, or the
+causal rule), evaluated only at the elements a piece reads.
 
 With fewer query rows than a block (decode, short chunks) every block is partial (rows past S count
 as masked), so `_direct` instead reads the listed key blocks in place: one flash call per run of
@@ -46,10 +49,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...attention_layout import Layout, as_4d
+from ...attention_layout import Layout
 from ..attention_contract import block_attention_problem
 from ..checks import refuse
 from .attention_runs import Run, plan_runs, progressions, runs_of
+from .attention_sources import MaskSourceT, mask_source
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 CHUNK_KEYS = 1024  # keys per cut piece of a long full run: K and V of one head stay in L2
@@ -76,7 +80,7 @@ class Problem(NamedTuple):
     v: Tensor             # [B*Hkv, NK*block_k, Dv]
     out: Tensor           # fp32 [B*Hq, NQ*rows, Dv], merged so far
     lse: Tensor           # fp32 [B*Hq, NQ*rows], -inf where nothing was seen yet
-    mask: Optional[Tensor]
+    source: MaskSourceT   # the elements of partial blocks
     seq: int
     keys: int
     heads: int
@@ -189,21 +193,9 @@ def _visibility(p: Problem, hs: HeadSet, q_blocks: Tensor, k_blocks: Tensor, val
     rows = q_blocks[:, None] * p.rows + torch.arange(p.rows, device=device)                  # [E, rows]
     cols = (k_blocks[:, :, None] * p.block_k + torch.arange(p.block_k, device=device)).flatten(1)  # [E, P*bk]
     ok = (rows < p.seq)[:, :, None] & ((cols < p.keys) & valid.repeat_interleave(p.block_k, 1))[:, None, :]
-    if p.mask is None:
-        return (ok & (cols[:, None, :] <= rows[:, :, None] + (p.keys - p.seq)))[:, None, None]
-    return _mask_values(p, hs, rows.clamp(max=p.seq - 1), cols.clamp(max=p.keys - 1)) & ok[:, None, None]
-
-
-def _mask_values(p: Problem, hs: HeadSet, rows: Tensor, cols: Tensor) -> Tensor:
-    """Bool [E, O|1, I|1, rows, cols] of the mask at rows [E, rows] x cols [E, cols] for the head set."""
-    device = rows.device
     flat = (hs.q_head + torch.arange(hs.outer.size, device=device)[:, None] * hs.outer.q_step
             + torch.arange(hs.inner.size, device=device)[None, :] * hs.inner.q_step)     # [O, I] flat q heads
-    zero = torch.zeros(1, 1, dtype=torch.long, device=device)
-    mask_b = flat // p.heads if p.mask.shape[0] > 1 else zero   # the mask's own batch and head broadcasting
-    mask_h = flat % p.heads if p.mask.shape[1] > 1 else zero
-    return p.mask[mask_b[None, :, :, None, None], mask_h[None, :, :, None, None],
-                  rows[:, None, None, :, None], cols[:, None, None, None, :]]
+    return p.source.values(flat, rows.clamp(max=p.seq - 1), cols.clamp(max=p.keys - 1)) & ok[:, None, None]
 
 
 def _gather_kv(p: Problem, hs: HeadSet, k_blocks: Tensor) -> tuple[Tensor, Tensor]:
@@ -221,9 +213,11 @@ def _gather_kv(p: Problem, hs: HeadSet, k_blocks: Tensor) -> tuple[Tensor, Tenso
 
 
 def _padded_table(lists: list[list[int]], device) -> tuple[Tensor, Tensor]:
-    """([E, P] long, [E, P] valid) of ragged lists, padded with block 0."""
+    """([E, P] long, [E, P] valid) of ragged lists, padded with each list's first block (block 0 when
+    empty): a padding slot re-reads a listed block, never an absent one (padded keys stay unread)."""
     width = max(1, max(len(x) for x in lists))
-    table = torch.tensor([x + [0] * (width - len(x)) for x in lists], dtype=torch.long, device=device)
+    table = torch.tensor([x + x[:1] * (width - len(x)) if x else [0] * width for x in lists], dtype=torch.long,
+                         device=device)
     valid = torch.tensor([[True] * len(x) + [False] * (width - len(x)) for x in lists], device=device)
     return table, valid
 
@@ -297,7 +291,7 @@ def _blockwise(p: Problem, hs: HeadSet, orders: list[list[int]], partial_counts:
     strided(p.lse, hs.q_head, q_axes, 0, p.rows).copy_(lse)
 
 
-def _problem(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, block_q: int,
+def _problem(q: Tensor, k: Tensor, v: Tensor, source: MaskSourceT, scale: float, block_q: int,
              block_k: int, softcap: float) -> Problem:
     """Flat, contiguous, block-padded operands and fresh accumulators."""
     batch, heads, seq, _ = q.shape
@@ -309,39 +303,32 @@ def _problem(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: flo
         return t.reshape(-1, length, t.shape[3]).contiguous()
     out = torch.empty(batch * heads, q_len, v.shape[3], device=q.device)  # `_clear` sets what no piece writes
     lse = torch.empty(batch * heads, q_len, device=q.device)
-    return Problem(flat(q, q_len), flat(k, k_len), flat(v, k_len), out, lse,
-                   None if mask is None else as_4d(mask), seq, k.shape[2], heads, rows, block_k, scale, softcap)
+    return Problem(flat(q, q_len), flat(k, k_len), flat(v, k_len), out, lse, source, seq, k.shape[2], heads,
+                   rows, block_k, scale, softcap)
 
 
-def _causal_diagonals(p: Problem, partial: dict[int, list[int]], exact: Optional[list[bool]]) -> set[int]:
-    """Query blocks whose only partial block is the aligned diagonal block under the exact causal
-    triangle (the causal rule, or the mask where `exact` says so): flash's causal path serves them."""
+def _causal_diagonals(p: Problem, partial: dict[int, list[int]], exact: list[bool]) -> set[int]:
+    """Query blocks whose only partial block is the aligned diagonal block, where `exact` says that block
+    is the causal triangle for every head of the slice: flash's causal path serves them."""
     if p.rows != p.block_k or (p.keys - p.seq) % p.block_k:
         return set()
     shift = (p.keys - p.seq) // p.block_k
-    whole = {qb for qb, blocks in partial.items() if blocks == [qb + shift] and (qb + 1) * p.rows <= p.seq
-             and (qb + shift + 1) * p.block_k <= p.keys}
-    return whole if p.mask is None else {qb for qb in whole if exact[qb]}
+    return {qb for qb, blocks in partial.items() if blocks == [qb + shift] and exact[qb]}
 
 
 def _triangles(p: Problem) -> Optional[Tensor]:
-    """Bool [Bm, Hm, NQ'] of the mask: is the aligned diagonal block of query block qb exactly the causal
-    triangle (for the NQ' query blocks whose diagonal block is whole)? One strided view, no gather."""
-    if p.mask is None or p.rows != p.block_k or (p.keys - p.seq) % p.block_k:
+    """Bool [Bm, Hm, NQ'] from the source: is the aligned diagonal block of query block qb exactly the causal
+    triangle (for the NQ' query blocks whose diagonal block is whole)? None when blocks are not aligned."""
+    if p.rows != p.block_k or (p.keys - p.seq) % p.block_k:
         return None
-    shift, block = (p.keys - p.seq) // p.block_k, p.block_k
-    count = max(0, min(p.seq // block, p.keys // block - shift))
-    s0, s1, s2, s3 = p.mask.stride()
-    diagonal = p.mask.as_strided((*p.mask.shape[:2], count, block, block), (s0, s1, block * (s2 + s3), s2, s3),
-                                 p.mask.storage_offset() + shift * block * s3)
-    triangle = torch.ones(block, block, dtype=torch.bool, device=p.mask.device).tril()
-    return (diagonal == triangle).flatten(-2).all(-1)
+    shift = (p.keys - p.seq) // p.block_k
+    return p.source.diagonals(p.block_k, shift, max(0, min(p.seq // p.block_k, p.keys // p.block_k - shift)))
 
 
-def _slice_triangles(triangles: Optional[Tensor], nq: int, b: Optional[int], h: Optional[int]) -> Optional[list]:
+def _slice_triangles(triangles: Optional[Tensor], nq: int, b: Optional[int], h: Optional[int]) -> list[bool]:
     """Per query block of one layout slice (batch b, head h; None = all): exact triangle for all its heads."""
     if triangles is None:
-        return None
+        return [False] * nq
     if b is not None and triangles.shape[0] > 1:
         triangles = triangles[b:b + 1]
     if h is not None and triangles.shape[1] > 1:
@@ -379,7 +366,7 @@ def _pieces(p: Problem, runs: list[Run], diagonals: set[int]) -> list[tuple[Run,
 def _direct(p: Problem, hs: HeadSet, layout: list) -> None:
     """Fewer query rows than a block (decode, short chunks): the one query block reads its listed key
     blocks in place, one flash call per run of consecutive blocks under an additive mask over the run's
-    keys (full blocks: every key in range; partial blocks: the mask, or the causal rule)."""
+    keys (full blocks: every key in range; partial blocks: the mask source's elements)."""
     kv_num, kv_indices, full_num, full_indices = (x[0] for x in layout)
     full, device, fresh = set(full_indices[:full_num]), p.q.device, True
     q_axes, k_axes = _axes(hs, "q"), _axes(hs, "k")
@@ -403,9 +390,9 @@ def _direct(p: Problem, hs: HeadSet, layout: list) -> None:
 
 
 def _slice_plan(p: Problem, hs: HeadSet, layout: list, threshold: float, direct: bool,
-                exact: Optional[list[bool]]) -> None:
+                exact: list[bool]) -> None:
     """Every piece of one layout slice: [kv_num, kv_indices, full_num, full_indices] as lists; `exact`: per
-    query block, whether the mask's diagonal block is the causal triangle for every head of the slice."""
+    query block, whether the source's diagonal block is the causal triangle for every head of the slice."""
     kv_num, kv_indices, full_num, full_indices = layout
     # flash cannot cap logits nor take values of another head size (MLA): explicit logits, block by block
     if threshold > 0 or p.softcap > 0 or p.v.shape[-1] != p.q.shape[-1]:
@@ -451,14 +438,17 @@ def _clear(p: Problem, hs: HeadSet, q_blocks: set[int]) -> set[int]:
 def block_attention_cpu(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
                         full_num_blocks: Tensor, full_indices: Tensor, mask: Optional[Tensor], scale: float,
                         block_q: int, block_k: int, threshold: float = 0.0, empty_rows: str = "zero",
-                        softcap: float = 0.0, sinks: Optional[Tensor] = None) -> Tensor:
+                        softcap: float = 0.0, sinks: Optional[Tensor] = None, rule_rows: Optional[Tensor] = None,
+                        rule_cols: Optional[Tensor] = None, rule_ops: str = "") -> Tensor:
     """sparsecc::block_attention on CPU tensors (semantics in `sparsecc.runtime.ops.block_attention`).
     The layout's values are checked per call (a few reductions over [.., NQ, NK], read here anyway)."""
     refuse("block_attention", block_attention_problem(
         q, k, v, Layout(kv_num_blocks, kv_indices, full_num_blocks, full_indices), mask, scale, block_q, block_k,
-        threshold, empty_rows, check_data=True, softcap=softcap, sinks=sinks))
+        threshold, empty_rows, check_data=True, softcap=softcap, sinks=sinks, rule_rows=rule_rows,
+        rule_cols=rule_cols, rule_ops=rule_ops))
     batch, heads, seq, _ = q.shape
-    p = _problem(q, k, v, mask, scale, block_q, block_k, softcap)
+    rule = None if rule_rows is None else (rule_rows.to(q.device), rule_cols.to(q.device), rule_ops)
+    p = _problem(q, k, v, mask_source(mask, rule, seq, k.shape[2], heads), scale, block_q, block_k, softcap)
     layout = [t.tolist() for t in (kv_num_blocks, kv_indices, full_num_blocks, full_indices)]
     layout_b, layout_h = full_num_blocks.shape[:2]
     triangles = _triangles(p)
