@@ -1,7 +1,9 @@
 """sparsecc: a compiler for sparsity in neural networks.
 
-The public API is loaded lazily so that `import sparsecc.runtime` (what a
-deployed artifact needs) loads neither the compiler nor the passes.
+The public API and the public subpackages are loaded lazily so that
+`import sparsecc.runtime` (what a deployed artifact needs) loads neither the
+compiler nor the passes, while `import sparsecc; sparsecc.runtime.load(...)`
+works as written.
 """
 from __future__ import annotations
 
@@ -23,14 +25,20 @@ _LAZY = {
     "InputMismatchError": ("sparsecc.runtime.errors", "InputMismatchError"),
 }
 
-__all__ = sorted(_LAZY) + ["__version__"]
+# subpackages a user reaches as attributes of `sparsecc` (imported on first use)
+SUBPACKAGES = ("examples", "onnx", "passes", "runtime")
+
+__all__ = sorted(_LAZY) + list(SUBPACKAGES) + ["__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
+    if name in SUBPACKAGES:
+        value = importlib.import_module(f"sparsecc.{name}")
+    elif name in _LAZY:
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+    else:
         raise AttributeError(f"module 'sparsecc' has no attribute '{name}'")
-    module, attr = _LAZY[name]
-    value = getattr(importlib.import_module(module), attr)
     globals()[name] = value
     return value
 

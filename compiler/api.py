@@ -12,8 +12,10 @@ from typing import Any, Iterable, Optional
 
 import torch
 from torch.utils import _pytree as pytree
+from tqdm import tqdm
 
-from sparsecc.passes import Cleanup, PassContext, PassManager, build_pipeline, format_pipeline, print_graph
+from sparsecc.passes import (Cleanup, FoldConstants, PassContext, PassManager, build_pipeline, format_pipeline,
+                             print_graph)
 from sparsecc.passes.records import RewriteRecord
 from sparsecc.runtime.errors import InputMismatchError
 from sparsecc.runtime.executor import BACKENDS, Executor
@@ -50,7 +52,7 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, sparsity: Any = 
     if isinstance(model, (str, os.PathLike)):
         from .onnx.frontend.import_model import import_for_compile
         model, example_inputs = import_for_compile(model, example_inputs)
-    steps = _Steps(progress)
+    steps = _Steps(progress, total=4 if check else 3)   # capture, rewrite, lower (, check)
     check_model(model)
     config = parse_sparsity(sparsity)
     args = normalize_inputs(example_inputs)
@@ -184,9 +186,11 @@ def _warn_dropped(captured: Captured) -> None:
 
 def _requests(config: Any, passes: list, ctx: PassContext) -> list[tuple[str, Any]]:
     """(what the user asked for, the stats of the pass that did it), cleanup left out: a request is named
-    by its sparsity section ('weights', 'moe', ...) and its pass, or by the pass alone for a pipeline."""
+    by its sparsity section ('weights', 'moe', ...) and its pass, or by the pass alone for a pipeline.
+    Housekeeping (cleanup, fold-constants) is no request: finding nothing to do is normal for it."""
     if config is None:
-        return [(p.spelling(), stats) for p, stats in zip(passes, ctx.stats.values()) if not isinstance(p, Cleanup)]
+        return [(p.spelling(), stats) for p, stats in zip(passes, ctx.stats.values())
+                if not isinstance(p, (Cleanup, FoldConstants))]
     chosen = [getattr(config, f.name) for f in dataclasses.fields(config)]
     sections = {s.pass_class.name: s.key for s in chosen if s is not None}
     # a pass the request implies (moe-dispatch under weights) is no request: rewriting nothing is expected
@@ -286,17 +290,23 @@ def _copied(outputs: Any) -> Any:
 
 
 class _Steps:
-    """Times each compile step; prints progress to stderr when asked."""
+    """Times each compile step; with `progress`, one bar on stderr names the step running."""
 
-    def __init__(self, progress: bool):
-        self.progress, self.timings = progress, {}
+    def __init__(self, progress: bool, total: int):
+        self.timings = {}
+        self.bar = tqdm(total=total, desc="sparsecc compile", unit="step", disable=not progress, file=sys.stderr,
+                        leave=False, bar_format="{desc}: {n}/{total} steps [{elapsed}{postfix}]")
 
     @contextmanager
     def __call__(self, name: str):
-        if self.progress:
-            print(f"[sparsecc] {name} ...", file=sys.stderr, flush=True)
+        self.bar.set_postfix_str(name)
         start = time.perf_counter()
-        yield
+        try:
+            yield
+        except BaseException:
+            self.bar.close()   # a failed step leaves no bar behind on the terminal
+            raise
         self.timings[name] = time.perf_counter() - start
-        if self.progress:
-            print(f"[sparsecc] {name} done in {self.timings[name]:.2f}s", file=sys.stderr, flush=True)
+        self.bar.update(1)
+        if self.bar.n == self.bar.total:
+            self.bar.close()

@@ -83,6 +83,7 @@ def write_artifact(root: Path, program: Program, constants: dict[str, torch.Tens
     }
     text = json.dumps(manifest, indent=1, sort_keys=False).encode()
     (root / MANIFEST).write_bytes(text)
+    shutil.copymode(root / MANIFEST, root / WEIGHTS)   # safetensors writes 0600: follow the umask like the rest
     (root / MANIFEST_HASH).write_text(hashlib.sha256(text).hexdigest() + "  " + MANIFEST + "\n")
     if sign_with is not None:
         (root / SIGNATURE_FILE).write_bytes(sign_manifest(text, sign_with))   # over the exact bytes written

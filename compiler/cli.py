@@ -11,7 +11,10 @@ from sparsecc.passes.nm.methods import METHODS
 from sparsecc.runtime.executor import BACKENDS
 
 from . import cli_build, cli_onnx
+from .cli_output import add_output_args, library_noise_hidden, wants_progress
 from .errors import SparseccError
+from .report_html import save_html
+from .factory import FACTORY_HELP, load_factory
 
 
 def _sparsity(text: str) -> Any:
@@ -20,7 +23,7 @@ def _sparsity(text: str) -> Any:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("factory", help="MODULE:FACTORY or file.py:FACTORY returning (model, example_inputs)")
+    p.add_argument("factory", help=FACTORY_HELP)
     p.add_argument("--pipeline", help='pass pipeline, e.g. "prune-nm{n=2,m=4},cleanup"')
     p.add_argument("--print-ir-after-all", action="store_true", help="print the IR after every pass (stderr)")
     p.add_argument("--dump-dir", help="write the IR (.mlir) and graph (.dot) after every pass here")
@@ -45,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     kinds = sweep.add_subparsers(dest="sweep_kind", required=True)
     weights = kinds.add_parser("weights", help="error per layer group pruned alone, and whole-model error "
                                                "at 1:4 / 2:4 / 4:8 / unstructured 50%%")
-    weights.add_argument("factory", help="MODULE:FACTORY or file.py:FACTORY returning (model, example_inputs)")
+    weights.add_argument("factory", help=FACTORY_HELP)
     weights.add_argument("--pattern", default="2:4", help="N:M pattern of the per-group rows (default 2:4)")
     weights.add_argument("--method", choices=METHODS, default=PruneNM.method, help="mask method")
     weights.add_argument("--depth", type=int, help="group layers by the first DEPTH parts of their module path")
@@ -54,13 +57,19 @@ def _parser() -> argparse.ArgumentParser:
     weights.set_defaults(run=_sweep_weights)
     from .sweep_tokens import add_sweep_tokens_parser
     add_sweep_tokens_parser(kinds)
+    for command in [*(p for name, p in sub.choices.items() if p is not sweep), *kinds.choices.values()]:
+        add_output_args(command)
+    for command in (comp, sub.choices["build"], *kinds.choices.values()):
+        command.add_argument("--html", metavar="PATH", help="also write the report as one self-contained HTML page")
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    args.progress = wants_progress(args)
     try:
-        return _COMMANDS[args.command](args)
+        with library_noise_hidden(args.verbose):
+            return _COMMANDS[args.command](args)
     except (SparseccError, ValueError) as err:
         print(f"sparsecc {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -68,15 +77,17 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def _compile(args) -> int:
     import sparsecc
-    from .factory import load_factory
 
-    model, inputs = load_factory(args.factory)
+    call = load_factory(args.factory)
     sparsity = _with_method(args.sparsity, args.method)
-    compiled = sparsecc.compile(model, inputs, sparsity=sparsity, pipeline=args.pipeline,
-                                backend=args.backend, check=not args.no_check, progress=True,
+    compiled = sparsecc.compile(call.model, call.args, sparsity=sparsity, pipeline=args.pipeline,
+                                example_kwargs=call.kwargs,
+                                backend=args.backend, check=not args.no_check, progress=args.progress,
                                 print_ir_after_all=args.print_ir_after_all, dump_dir=args.dump_dir)
     report = compiled.report()
     print(report.to_json() if args.json else report)
+    if args.html:
+        report.save_html(args.html)
     if args.ir:
         print(compiled.ir())
     return 0
@@ -96,27 +107,33 @@ def _with_method(sparsity: Any, method: Optional[str]) -> Any:
 
 
 def _sweep_weights(args) -> int:
-    from .factory import load_factory
     from .sweep_weights import sweep_weights
 
-    model, inputs = load_factory(args.factory)
-    sweep = sweep_weights(model, inputs, pattern=args.pattern, method=args.method, depth=args.depth,
-                          exclude=args.exclude)
+    call = load_factory(args.factory)
+    sweep = sweep_weights(call.model, call.args, example_kwargs=call.kwargs, pattern=args.pattern,
+                          method=args.method, depth=args.depth, exclude=args.exclude, progress=args.progress)
     print(json.dumps(sweep.to_dict(), indent=2) if args.json else sweep)
+    if args.html:
+        save_html(args.html, sweeps=[sweep.to_dict()])
     return 0
 
 
 def _opt(args) -> int:
+    import torch
+    from torch.utils import _pytree as pytree
+
     from sparsecc.passes import PassContext, PassManager, build_pipeline, print_graph
     from .capture import capture, normalize_inputs
-    from .factory import load_factory
     from .library_ops import prepare_for_passes
 
-    model, inputs = load_factory(args.factory)
-    captured = capture(model, normalize_inputs(inputs))
+    call = load_factory(args.factory)
+    inputs = normalize_inputs(call.args)
+    captured = capture(call.model, inputs, call.kwargs)
     manager = PassManager(build_pipeline(args.pipeline or "cleanup"),
                           print_ir_after_all=args.print_ir_after_all, dump_dir=args.dump_dir)
-    ctx = PassContext(example_inputs=normalize_inputs(inputs), progress=True)
+    leaves = pytree.tree_leaves((inputs, captured.bound.graph_kwargs(call.kwargs)))
+    flat_inputs = tuple(t for t in leaves if isinstance(t, torch.Tensor))   # the placeholders, in order
+    ctx = PassContext(example_inputs=flat_inputs, progress=args.progress)
     print(print_graph(manager.run(prepare_for_passes(captured.gm), ctx)))   # as compile prepares it
     return 0
 

@@ -9,8 +9,11 @@ def add_parsers(sub: argparse._SubParsersAction, add_model_args: Callable, spars
     build = sub.add_parser("build", help="compile a model and write an AOT artifact (program, weights, kernels)")
     add_model_args(build)
     build.add_argument("--sparsity", type=sparsity_type, default="2:4", help='"N:M" or a JSON dict (default 2:4)')
-    build.add_argument("--target", action="append", dest="targets", metavar="TARGET",
-                       help="cpu, cuda:80, cuda:86, cuda:89, cuda:90 or hip:gfx942; repeat for several (default cpu)")
+    build.add_argument("--target", action="append", dest="targets", default=[], metavar="TARGET",
+                       help="cpu, cuda:80, cuda:86, cuda:89, cuda:90 or hip:gfx942, built besides this machine's "
+                            "own targets (cpu and its GPUs); repeat for several")
+    build.add_argument("--no-host-targets", action="store_true",
+                       help="build only the --target targets, not this machine's own")
     build.add_argument("-o", "--output", required=True, help="artifact folder to write")
     build.add_argument("--workers", type=int, help="parallel kernel build processes (default: CPU count)")
     build.add_argument("--cache-dir", help="kernel cache folder (default $SPARSECC_KERNEL_CACHE or ~/.cache/sparsecc)")
@@ -28,16 +31,36 @@ def build_command(args) -> int:
     import sparsecc
     from .factory import load_factory
 
-    model, inputs = load_factory(args.factory)
-    compiled = sparsecc.compile(model, inputs, sparsity=args.sparsity, pipeline=args.pipeline,
-                                check=not args.no_check, progress=True,
+    call = load_factory(args.factory)
+    compiled = sparsecc.compile(call.model, call.args, sparsity=args.sparsity, pipeline=args.pipeline,
+                                example_kwargs=call.kwargs,
+                                check=not args.no_check, progress=args.progress,
                                 print_ir_after_all=args.print_ir_after_all, dump_dir=args.dump_dir)
-    manifest = compiled.save(args.output, targets=args.targets or ["cpu"], cache_dir=args.cache_dir,
-                             workers=args.workers, sign_with=args.sign_key)
+    manifest = compiled.save(args.output, targets=build_targets(args.targets, not args.no_host_targets),
+                             cache_dir=args.cache_dir, workers=args.workers, sign_with=args.sign_key,
+                             progress=args.progress)
+    if args.html:
+        compiled.report().save_html(args.html)
     binaries = sum(len(k["binaries"]) for k in manifest["kernels"])
     print(f"wrote {args.output}: targets {', '.join(manifest['targets'])}; {len(manifest['kernels'])} kernel "
           f"specialisations, {binaries} binaries; {compiled.program.summary()}")
     return 0
+
+
+def host_targets() -> list[str]:
+    """The targets this machine loads artifacts for: cpu, and each visible GPU's that kernels are built for."""
+    import torch
+    from .cached_launch import cache_target
+    gpus = [cache_target(torch.device("cuda", i)) for i in range(torch.cuda.device_count())]
+    return ["cpu"] + [target for target in gpus if target is not None]
+
+
+def build_targets(asked: list[str], with_host: bool) -> list[str]:
+    """Those asked for, then the host's (when `with_host`), each once, in that order."""
+    targets = list(asked) + (host_targets() if with_host else [])
+    if not targets:
+        raise ValueError("--no-host-targets needs at least one --target")
+    return list(dict.fromkeys(targets))
 
 
 def inspect_command(args) -> int:

@@ -39,8 +39,9 @@ def export_command(args) -> int:
 
     from .factory import load_factory
 
-    model, inputs = load_factory(args.factory)
-    compiled = sparsecc.compile(model, inputs, sparsity=args.sparsity, pipeline=args.pipeline, progress=True,
+    call = load_factory(args.factory)
+    compiled = sparsecc.compile(call.model, call.args, sparsity=args.sparsity, pipeline=args.pipeline,
+                                example_kwargs=call.kwargs, progress=args.progress,
                                 print_ir_after_all=args.print_ir_after_all, dump_dir=args.dump_dir)
     print(compiled.report())
     if args.mlir:
@@ -57,7 +58,8 @@ def sparsify_command(args) -> int:
     from .onnx.frontend.load import example_inputs, load_model, parse_dims
 
     inputs = example_inputs(load_model(args.input), parse_dims(args.dim))
-    compiled = sparsecc.compile(args.input, inputs, sparsity=args.sparsity, pipeline=args.pipeline, progress=True)
+    compiled = sparsecc.compile(args.input, inputs, sparsity=args.sparsity, pipeline=args.pipeline,
+                                progress=args.progress)
     print(compiled.report())
     print(compiled.export_onnx(args.output, contrib=args.contrib, opset=args.opset))
     return 0

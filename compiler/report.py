@@ -4,11 +4,13 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from sparsecc.passes.records import RewriteRecord
 
 from .numerics import NonFiniteSite
+from .report_html import save_html
 
 
 _NOOP_REASONS = 3   # distinct skip reasons a no-op line quotes
@@ -68,6 +70,11 @@ class Report:
         """Strict JSON: a non-finite float (an error, a block error) is written as the string "nan",
         "inf" or "-inf", since JSON has no NaN; `to_dict` keeps them as Python floats."""
         return json.dumps(_json_safe(self.to_dict()), indent=indent, default=str, allow_nan=False)
+
+    def save_html(self, path: str | Path, sweeps: tuple = ()) -> Path:
+        """Write the report as one self-contained HTML page (table, bars, layout pictures; the curves of
+        `sweeps`, e.g. a `sweep_weights(...)` result, when given); returns the path."""
+        return save_html(path, self.to_dict(), [sweep.to_dict() for sweep in sweeps])
 
     def __str__(self) -> str:
         return format_report(self)
@@ -212,7 +219,8 @@ def _attention_lines(layers: list[RewriteRecord]) -> list[str]:
     for r in sites:
         d = r.details
         lines.append(f"  {r.layer}: policy {d['policy']}{_policy_params(d)}, block {d['block']}, block density "
-                     f"{d['density']:.3f} on the example inputs, error vs dense attention {d['error_vs_dense']:.1e}")
+                     f"{d['density']:.3f} on the example inputs, error vs dense attention {d['error_vs_dense']:.1e}"
+                     + (f"; mask {d['mask']}" if "mask" in d else ""))
     return lines
 
 

@@ -12,11 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from tqdm import tqdm
+
 from sparsecc.passes import TokenRouting
+
+from .factory import FACTORY_HELP
+from .report_html import save_html
 
 DEFAULT_CAPACITIES = (1.0, 0.75, 0.5, 0.25)
 
@@ -56,17 +62,21 @@ class TokenSweep:
 
 def sweep_tokens(model, example_inputs, capacities: Iterable[float] = DEFAULT_CAPACITIES, router: str = "norm",
                  where: str = "mlp", layers: list | None = None, weights_file: str | None = None,
-                 calibration: Iterable | None = None, sparsity: dict | None = None) -> TokenSweep:
-    """Compile `model` at each capacity and collect error vs dense and routed-block FLOPs."""
+                 calibration: Iterable | None = None, sparsity: dict | None = None, example_kwargs: dict | None = None,
+                 progress: bool = False) -> TokenSweep:
+    """Compile `model` at each capacity and collect error vs dense and routed-block FLOPs; `progress` shows
+    a bar of the compiles on stderr."""
     from .api import compile as compile_model
 
     calibration = list(calibration) if calibration is not None else None
     sweep = TokenSweep(router, where)
-    for capacity in capacities:
+    for capacity in tqdm(list(capacities), desc="sparsecc sweep tokens", unit="compile", disable=not progress,
+                         file=sys.stderr, leave=False):
         tokens = {"capacity": float(capacity), "where": where, "router": router, "layers": layers,
                   "weights_file": weights_file}
         request = {**(sparsity or {}), "tokens": {k: v for k, v in tokens.items() if v is not None}}
-        report = compile_model(model, example_inputs, sparsity=request, calibration=calibration).report()
+        report = compile_model(model, example_inputs, sparsity=request, calibration=calibration,
+                               example_kwargs=example_kwargs).report()
         routed = [r for r in report.layers if r.op == "sparsecc.route"]
         sweep.rows.append(SweepRow(
             capacity=float(capacity), blocks=len(routed), kept=routed[0].details["kept"] if routed else 0,
@@ -90,7 +100,7 @@ def _capacities(text: str) -> list[float]:
 def add_sweep_tokens_parser(kinds) -> None:
     """Register `sweep tokens` on the `sweep` sub-subcommands."""
     p = kinds.add_parser("tokens", help="error and FLOPs of token routing for a list of capacities")
-    p.add_argument("factory", help="MODULE:FACTORY or file.py:FACTORY returning (model, example_inputs)")
+    p.add_argument("factory", help=FACTORY_HELP)
     p.add_argument("--capacities", type=_capacities, default=list(DEFAULT_CAPACITIES),
                    help="comma-separated kept fractions (default 1,0.75,0.5,0.25)")
     p.add_argument("--router", choices=TokenRouting.option_choices("router"), default=TokenRouting.router)
@@ -105,11 +115,13 @@ def add_sweep_tokens_parser(kinds) -> None:
 def run_sweep_tokens(args) -> int:
     from .factory import load_factory
 
-    model, inputs = load_factory(args.factory)
+    call = load_factory(args.factory)
     layers = [v.strip() for v in args.layers.split(",")] if args.layers else None
-    sweep = sweep_tokens(model, inputs, args.capacities, router=args.router, where=args.where, layers=layers,
-                         weights_file=args.weights_file, sparsity=args.sparsity)
+    sweep = sweep_tokens(call.model, call.args, args.capacities, example_kwargs=call.kwargs, router=args.router, where=args.where, layers=layers,
+                         weights_file=args.weights_file, sparsity=args.sparsity, progress=args.progress)
     print(json.dumps(sweep.to_dict(), indent=2) if args.json else sweep)
+    if args.html:
+        save_html(args.html, sweeps=[sweep.to_dict()])
     return 0
 
 

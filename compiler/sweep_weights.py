@@ -9,10 +9,12 @@ is a full `compile` with `include` narrowed to the group.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
 import torch
+from tqdm import tqdm
 
 from .capture import normalize_inputs
 from .numerics import relative_error
@@ -36,11 +38,25 @@ class WeightSweep:
         return format_sweep(self)
 
 
-def _compile(model, inputs, pattern: str, method: str, include: Iterable[str], exclude: Iterable[str],
-             calibration, backend: Optional[str]):
-    import sparsecc
-    weights = {"pattern": pattern, "method": method, "include": list(include), "exclude": list(exclude)}
-    return sparsecc.compile(model, inputs, sparsity={"weights": weights}, calibration=calibration, backend=backend)
+@dataclass
+class _Request:
+    """What every compile of one sweep shares: the example call, calibration and backend."""
+    model: torch.nn.Module
+    inputs: Any
+    kwargs: Optional[dict]
+    method: str
+    exclude: list[str]
+    calibration: Optional[list]
+    backend: Optional[str]
+    bar: tqdm
+
+    def compile(self, pattern: str, include: Iterable[str]):
+        import sparsecc
+        weights = {"pattern": pattern, "method": self.method, "include": list(include), "exclude": self.exclude}
+        compiled = sparsecc.compile(self.model, self.inputs, sparsity={"weights": weights},
+                                    example_kwargs=self.kwargs, calibration=self.calibration, backend=self.backend)
+        self.bar.update(1)
+        return compiled
 
 
 def group_of(layer: str, depth: Optional[int]) -> str:
@@ -50,24 +66,33 @@ def group_of(layer: str, depth: Optional[int]) -> str:
 
 def sweep_weights(model: torch.nn.Module, example_inputs: Any, *, pattern: str = "2:4", method: str = "magnitude",
                   depth: Optional[int] = None, exclude: Iterable[str] = (), calibration: Optional[list] = None,
-                  backend: Optional[str] = None) -> WeightSweep:
-    """Measure per-group and whole-model output error (see the module docstring)."""
-    full = _compile(model, example_inputs, pattern, method, ["*"], exclude, calibration, backend)
+                  backend: Optional[str] = None, example_kwargs: Optional[dict] = None,
+                  progress: bool = False) -> WeightSweep:
+    """Measure per-group and whole-model output error (see the module docstring); `progress` shows a bar
+    of the compiles on stderr."""
+    bar = tqdm(desc="sparsecc sweep weights", unit="compile", disable=not progress, file=sys.stderr, leave=False)
+    with bar:
+        request = _Request(model, example_inputs, example_kwargs, method, list(exclude), calibration, backend, bar)
+        return _sweep(request, pattern, depth)
+
+
+def _sweep(request: _Request, pattern: str, depth: Optional[int]) -> WeightSweep:
+    full = request.compile(pattern, ["*"])
     layers = [r.layer for r in full.records if "values" in r.details]
     groups: dict[str, list[str]] = {}
     for layer in layers:
         groups.setdefault(group_of(layer, depth), []).append(layer)
-    sweep = WeightSweep(type(model).__name__, method, pattern)
+    request.bar.total = 1 + len(groups) + sum(whole != pattern for whole in WHOLE_MODEL_PATTERNS)
+    method = request.method
+    sweep = WeightSweep(type(request.model).__name__, method, pattern)
     for name, members in groups.items():
-        include = [_escape(layer) for layer in members]
-        compiled = _compile(model, example_inputs, pattern, method, include, exclude, calibration, backend)
+        compiled = request.compile(pattern, [_escape(layer) for layer in members])
         sweep.groups.append({"group": name, "layers": len(members), "error": compiled.report().error_vs_dense})
     for whole in WHOLE_MODEL_PATTERNS:
-        compiled = full if whole == pattern else _compile(model, example_inputs, whole, method, ["*"], exclude,
-                                                          calibration, backend)
+        compiled = full if whole == pattern else request.compile(whole, ["*"])
         sweep.whole_model.append({"pattern": f"{whole} ({method})", "error": compiled.report().error_vs_dense})
     sweep.whole_model.append({"pattern": "unstructured 50% (magnitude)",
-                              "error": unstructured_error(full, example_inputs, 0.5)})
+                              "error": unstructured_error(full, request.inputs, 0.5, request.kwargs)})
     return sweep
 
 
@@ -76,7 +101,7 @@ def _escape(path: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in path)
 
 
-def unstructured_error(compiled, example_inputs: Any, sparsity: float) -> float:
+def unstructured_error(compiled, example_inputs: Any, sparsity: float, example_kwargs: Optional[dict] = None) -> float:
     """Output error when each weight the N:M compile pruned instead loses its smallest |w| (any position)."""
     dense_gm = compiled.captured.dense_gm
     params = dict(dense_gm.named_parameters()) | dict(dense_gm.named_buffers())
@@ -90,12 +115,12 @@ def unstructured_error(compiled, example_inputs: Any, sparsity: float) -> float:
         if drop:
             threshold = w.abs().flatten().kthvalue(drop).values
             pruned[name] = torch.where(w.abs() > threshold, w, torch.zeros_like(w))
-    args = normalize_inputs(example_inputs)
+    args, kwargs = normalize_inputs(example_inputs), compiled.captured.bound.graph_kwargs(example_kwargs)
     with torch.no_grad():
         compiled.captured.reset_dense_state()   # both runs start from the state at compile time
-        got = torch.func.functional_call(dense_gm, pruned, args, strict=False)
+        got = torch.func.functional_call(dense_gm, pruned, args, kwargs, strict=False)
         compiled.captured.reset_dense_state()
-        dense = dense_gm(*args)
+        dense = dense_gm(*args, **kwargs)
         compiled.captured.reset_dense_state()
     return relative_error(got, dense)
 

@@ -5,7 +5,7 @@ capture; the `sparse-attention` pass derives its block layout from it) and a
 Mixtral-style MoE MLP written as the classic loop over experts (the
 `moe-dispatch` pass turns it into one sorted, grouped dispatch).
 
-    sparsecc compile examples.tiny_moe:build --sparsity '{"moe": "dispatch", "attention": "mask", "weights": "2:4"}'
+    sparsecc compile sparsecc.examples.tiny_moe:build --sparsity '{"moe": "dispatch", "attention": "mask", "weights": "2:4"}'
     python examples/tiny_moe.py
 """
 from __future__ import annotations

@@ -64,7 +64,7 @@ class TinyTransformer(nn.Module):
 
 
 def build(batch: int = 2, seq: int = 32, seed: int = 0):
-    """Factory for `sparsecc compile examples.tiny_transformer:build`."""
+    """Factory for `sparsecc compile sparsecc.examples.tiny_transformer:build`."""
     torch.manual_seed(seed)
     model = TinyTransformer().eval()
     tokens = torch.randint(0, 512, (batch, seq))

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional, Sequence, TextIO
 
 from torch.fx import GraphModule
+from tqdm import tqdm
 
 from .graph import to_dot
 from .options import OptionBounds, OptionError, OptionProblem, check_bounds, check_types, format_option
@@ -54,7 +55,7 @@ class PassStats:
 
 
 def _log_to_stderr(message: str) -> None:
-    print(message, file=sys.stderr)
+    tqdm.write(message, file=sys.stderr)   # above any progress bar, not through it
 
 
 @dataclass

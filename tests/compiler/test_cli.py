@@ -1,4 +1,5 @@
 import json
+import sys
 
 import pytest
 
@@ -7,11 +8,12 @@ from sparsecc.cli import main
 FACTORY = "examples.tiny_transformer:build"
 
 
-def test_compile_prints_the_report(capsys):
+def test_compile_prints_the_report(capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)   # progress bars are drawn for a terminal only
     assert main(["compile", FACTORY, "--sparsity", "2:4"]) == 0
     out = capsys.readouterr()
     assert "rewritten layers: 11" in out.out and "blocks.0.mlp.down" in out.out
-    assert "[sparsecc] capture" in out.err           # progress goes to stderr
+    assert "sparsecc compile: 4/4 steps" in out.err and "capture" in out.err   # progress goes to stderr
 
 
 def test_compile_json_and_ir(capsys):
@@ -44,7 +46,7 @@ def test_opt_prints_rewritten_ir(capsys):
     ("no_such_module:build", "cannot import module 'no_such_module'"),
     ("examples.tiny_transformer:nope", "has no attribute 'nope'"),
     ("examples.tiny_transformer", "expected MODULE:FACTORY"),
-    ("examples.tiny_transformer:TinyTransformer", "must return (model, example_inputs)"),
+    ("examples.tiny_transformer:TinyTransformer", "returned a model alone, but its forward needs tokens"),
     ("missing/file.py:build", "no such file"),
 ])
 def test_bad_factories(factory, words, capsys):

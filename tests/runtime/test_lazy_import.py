@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 
 def test_runtime_loads_neither_compiler_nor_passes():
     code = ("import sys, sparsecc.runtime; "
@@ -8,6 +10,21 @@ def test_runtime_loads_neither_compiler_nor_passes():
             "not m.startswith('sparsecc.runtime')); print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_subpackages_are_attributes_of_sparsecc_loaded_on_first_use():
+    code = ("import sys, sparsecc; before = sorted(m for m in sys.modules if m.startswith('sparsecc.')); "
+            "load = sparsecc.runtime.load; "
+            "after = sorted(m for m in sys.modules if m.startswith('sparsecc.') and not m.startswith('sparsecc.runtime')); "
+            "print(before, after, callable(load), sparsecc.passes.__name__, sparsecc.onnx.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["[]", "[]", "True", "sparsecc.passes", "sparsecc.onnx"]
+
+
+def test_unknown_attribute_is_an_attribute_error():
+    import sparsecc
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        sparsecc.nope
 
 
 LOAD_AND_RUN = """
