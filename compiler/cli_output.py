@@ -33,7 +33,8 @@ def wants_progress(args: argparse.Namespace) -> bool:
 
 @contextmanager
 def library_noise_hidden(verbose: bool) -> Iterator[None]:
-    """Within the block, hide library warnings and library log records below ERROR (unless `verbose`)."""
+    """Within the block, hide library warnings and library log records below ERROR, and every deprecation /
+    future warning (whoever raises it: torch attributes many to the caller's frame), unless `verbose`."""
     if verbose:
         yield
         return

@@ -46,8 +46,8 @@ def load_factory(spec: str) -> FactoryCall:
 def _import(name: str):
     if name.endswith(".py"):
         return _import_file(name)
-    if os.getcwd() not in sys.path:   # the console script's sys.path lacks the current directory
-        sys.path.insert(0, os.getcwd())
+    if os.getcwd() not in sys.path:   # the console script's sys.path lacks the current directory; last, so
+        sys.path.append(os.getcwd())  # a stray file there never shadows a library imported later
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as err:

@@ -115,11 +115,20 @@ class Folding:
 
 
 def returned(node: Node) -> bool:
-    """The program returns `node`'s value: it stays computed per call, since the caller owns (and may write) it."""
-    return any(user.op == "output" for user in node.users)
+    """The program returns `node`'s value, or a view of it: it stays computed per call, since the caller owns
+    (and may write) it."""
+    return any(user.op == "output" or (is_view(user) and user.args[:1] == (node,) and returned(user))
+               for user in node.users)
 
 
-def fold_values(gm: GraphModule, max_bytes: int, kept: set[str]) -> Folding:
+def is_view(node: Node) -> bool:
+    """An op whose output aliases its first input (view, expand, t, slice, ...), by its schema."""
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and schema is not None and bool(schema.returns) and \
+        schema.returns[0].alias_info is not None
+
+
+def fold_values(gm: GraphModule, max_bytes: int, kept: set[str], meta: bool = False) -> Folding:
     """Evaluate every foldable node of `gm` in graph order, reading no constant in `kept` (the graph is unchanged)."""
     folding = Folding()
     for node in gm.graph.nodes:

@@ -18,7 +18,7 @@ from sparsecc.runtime.attention_layout import Layout, density
 from sparsecc.runtime.ops.block_attention import attention_logits, skipped_blocks, visible_elements
 
 from ..rewriter import Rewriter
-from .mask_rule import MaskRule, Operand, Positions
+from .mask_rule import MaskRule, Operand, Placed, Positions
 from .sites import AttentionSite
 
 
@@ -51,6 +51,11 @@ def operand_value(side: Operand, values: dict, device) -> torch.Tensor:
     if isinstance(side, Positions):
         positions = torch.arange(side.length, device=device) + side.offset
         return positions[:, None] if side.axis == -2 else positions
+    if isinstance(side, Placed):
+        value = values[side.node]
+        for dim in side.dims:
+            value = value.unsqueeze(dim)
+        return value
     return values[side] if isinstance(side, torch.fx.Node) else torch.tensor(side, device=device)
 
 
@@ -91,6 +96,11 @@ def _operand_node(rw: Rewriter, side: Operand, device) -> Node:
     aten = torch.ops.aten
     if isinstance(side, Node):
         return side
+    if isinstance(side, Placed):
+        node = side.node
+        for dim in side.dims:
+            node = rw.call(aten.unsqueeze.default, node, dim)
+        return node
     if isinstance(side, int):
         return rw.call(aten.scalar_tensor.default, side, dtype=torch.int64, device=device)
     positions = rw.call(aten.arange.default, side.length, dtype=torch.int64, device=device)

@@ -214,6 +214,21 @@ def test_a_value_the_program_returns_is_computed_per_call():
     assert torch.equal(gm(torch.zeros(4))[1], torch.cos(torch.arange(4.0) * 2))
 
 
+def test_a_view_the_program_returns_is_not_an_alias_of_a_constant():
+    class ReturnsView(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("c", torch.ones(4))
+
+        def forward(self, x):
+            return x + 1, (self.c * 2).view(2, 2)   # a view of a foldable value
+
+    gm = capture(ReturnsView(), (torch.randn(4),))
+    fold(gm)
+    gm(torch.zeros(4))[1].add_(100)
+    assert torch.equal(gm(torch.zeros(4))[1], torch.full((2, 2), 2.0))
+
+
 def test_an_attention_layout_over_constants_folds_into_program_data():
     model, inputs = CausalMask(128), qkv(128)
     compiled = sparsecc.compile(model, inputs, sparsity={"attention": {"policy": "mask", "block": 64}}, check=False)

@@ -158,7 +158,8 @@ def route_negative_capacity(root: Path) -> None:
 
 
 def block_attention_zero_block(root: Path) -> None:
-    rewrite_program(root, lambda p: find(p, "sparsecc::block_layout")["args"].__setitem__(1, 0))
+    """block_q = 0 in the attention call (its layout is folded into constants: no layout op runs)."""
+    rewrite_program(root, lambda p: find(p, "sparsecc::block_attention")["args"].__setitem__(9, 0))
 
 
 def _shift_route_indices(op: str, shift: list[list[int]]) -> Callable[[Path], None]:
@@ -349,7 +350,7 @@ ATTACKS = [Attack(name, edit, expect) for name, edit, expect in [
     ("moe_top_k_past_experts", moe_top_k_past_experts, LOAD),
     ("moe_negative_capacity", moe_negative_capacity, LOAD),
     ("route_negative_capacity", route_negative_capacity, LOAD),
-    ("block_layout_zero_block", block_attention_zero_block, LOAD),
+    ("block_attention_zero_block", block_attention_zero_block, LOAD),
     ("route_gather_far_out_of_bounds", route_gather_far_out_of_bounds, REFUSED + ("ran",)),
     ("negative_register_argument", negative_register_argument, LOAD),
     ("negative_register_output", negative_register_output, LOAD),

@@ -66,6 +66,26 @@ def _diff_band(q, keep):
     return (i[:, None] - i[None, :]).abs() <= 3
 
 
+def _float_tril(q, keep):
+    return torch.ones(q.shape[2], q.shape[2]).tril().bool()
+
+
+def _int_not(q, keep):
+    return (~torch.tril(torch.full((q.shape[2], q.shape[2]), 1))).bool()
+
+
+def _padding_3d(q, keep):
+    """A [B, S, Skv] mask unsqueezed to [B, 1, S, Skv]: the [B, Skv] keep sits under the batch dim."""
+    i = torch.arange(q.shape[2])
+    return ((i[None, :] <= i[:, None])[None] & keep[:, None, :]).unsqueeze(1)
+
+
+def _batch_into_heads(q, keep):
+    """A per-batch mask reshaped into the head dim: not the mask its operands' shapes suggest."""
+    valid = keep[:, None, None, :].expand(2, 1, q.shape[2], q.shape[2])
+    return valid.reshape(1, 2, q.shape[2], q.shape[2])
+
+
 def _site_and_values(build, keep=None):
     q = torch.randn(2, 2, S, 8)
     keep = torch.ones(2, S, dtype=torch.bool) if keep is None else keep
@@ -84,7 +104,8 @@ def _site_or_none(node):
 
 
 @pytest.mark.parametrize("build, ops", [(_arange_causal, "ge"), (_window_and_padding, "ge,lt,ne"),
-                                        (_tril_only, "ge"), (_chunks, "eq")])
+                                        (_tril_only, "ge"), (_chunks, "eq"), (_float_tril, "ge"),
+                                        (_padding_3d, "ge,ne")])
 def test_masks_read_as_rules_equal_the_masks(build, ops):
     keep = torch.ones(2, S, dtype=torch.bool)
     keep[0, :5] = False
@@ -99,7 +120,8 @@ def test_masks_read_as_rules_equal_the_masks(build, ops):
 
 
 @pytest.mark.parametrize("build, reason", [(_per_head, "differs per head"), (_or, "an OR"),
-                                           (_tril, "an OR"), (_diff_band, "both the query and the key dim")])
+                                           (_tril, "an OR"), (_diff_band, "both the query and the key dim"),
+                                           (_int_not, "is cast to a bool mask"), (_batch_into_heads, "differs per head")])
 def test_masks_that_are_not_rules_say_why(build, reason):
     _, site, _ = _site_and_values(build)
     with pytest.raises(NotARule, match=reason):
