@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "compile": ("sparsecc.api", "compile"),
     "CompiledModel": ("sparsecc.api", "CompiledModel"),
+    "plan": ("sparsecc.planner", "plan"),
     "SparsityConfig": ("sparsecc.config", "SparsityConfig"),
     "WeightsConfig": ("sparsecc.config", "WeightsConfig"),
     "MoEConfig": ("sparsecc.config", "MoEConfig"),
@@ -23,6 +24,8 @@ _LAZY = {
     "ConfigError": ("sparsecc.errors", "ConfigError"),
     "CaptureError": ("sparsecc.errors", "CaptureError"),
     "InputMismatchError": ("sparsecc.runtime.errors", "InputMismatchError"),
+    "prune_checkpoint": ("sparsecc.prune_checkpoint", "prune_checkpoint"),
+    "load_compressed": ("sparsecc.checkpoint_io", "load_compressed"),
 }
 
 # subpackages a user reaches as attributes of `sparsecc` (imported on first use)

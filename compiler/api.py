@@ -25,8 +25,8 @@ from sparsecc.runtime.validate import validate_program
 
 from .cached_launch import CachedKernelLauncher, jit_forced
 from .calibrate import capture_calibrated
-from .capture import Captured, check_model, normalize_inputs
-from .config import parse_sparsity
+from .capture import Captured, check_model, normalize_inputs, refuse_weightless
+from .config import parse_distributed, parse_sparsity
 from .errors import ConfigError
 from .library_ops import lower_library_ops, prepare_for_passes
 from .lower import lower
@@ -38,7 +38,8 @@ from .report import Report, noop_lines
 def compile(model: torch.nn.Module, example_inputs: Any = None, sparsity: Any = None, calibration: Optional[Iterable] = None,
             backend: Optional[str] = None, pipeline: Optional[str] = None, dynamic_shapes: Any = None, *,
             example_kwargs: Optional[dict] = None, check: bool = True, verify: bool = True,
-            print_ir_after_all: bool = False, dump_dir: Optional[str] = None, progress: bool = False) -> "CompiledModel":
+            print_ir_after_all: bool = False, dump_dir: Optional[str] = None, progress: bool = False,
+            distributed: Optional[dict] = None) -> "CompiledModel":
     """Capture `model`, rewrite it for `sparsity`, lower it to a Program and return a callable.
 
     `sparsity` is "N:M", a dict or a SparsityConfig; `pipeline` (a pass pipeline string)
@@ -48,16 +49,20 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, sparsity: Any = 
     Wanda/SparseGPT weight methods observe (the example inputs when None; the report says which).
     `model` may be the path of an ONNX file (docs/onnx.md): its graph is imported as ATen ops,
     specialised to `example_inputs` (a tuple or {input name: tensor}; declared shapes when None).
+    `distributed={"experts": "ep"}`, called on every rank of an initialised process group, keeps on each
+    rank only its E/world experts and exchanges token rows between ranks (docs/scale.md).
     """
     if isinstance(model, (str, os.PathLike)):
         from .onnx.frontend.import_model import import_for_compile
         model, example_inputs = import_for_compile(model, example_inputs)
-    steps = _Steps(progress, total=4 if check else 3)   # capture, rewrite, lower (, check)
+    steps = Steps(progress, total=4 if check else 3)   # capture, rewrite, lower (, check)
     check_model(model)
+    refuse_weightless(model)
     config = parse_sparsity(sparsity)
     args = normalize_inputs(example_inputs)
     backend = _pick_backend(backend, model)
     passes = build_pipeline(pipeline) if pipeline is not None else config.passes()
+    passes = parse_distributed(distributed).placed(passes)
     with steps("capture"):
         # dims where a calibration batch differs from the example are captured dynamic
         captured, batches = capture_calibrated(model, args, example_kwargs, dynamic_shapes, calibration)
@@ -78,7 +83,7 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, sparsity: Any = 
     captured.reset_dense_state()
     compiled.example_inputs = flat_inputs   # what `save` runs to find the kernel specialisations to build
     report = _build_report(model, format_pipeline(passes), ctx, compiled, captured)
-    report.noops = noop_lines(_requests(config if pipeline is None else None, passes, ctx))
+    report.noops = noop_lines(request_stats(config if pipeline is None else None, passes, ctx))
     if check:
         with steps("check"):
             _check_against_dense(compiled, report, args, graph_kwargs)
@@ -134,17 +139,19 @@ class CompiledModel:
 
     def save(self, path: str, targets: Iterable[str] = ("cpu",), *, example_inputs: Any = None,
              cache_dir: Optional[str] = None, workers: Optional[int] = None, progress: bool = True,
-             sign_with: Any = None) -> dict:
+             sign_with: Any = None, world_size: int = 1) -> dict:
         """Write an AOT artifact (program, weights, kernels cross-compiled for `targets`) that
         `sparsecc.runtime.load` runs; returns its manifest. `sign_with` (an Ed25519 private key, PEM
         bytes or a PEM file, see `sparsecc.runtime.signing`) also writes manifest.sig. The program's
-        state is saved at its value now (`reset_state()` first for the compile-time value). See docs/aot.md."""
+        state is saved at its value now (`reset_state()` first for the compile-time value). See docs/aot.md.
+        `world_size` W > 1 splits every MoE block's experts over W ranks, each rank's in its own file, for
+        `sparsecc.runtime.load(path, rank=r)` under torchrun (docs/scale.md)."""
         from .build import save_artifact
         inputs = getattr(self, "example_inputs", None) if example_inputs is None else _tensor_leaves(example_inputs)
         if inputs is None:
             raise ConfigError("save: pass example_inputs (this CompiledModel was not made by sparsecc.compile)")
         return save_artifact(self.program, self.constants, inputs, path, list(targets), cache_dir=cache_dir,
-                             workers=workers, progress=progress, sign_with=sign_with)
+                             workers=workers, progress=progress, sign_with=sign_with, world_size=world_size)
 
     def export_onnx(self, path: str, contrib: bool = False, opset: Optional[int] = None, *,
                     compare_dense: bool = False):
@@ -184,7 +191,7 @@ def _warn_dropped(captured: Captured) -> None:
                       f"{'; '.join(captured.bound.dropped_outputs)}", stacklevel=3)
 
 
-def _requests(config: Any, passes: list, ctx: PassContext) -> list[tuple[str, Any]]:
+def request_stats(config: Any, passes: list, ctx: PassContext) -> list[tuple[str, Any]]:
     """(what the user asked for, the stats of the pass that did it), cleanup left out: a request is named
     by its sparsity section ('weights', 'moe', ...) and its pass, or by the pass alone for a pipeline.
     Housekeeping (cleanup, fold-constants) is no request: finding nothing to do is normal for it."""
@@ -230,7 +237,7 @@ def _build_report(model, pipeline: str, ctx: PassContext, compiled: CompiledMode
         layers=compiled.records,
         skipped=skipped,
         passes={name: stats.to_dict() for name, stats in ctx.stats.items()},
-        model_bytes_before=_state_bytes(captured.dense_gm),
+        model_bytes_before=state_bytes(captured.dense_gm),
         model_bytes_after=sum(t.numel() * t.element_size() for t in compiled.constants.values()),
         constant_inputs=dict(captured.bound.constants),
         dropped_outputs=list(captured.bound.dropped_outputs),
@@ -250,7 +257,7 @@ def nm_kernel_choices(compiled: "CompiledModel") -> list[dict]:
     return found
 
 
-def _state_bytes(gm: torch.fx.GraphModule) -> int:
+def state_bytes(gm: torch.fx.GraphModule) -> int:
     tensors = {id(t): t for t in list(gm.parameters()) + list(gm.buffers())}
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
@@ -260,7 +267,9 @@ def _check_against_dense(compiled: CompiledModel, report: Report, args: tuple, k
         got = _copied(compiled(*args, **kwargs))        # outputs may alias the state restart() rewrites
         dense = _copied(compiled.captured.dense_gm(*args, **kwargs))
         report.error_vs_dense = relative_error(got, dense)
-        if not math.isfinite(report.error_vs_dense):   # name the layer where it started
+        collective = any(i.op == "sparsecc::moe_ep" for i in compiled.program.instructions)
+        # name the layer where it started; not with collectives: one rank re-running alone would hang the group
+        if not math.isfinite(report.error_vs_dense) and not collective:
             restart()
             report.non_finite = locate_non_finite(got, dense, compiled.graph_module, compiled.captured.dense_gm,
                                                   tuple(pytree.tree_leaves((args, kwargs))))
@@ -289,12 +298,12 @@ def _copied(outputs: Any) -> Any:
     return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, outputs)
 
 
-class _Steps:
+class Steps:
     """Times each compile step; with `progress`, one bar on stderr names the step running."""
 
-    def __init__(self, progress: bool, total: int):
+    def __init__(self, progress: bool, total: int, desc: str = "sparsecc compile"):
         self.timings = {}
-        self.bar = tqdm(total=total, desc="sparsecc compile", unit="step", disable=not progress, file=sys.stderr,
+        self.bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, file=sys.stderr,
                         leave=False, bar_format="{desc}: {n}/{total} steps [{elapsed}{postfix}]")
 
     @contextmanager

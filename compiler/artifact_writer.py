@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 import sparsecc
 from sparsecc.runtime.artifact import (ARTIFACT_FORMAT, ARTIFACT_VERSION, MANIFEST, MANIFEST_HASH, WEIGHTS,
                                        sha256_file, target_dir)
+from sparsecc.runtime.expert_shards import EXPERT_FILE, expert_file
 from sparsecc.runtime.kernels.triton.launch import KernelSpec
 from sparsecc.runtime.program import Program
 from sparsecc.runtime.signing import SIGNATURE_FILE, SigningKey, sign_manifest
@@ -33,6 +34,8 @@ def prepare_folder(root: Path) -> None:
             raise SparseccError(f"{root} exists and is not a sparsecc artifact; refusing to overwrite it")
         for name in (MANIFEST, MANIFEST_HASH, SIGNATURE_FILE, WEIGHTS):   # a stale signature must not survive
             (root / name).unlink(missing_ok=True)
+        for stale in root.glob(EXPERT_FILE.format(rank="*")):
+            stale.unlink()
         shutil.rmtree(root / "kernels", ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
 
@@ -63,12 +66,18 @@ def kernel_table(root: Path, specs: Sequence[tuple[KernelSpec, list[str]]], buil
 
 def write_artifact(root: Path, program: Program, constants: dict[str, torch.Tensor], targets: Sequence[str],
                    specs: Sequence[tuple[KernelSpec, list[str]]], built: Sequence[BuiltKernel],
-                   sign_with: Optional[SigningKey] = None) -> dict[str, Any]:
-    """Write the artifact; with `sign_with` (an Ed25519 private key or its PEM file) also manifest.sig."""
+                   sign_with: Optional[SigningKey] = None,
+                   rank_constants: Sequence[dict[str, torch.Tensor]] = ()) -> dict[str, Any]:
+    """Write the artifact; with `sign_with` (an Ed25519 private key or its PEM file) also manifest.sig.
+    `rank_constants` (expert parallelism): each rank's expert constants, written to its own file."""
     prepare_folder(root)
-    write_weights(root / WEIGHTS, {name: constants[name] for name in program.constant_names})
+    per_rank = {name for shard in rank_constants for name in shard}   # only those live in the rank files
+    write_weights(root / WEIGHTS, {name: constants[name] for name in program.constant_names if name not in per_rank})
+    rank_files = [expert_file(rank) for rank in range(len(rank_constants))]
+    for name, shard in zip(rank_files, rank_constants):
+        write_weights(root / name, shard)
     kernels = kernel_table(root, specs, built)
-    listed = [WEIGHTS] + [b["file"] for k in kernels for b in k["binaries"].values()]
+    listed = [WEIGHTS, *rank_files] + [b["file"] for k in kernels for b in k["binaries"].values()]
     manifest = {
         "format": ARTIFACT_FORMAT,
         "format_version": ARTIFACT_VERSION,
@@ -77,13 +86,15 @@ def write_artifact(root: Path, program: Program, constants: dict[str, torch.Tens
         "targets": list(targets),
         "program": program.to_dict(),
         "weights": WEIGHTS,
+        **({"expert_parallel": {"world_size": len(rank_files), "files": rank_files}} if rank_files else {}),
         "kernels": kernels,
         "files": {name: {"sha256": sha256_file(root / name), "bytes": (root / name).stat().st_size}
                   for name in listed},
     }
     text = json.dumps(manifest, indent=1, sort_keys=False).encode()
     (root / MANIFEST).write_bytes(text)
-    shutil.copymode(root / MANIFEST, root / WEIGHTS)   # safetensors writes 0600: follow the umask like the rest
+    for name in (WEIGHTS, *rank_files):   # safetensors writes 0600: follow the umask like the rest
+        shutil.copymode(root / MANIFEST, root / name)
     (root / MANIFEST_HASH).write_text(hashlib.sha256(text).hexdigest() + "  " + MANIFEST + "\n")
     if sign_with is not None:
         (root / SIGNATURE_FILE).write_bytes(sign_manifest(text, sign_with))   # over the exact bytes written

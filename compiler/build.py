@@ -20,6 +20,7 @@ import torch
 
 from sparsecc.runtime.artifact import parse_target, program_on
 from sparsecc.runtime.executor import Executor
+from sparsecc.runtime.expert_shards import shard_program
 from sparsecc.runtime.kernels.triton.launch import KERNEL_MODULE_PREFIX, KernelSpec, bind_launch, use_launcher
 from sparsecc.runtime.ops import get_op
 from sparsecc.runtime.program import Program
@@ -116,9 +117,14 @@ def record_kernels(program: Program, constants: dict[str, torch.Tensor], example
 def save_artifact(program: Program, constants: dict[str, torch.Tensor], example_inputs: Sequence[torch.Tensor],
                   path: os.PathLike, targets: Sequence[str] = ("cpu",), *, cache_dir: Optional[os.PathLike] = None,
                   workers: Optional[int] = None, progress: bool = True,
-                  sign_with: Optional[SigningKey] = None) -> dict[str, Any]:
+                  sign_with: Optional[SigningKey] = None, world_size: int = 1) -> dict[str, Any]:
     """Build `program` for `targets` into the folder `path`; returns the manifest written. With
-    `sign_with` (an Ed25519 private key, PEM bytes or a PEM file) the manifest is signed."""
+    `sign_with` (an Ed25519 private key, PEM bytes or a PEM file) the manifest is signed. With
+    `world_size` W > 1 the experts of every sparsecc::moe are split over W ranks, each rank's in its own
+    file (`sparsecc.runtime.expert_shards`)."""
+    if any(inst.op == "sparsecc::moe_ep" for inst in program.instructions):
+        raise BuildError("save: this program holds one rank's experts (compiled with distributed experts); compile "
+                         "without `distributed` and save with world_size=W to write every rank's experts")
     targets = list(dict.fromkeys(targets))
     try:
         sign_with = signing_key(sign_with) if sign_with is not None else None   # a bad key fails before the build
@@ -132,4 +138,8 @@ def save_artifact(program: Program, constants: dict[str, torch.Tensor], example_
         raise BuildError(str(err)) from None
     specs = record_kernels(program, constants, example_inputs) if gpu_targets else []
     built = build_kernels([s for s, _ in specs], gpu_targets, cache_dir=cache_dir, workers=workers, progress=progress)
-    return write_artifact(Path(path), program, constants, targets, specs, built, sign_with=sign_with)
+    rank_constants: list = []
+    if world_size > 1:
+        program, constants, rank_constants = shard_program(program, constants, world_size)
+    return write_artifact(Path(path), program, constants, targets, specs, built, sign_with=sign_with,
+                          rank_constants=rank_constants)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._sympy.numbers import int_oo
 from torch.utils import _pytree as pytree
 
@@ -64,8 +65,28 @@ def check_model(model: Any) -> None:
         raise ConfigError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
 
 
+def weightless_tensor(model: torch.nn.Module) -> Optional[str]:
+    """The name of a parameter or buffer that holds no values (on the meta device, or a FakeTensor), if any."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_meta or isinstance(tensor, FakeTensor):
+            return name
+    return None
+
+
+def refuse_weightless(model: torch.nn.Module) -> None:
+    """compile runs the model: one without weights is refused, pointing to `sparsecc.plan`."""
+    name = weightless_tensor(model)
+    if name is not None:
+        raise ConfigError(f"compile: {type(model).__name__} has no weights ({name!r} is on the meta device or a "
+                          "FakeTensor), so there is nothing to run; sparsecc.plan(model, example_inputs, "
+                          "sparsity=...) (CLI: sparsecc plan) gives the full report from shapes alone "
+                          "(docs/scale.md)")
+
+
 def capture(model: torch.nn.Module, args: tuple, kwargs: Optional[dict] = None,
-            dynamic_shapes: Any = None) -> Captured:
+            dynamic_shapes: Any = None, reference: bool = True) -> Captured:
+    """`reference=False` (a plan, which never runs the dense model) builds no separate `dense_gm`:
+    it is `gm` itself, rewritten in place by the passes."""
     check_model(model)
     # no_grad: traced under grad mode, an in-place write into a buffer leaves the user's tensor
     # requiring grad (a non-leaf), which then breaks deepcopy and every later eager call
@@ -76,11 +97,13 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: Optional[dict] = None,
                                      dynamic_shapes=graph_dynamic_shapes(dynamic_shapes, bound.constants))
         except Exception as err:  # the exporter raises many types; all mean "cannot capture"
             raise CaptureError(_capture_message(model, err)) from err
-    gm, dense_gm = _unlifted(ep), _unlifted(ep)
+    gm = _unlifted(ep)
+    dense_gm = _unlifted(ep) if reference else gm
     _refuse_input_mutation(model, gm)
     state_names = state_targets(gm)
     _own_state(gm, state_names)
-    _own_state(dense_gm, state_names)
+    if dense_gm is not gm:
+        _own_state(dense_gm, state_names)
     initial_state = {name: resolve_attr(gm, name).detach().clone() for name in state_names}
     return Captured(gm, dense_gm, gm._in_spec, gm._out_spec, _symbol_ranges(ep), state_names, initial_state, bound)
 
@@ -135,7 +158,8 @@ def _buffers_kept(model: torch.nn.Module):
     """Put the model's buffers and plain tensor attributes back as they were: non-strict export runs
     the forward on the real tensors a module holds outside its parameters (a tensor attribute, a
     StaticCache's layers aliasing the buffers), so an in-place write there would reach the user."""
-    saved = [(tensor, tensor.detach().clone()) for tensor in _mutable_tensors(model)]
+    # a meta tensor holds no values to write or restore (a model planned without weights)
+    saved = [(tensor, tensor.detach().clone()) for tensor in _mutable_tensors(model) if not tensor.is_meta]
     try:
         yield
     finally:

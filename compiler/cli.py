@@ -10,7 +10,7 @@ from sparsecc.passes import PruneNM
 from sparsecc.passes.nm.methods import METHODS
 from sparsecc.runtime.executor import BACKENDS
 
-from . import cli_build, cli_onnx
+from . import cli_build, cli_onnx, cli_prune
 from .cli_output import add_output_args, library_noise_hidden, wants_progress
 from .errors import SparseccError
 from .report_html import save_html
@@ -40,10 +40,17 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--json", action="store_true", help="print the report as JSON")
     comp.add_argument("--ir", action="store_true", help="also print the final IR")
     comp.add_argument("--no-check", action="store_true", help="skip the error check against the dense model")
+    plan = sub.add_parser("plan", help="the report of a model without weights (meta device), from shapes alone")
+    plan.add_argument("factory", help=FACTORY_HELP + " (built under `with torch.device('meta'):`)")
+    plan.add_argument("--pipeline", help='pass pipeline, e.g. "prune-nm{n=2,m=4},cleanup"')
+    plan.add_argument("--sparsity", type=_sparsity, default="2:4", help='"N:M" or a JSON dict (default 2:4)')
+    plan.add_argument("--method", choices=METHODS, help="how N:M masks would be chosen (sets weights.method)")
+    plan.add_argument("--json", action="store_true", help="print the report as JSON")
     opt = sub.add_parser("opt", help="run a pass pipeline on a captured model and print the IR")
     _add_model_args(opt)
     cli_build.add_parsers(sub, _add_model_args, _sparsity)
     cli_onnx.add_parsers(sub, _add_model_args, _sparsity)
+    cli_prune.add_parser(sub)
     sweep = sub.add_parser("sweep", help="measure output error against the amount of sparsity")
     kinds = sweep.add_subparsers(dest="sweep_kind", required=True)
     weights = kinds.add_parser("weights", help="error per layer group pruned alone, and whole-model error "
@@ -93,6 +100,16 @@ def _compile(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    import sparsecc
+
+    call = load_factory(args.factory)
+    report = sparsecc.plan(call.model, call.args, sparsity=_with_method(args.sparsity, args.method),
+                           pipeline=args.pipeline, example_kwargs=call.kwargs, progress=args.progress)
+    print(report.to_json() if args.json else report)
+    return 0
+
+
 def _with_method(sparsity: Any, method: Optional[str]) -> Any:
     """The --sparsity request with weights.method set by --method."""
     if method is None:
@@ -138,10 +155,11 @@ def _opt(args) -> int:
     return 0
 
 
-_COMMANDS = {"compile": _compile, "opt": _opt, "build": cli_build.build_command,
+_COMMANDS = {"compile": _compile, "plan": _plan, "opt": _opt, "build": cli_build.build_command,
              "inspect": cli_build.inspect_command, "keygen": cli_build.keygen_command,
              "sweep": lambda args: args.run(args),
-             "export": cli_onnx.export_command, "sparsify": cli_onnx.sparsify_command}
+             "export": cli_onnx.export_command, "sparsify": cli_onnx.sparsify_command,
+             "prune": cli_prune.prune_command}
 
 if __name__ == "__main__":
     sys.exit(main())

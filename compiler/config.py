@@ -17,7 +17,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
-from sparsecc.passes import Cleanup, FoldConstants, MoEDispatch, Pass, PruneNM, SparseAttention, TokenRouting
+from sparsecc.passes import (Cleanup, ExpertParallel, FoldConstants, MoEDispatch, Pass, PruneNM, SparseAttention,
+                             TokenRouting)
 from sparsecc.passes.options import OptionError
 from sparsecc.passes.pipeline import format_pipeline
 
@@ -152,6 +153,56 @@ class SparsityConfig:
         return format_pipeline(self.passes())
 
 
+
+EXPERT_MODES = ("ep",)   # ep: each rank of the process group holds E/world experts (sparsecc::moe_ep)
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """How the program spreads over the initialised torch.distributed process group (docs/scale.md)."""
+    experts: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.experts is not None and self.experts not in EXPERT_MODES:
+            raise ConfigError(f"distributed.experts: expected one of {', '.join(EXPERT_MODES)}, got {self.experts!r}")
+
+    def placed(self, passes: list[Pass]) -> list[Pass]:
+        """`passes` with this request's passes before the closing fold-constants / cleanup (after every
+        rewrite that runs the graph: the expert exchange is a collective)."""
+        if self.experts is None:
+            return passes
+        rank, world_size = _process_group()
+        closing = next((i for i, p in enumerate(passes) if isinstance(p, (FoldConstants, Cleanup))), len(passes))
+        return [*passes[:closing], ExpertParallel(world_size=world_size, rank=rank), *passes[closing:]]
+
+
+def _process_group() -> tuple[int, int]:
+    """(rank, world size) of torch.distributed's default process group."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ConfigError("distributed.experts='ep': needs an initialised torch.distributed process group "
+                          "(launch with torchrun and call torch.distributed.init_process_group first)")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def parse_distributed(spec: Any) -> DistributedConfig:
+    """Accept None (one process), {"experts": "ep"} or a DistributedConfig."""
+    if spec is None or isinstance(spec, DistributedConfig):
+        return spec or DistributedConfig()
+    return _from_fields("distributed", DistributedConfig, spec, "a dict such as {'experts': 'ep'}")
+
+
+def _from_fields(key: str, cls: type, spec: Any, expected: str) -> Any:
+    """`cls(**spec)` for a dict of cls's fields; errors name the request's `key`."""
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{key}: expected {expected}, got {spec!r}")
+    accepted = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in spec if k not in accepted]
+    if unknown:
+        raise ConfigError(f"{key}: unknown key {unknown[0]!r} (accepted: {', '.join(accepted)})")
+    return cls(**spec)
+
+
 def _number(key: str, text: str) -> float:
     try:
         return float(text)
@@ -189,13 +240,7 @@ def _section(name: str, spec: Any) -> Any:
         return spec
     if isinstance(spec, str):
         spec = shorthand(spec)
-    if not isinstance(spec, dict):
-        raise ConfigError(f"sparsity.{name}: expected a string or a dict, got {spec!r}")
-    accepted = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in spec if k not in accepted]
-    if unknown:
-        raise ConfigError(f"sparsity.{name}: unknown key {unknown[0]!r} (accepted: {', '.join(accepted)})")
-    return cls(**spec)
+    return _from_fields(f"sparsity.{name}", cls, spec, "a string or a dict")
 
 
 # section -> (config class, what its string shorthand means)

@@ -14,6 +14,7 @@ from .report_html import save_html
 
 
 _NOOP_REASONS = 3   # distinct skip reasons a no-op line quotes
+NOT_MEASURED = "not measured: planned without weights"
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Report:
     constant_inputs: dict[str, Any] = field(default_factory=dict)   # keyword inputs baked in at capture
     dropped_outputs: list[str] = field(default_factory=list)        # model outputs the program does not return
     kernels: list[dict] = field(default_factory=list)   # per N:M layer: the CPU path measured fastest per bucket
+    planned: bool = False   # made by sparsecc.plan from shapes alone: no value was computed or measured
 
     def totals(self) -> dict[str, int]:
         """Sums over the rows, each weight and each FLOP counted once where rewrites compose: an MoE
@@ -63,7 +65,7 @@ class Report:
             "non_finite": self.non_finite.to_dict() if self.non_finite else None,
             "timings": self.timings, "noops": self.noops,
             "constant_inputs": self.constant_inputs, "dropped_outputs": self.dropped_outputs,
-            "kernels": self.kernels,
+            "kernels": self.kernels, "planned": self.planned,
         }
 
     def to_json(self, indent: int = 2) -> str:
@@ -203,11 +205,12 @@ def _moe_lines(layers: list[RewriteRecord]) -> list[str]:
     lines = [f"MoE blocks: {len(blocks)}"] if blocks else []
     for r in blocks:
         d, t = r.details, r.details["tokens_per_expert"]
+        routed = (f"tokens/expert min {t['min']} / median {t['median']:g} / max {t['max']}" if t
+                  else f"tokens/expert {NOT_MEASURED}")
         lines.append(f"  {r.layer}: form {d['form']}, E={d['experts']}, k={d['top_k']}"
-                     f"{', shared expert' if d['shared_expert'] else ''}; tokens/expert min {t['min']} / "
-                     f"median {t['median']:g} / max {t['max']}; FLOPs {_count(r.flops_before)} -> "
+                     f"{', shared expert' if d['shared_expert'] else ''}; {routed}; FLOPs {_count(r.flops_before)} -> "
                      f"{_count(r.flops_after)}")
-        if d["capacity_factor"]:
+        if d["capacity_factor"] and d["dropped_pairs"] is not None:
             lines.append(f"    capacity factor {d['capacity_factor']:g}: dropped {d['dropped_pairs']} of "
                          f"{d['pairs']} (token, expert) pairs")
     return lines
@@ -218,8 +221,9 @@ def _attention_lines(layers: list[RewriteRecord]) -> list[str]:
     lines = [f"attention layers: {len(sites)}"] if sites else []
     for r in sites:
         d = r.details
-        lines.append(f"  {r.layer}: policy {d['policy']}{_policy_params(d)}, block {d['block']}, block density "
-                     f"{d['density']:.3f} on the example inputs, error vs dense attention {d['error_vs_dense']:.1e}"
+        measured = (f"block density {d['density']:.3f} on the example inputs, error vs dense attention "
+                    f"{d['error_vs_dense']:.1e}" if d["density"] is not None else f"block density {NOT_MEASURED}")
+        lines.append(f"  {r.layer}: policy {d['policy']}{_policy_params(d)}, block {d['block']}, {measured}"
                      + (f"; mask {d['mask']}" if "mask" in d else ""))
     return lines
 
@@ -254,6 +258,11 @@ def _skipped_lines(skipped: list[dict[str, str]]) -> list[str]:
 
 
 def _error_lines(report: Report) -> list[str]:
+    if report.planned:
+        return [f"error vs dense model: {NOT_MEASURED}",
+                "  (which layers each request rewrites and their sizes follow from shapes; N:M masks, MoE "
+                "readings, routed tokens and attention block densities come from values at compile time: "
+                "attention FLOPs after are counted dense)"]
     lines = []
     if report.error_vs_dense is not None:
         lines.append(f"error vs dense model:         {report.error_vs_dense:.3e} (relative L2, example inputs)")

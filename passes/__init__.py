@@ -14,7 +14,7 @@ from .pipeline import PipelineError, build_pipeline, format_pipeline, parse_pipe
 from .printer import print_graph
 from .registry import PASSES
 from .nm.prune import PruneNM
-from .moe import MoEDispatch
+from .moe import ExpertParallel, MoEDispatch
 from .attention import SparseAttention
 from .tokens import TokenRouting
 from .rewrite import CheckResult, Rule, RuleSet, apply_rules, fail, ok
@@ -22,7 +22,7 @@ from .rewriter import RewriteError, Rewriter
 from .verify import VerificationError, verify_graph
 
 __all__ = [
-    "AnyArg", "CheckResult", "Cleanup", "Const", "FoldConstants", "Lit", "Match", "Op", "PASSES", "Pass",
+    "AnyArg", "CheckResult", "Cleanup", "Const", "ExpertParallel", "FoldConstants", "Lit", "Match", "Op", "PASSES", "Pass",
     "PassContext", "PassManager", "PassResult", "PassStats", "Pattern", "PipelineError", "PruneNM", "MoEDispatch", "SparseAttention", "TokenRouting",
     "RewriteError", "Rewriter", "Rule", "RuleSet", "Skip", "Var", "VerificationError",
     "apply_rules", "build_pipeline", "fail", "format_option", "format_pipeline", "match", "module_path",

@@ -79,11 +79,12 @@ def recorded_constants(records: list) -> set[str]:
     return {leaf for record in records for leaf in tree_leaves(getattr(record, "details", {})) if isinstance(leaf, str)}
 
 
-def constant_source(gm: GraphModule, node: Node, kept: set[str]) -> torch.Tensor | None:
+def constant_source(gm: GraphModule, node: Node, kept: set[str], meta: bool = False) -> torch.Tensor | None:
     """The real tensor a `get_attr` node reads, unless it is `kept` as it is (program state, recorded
-    constants) or not real data."""
+    constants) or not real data; with `meta` (planning without weights) a meta tensor counts: folding on
+    it computes the folded constants' shapes, which is all a plan reports."""
     value = resolve_attr(gm, node.target)
-    if not isinstance(value, torch.Tensor) or isinstance(value, FakeTensor) or value.is_meta:
+    if not isinstance(value, torch.Tensor) or isinstance(value, FakeTensor) or (value.is_meta and not meta):
         return None
     return None if node.target in kept else value
 
@@ -133,7 +134,7 @@ def fold_values(gm: GraphModule, max_bytes: int, kept: set[str], meta: bool = Fa
     folding = Folding()
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            source = constant_source(gm, node, kept)
+            source = constant_source(gm, node, kept, meta)
             if source is not None and node.users:   # an unread constant is cleanup's to remove
                 folding.values[node] = source
         elif foldable_op(node) and folding.constant_inputs(node) and not returned(node):
@@ -204,7 +205,7 @@ class FoldConstants(Pass):
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         kept = set(state_targets(gm)) | recorded_constants(ctx.records)   # written per call, or read back by name
-        folding = fold_values(gm, self.max_bytes, kept)
+        folding = fold_values(gm, self.max_bytes, kept, meta=ctx.shapes_only)
         asserts = check_asserts(folding)
         made, stored_bytes = replace_frontier(gm, folding)
         erased = erase_folded(gm, folding)

@@ -63,6 +63,21 @@ def nodes_in_module(gm: GraphModule, path_prefix: str) -> list[Node]:
     return [n for n in gm.graph.nodes if in_module(n, path_prefix)]
 
 
+def module_index(gm: GraphModule) -> dict[str, list[Node]]:
+    """`nodes_in_module` for every module path at once, in one walk of the graph: a pass that looks up
+    many modules (one per MoE block of a 61-layer model) would otherwise walk the graph once per lookup."""
+    index: dict[str, list[Node]] = {}
+    for node in gm.graph.nodes:
+        paths = module_paths(node)
+        prefixes = {""} if paths else set()
+        for path in paths:
+            parts = path.split(".")
+            prefixes.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        for prefix in prefixes:
+            index.setdefault(prefix, []).append(node)
+    return index
+
+
 def _target_text(node: Node) -> str:
     if node.op in ("call_function", "call_method"):
         return op_name(node.target)
@@ -116,5 +131,5 @@ def to_dot(gm: GraphModule, name: str = "forward") -> str:
     return "\n".join(lines + ["}"]) + "\n"
 
 
-__all__ = ["in_module", "module_path", "module_paths", "module_subgraph", "nodes_in_module",
+__all__ = ["in_module", "module_index", "module_path", "module_paths", "module_subgraph", "nodes_in_module",
            "to_dot", "to_networkx"]

@@ -67,6 +67,9 @@ class PassContext:
     stats: dict[str, PassStats] = field(default_factory=dict)
     progress: bool = False
     log: Callable[[str], None] = _log_to_stderr
+    # planning without weights (constants on the meta device): rewrites are decided from shapes alone;
+    # nothing is recorded, confirmed on values or calibrated, and records say what was not measured
+    shapes_only: bool = False
 
 
 @dataclass

@@ -15,12 +15,21 @@ to it; `rewrite_regions` does the rest, the same way for every rule:
 
 A region that raises NotARegion, or that no reading reproduces, is left as it
 was, with `Skip(region.layer, rule.name, reason)` in the pass's stats.
+
+Planning without weights (`ctx.shapes_only`, constants on the meta device) has
+no values to record or confirm on. A rule whose replacement and record follow
+from shapes (`plans_from_shapes`) gets meta stand-ins of its recorded values
+(`shape_values`): its first reading is taken unconfirmed, and the record says
+so (`details["confirmed"]`); the regions of any other rule are skipped with
+`NOT_PLANNED` as the reason.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from typing import Any, ClassVar, Protocol
+
+import math
 
 import torch
 from torch.fx import GraphModule, Node
@@ -35,6 +44,8 @@ aten = torch.ops.aten
 ASSERTS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default}
 SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 SIXTEEN_BIT_SLACK = 100   # 16-bit rounding is ~1e3 x fp32's; x100 still refuses a wrong reading
+NOT_PLANNED = "not planned: this rewrite is decided on the example values, and the model was planned without weights"
+UNCONFIRMED = "not confirmed: planned without weights (the first structural reading is taken)"
 
 
 class NotARegion(ValueError):
@@ -51,6 +62,7 @@ class Region(Protocol):
 class RegionRule(ABC):
     """A region rewrite: how to find its regions, read them and replace them (see the module docstring)."""
     same_nans: ClassVar[bool] = False   # confirm with NaNs required in the same places (and left out)
+    plans_from_shapes: ClassVar[bool] = False   # `insert` works on meta stand-ins of the recorded values
 
     def __init__(self, options: Pass):
         self.options = options
@@ -164,18 +176,43 @@ def erase_region(gm: GraphModule, nodes: list[Node]) -> None:
             erased.add(node)
 
 
+def shape_values(wanted: Iterable[Node]) -> dict[Node, torch.Tensor]:
+    """Meta tensors of the shapes and dtypes of `wanted` nodes (symbolic sizes at their example hint):
+    what a region rule reads in place of recorded values when the model has no weights."""
+    values = {}
+    for node in wanted:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            shape = [int(d) if isinstance(d, int) else int(d.node.hint) for d in val.shape]
+            values[node] = torch.empty(shape, dtype=val.dtype, device="meta")
+    return values
+
+
+def _first_reading(gm: GraphModule, rule: RegionRule, region: Region, values: dict) -> tuple[Any, float]:
+    """Shapes only: the rule's first reading, unconfirmed, with a NaN error (nothing was measured)."""
+    for reading in rule.readings(gm, region, values):
+        return reading, math.nan
+    raise NotARegion(f"{rule.name}: no structural reading of this region")
+
+
 def rewrite_regions(gm: GraphModule, ctx: PassContext, rule: RegionRule) -> PassResult:
     """Find, record, confirm and replace `rule`'s regions in `gm` (see the module docstring)."""
     regions, misses = rule.find(gm, ctx)
     stats = PassStats(matched=len(regions), skipped=[Skip(where, rule.name, reason) for where, reason in misses])
-    values = record_values(gm, ctx.example_inputs, [n for r in regions for n in rule.recorded(r)])
+    if ctx.shapes_only and not rule.plans_from_shapes:
+        stats.skipped += [Skip(region.layer, rule.name, NOT_PLANNED) for region in regions]
+        return PassResult(gm, False, stats)
+    wanted = [n for r in regions for n in rule.recorded(r)]
+    values = shape_values(wanted) if ctx.shapes_only else record_values(gm, ctx.example_inputs, wanted)
     for region in regions:
         try:
-            reading, error = confirm(gm, rule, region, values)
+            reading, error = (_first_reading if ctx.shapes_only else confirm)(gm, rule, region, values)
         except NotARegion as err:
             stats.skipped.append(Skip(region.layer, rule.name, str(err)))
             continue
         out, record = rule.insert(gm, region, reading, values, error)
+        if ctx.shapes_only:
+            record.details["confirmed"] = UNCONFIRMED
         region.output.replace_all_uses_with(out)
         erase_region(gm, region.nodes)
         ctx.records.append(record)
@@ -183,5 +220,5 @@ def rewrite_regions(gm: GraphModule, ctx: PassContext, rule: RegionRule) -> Pass
     return PassResult(gm, stats.rewritten > 0, stats)
 
 
-__all__ = ["ASSERTS", "NotARegion", "Region", "RegionRule", "ancestors", "confirm", "confirmation_tolerance",
-           "erase_region", "record_values", "rewrite_regions"]
+__all__ = ["ASSERTS", "NOT_PLANNED", "UNCONFIRMED", "NotARegion", "Region", "RegionRule", "ancestors", "confirm",
+           "confirmation_tolerance", "erase_region", "record_values", "rewrite_regions", "shape_values"]

@@ -9,7 +9,7 @@ from .attention import SparseAttention
 from .cleanup import Cleanup
 from .fold import FoldConstants
 from .manager import Pass
-from .moe import MoEDispatch
+from .moe import ExpertParallel, MoEDispatch
 from .nm.prune import PruneNM
 from .tokens import TokenRouting
 
@@ -20,6 +20,7 @@ PASSES: dict[str, type[Pass]] = {
         FoldConstants,
         PruneNM,
         MoEDispatch,
+        ExpertParallel,
         SparseAttention,
         TokenRouting,
     )

@@ -10,6 +10,8 @@
                                 "files": {relative path: {"sha256", "bytes"}}}
     DIR/manifest.sha256        SHA-256 of manifest.json (the manifest cannot hold its own hash)
     DIR/weights.safetensors    every constant of the program (compressed N:M values/indices included)
+    DIR/experts-rank<r>.safetensors  saved with world_size W > 1: rank r's slice of each expert constant
+                               (then absent from weights.safetensors; manifest "expert_parallel")
     DIR/kernels/<cuda_90|hip_gfx942|...>/<id>.<cubin|hsaco>
 
     DIR/manifest.sig           optional Ed25519 signature of manifest.json (`sparsecc.runtime.signing`)
@@ -214,7 +216,7 @@ def listed_files(root: Path, manifest: dict[str, Any]) -> dict[str, tuple[int, s
             if type(size) is not int or size < 0 or not isinstance(digest, str):
                 raise ArtifactError(f"{root}: malformed manifest entry for {name!r}: {entry!r}")
             files[name] = (size, digest)
-        referenced = [weights_name(manifest)] + [b["file"] for b in kernel_binaries(manifest)]
+        referenced = [weights_name(manifest), *rank_files(manifest)] + [b["file"] for b in kernel_binaries(manifest)]
     unlisted = [str(f) for f in referenced if f not in files]
     if unlisted:
         raise ArtifactError(f"{root}: the manifest refers to files without a hash: {', '.join(unlisted)}")
@@ -225,6 +227,19 @@ def weights_name(manifest: dict[str, Any]) -> str:
     return manifest.get("weights", WEIGHTS)
 
 
+def rank_files(manifest: dict[str, Any]) -> list[str]:
+    """The per-rank expert files of an expert-parallel artifact, rank order (`runtime/expert_shards.py`);
+    none for a one-process artifact."""
+    section = manifest.get("expert_parallel")
+    if section is None:
+        return []
+    files, world_size = section["files"], section["world_size"]
+    if type(world_size) is not int or not isinstance(files, list) or len(files) != world_size \
+            or not all(isinstance(f, str) for f in files):
+        raise ArtifactError(f"malformed expert_parallel section in the manifest: {section!r}")
+    return files
+
+
 def kernel_binaries(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     return [binary for kernel in manifest.get("kernels", []) for binary in kernel["binaries"].values()]
 
@@ -232,7 +247,8 @@ def kernel_binaries(manifest: dict[str, Any]) -> list[dict[str, Any]]:
 def file_limit(manifest: dict[str, Any], name: str, size: int) -> int:
     """The most bytes `name` may have: the weights their listed size (and no more than this machine's
     memory: a sparse file costs an attacker nothing), anything else a kernel binary's limit."""
-    return min(size, physical_memory()) if name == weights_name(manifest) else MAX_KERNEL_BYTES
+    weights = name == weights_name(manifest) or name in rank_files(manifest)
+    return min(size, physical_memory()) if weights else MAX_KERNEL_BYTES
 
 
 def physical_memory() -> int:

@@ -14,9 +14,10 @@ from typing import Any, Iterable, Optional, Union
 import torch
 
 from . import tree_schema
-from .artifact import (device_target, malformed, parse_target, program_on, read_checked, read_manifest,
+from .artifact import (device_target, malformed, parse_target, program_on, rank_files, read_checked, read_manifest,
                        verify_files, weights_name)
-from .errors import ArtifactError, InputMismatchError
+from .distributed import dist_rank, group_rank
+from .errors import ArtifactError, InputMismatchError, RuntimeProgramError
 from .executor import Executor
 from .inputs import without_constants
 from .program import Program
@@ -109,15 +110,18 @@ def aligned(tensors: tuple) -> tuple:
 
 
 def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu", *,
-         trusted_keys: Optional[Iterable[TrustedKey]] = None, max_memory: Optional[int] = None) -> LoadedModel:
+         trusted_keys: Optional[Iterable[TrustedKey]] = None, max_memory: Optional[int] = None,
+         rank: Optional[int] = None) -> LoadedModel:
     """Load an artifact written by `CompiledModel.save` / `sparsecc build`; returns a callable LoadedModel.
     With `trusted_keys` (Ed25519 public keys: key objects, raw 32 bytes or PEM), an artifact not signed by
-    one of them is refused before its manifest is parsed. `max_memory` bounds what the program may allocate."""
+    one of them is refused before its manifest is parsed. `max_memory` bounds what the program may allocate.
+    An artifact saved with world_size W > 1 loads only rank `rank`'s experts (default: this process's rank in
+    the torch.distributed process group), never another rank's file."""
     root, device = Path(path), torch.device(device)
     manifest = read_manifest(root, trusted_keys)
     with malformed(root):
-        weights = weights_name(manifest)
-        verify_files(root, manifest, skip={weights})    # the weights are checked as they are read, once
+        weights = [weights_name(manifest), *_rank_file(manifest, rank)]
+        verify_files(root, manifest, skip={*weights, *rank_files(manifest)})   # weights: checked as read, once
         target = device_target(device, list(manifest.get("targets", [])))
     with malformed(root, "program in the manifest"):
         program = program_on(Program.from_dict(manifest["program"]), device)
@@ -130,20 +134,40 @@ def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu", *,
         return LoadedModel(manifest, program, constants, device, target, kernels, guard)
 
 
-def _load_weights(root: Path, name: str, program: Program, device: torch.device,
+def _rank_file(manifest: dict[str, Any], rank: Optional[int]) -> list[str]:
+    """[this rank's expert file] for an expert-parallel artifact, [] for a one-process one."""
+    files = rank_files(manifest)
+    if not files:
+        return []
+    if rank is None:
+        try:
+            rank = group_rank(len(files))
+        except RuntimeProgramError as err:
+            raise ArtifactError(f"the artifact splits its experts over {len(files)} ranks: pass rank= or load it "
+                                f"inside the process group ({err})") from None
+    if type(rank) is not int or not 0 <= rank < len(files):
+        raise ArtifactError(f"rank {rank!r} is not one of the artifact's {len(files)} ranks")
+    if dist_rank() not in (None, rank):   # experts are sent to ranks by position: another slice is wrong numbers
+        raise ArtifactError(f"rank={rank} but this process is rank {dist_rank()} of its process group: "
+                            "load each rank's own experts")
+    return [files[rank]]
+
+
+def _load_weights(root: Path, names: list[str], program: Program, device: torch.device,
                   manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load
-    path = root / name
-    data = read_checked(root, name, manifest)
-    try:
-        stored = load(data)
-        constants = dict(zip(stored, aligned(tuple(t.to(device) for t in stored.values()))))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ArtifactError(f"{path}: cannot read the weights: {err}") from None
+    constants: dict[str, torch.Tensor] = {}
+    for name in names:
+        data = read_checked(root, name, manifest)
+        try:
+            stored = load(data)
+            constants.update(zip(stored, aligned(tuple(t.to(device) for t in stored.values()))))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ArtifactError(f"{root / name}: cannot read the weights: {err}") from None
     missing = sorted(set(program.constant_names) - set(constants))
     if missing:
-        raise ArtifactError(f"{path}: weights for {', '.join(missing[:5])} are missing")
+        raise ArtifactError(f"{root / names[0]}: weights for {', '.join(missing[:5])} are missing")
     return constants
 
 

@@ -139,6 +139,11 @@ def unpack_positions(indices: Tensor, count: int, m: int) -> Tensor:
 def compress_nm(weight: Tensor, n: int, m: int, mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """[..., K] N:M sparse weight (or any weight plus a `mask` of kept elements) -> (values, indices)."""
     check_nm(n, m)
+    if weight.is_meta:   # a weight without values (a model planned on the meta device): the shapes alone
+        _check_k(weight.shape[-1], m)
+        rows, k = weight.shape[:-1], weight.shape[-1]
+        return (weight.new_empty(*rows, k * n // m),
+                torch.empty(*rows, nm_index_bytes(k, n, m), dtype=torch.uint8, device="meta"))
     kept = weight != 0 if mask is None else mask.to(torch.bool)
     if kept.shape != weight.shape:
         raise ValueError(f"mask shape {tuple(kept.shape)} != weight shape {tuple(weight.shape)}")

@@ -106,6 +106,7 @@ class AttentionRule(RegionRule):
     way the original may treat rows that see no key. The confirmed one is inserted under the policy."""
     options: SparseAttention
     same_nans = True   # rows that see no key may be NaN in the original; the reading must match them
+    plans_from_shapes = True   # sites and the mask's rule are read off the graph; density is not measured
 
     def find(self, gm: GraphModule, ctx: PassContext) -> tuple[list[AttentionSite], list[tuple[str, str]]]:
         sites, misses = [], []
@@ -136,13 +137,13 @@ class AttentionRule(RegionRule):
 
     def insert(self, gm: GraphModule, site: AttentionSite, exact: BlockCall, values: dict,
                error: float) -> tuple[Node, RewriteRecord]:
-        options = self.options
+        options, planned = self.options, values[site.q].is_meta   # meta stand-ins: planned without weights
         threshold = options.threshold if options.policy == "threshold" else 0.0
-        rule = site.rule if site.rule and rule_reproduces_mask(site, values) else None
+        rule = site.rule if site.rule and (planned or rule_reproduces_mask(site, values)) else None
         if site.rule and rule is None:
             site.no_rule = "the rule read off the mask does not reproduce it on the example inputs"
         call = BlockCall(options.block, options.layout_args(), threshold, exact.empty_rows, rule)
-        if options.policy != "mask":  # lossy: the error against the dense attention it replaces
+        if options.policy != "mask" and not planned:  # lossy: the error against the dense attention it replaces
             error = relative_error(run_block_attention(site, values, call), values[site.root], same_nans=True)
         return insert_block_attention(gm, site, call), self.record(site, values, call, error)
 
@@ -150,17 +151,19 @@ class AttentionRule(RegionRule):
         q, k = values[site.q], values[site.k]
         batch, heads, seq, dim = q.shape
         keys = k.shape[-2]
-        kept = achieved_density(site, values, call)
+        kept = None if q.is_meta else achieved_density(site, values, call)   # meta: planned, nothing measured
         flops = 4 * batch * heads * seq * keys * dim
         options = self.options
         return RewriteRecord(
             layer=site.layer, op="sparsecc.block_attention", source_op=site.form,
             pattern=f"{options.policy}/b{options.block}", shape=[batch, heads, seq, keys], params_before=0,
-            params_after=0, bytes_before=0, bytes_after=0, flops_before=flops, flops_after=int(flops * kept),
+            params_after=0, bytes_before=0, bytes_after=0, flops_before=flops,
+            flops_after=flops if kept is None else int(flops * kept),
             details={"policy": options.policy, "block": options.block, "density": kept, "error_vs_dense": error,
                      "mask": _mask_source(call, site),
                      "empty_rows": call.empty_rows, "gqa": k.shape[1] != heads, **options.policy_details(),
-                     "layout_blocks": block_picture(call.layout(values[site.mask], q, k))})
+                     "layout_blocks": None if kept is None else block_picture(call.layout(
+                         values[site.mask], q, k, rule_values(call.rule, values, q.device)))})
 
 
 def _mask_source(call: BlockCall, site: AttentionSite) -> str:

@@ -7,7 +7,9 @@
     block.py        an MoE block as read: routing, candidates, expert form, shared expert
     reading.py      a reading of a block: run eagerly (to confirm) or inserted into the graph
     dispatch.py     the pass: a RegionRule over the blocks, and the report record
+    parallel.py     expert-parallel: each rank of a process group keeps its experts (sparsecc::moe_ep)
 """
 from .dispatch import MoEDispatch
+from .parallel import ExpertParallel
 
-__all__ = ["MoEDispatch"]
+__all__ = ["ExpertParallel", "MoEDispatch"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 from torch.fx import GraphModule, Node
@@ -22,7 +22,7 @@ from torch.fx import GraphModule, Node
 from sparsecc.runtime.moe_routing import capacity_mask, route
 from sparsecc.runtime.ops.moe import moe_flops
 
-from ..graph import layer_name
+from ..graph import layer_name, module_index
 from ..manager import Pass, PassContext, PassResult
 from ..options import Bounds, OptionBounds
 from ..records import RewriteRecord
@@ -51,12 +51,13 @@ class MoERule(RegionRule):
     layouts and bias assignments the structure allows, each with and without top-k normalisation
     (and routed scaling). Exact."""
     options: MoEDispatch
+    plans_from_shapes = True   # the dispatch and its record follow from the weights' shapes
 
     def find(self, gm: GraphModule, ctx: PassContext) -> tuple[list[MoEBlock], list[tuple[str, str]]]:
-        blocks, misses = {}, []
+        blocks, misses, modules = {}, [], module_index(gm)
         for selection in selection_nodes(gm):
             try:
-                block = analyse(gm, selection)
+                block = analyse(gm, selection, modules)
             except NotAnMoE as err:
                 if selection.target is torch.ops.aten.topk.default or not isinstance(err, NoExpertWeights):
                     misses.append((selection, str(err)))   # a max outside any MoE block is no candidate
@@ -113,8 +114,8 @@ def routing_variants(block: MoEBlock) -> list:
     return variants
 
 
-def analyse(gm: GraphModule, selection: Node) -> MoEBlock:
-    path, region = find_block(gm, selection)
+def analyse(gm: GraphModule, selection: Node, modules: Optional[dict[str, list[Node]]] = None) -> MoEBlock:
+    path, region = find_block(gm, selection, modules)
     routing = read_routing(gm, selection)
     router = routing.router
     hidden = router.args[0]
@@ -137,9 +138,6 @@ def moe_record(block: MoEBlock, reading: Reading, values: dict, capacity_factor:
     routing = reading.routing
     logits = values[routing.router]
     logits = logits.reshape(-1, logits.shape[-1])
-    _, experts = route(logits, routing.top_k, reading.normalize, routing.scoring, **routing.options())
-    counts = torch.bincount(experts.flatten(), minlength=block.num_experts).tolist()
-    dropped = int(capacity_mask(experts, block.num_experts, capacity_factor)[1]) if capacity_factor > 0 else 0
     tokens, (num_experts, rows, width) = logits.shape[0], reading.w_gate_up.shape
     inner = reading.w_down.shape[2]
     dense_flops, dispatch_flops = moe_flops(tokens, width, inner, num_experts, routing.top_k, reading.gated)
@@ -150,9 +148,21 @@ def moe_record(block: MoEBlock, reading: Reading, values: dict, capacity_factor:
         pattern=f"E={num_experts},k={routing.top_k}", shape=[num_experts, rows, width], params_before=params,
         params_after=params, bytes_before=params * size, bytes_after=params * size,
         flops_before=dense_flops if block.form == "dense" else dispatch_flops, flops_after=dispatch_flops,
-        details={**moe_details(block, reading), "capacity_factor": capacity_factor, "dropped_pairs": dropped,
-                 "pairs": tokens * routing.top_k,
-                 "tokens_per_expert": {"min": min(counts), "median": statistics.median(counts), "max": max(counts)}})
+        details={**moe_details(block, reading), "capacity_factor": capacity_factor,
+                 "pairs": tokens * routing.top_k, **routed_counts(block, reading, logits, capacity_factor)})
+
+
+def routed_counts(block: MoEBlock, reading: Reading, logits: torch.Tensor, capacity_factor: float) -> dict:
+    """Tokens per expert (min / median / max) and pairs over capacity on the example inputs; None for
+    both when the logits are meta stand-ins (planned without weights: nothing was routed)."""
+    if logits.is_meta:
+        return {"tokens_per_expert": None, "dropped_pairs": None}
+    routing = reading.routing
+    _, experts = route(logits, routing.top_k, reading.normalize, routing.scoring, **routing.options())
+    counts = torch.bincount(experts.flatten(), minlength=block.num_experts).tolist()
+    dropped = int(capacity_mask(experts, block.num_experts, capacity_factor)[1]) if capacity_factor > 0 else 0
+    return {"tokens_per_expert": {"min": min(counts), "median": statistics.median(counts), "max": max(counts)},
+            "dropped_pairs": dropped}
 
 
 def moe_details(block: MoEBlock, reading: Reading) -> dict:

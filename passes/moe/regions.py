@@ -69,10 +69,12 @@ def expert_index(path: str, block: str) -> Optional[str]:
     return f"{block}.{found.group(1)}".lstrip(".") if found else None
 
 
-def find_block(gm: GraphModule, selection: Node) -> tuple[str, list[Node]]:
-    """The innermost module around the router's `selection` whose region holds expert weights."""
+def find_block(gm: GraphModule, selection: Node,
+               modules: Optional[dict[str, list[Node]]] = None) -> tuple[str, list[Node]]:
+    """The innermost module around the router's `selection` whose region holds expert weights;
+    `modules` (graph.module_index of `gm`) spares a walk of the graph per block."""
     for path in reversed(module_paths(selection)):
-        region = nodes_in_module(gm, path)
+        region = list(modules.get(path, ())) if modules is not None else nodes_in_module(gm, path)
         stacked = [v for v in region_constants(gm, region).values() if v.dim() == 3]
         experts = {expert_index(module_path(n), path) for n in region if n.target is aten.linear.default}
         if len(stacked) >= 2 or len(experts - {None}) >= 2:

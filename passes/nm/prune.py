@@ -82,7 +82,9 @@ class PruneNM(Pass):
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         rules = NMRules(self, gm, ctx)
         weights = rules.weights
-        if self.method != "magnitude":
+        if self.method != "magnitude" and ctx.shapes_only:   # no activations to observe: sizes are the same
+            weights.calibration = "none: planned without weights (the mask is chosen when compiled)"
+        elif self.method != "magnitude":
             weights.pruned, weights.calibration = prune_calibrated(self, gm, ctx, rules.targets(), weights.tokens)
         stats = apply_rules(gm, rules.ruleset(), ctx)
         stats.skipped += unexplained_dense(gm, weights, {skip.where for skip in stats.skipped})

@@ -104,7 +104,7 @@ class RoutingRule(RegionRule):
 
     def _probes(self, gm: GraphModule, ctx: PassContext, blocks: list[ResidualBlock]) -> tuple[dict[str, Probe], str]:
         router = self.options.router
-        if not blocks or router == "norm":
+        if not blocks or router == "norm" or ctx.shapes_only:   # a plan fits no router: its blocks are skipped
             return {}, ""
         if router == "weights":
             return load_probes(self.options.weights_file, blocks), f"weights: {self.options.weights_file}"

@@ -5,6 +5,7 @@ from .registry import OpDef
 from .block_attention import BLOCK_ATTENTION
 from .block_layout import BLOCK_LAYOUT
 from .moe import MOE
+from .moe_ep import MOE_EP
 from .nm_decompress import NM_DECOMPRESS
 from .nm_linear import NM_LINEAR
 from .nm_conv2d import NM_CONV2D
@@ -14,7 +15,8 @@ from .route_unroute import UNROUTE
 from .rule_layout import RULE_LAYOUT
 
 OPS: dict[str, OpDef] = {op.name: op for op in (NM_LINEAR, MOE, NM_DECOMPRESS, BLOCK_LAYOUT, BLOCK_ATTENTION,
-                                                ROUTE, ROUTE_GATHER, UNROUTE, NM_CONV2D, RULE_LAYOUT)}
+                                                ROUTE, ROUTE_GATHER, UNROUTE, NM_CONV2D, RULE_LAYOUT,
+                                                MOE_EP)}
 
 
 def get_op(name: str) -> OpDef:

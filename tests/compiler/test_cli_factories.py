@@ -71,6 +71,8 @@ def factories(tmp_path, monkeypatch):
     (tmp_path / "user_factories.py").write_text(FACTORIES)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p and Path(p).resolve() != ROOT])
+    for name in [m for m in sys.modules if m == "examples" or m.startswith("examples.")]:
+        monkeypatch.delitem(sys.modules, name)   # imported from the repository root by earlier tests
     yield "user_factories"
     sys.modules.pop("user_factories", None)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import networkx as nx
 import torch
 
-from sparsecc.passes.graph import in_module, module_path, module_subgraph, nodes_in_module, to_dot, to_networkx
+from sparsecc.passes.graph import (in_module, module_index, module_path, module_subgraph, nodes_in_module, to_dot,
+                                   to_networkx)
 
 from .helpers import TwoLayer, capture
 
@@ -30,6 +31,14 @@ def test_nodes_in_module_follow_the_module_stack():
     assert len(names("")) == len([n for n in gm.graph.nodes if n.op == "call_function"])
     linear = nodes_in_module(gm, "layers.0.fc1")[0]
     assert module_path(linear) == "layers.0.fc1" and not in_module(linear, "layers.0.fc")
+
+
+def test_module_index_holds_nodes_in_module_for_every_path():
+    gm = capture(TwoLayer(), (X,))
+    index = module_index(gm)
+    assert {"", "layers", "layers.0", "layers.0.fc1", "layers.1"} <= set(index)
+    for path, nodes in index.items():
+        assert nodes == nodes_in_module(gm, path)
 
 
 def test_module_subgraph_is_a_connected_region():

@@ -18,7 +18,7 @@ expert on CUDA is a dense cuBLAS GEMM).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -115,32 +115,50 @@ def _looped_expert_mlp(rows: Tensor, tokens_per_expert: Tensor, call: MoECall, f
     return out
 
 
-def _routed_output(call: MoECall, weights: Tensor, experts: Tensor, form: ExpertForm) -> Tensor:
+def sorted_expert_mlp(sorted_rows: Tensor, tokens_per_expert: Tensor, call: MoECall, form: ExpertForm) -> Tensor:
+    """expert_mlp over expert-sorted rows, expert e (of call.w_down's) owning the e-th tokens_per_expert
+    segment: grouped GEMMs while experts average few rows, else one F.linear pair per used expert."""
+    num_experts = call.w_down.shape[0]
+    if (GROUPED_MM and sorted_rows.device.type == "cpu"
+            and sorted_rows.shape[0] <= GROUPED_MM_MAX_ROWS_PER_EXPERT * num_experts):
+        return _grouped_expert_mlp(sorted_rows, tokens_per_expert, call, form)
+    return _looped_expert_mlp(sorted_rows, tokens_per_expert, call, form)
+
+
+# run_experts(sorted_rows, tokens_per_expert [E], call, form) -> each row's expert output, rows in order
+ExpertRunner = Callable[[Tensor, Tensor, MoECall, ExpertForm], Tensor]
+
+
+def _routed_output(call: MoECall, weights: Tensor, experts: Tensor, form: ExpertForm,
+                   run_experts: ExpertRunner) -> Tensor:
     """sum over each token's kept pairs of weight * expert(token), in hidden's dtype."""
-    hidden, top_k, num_experts = call.hidden, experts.shape[-1], call.w_down.shape[0]
+    hidden, top_k, num_experts = call.hidden, experts.shape[-1], call.router_logits.shape[-1]
     order, tokens_per_expert = sort_by_expert(experts, num_experts)
     order = order[: int(tokens_per_expert.sum())]  # dropped pairs sort last
     token_of_pair = order // top_k
-    sorted_rows = hidden.index_select(0, token_of_pair)
-    if GROUPED_MM and hidden.device.type == "cpu" and order.numel() <= GROUPED_MM_MAX_ROWS_PER_EXPERT * num_experts:
-        pair_output = _grouped_expert_mlp(sorted_rows, tokens_per_expert, call, form)
-    else:
-        pair_output = _looped_expert_mlp(sorted_rows, tokens_per_expert, call, form)
+    pair_output = run_experts(hidden.index_select(0, token_of_pair), tokens_per_expert, call, form)
     pair_output *= weights.reshape(-1)[order].to(hidden.dtype)[:, None]
     return torch.zeros_like(hidden).index_add_(0, token_of_pair, pair_output)
+
+
+def dispatch_moe(call: MoECall, run_experts: ExpertRunner = sorted_expert_mlp) -> Tensor:
+    """Route, sort the pairs by expert, run them through `run_experts` (this process's experts, or
+    another process's: `sparsecc.runtime.ops.moe_ep`), scatter back weighted, add the shared expert.
+    The call is not checked here."""
+    weights, experts, _ = route_within_capacity(call.router_logits, call.top_k, call.normalize, call.scoring,
+                                                call.capacity_factor, **call.selection())
+    form = ExpertForm.of(call)
+    y = _routed_output(call, weights, experts, form, run_experts)
+    if call.shared_down is not None:
+        y += shared_expert_output(call.hidden, call.shared_gate_up, call.shared_down, call.shared_gate, form)
+    return y
 
 
 def moe_cpu(*args, **kwargs) -> Tensor:
     """sparsecc::moe on torch tensors, arguments as the op's schema (semantics in `sparsecc.runtime.ops.moe`)."""
     call = MoECall(*args, **kwargs)
     refuse("moe", call_problem(call, ALL_ACTIVATIONS))
-    weights, experts, _ = route_within_capacity(call.router_logits, call.top_k, call.normalize, call.scoring,
-                                                call.capacity_factor, **call.selection())
-    form = ExpertForm.of(call)
-    y = _routed_output(call, weights, experts, form)
-    if call.shared_down is not None:
-        y += shared_expert_output(call.hidden, call.shared_gate_up, call.shared_down, call.shared_gate, form)
-    return y
+    return dispatch_moe(call)
 
 
 def moe_problem(*args, **kwargs) -> Optional[str]:

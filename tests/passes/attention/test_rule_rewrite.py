@@ -34,13 +34,13 @@ MASK, WINDOW, TOPK = {"policy": "mask"}, {"policy": "window", "window": 64, "sin
                                                   ("eager", True, MASK), ("sdpa", True, WINDOW),
                                                   ("eager", False, WINDOW), ("sdpa", True, TOPK)])
 def test_llama_compiles_without_an_s_by_s_tensor(attn, padded, policy):
-    model = llama(attn, layers=2)
+    model = llama(attn, layers=1)
     ids, attention_mask = ids_and_padding(seq=S, pad=70)
     kwargs = {"attention_mask": attention_mask} if padded else {}
     compiled = sparsecc.compile(model, (ids,), example_kwargs=kwargs, sparsity={"attention": {**policy, "block": 64}})
     assert square_values(compiled, S) == []
     lines = _rule_lines(compiled)
-    assert len(lines) == 2 and all(line.startswith("read as a rule") for line in lines)
+    assert len(lines) == 1 and lines[0].startswith("read as a rule")
     if policy["policy"] == "mask":
         got, want = compiled(ids, **kwargs)["logits"], model(ids, **kwargs)["logits"]
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
