@@ -25,7 +25,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +35,9 @@ import torch.nn.functional as F
 import sparsecc
 from sparsecc.runtime.attention_layout import layout_from_blocks
 from sparsecc.runtime.attention_rule import rule_block_states, stack_rule
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the repository root: bench/
+from bench.attention import relative_error  # noqa: E402
 
 HEADS, DIM = 8, 64
 DEVICE, DTYPE = torch.device("cpu"), torch.float32
@@ -69,10 +74,6 @@ def interleaved_ms(fns: dict, reps: int) -> tuple[dict, dict]:
 def sync() -> None:
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got.double() - want.double()).norm() / want.double().norm()).item()
 
 
 def qkv(batch: int, seq: int) -> tuple:

@@ -31,6 +31,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from sparsecc.runtime.artifact import artifact_path
+from sparsecc.runtime.errors import ArtifactError
 from sparsecc.runtime.nm_format import decompress_nm
 
 from .errors import ConfigError
@@ -42,10 +44,13 @@ COMPRESSED_FORMAT = "sparsecc-nm"
 
 
 def plain_file_name(name: object, where: str) -> str:
-    """`name` when it names a file inside its folder (no separator, no `..`, not absolute), else ConfigError:
-    a checkpoint's index is downloaded data, and its names decide where pruned shards are written."""
-    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name \
-            or os.path.isabs(name) or "\0" in name:
+    """`name` when it names a file directly inside its folder (artifact_path's rules, one component), else
+    ConfigError: a checkpoint's index is downloaded data, and its names decide where pruned shards are written."""
+    try:
+        parts = artifact_path(Path(where), name)
+    except ArtifactError:
+        parts = ()
+    if len(parts) != 1:
         raise ConfigError(f"prune_checkpoint: {where} names the file {name!r}, which is not a plain file name "
                           "in the checkpoint folder")
     return name

@@ -40,14 +40,15 @@ def dist_rank() -> Optional[int]:
 
 def group_rank(world_size: int) -> int:
     """This process's rank in the default process group, which must have `world_size` ranks."""
-    if not (dist.is_available() and dist.is_initialized()):
+    rank = dist_rank()
+    if rank is None:
         raise RuntimeProgramError(f"expert parallelism over {world_size} ranks needs an initialised "
                                   "torch.distributed process group (launch with torchrun and call "
                                   "torch.distributed.init_process_group)")
     if dist.get_world_size() != world_size:
         raise RuntimeProgramError(f"expert parallelism: the program was built for {world_size} ranks, the process "
                                   f"group has {dist.get_world_size()}")
-    return dist.get_rank()
+    return rank
 
 
 def exchange_counts(tokens_per_expert: Tensor, world_size: int) -> Tensor:

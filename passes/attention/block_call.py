@@ -75,10 +75,15 @@ def run_block_attention(site: AttentionSite, values: dict, call: BlockCall) -> t
                                               call.block, call.threshold, call.empty_rows, site.softcap, sinks, *rule)
 
 
-def achieved_density(site: AttentionSite, values: dict, call: BlockCall) -> float:
-    """Key blocks visited / all key blocks on the example inputs (after threshold skipping)."""
+def example_layout(site: AttentionSite, values: dict, call: BlockCall) -> Layout:
+    """The layout the call computes on the example inputs."""
+    q, k = values[site.q], values[site.k]
+    return Layout(*call.layout(values[site.mask], q, k, rule_values(call.rule, values, q.device))[:4])
+
+
+def achieved_density(site: AttentionSite, values: dict, call: BlockCall, layout: Layout) -> float:
+    """Key blocks visited / all key blocks of `layout` on the example inputs (after threshold skipping)."""
     q, k, mask = (values[n] for n in (site.q, site.k, site.mask))
-    layout = Layout(*call.layout(mask, q, k, rule_values(call.rule, values, q.device))[:4])
     if call.threshold <= 0:
         return density(layout)
     keys = k.shape[2]
@@ -144,5 +149,5 @@ def insert_block_attention(gm: GraphModule, site: AttentionSite, call: BlockCall
     return out
 
 
-__all__ = ["BlockCall", "achieved_density", "insert_block_attention", "operand_value", "rule_values",
+__all__ = ["BlockCall", "achieved_density", "example_layout", "insert_block_attention", "operand_value", "rule_values",
            "run_block_attention"]

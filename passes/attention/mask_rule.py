@@ -147,7 +147,7 @@ def _terms(node, dims: Dims) -> list[Term]:
         return _terms(node.args[0], _inner_dims(node, dims))
     if node.target in AND and all(isinstance(a, Node) and a.meta["val"].dtype == torch.bool for a in node.args[:2]):
         return [t for a in node.args[:2] for t in _terms(a, dims[len(dims) - a.meta["val"].dim():])]
-    if node.target in TRUE or (node.target is aten.full.default and node.args[1] in (True, 1)):
+    if _all_true(node):
         return []
     if node.target in NOT:
         inner = _terms(node.args[0], dims)
@@ -163,10 +163,15 @@ def _terms(node, dims: Dims) -> list[Term]:
     raise NotARule(f"{node.name} ({node.target}) is not read as part of a mask rule")
 
 
+def _all_true(node: Node) -> bool:
+    """ones / new_ones / ones_like, or full of a nonzero value: a mask term that holds everywhere."""
+    return node.target in TRUE or (node.target is aten.full.default and node.args[1] not in (0, False))
+
+
 def _cast_to_bool(node: Node, dims: Dims) -> list[Term]:
     """`node.bool()` for a non-bool node: ones (all True), tril / triu of ones (a triangle), or an integer
     per-row / per-key value (`value != 0`)."""
-    if node.target in TRUE or (node.target is aten.full.default and node.args[1] not in (0, False)):
+    if _all_true(node):
         return []
     if node.target in TRIANGLES and _cast_to_bool(node.args[0], dims) == []:
         return [_triangle(node, dims)]

@@ -35,7 +35,8 @@ from ..numerics import relative_error
 from ..options import Bounds, OneOf, OptionBounds, OptionProblem
 from ..records import RewriteRecord
 from ..region import RegionRule, rewrite_regions
-from .block_call import BlockCall, achieved_density, insert_block_attention, rule_values, run_block_attention
+from .block_call import (BlockCall, achieved_density, example_layout, insert_block_attention, rule_values,
+                         run_block_attention)
 from .causal import causal_sdpa_as_mask
 from .layout_picture import block_picture
 from .mask_rule import NotARule, read_rule
@@ -151,7 +152,8 @@ class AttentionRule(RegionRule):
         q, k = values[site.q], values[site.k]
         batch, heads, seq, dim = q.shape
         keys = k.shape[-2]
-        kept = None if q.is_meta else achieved_density(site, values, call)   # meta: planned, nothing measured
+        layout = None if q.is_meta else example_layout(site, values, call)   # meta: planned, nothing measured
+        kept = None if layout is None else achieved_density(site, values, call, layout)
         flops = 4 * batch * heads * seq * keys * dim
         options = self.options
         return RewriteRecord(
@@ -162,8 +164,7 @@ class AttentionRule(RegionRule):
             details={"policy": options.policy, "block": options.block, "density": kept, "error_vs_dense": error,
                      "mask": _mask_source(call, site),
                      "empty_rows": call.empty_rows, "gqa": k.shape[1] != heads, **options.policy_details(),
-                     "layout_blocks": None if kept is None else block_picture(call.layout(
-                         values[site.mask], q, k, rule_values(call.rule, values, q.device)))})
+                     "layout_blocks": None if layout is None else block_picture(layout)})
 
 
 def _mask_source(call: BlockCall, site: AttentionSite) -> str:
