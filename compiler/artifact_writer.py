@@ -67,9 +67,11 @@ def kernel_table(root: Path, specs: Sequence[tuple[KernelSpec, list[str]]], buil
 def write_artifact(root: Path, program: Program, constants: dict[str, torch.Tensor], targets: Sequence[str],
                    specs: Sequence[tuple[KernelSpec, list[str]]], built: Sequence[BuiltKernel],
                    sign_with: Optional[SigningKey] = None,
-                   rank_constants: Sequence[dict[str, torch.Tensor]] = ()) -> dict[str, Any]:
+                   rank_constants: Sequence[dict[str, torch.Tensor]] = (),
+                   described: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Write the artifact; with `sign_with` (an Ed25519 private key or its PEM file) also manifest.sig.
-    `rank_constants` (expert parallelism): each rank's expert constants, written to its own file."""
+    `rank_constants` (expert parallelism): each rank's expert constants, written to its own file.
+    `described`: extra manifest sections (e.g. "generator"), hashed and signed with the rest."""
     prepare_folder(root)
     per_rank = {name for shard in rank_constants for name in shard}   # only those live in the rank files
     write_weights(root / WEIGHTS, {name: constants[name] for name in program.constant_names if name not in per_rank})
@@ -88,6 +90,7 @@ def write_artifact(root: Path, program: Program, constants: dict[str, torch.Tens
         "weights": WEIGHTS,
         **({"expert_parallel": {"world_size": len(rank_files), "files": rank_files}} if rank_files else {}),
         "kernels": kernels,
+        **(described or {}),
         "files": {name: {"sha256": sha256_file(root / name), "bytes": (root / name).stat().st_size}
                   for name in listed},
     }

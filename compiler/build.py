@@ -117,7 +117,8 @@ def record_kernels(program: Program, constants: dict[str, torch.Tensor], example
 def save_artifact(program: Program, constants: dict[str, torch.Tensor], example_inputs: Sequence[torch.Tensor],
                   path: os.PathLike, targets: Sequence[str] = ("cpu",), *, cache_dir: Optional[os.PathLike] = None,
                   workers: Optional[int] = None, progress: bool = True,
-                  sign_with: Optional[SigningKey] = None, world_size: int = 1) -> dict[str, Any]:
+                  sign_with: Optional[SigningKey] = None, world_size: int = 1,
+                  described: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Build `program` for `targets` into the folder `path`; returns the manifest written. With
     `sign_with` (an Ed25519 private key, PEM bytes or a PEM file) the manifest is signed. With
     `world_size` W > 1 the experts of every sparsecc::moe are split over W ranks, each rank's in its own
@@ -142,4 +143,4 @@ def save_artifact(program: Program, constants: dict[str, torch.Tensor], example_
     if world_size > 1:
         program, constants, rank_constants = shard_program(program, constants, world_size)
     return write_artifact(Path(path), program, constants, targets, specs, built, sign_with=sign_with,
-                          rank_constants=rank_constants)
+                          rank_constants=rank_constants, described=described)

@@ -91,7 +91,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: Optional[dict] = None,
     # no_grad: traced under grad mode, an in-place write into a buffer leaves the user's tensor
     # requiring grad (a non-leaf), which then breaks deepcopy and every later eager call
     tensor_kwargs, bound = bind_call(model, kwargs)
-    with _eval_mode(model), torch.no_grad(), _buffers_kept(model), bound_forward(model, bound):
+    with eval_mode(model), torch.no_grad(), _buffers_kept(model), bound_forward(model, bound):
         try:
             ep = torch.export.export(model, args, tensor_kwargs, strict=False,
                                      dynamic_shapes=graph_dynamic_shapes(dynamic_shapes, bound.constants))
@@ -180,7 +180,7 @@ def _mutable_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
     return list(found.values())
 
 
-class _eval_mode:
+class eval_mode:
     """Export in eval mode and restore every submodule's own training flag afterwards."""
 
     def __init__(self, model: torch.nn.Module):

@@ -36,6 +36,7 @@ class Report:
     dropped_outputs: list[str] = field(default_factory=list)        # model outputs the program does not return
     kernels: list[dict] = field(default_factory=list)   # per N:M layer: the CPU path measured fastest per bucket
     planned: bool = False   # made by sparsecc.plan from shapes alone: no value was computed or measured
+    generation: dict = field(default_factory=dict)   # mode="generate": batch size, max_length, KV cache, decode paths
 
     def totals(self) -> dict[str, int]:
         """Sums over the rows, each weight and each FLOP counted once where rewrites compose: an MoE

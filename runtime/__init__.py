@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .errors import ArtifactError, InputMismatchError, RuntimeProgramError
 from .executor import Executor
-from .loaded import load
+from .loaded_generator import load_any as load
 from .program import Instruction, Program
 
 __all__ = ["ArtifactError", "Executor", "InputMismatchError", "Instruction", "Program", "RuntimeProgramError",

@@ -31,12 +31,16 @@ class CallGuard:
     def __init__(self, program: Program, constants: dict[str, torch.Tensor], device: torch.device, limit: int,
                  found: FakeRun):
         self.program, self.device, self.limit = program, device, limit
-        self.constants = {name: constants[name] for name in program.constant_names}
         self.unbounded = found.unbounded
         self.peaks: OrderedDict[tuple, int] = OrderedDict({_key(hint_sizes(program)): found.peak})
-        state = set(program.state_names)
-        self.weights = {_storage(t) for name, t in self.constants.items() if name not in state} - {0}
+        self.watch_storages(constants)
         self.call = threading.local()   # the running call's base peak, extra bytes and input storages
+
+    def watch_storages(self, constants: dict[str, torch.Tensor]) -> None:
+        """(Re)read which storages hold weights: again after constants were made to share storage."""
+        self.constants = {name: constants[name] for name in self.program.constant_names}
+        state = set(self.program.state_names)
+        self.weights = {_storage(t) for name, t in self.constants.items() if name not in state} - {0}
 
     def watches(self, index: int, inst: Instruction) -> bool:
         return index in self.unbounded or bool(writes_of(inst.op))

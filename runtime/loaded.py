@@ -58,6 +58,7 @@ class LoadedModel:
                  device: torch.device, target: str, kernels: PrebuiltKernels | None, guard: CallGuard):
         self.manifest, self.program, self.constants = manifest, program, constants
         self.device, self.target, self.kernels = device, target, kernels
+        self._guard = guard
         self._executor = Executor(program, constants, "torch" if kernels is None else "triton", guard=guard)
         self._in_spec = _schema(program.in_spec, "program in_spec")
         self._out_spec = _schema(program.out_spec, "program out_spec")
@@ -84,6 +85,12 @@ class LoadedModel:
         with torch.no_grad():
             for name, value in self._initial_state.items():
                 self.constants[name].copy_(value)
+
+    def storages_changed(self) -> None:
+        """Call after constants were made to share another program's storage (`Tensor.set_`): the
+        per-call guard re-reads which storages are weights."""
+        self._guard.watch_storages(self.constants)
+        self._initial_state = self.state_dict()
 
     def __repr__(self) -> str:
         return f"LoadedModel(target={self.target!r}, device={str(self.device)!r}, {self.program.summary()})"

@@ -19,6 +19,7 @@ from torch.fx import GraphModule, Node
 
 from ..graph import VALUE_PRESERVING
 from ..manager import Skip
+from ..state import state_targets
 from .compressed import NMWeights, layer_path
 from .linear import feeds_moe_router
 
@@ -68,8 +69,10 @@ def dense_reason(weights: NMWeights, weight: Node, tensor: torch.Tensor, readers
 
 
 def unexplained_dense(gm: GraphModule, weights: NMWeights, explained: set[str]) -> list[Skip]:
-    """A Skip for every >= 2-D floating-point weight still read densely whose layer has no reason yet."""
+    """A Skip for every >= 2-D floating-point weight still read densely whose layer has no reason yet.
+    Program state (a KV cache the graph writes) is data, not a weight: never listed."""
     compressed = {name for pair in weights.compressed.values() for name in pair}
+    compressed |= set(state_targets(gm))
     skips, seen = [], set()
     for node in gm.graph.nodes:
         if node.op != "get_attr" or not node.users or node.target in compressed or node.target in seen:

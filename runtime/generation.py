@@ -1,0 +1,195 @@
+"""Text generation over two compiled programs that share one static KV cache.
+
+A generator holds a *prefill* program (a whole left-padded prompt, dynamic length) and a
+*decode* program (one token per sequence). Both take the same three inputs
+
+    input_ids       int64 [B, S]    S = prompt length (prefill) or 1 (decode)
+    attention_mask  int64 [B, L]    L = max_length: 0 on left padding, 1 elsewhere (future positions too:
+                                    the causal rule hides them)
+    cache_position  int64 [S]       the positions the step writes, the same for every row
+
+and return the last position's logits [B, V]. Their state (the KV cache, and what a policy keeps
+beside it) is one set of tensors: the decode program's state tensors share the prefill
+program's storage, so no step allocates a cache and no Python runs per layer.
+`generate` is transformers' `generate` for these programs: prompt + new tokens, greedy or sampled,
+finished rows padded with `pad_token_id`, an optional streamer (`put`/`end`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+
+from .errors import ArtifactError, InputMismatchError
+from .sampling import Sampling
+
+GENERATOR_FILE = "generator.json"
+GENERATOR_FORMAT = "sparsecc-generator"
+PROGRAM_DIRS = ("prefill", "decode")
+MIN_PROMPT = 2   # prefill is captured for prompts of >= 2 tokens (torch.export specialises a size of 1)
+
+
+@dataclass
+class GenerationSpec:
+    """What both programs were compiled for."""
+    batch_size: int
+    max_length: int
+    vocab_size: int
+    pad_token_id: Optional[int] = None
+    eos_token_id: list[int] = field(default_factory=list)
+    cache: dict = field(default_factory=dict)   # {"kind": "static"|"window", "slots": ..., "bytes": ...}
+
+    def to_dict(self) -> dict:
+        return {"format": GENERATOR_FORMAT, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "GenerationSpec":
+        if not isinstance(data, dict) or data.get("format") != GENERATOR_FORMAT:
+            raise ArtifactError(f"{GENERATOR_FILE}: not a sparsecc generator description")
+        spec = cls(**{k: data[k] for k in ("batch_size", "max_length", "vocab_size") if k in data})
+        spec.pad_token_id = data.get("pad_token_id")
+        spec.eos_token_id = data.get("eos_token_id", [])
+        spec.cache = data.get("cache", {})
+        _check_spec(spec)
+        return spec
+
+
+def _check_spec(spec: GenerationSpec) -> None:
+    sizes = (spec.batch_size, spec.max_length, spec.vocab_size)
+    if not all(type(v) is int and 0 < v < 1 << 31 for v in sizes):
+        raise ArtifactError(f"{GENERATOR_FILE}: batch_size, max_length and vocab_size must be positive ints")
+    ids = [spec.pad_token_id] if spec.pad_token_id is not None else []
+    if not isinstance(spec.eos_token_id, list) or not all(type(i) is int and 0 <= i for i in ids + spec.eos_token_id):
+        raise ArtifactError(f"{GENERATOR_FILE}: pad_token_id / eos_token_id must be non-negative ints")
+    if not isinstance(spec.cache, dict):
+        raise ArtifactError(f"{GENERATOR_FILE}: cache must be an object")
+
+
+class Generator:
+    """`generate(...)` over a prefill and a decode callable sharing state (see the module docstring)."""
+
+    def __init__(self, prefill: Any, decode: Any, spec: GenerationSpec):
+        self.prefill, self.decode, self.spec = prefill, decode, spec
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+                 max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
+                 streamer: Any = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """[b, P] prompt ids (left-padded where `attention_mask` is 0) -> [b, P + new] ids, as transformers'
+        `generate` returns them. Rows beyond the compiled batch size run in groups of that size."""
+        ids, mask = _prompt(input_ids, attention_mask)
+        if type(max_new_tokens) is not int or max_new_tokens < 1:
+            raise InputMismatchError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        if ids.shape[1] + max_new_tokens > self.spec.max_length:
+            raise InputMismatchError(f"prompt length {ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds the "
+                                     f"generator's max_length {self.spec.max_length} (compile with a larger max_length)")
+        stops = _token_list(self.spec.eos_token_id if eos_token_id is None else eos_token_id)
+        pad = pad_token_id if pad_token_id is not None else self.spec.pad_token_id
+        pad = pad if pad is not None else (stops[0] if stops else 0)
+        run = _Run(Sampling(do_sample, temperature, top_k, top_p), stops, pad, max_new_tokens, streamer, generator)
+        if streamer is not None:
+            streamer.put(ids.cpu())
+        groups = [self._generate_group(ids[i:i + self.spec.batch_size], mask[i:i + self.spec.batch_size], run)
+                  for i in range(0, ids.shape[0], self.spec.batch_size)]
+        if streamer is not None:
+            streamer.end()
+        width = max(g.shape[1] for g in groups)
+        return torch.cat([torch.nn.functional.pad(g, (0, width - g.shape[1]), value=pad) for g in groups])
+
+    def _generate_group(self, ids: torch.Tensor, mask: torch.Tensor, run: "_Run") -> torch.Tensor:
+        rows, prompt = ids.shape
+        ids, mask = _fill_batch(*_min_prompt(ids, mask, run.pad), self.spec.batch_size)
+        start = ids.shape[1]
+        full_mask = torch.ones(self.spec.batch_size, self.spec.max_length, dtype=torch.long)
+        full_mask[:, :start] = mask
+        self.reset_state()
+        with torch.no_grad():
+            logits = self.prefill(ids, full_mask, torch.arange(start))
+            new = []
+            finished = torch.zeros(rows, dtype=torch.bool)
+            for step in range(run.max_new_tokens):
+                token = run.sampling.next_tokens(logits[:rows], run.generator)
+                token = torch.where(finished, torch.full_like(token, run.pad), token)
+                new.append(token)
+                if run.streamer is not None:
+                    run.streamer.put(token.cpu())
+                finished |= torch.isin(token, torch.tensor(run.stops, dtype=token.dtype)) if run.stops else finished
+                if bool(finished.all()) or step + 1 == run.max_new_tokens:
+                    break
+                fed = torch.zeros(self.spec.batch_size, 1, dtype=torch.long)
+                fed[:rows, 0] = token
+                logits = self.decode(fed, full_mask, torch.tensor([start + step]))
+        return torch.cat([ids[:rows, start - prompt:], torch.stack(new, 1)], dim=1)
+
+    def reset_state(self) -> None:
+        """An empty cache (each `generate` starts from one)."""
+        self.prefill.reset_state()
+
+
+@dataclass
+class _Run:
+    sampling: Sampling
+    stops: list[int]
+    pad: int
+    max_new_tokens: int
+    streamer: Any
+    generator: Optional[torch.Generator]
+
+
+def _prompt(input_ids: Any, attention_mask: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.as_tensor(input_ids)
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32) or ids.numel() == 0:
+        raise InputMismatchError(f"input_ids: expected a non-empty [batch, length] integer tensor, got "
+                                 f"{ids.dtype} {list(ids.shape)}")
+    mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask)
+    if mask.dim() == 1:
+        mask = mask[None]
+    if mask.shape != ids.shape:
+        raise InputMismatchError(f"attention_mask has shape {list(mask.shape)}, input_ids {list(ids.shape)}")
+    mask = mask.long()
+    if bool((mask[:, -1] == 0).any()) or bool((mask.diff(dim=1) < 0).any()):
+        raise InputMismatchError("attention_mask: prompts must be left-padded (zeros only before the first token)")
+    return ids.long(), mask
+
+
+def _min_prompt(ids: torch.Tensor, mask: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts shorter than MIN_PROMPT are left-padded up to it (the padding is masked out)."""
+    short = MIN_PROMPT - ids.shape[1]
+    if short <= 0:
+        return ids, mask
+    return (torch.nn.functional.pad(ids, (short, 0), value=pad), torch.nn.functional.pad(mask, (short, 0), value=0))
+
+
+def _fill_batch(ids: torch.Tensor, mask: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows up to the compiled batch size, filled with copies of the first row (their output is dropped)."""
+    missing = batch - ids.shape[0]
+    if missing <= 0:
+        return ids, mask
+    return torch.cat([ids, ids[:1].expand(missing, -1)]), torch.cat([mask, mask[:1].expand(missing, -1)])
+
+
+def _token_list(value: Union[int, Sequence[int], None]) -> list[int]:
+    if value is None:
+        return []
+    return [int(value)] if isinstance(value, int) else [int(v) for v in value]
+
+
+def share_state(source: dict[str, torch.Tensor], source_names: Sequence[str], target: dict[str, torch.Tensor],
+                target_names: Sequence[str], what: str) -> None:
+    """Make each target state tensor use the storage of its source counterpart (pairs in program order).
+    The tensors are changed in place (`set_`), so executors already holding them see the shared storage."""
+    if len(source_names) != len(target_names):
+        raise ArtifactError(f"{what}: prefill keeps {len(source_names)} state tensors, decode {len(target_names)}")
+    with torch.no_grad():
+        for src_name, dst_name in zip(source_names, target_names):
+            src, dst = source[src_name], target[dst_name]
+            if src.shape != dst.shape or src.dtype != dst.dtype:
+                raise ArtifactError(f"{what}: state {dst_name!r} is {dst.dtype} {list(dst.shape)} in decode but "
+                                    f"{src.dtype} {list(src.shape)} in prefill")
+            dst.set_(src)
