@@ -10,7 +10,7 @@ from sparsecc.passes import PruneNM
 from sparsecc.passes.nm.methods import METHODS
 from sparsecc.runtime.executor import BACKENDS
 
-from . import cli_build, cli_onnx, cli_prune
+from . import cli_build, cli_generate, cli_onnx, cli_prune
 from .cli_output import add_output_args, library_noise_hidden, wants_progress
 from .errors import SparseccError
 from .report_html import save_html
@@ -51,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     cli_build.add_parsers(sub, _add_model_args, _sparsity)
     cli_onnx.add_parsers(sub, _add_model_args, _sparsity)
     cli_prune.add_parser(sub)
+    cli_generate.add_parser(sub, _sparsity)
     sweep = sub.add_parser("sweep", help="measure output error against the amount of sparsity")
     kinds = sweep.add_subparsers(dest="sweep_kind", required=True)
     weights = kinds.add_parser("weights", help="error per layer group pruned alone, and whole-model error "
@@ -159,7 +160,7 @@ _COMMANDS = {"compile": _compile, "plan": _plan, "opt": _opt, "build": cli_build
              "inspect": cli_build.inspect_command, "keygen": cli_build.keygen_command,
              "sweep": lambda args: args.run(args),
              "export": cli_onnx.export_command, "sparsify": cli_onnx.sparsify_command,
-             "prune": cli_prune.prune_command}
+             "prune": cli_prune.prune_command, "generate": cli_generate.generate_command}
 
 if __name__ == "__main__":
     sys.exit(main())

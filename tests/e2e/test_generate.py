@@ -1,0 +1,219 @@
+"""mode="generate": prefill + decode programs over one static KV cache, checked token for token
+against transformers' `generate` on the pruned dense model (fp32, greedy, left-padded batch)."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import warnings
+
+import pytest
+import torch
+
+import sparsecc
+from sparsecc.errors import ConfigError
+from sparsecc.runtime.errors import InputMismatchError
+from sparsecc.runtime.sampling import Sampling
+
+transformers = pytest.importorskip("transformers")
+
+NEW_TOKENS = 32
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+            max_position_embeddings=128)
+
+
+def llama() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(intermediate_size=128, **TINY)).eval()
+
+
+def mixtral() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, **TINY)
+    return transformers.MixtralForCausalLM(config).eval()
+
+
+def qwen3_moe() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.Qwen3MoeConfig(intermediate_size=64, moe_intermediate_size=32, num_experts=4,
+                                         num_experts_per_tok=2, head_dim=16, **TINY)
+    return transformers.Qwen3MoeForCausalLM(config).eval()
+
+
+def left_padded(lengths=(5, 9), seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        ids[row, width - length:] = torch.randint(3, 128, (length,), generator=generator)
+        mask[row, width - length:] = 1
+    return ids, mask
+
+
+def reference(model: torch.nn.Module, gen) -> torch.nn.Module:
+    pruned = copy.deepcopy(model)
+    pruned.load_state_dict(gen.pruned_state_dict(), strict=False)
+    return pruned
+
+
+def compile_generator(model, sparsity, **options):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return sparsecc.compile(model, left_padded(), sparsity=sparsity, mode="generate", max_length=64, **options)
+
+
+CASES = {
+    "llama-2:4": (llama, "2:4"),
+    "mixtral-moe-2:4": (mixtral, {"moe": "dispatch", "weights": "2:4"}),
+    "qwen3moe-moe-2:4": (qwen3_moe, {"moe": "dispatch", "weights": "2:4"}),
+    "llama-mask": (llama, {"attention": "mask"}),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_greedy_generation_equals_transformers_on_the_pruned_model(case):
+    build, sparsity = CASES[case]
+    model = build()
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    gen = compile_generator(model, sparsity)
+    ids, mask = left_padded()
+    got = gen.generate(ids, mask, max_new_tokens=NEW_TOKENS)
+    want = reference(model, gen).generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert torch.equal(got, want), f"{case}: first differing position {(got != want).nonzero()[:1].tolist()}"
+    assert all(torch.equal(t, before[name]) for name, t in model.state_dict().items()), "the user's model changed"
+    assert gen.report().layers, f"{case}: nothing was rewritten"
+
+
+@pytest.fixture(scope="module")
+def llama_gen():
+    model = llama()
+    return model, compile_generator(model, "2:4")
+
+
+def test_decode_shares_the_prefill_cache_and_weights(llama_gen):
+    _, gen = llama_gen
+    prefill, decode = gen.prefill, gen.decode
+    for a, b in zip(prefill.program.state_names, decode.program.state_names):
+        assert prefill.constants[a].data_ptr() == decode.constants[b].data_ptr()
+    weights = [n for n in decode.program.constant_names if n not in decode.program.state_names and n in prefill.constants]
+    shared = [n for n in weights if prefill.constants[n].data_ptr() == decode.constants[n].data_ptr()]
+    assert len(shared) >= 0.9 * len(weights) and shared
+
+
+def test_short_prompts_batches_beyond_the_compiled_size_and_eos(llama_gen):
+    model, gen = llama_gen
+    ref = reference(model, gen)
+    one = torch.tensor([[17]])   # shorter than the prefill program's minimum prompt: padded on the left
+    assert torch.equal(gen.generate(one, max_new_tokens=8), ref.generate(one, max_new_tokens=8, do_sample=False))
+    ids, mask = left_padded((4, 7, 6), seed=3)   # 3 rows, compiled for 2: two groups
+    got = gen.generate(ids, mask, max_new_tokens=6)
+    for row in range(3):
+        keep = mask[row].bool()
+        want = ref.generate(ids[row:row + 1, keep], max_new_tokens=6, do_sample=False)
+        assert torch.equal(got[row, -6:], want[0, -6:]), f"row {row}"
+    first = int(got[0, ids.shape[1]])
+    stopped = gen.generate(ids, mask, max_new_tokens=6, eos_token_id=first, pad_token_id=0)
+    assert stopped[0, ids.shape[1]] == first and (stopped[0, ids.shape[1] + 1:] == 0).all()
+
+
+def test_streamer_sees_the_prompt_then_each_token(llama_gen):
+    _, gen = llama_gen
+
+    class Collect:
+        def __init__(self):
+            self.parts, self.ended = [], False
+
+        def put(self, value):
+            self.parts.append(value.clone())
+
+        def end(self):
+            self.ended = True
+
+    ids, mask = left_padded()
+    streamer = Collect()
+    out = gen.generate(ids, mask, max_new_tokens=5, streamer=streamer)
+    assert streamer.ended and torch.equal(streamer.parts[0], ids)
+    assert torch.equal(torch.stack(streamer.parts[1:], 1), out[:, ids.shape[1]:])
+
+
+def test_sampling(llama_gen):
+    _, gen = llama_gen
+    ids, mask = left_padded()
+    greedy = gen.generate(ids, mask, max_new_tokens=6)
+    assert torch.equal(gen.generate(ids, mask, max_new_tokens=6, do_sample=True, top_k=1), greedy)
+    seeded = [gen.generate(ids, mask, max_new_tokens=6, do_sample=True, temperature=1.5, top_p=0.9,
+                           generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(*seeded)
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    kept = {int(Sampling(True, top_k=2).next_tokens(logits)) for _ in range(50)}
+    assert kept == {2, 3}
+    assert {int(Sampling(True, top_p=0.5).next_tokens(logits)) for _ in range(20)} == {3}
+
+
+def test_saved_generator_loads_and_generates_the_same(llama_gen, tmp_path):
+    _, gen = llama_gen
+    ids, mask = left_padded()
+    want = gen.generate(ids, mask, max_new_tokens=12)
+    gen.save(str(tmp_path / "gen"), progress=False)
+    loaded = sparsecc.runtime.load(str(tmp_path / "gen"))
+    assert type(loaded).__name__ == "LoadedGenerator"
+    assert torch.equal(loaded.generate(ids, mask, max_new_tokens=12), want)
+    state = loaded.prefill.program.state_names
+    assert all(loaded.prefill.constants[a].data_ptr() == loaded.decode.constants[b].data_ptr()
+               for a, b in zip(state, loaded.decode.program.state_names))
+
+
+def test_a_tampered_generator_spec_is_refused(llama_gen, tmp_path):
+    _, gen = llama_gen
+    gen.save(str(tmp_path / "gen"), progress=False)
+    manifest = tmp_path / "gen" / "prefill" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"max_length": 64', '"max_length": 99999'))
+    with pytest.raises(sparsecc.runtime.ArtifactError, match="does not match"):
+        sparsecc.runtime.load(str(tmp_path / "gen"))
+    text = manifest.read_text().replace('"max_length": 99999', '"max_length": "64"')   # hash recomputed: still checked
+    manifest.write_text(text)
+    (manifest.parent / "manifest.sha256").write_text(hashlib.sha256(text.encode()).hexdigest() + "  manifest.json\n")
+    with pytest.raises(sparsecc.runtime.ArtifactError, match="positive ints"):
+        sparsecc.runtime.load(str(tmp_path / "gen"))
+
+
+def test_bad_requests_are_clear(llama_gen):
+    _, gen = llama_gen
+    ids, mask = left_padded()
+    with pytest.raises(InputMismatchError, match="max_length"):
+        gen.generate(ids, mask, max_new_tokens=60)
+    right_padded = mask.flip(1)
+    with pytest.raises(InputMismatchError, match="left-padded"):
+        gen.generate(ids, right_padded, max_new_tokens=2)
+    with pytest.raises(ConfigError, match="max_length"):
+        sparsecc.compile(llama(), left_padded(), mode="generate")
+    with pytest.raises(ConfigError, match="causal LM"):
+        sparsecc.compile(torch.nn.Linear(4, 4), left_padded(), mode="generate", max_length=16)
+    with pytest.raises(ConfigError, match="mode"):
+        sparsecc.compile(llama(), left_padded(), mode="decode")
+
+
+FACTORY = '''
+import torch, transformers
+def build():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=128)
+    return transformers.LlamaForCausalLM(config).eval()
+'''
+
+
+def test_cli_streams_tokens_and_runs_a_saved_generator(tmp_path, capsys):
+    from sparsecc.cli import main
+    (tmp_path / "tiny_lm.py").write_text(FACTORY)
+    prompts = ["--prompt-ids", "5,6,7", "--prompt-ids", "9,10,11,12,13"]
+    saved = tmp_path / "gen"
+    assert main(["generate", str(tmp_path / "tiny_lm.py") + ":build", *prompts, "--sparsity", "2:4",
+                 "--max-new-tokens", "6", "--save", str(saved), "-q"]) == 0
+    compiled = capsys.readouterr().out.splitlines()
+    assert len(compiled) == 6 + 2 and all(len(line.split()) == 2 for line in compiled[:6])   # one line per step
+    assert compiled[-2].startswith("5 6 7 ") and len(compiled[-2].split()) == 3 + 6
+    assert main(["generate", str(saved), *prompts, "--max-new-tokens", "6", "-q"]) == 0
+    assert capsys.readouterr().out.splitlines() == compiled
+    assert main(["generate", str(saved), "--prompt-ids", "5,x"]) == 2
+    assert "comma-separated token ids" in capsys.readouterr().err
