@@ -39,6 +39,24 @@ def qwen3_moe() -> torch.nn.Module:
     return transformers.Qwen3MoeForCausalLM(config).eval()
 
 
+def gpt_oss() -> torch.nn.Module:
+    """Sliding-window layers (their static cache layer keeps a Python-int length: replaced by a full one)."""
+    torch.manual_seed(0)
+    config = transformers.GptOssConfig(intermediate_size=64, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                       sliding_window=8, **TINY)
+    return transformers.GptOssForCausalLM(config).eval()
+
+
+def deepseek_v3() -> torch.nn.Module:
+    """Multi-head latent attention: keys and values of different head sizes in the cache."""
+    torch.manual_seed(0)
+    config = transformers.DeepseekV3Config(**{**TINY, "num_key_value_heads": 4}, intermediate_size=64,
+                                           moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
+                                           n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32,
+                                           qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1)
+    return transformers.DeepseekV3ForCausalLM(config).eval()
+
+
 def left_padded(lengths=(5, 9), seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     width = max(lengths)
@@ -67,6 +85,8 @@ CASES = {
     "mixtral-moe-2:4": (mixtral, {"moe": "dispatch", "weights": "2:4"}),
     "qwen3moe-moe-2:4": (qwen3_moe, {"moe": "dispatch", "weights": "2:4"}),
     "llama-mask": (llama, {"attention": "mask"}),
+    "gpt-oss-moe-2:4": (gpt_oss, {"moe": "dispatch", "weights": "2:4"}),
+    "deepseek-v3-moe-2:4": (deepseek_v3, {"moe": "dispatch", "weights": "2:4"}),
 }
 
 
