@@ -8,6 +8,8 @@
     routers.py    how tokens are scored: norm, a calibrated probe, or weights from a file
     flops.py      FLOPs of a body, for the report
     routing.py    the pass and its RegionRule
+    threshold.py  decision "threshold": score >= a calibrated per-block threshold, per token (decode)
+    decode.py     mode="generate": the prefill calibrates the thresholds, the decode program is given them
 """
 from .routing import TokenRouting
 

@@ -18,8 +18,11 @@ aten = torch.ops.aten
 
 
 def _shape(node) -> list[int]:
+    """Sizes, a dynamic dim at its example hint (`int()` on it would specialise the graph to the example)."""
     val = node.meta.get("val") if isinstance(node, Node) else None
-    return [int(d) for d in val.shape] if isinstance(val, torch.Tensor) else []
+    if not isinstance(val, torch.Tensor):
+        return []
+    return [d if isinstance(d, int) else int(d.node.hint) if d.node.hint is not None else 0 for d in val.shape]
 
 
 def _numel(shape: list[int]) -> int:
