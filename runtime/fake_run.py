@@ -103,6 +103,11 @@ class FakeRun:
     unbounded: frozenset[int]   # instructions reading data-dependent values: the call guard checks them
 
 
+# ops returning a tensor shaped like their first argument, whatever their other arguments hold
+SHAPED_BY_FIRST = frozenset({"sparsecc::unroute", "aten::index_put.default", "aten::index_add.default",
+                             "aten::index_copy.default", "aten::scatter.src", "aten::scatter_add.default"})
+
+
 def hint_sizes(program: Program) -> dict[str, int]:
     """Each symbol at its hint, else its range's lower bound: the sizes checked at load."""
     return {s: program.symbol_hints.get(s, r[0]) for s, r in program.symbol_ranges.items()}
@@ -189,10 +194,19 @@ def _has_unknown(value: Any) -> bool:
 def _run(inst: Instruction, regs: list[Any], fakes: dict, constants: dict, mode: FakeTensorMode, where: str) -> Any:
     args, kwargs = _decode(inst.args, regs, fakes), {k: _decode(v, regs, fakes) for k, v in inst.kwargs.items()}
     if _has_unknown((args, kwargs)):
-        return UNKNOWN
+        return _like_first(inst.op, args, mode)
     if inst.op.startswith("sparsecc::"):
         _verify_sparse_op(inst, regs, constants, where)
     return _call(inst.op, args, kwargs, mode, where)
+
+
+def _like_first(op: str, args: list, mode: FakeTensorMode) -> Any:
+    """An op whose result has its first argument's shape whatever the data (a scatter back into the residual)
+    stays known when only its other arguments are data-dependent; anything else is UNKNOWN."""
+    if op not in SHAPED_BY_FIRST or not args or not isinstance(args[0], torch.Tensor):
+        return UNKNOWN
+    with mode:
+        return torch.empty_like(args[0])
 
 
 def _call(op: str, args: Any, kwargs: dict, mode: FakeTensorMode, where: str) -> Any:

@@ -84,3 +84,18 @@ def test_program_state_is_still_written():
     run = guarded(p, consts)
     run.run([torch.ones(4, 8)]), run.run([torch.ones(4, 8)])
     assert consts["calls"].item() == 2
+
+
+def test_a_scatter_back_into_a_known_tensor_stays_bounded_at_load():
+    # rows picked by nonzero are data-dependent, but index_add into x keeps x's shape: only the
+    # nonzero and the gather need the per-call check; the scatter and what follows are bounded at load
+    p = program([inst("aten::nonzero.default", [{"r": 0}], [1]),
+                 inst("aten::view.default", [{"r": 1}, [-1]], [2]),
+                 inst("aten::index_select.default", [{"r": 0}, 0, {"r": 2}], [3]),
+                 inst("aten::index_add.default", [{"r": 0}, 0, {"r": 2}, {"r": 3}], [4]),
+                 inst("aten::mul.Tensor", [{"r": 4}, {"r": 4}], [5])],
+                [{"r": 5}], num_registers=6, shape=[8])
+    found = validate_program(p, {}, device=CPU, max_bytes=MIB)
+    assert found.unbounded == {0, 1, 2}   # nonzero, its view, the gather
+    x = torch.tensor([0.0, 1, 0, 2, 0, 0, 3, 0])
+    assert torch.equal(guarded(p, {}).run([x])[0], (2 * x) ** 2)
