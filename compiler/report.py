@@ -245,9 +245,11 @@ def _routing_lines(layers: list[RewriteRecord]) -> list[str]:
     for r in blocks:
         d = r.details
         fit = f", probe fit R^2 {d['probe_r2']:.2f}" if "probe_r2" in d else ""
-        lines.append(f"  {r.layer}: router {d['router']}{fit}, capacity {d['capacity']:g}: {d['kept']} of "
-                     f"{d['tokens']} tokens per sequence; FLOPs {_count(r.flops_before)} -> {_count(r.flops_after)} "
-                     f"(saved {_count(d['flops_saved'])}); block error vs dense {d['block_error']:.2e}")
+        kept = (f"threshold {d['threshold']:.4g}: {d['kept']} of {d['tokens']} tokens passed"
+                if d.get("decision") == "threshold" else f"{d['kept']} of {d['tokens']} tokens per sequence")
+        lines.append(f"  {r.layer}: router {d['router']}{fit}, capacity {d['capacity']:g}: {kept}; "
+                     f"FLOPs {_count(r.flops_before)} -> {_count(r.flops_after)} (saved {_count(d['flops_saved'])}); "
+                     f"block error vs dense {d['block_error']:.2e}")
     sources = sorted({r.details["router_data"] for r in blocks if r.details.get("router_data")})
     return lines + [f"  routers from {source}" for source in sources]
 
