@@ -116,6 +116,8 @@ class TokensConfig(Section):
     layers: Optional[tuple[str, ...]] = TokenRouting.layers   # block indices or module globs; None: all but
                                                               # the first and last
     weights_file: Optional[str] = None          # router "weights": safetensors with <block>.router.weight/bias
+    decision: str = TokenRouting.decision       # topk: top `capacity` of a call's tokens; threshold: score >= a
+                                                # threshold calibrated to pass `capacity` (causal; generation)
 
     def __post_init__(self) -> None:
         layers = (self.layers,) if isinstance(self.layers, (str, int)) else self.layers
