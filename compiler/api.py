@@ -118,6 +118,9 @@ class CompiledModel:
         self.records = records          # one per rewritten layer, as the passes reported them
         self._captured = captured
         self._executor = Executor(program, constants, backend)
+        # state a pass added (Quest's page summaries) starts from its value at lowering; the rest from capture
+        self._added_state = {name: constants[name].detach().clone() for name in program.state_names
+                             if name not in captured.initial_state}
         self._report: Optional[Report] = None
         # Triton launches on a GPU run binaries from the sparsecc kernel cache (docs/aot.md)
         self.kernel_launcher = CachedKernelLauncher() if backend == "triton" and not jit_forced() else None
@@ -187,7 +190,7 @@ class CompiledModel:
         """Put the program's state back to its value at compile time (e.g. an empty KV cache)."""
         with torch.no_grad():
             for name in self.program.state_names:
-                self.constants[name].copy_(self._captured.initial_state[name])
+                self.constants[name].copy_(self._captured.initial_state.get(name, self._added_state.get(name)))
 
     def pruned_state_dict(self) -> dict[str, torch.Tensor]:
         """Dense weights equal to what the compiled program computes with, keyed by the model's names."""

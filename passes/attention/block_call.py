@@ -66,19 +66,22 @@ def rule_values(rule: Optional[MaskRule], values: dict, device) -> Optional[tupl
             [operand_value(t.cols, values, device) for t in rule.terms])
 
 
-def run_block_attention(site: AttentionSite, values: dict, call: BlockCall) -> torch.Tensor:
+def run_block_attention(site: AttentionSite, values: dict, call: BlockCall, narrow=None) -> torch.Tensor:
+    """The call on recorded values; `narrow` (e.g. `quest.QuestPages`) narrows the layout op's layout."""
     q, k, v, mask = (values[n] for n in (site.q, site.k, site.v, site.mask))
     sinks = None if site.sinks is None else values[site.sinks].reshape(-1)
     *layout, rows, cols = call.layout(mask, q, k, rule_values(call.rule, values, q.device))
+    layout = layout if narrow is None else narrow.narrowed(layout, site, values)
     rule = (rows, cols, call.rule.ops) if call.rule else ()
     return torch.ops.sparsecc.block_attention(q, k, v, *layout, None if call.rule else mask, site.scale, call.block,
                                               call.block, call.threshold, call.empty_rows, site.softcap, sinks, *rule)
 
 
-def example_layout(site: AttentionSite, values: dict, call: BlockCall) -> Layout:
+def example_layout(site: AttentionSite, values: dict, call: BlockCall, narrow=None) -> Layout:
     """The layout the call computes on the example inputs."""
     q, k = values[site.q], values[site.k]
-    return Layout(*call.layout(values[site.mask], q, k, rule_values(call.rule, values, q.device))[:4])
+    layout = list(call.layout(values[site.mask], q, k, rule_values(call.rule, values, q.device))[:4])
+    return Layout(*(layout if narrow is None else narrow.narrowed(layout, site, values)))
 
 
 def achieved_density(site: AttentionSite, values: dict, call: BlockCall, layout: Layout) -> float:
@@ -135,9 +138,10 @@ def _insert_layout(rw: Rewriter, site: AttentionSite, call: BlockCall) -> tuple[
     return parts[:4], parts[4], parts[5]
 
 
-def insert_block_attention(gm: GraphModule, site: AttentionSite, call: BlockCall) -> Node:
+def insert_block_attention(gm: GraphModule, site: AttentionSite, call: BlockCall, narrow=None) -> Node:
     rw = Rewriter(gm, site.root)
     parts, rule_rows, rule_cols = _insert_layout(rw, site, call)
+    parts = parts if narrow is None else narrow.inserted(rw, parts, site)
     sinks = None if site.sinks is None else rw.call(torch.ops.aten.reshape.default, site.sinks, [-1])
     rule = (rule_rows, rule_cols, call.rule.ops) if call.rule else ()   # a mask call keeps the old signature
     out = rw.call(torch.ops.sparsecc.block_attention.default, site.q, site.k, site.v, *parts,

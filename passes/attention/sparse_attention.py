@@ -7,7 +7,9 @@ error that costs against dense attention on the example inputs:
     window     sliding window of `window` keys plus `sinks` first keys (StreamingLLM), block-granular;
                the layout op reads the mask only inside the window
     topk       per query block the `topk` (fraction in (0, 1) or count >= 1) visible key blocks of
-               highest pooled (mean) q . k score, diagonal and sink blocks always kept, chosen per call
+               highest pooled (mean) q . k score, diagonal and sink blocks always kept, chosen per call;
+               attending through a KV cache (generation), per-page key min/max are kept with the cache
+               and a decode step keeps the `topk` pages of `page` keys of highest Quest bound (`quest`)
     threshold  the mask's layout; the kernel skips a key block whose largest logit lies more than
                log(1/threshold) below the running row maximum (BLASST)
 
@@ -40,6 +42,7 @@ from .block_call import (BlockCall, achieved_density, example_layout, insert_blo
 from .causal import causal_sdpa_as_mask
 from .layout_picture import block_picture
 from .mask_rule import NotARule, read_rule
+from .quest import QuestPages, insert_key_summaries, key_cache, one_query
 from .sites import AttentionSite, NotAttention, attention_site
 
 POLICIES = ("mask", "window", "topk", "threshold")
@@ -55,12 +58,14 @@ class SparseAttention(Pass):
     sinks: int = 4              # ... plus the first `sinks` keys (StreamingLLM; also kept by topk)
     topk: float = 0.1           # policy topk: fraction (0, 1) of a query block's visible key blocks, or a count
     threshold: float = 1e-4     # policy threshold: skip blocks whose logits lie log(1/threshold) below the max
+    page: int = 16              # policy topk over a KV cache: keys per page of the decode step's Quest selection
     tolerance: float = 1e-4     # exact confirmation under `mask` (fp32; x100 for 16-bit)
     option_bounds: ClassVar[dict[str, OptionBounds]] = {
         "block": OneOf(64, 128), "window": Bounds(1, whole=True), "sinks": Bounds(0, whole=True),
         "topk": (Bounds(0, 1, low_open=True, high_open=True, noun="a fraction"),
                  Bounds(1, whole=True, noun="a whole count")),
-        "threshold": Bounds(0, 1, low_open=True, high_open=True), "tolerance": Bounds(0)}
+        "threshold": Bounds(0, 1, low_open=True, high_open=True), "tolerance": Bounds(0),
+        "page": OneOf(16, 32, 64, 128)}
     always_spelled: ClassVar[tuple[str, ...]] = ("policy", "block")
     policy_options: ClassVar[dict[str, tuple[str, ...]]] = {   # what each policy reads, shown in the report
         "mask": (), "window": ("window", "sinks"), "topk": ("topk", "sinks"), "threshold": ("threshold",)}
@@ -75,7 +80,7 @@ class SparseAttention(Pass):
             if node in remaining:
                 node.args, node.kwargs = args, kwargs
         for node in reversed(list(gm.graph.nodes)):     # and the causal masks made for them go again
-            if node not in before and not node.users and node.op == "call_function":
+            if node not in before and not node.users and node.op == "call_function" and not node.is_impure():
                 gm.graph.erase_node(node)
         return result
 
@@ -125,7 +130,10 @@ class AttentionRule(RegionRule):
 
     def recorded(self, site: AttentionSite) -> tuple[Node, ...]:
         rule = site.rule.operands if site.rule else []
-        return tuple(n for n in (site.root, site.q, site.k, site.v, site.mask, site.sinks, *rule) if n is not None)
+        cache = key_cache(site) if self.options.policy == "topk" else None   # its positions bound the summaries
+        written = (cache.positions,) if cache else ()
+        return tuple(n for n in (site.root, site.q, site.k, site.v, site.mask, site.sinks, *rule, *written)
+                     if n is not None)
 
     def readings(self, gm: GraphModule, site: AttentionSite, values: dict) -> Iterator[BlockCall]:
         return (BlockCall(self.options.block, (), 0.0, empty_rows) for empty_rows in EMPTY_ROWS)
@@ -144,24 +152,41 @@ class AttentionRule(RegionRule):
         if site.rule and rule is None:
             site.no_rule = "the rule read off the mask does not reproduce it on the example inputs"
         call = BlockCall(options.block, options.layout_args(), threshold, exact.empty_rows, rule)
+        call, quest = self.paged(gm, site, call)
         if options.policy != "mask" and not planned:  # lossy: the error against the dense attention it replaces
-            error = relative_error(run_block_attention(site, values, call), values[site.root], same_nans=True)
-        return insert_block_attention(gm, site, call), self.record(site, values, call, error)
+            error = relative_error(run_block_attention(site, values, call, quest), values[site.root], same_nans=True)
+        return insert_block_attention(gm, site, call, quest), self.record(site, values, call, error, quest)
 
-    def record(self, site: AttentionSite, values: dict, call: BlockCall, error: float) -> RewriteRecord:
+    def paged(self, gm: GraphModule, site: AttentionSite, call: BlockCall) -> tuple[BlockCall, Optional[QuestPages]]:
+        """Under topk, a site attending through a key cache keeps page summaries beside it (both programs of a
+        generator, same state order); a decode step (one query) then takes its pages by Quest bound."""
+        cache = key_cache(site) if self.options.policy == "topk" else None
+        if cache is None:
+            return call, None
+        options = self.options
+        key_min, key_max = insert_key_summaries(gm, site, cache, options.page)
+        if not one_query(site):
+            return call, None
+        quest = QuestPages(options.topk, options.sinks, options.page, cache, key_min, key_max)
+        return replace(call, block=options.page, layout_args=()), quest
+
+    def record(self, site: AttentionSite, values: dict, call: BlockCall, error: float,
+               quest: Optional[QuestPages] = None) -> RewriteRecord:
         q, k = values[site.q], values[site.k]
         batch, heads, seq, dim = q.shape
         keys = k.shape[-2]
-        layout = None if q.is_meta else example_layout(site, values, call)   # meta: planned, nothing measured
+        layout = None if q.is_meta else example_layout(site, values, call, quest)   # meta: planned, nothing measured
         kept = None if layout is None else achieved_density(site, values, call, layout)
         flops = 4 * batch * heads * seq * keys * dim
         options = self.options
         return RewriteRecord(
             layer=site.layer, op="sparsecc.block_attention", source_op=site.form,
-            pattern=f"{options.policy}/b{options.block}", shape=[batch, heads, seq, keys], params_before=0,
+            pattern=f"{options.policy}/{f'quest-p{call.block}' if quest else f'b{call.block}'}",
+            shape=[batch, heads, seq, keys], params_before=0,
             params_after=0, bytes_before=0, bytes_after=0, flops_before=flops,
             flops_after=flops if kept is None else int(flops * kept),
-            details={"policy": options.policy, "block": options.block, "density": kept, "error_vs_dense": error,
+            details={"policy": options.policy, "block": call.block, "density": kept, "error_vs_dense": error,
+                     **({"selection": f"quest: pages of {call.block} keys by key min/max bound"} if quest else {}),
                      "mask": _mask_source(call, site),
                      "empty_rows": call.empty_rows, "gqa": k.shape[1] != heads, **options.policy_details(),
                      "layout_blocks": None if layout is None else block_picture(layout)})

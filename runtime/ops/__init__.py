@@ -9,6 +9,7 @@ from .moe_ep import MOE_EP
 from .nm_decompress import NM_DECOMPRESS
 from .nm_linear import NM_LINEAR
 from .nm_conv2d import NM_CONV2D
+from .quest_layout import QUEST_LAYOUT
 from .route import ROUTE
 from .route_gather import ROUTE_GATHER
 from .route_unroute import UNROUTE
@@ -16,7 +17,7 @@ from .rule_layout import RULE_LAYOUT
 
 OPS: dict[str, OpDef] = {op.name: op for op in (NM_LINEAR, MOE, NM_DECOMPRESS, BLOCK_LAYOUT, BLOCK_ATTENTION,
                                                 ROUTE, ROUTE_GATHER, UNROUTE, NM_CONV2D, RULE_LAYOUT,
-                                                MOE_EP)}
+                                                MOE_EP, QUEST_LAYOUT)}
 
 
 def get_op(name: str) -> OpDef:
