@@ -219,3 +219,17 @@ def test_diagonal_triangle_check_is_per_batch_and_head_of_the_mask(per_head_layo
     layout = topk_layout(q, k, 4, 16, 16) if per_head_layout else layout_from_mask(mask, 16, 16)
     layout = intersect(layout, layout_from_mask(mask, 16, 16))
     assert_matches_reference(q, k, v, layout, mask)
+
+
+def test_decode_over_scattered_blocks_gathers_them_once(monkeypatch):
+    import sparsecc.runtime.kernels.cpu.block_attention as cpu_kernel
+    calls = []
+    gathered = cpu_kernel._gathered
+    monkeypatch.setattr(cpu_kernel, "_gathered", lambda *a, **kw: calls.append(1) or gathered(*a, **kw))
+    q, k, v = qkv(batch=2, heads=4, kv_heads=2, seq=1, keys=320)
+    mask = torch.ones(2, 1, 1, 320, dtype=torch.bool)
+    for block in range(1, 20, 2):        # every other key block of 16 hidden: 10 runs (Quest-like pages)
+        mask[..., block * 16:(block + 1) * 16] = False
+    mask[1, ..., 5:9] = False            # a partial block in one row
+    assert_matches_reference(q, k, v, layout_from_mask(mask, 16, 16), mask, 16, 16)
+    assert calls and cpu_kernel.SCATTERED_RUNS < 10

@@ -363,16 +363,23 @@ def _pieces(p: Problem, runs: list[Run], diagonals: set[int]) -> list[tuple[Run,
                      for qb, kb, step, n in progressions(sorted_diagonals, band=True)]
 
 
+SCATTERED_RUNS = 4   # above this many runs of consecutive key blocks, decode gathers them into one flash call
+
+
 def _direct(p: Problem, hs: HeadSet, layout: list) -> None:
     """Fewer query rows than a block (decode, short chunks): the one query block reads its listed key
     blocks in place, one flash call per run of consecutive blocks under an additive mask over the run's
     keys (full blocks: every key in range; partial blocks: the mask source's elements)."""
     kv_num, kv_indices, full_num, full_indices = (x[0] for x in layout)
     full, device, fresh = set(full_indices[:full_num]), p.q.device, True
+    listed = sorted(full.union(kv_indices[:kv_num]))
+    if len(runs_of(listed)) > SCATTERED_RUNS:   # scattered blocks (Quest pages): one gathered call, not one per run
+        _gathered(p, hs, {0: listed}, full=False, fresh=True)
+        return
     q_axes, k_axes = _axes(hs, "q"), _axes(hs, "k")
     q = strided(p.q, hs.q_head, q_axes, 0, p.rows)
     out, lse = (strided(t, hs.q_head, q_axes, 0, p.rows) for t in (p.out, p.lse))
-    for start, length in runs_of(sorted(full.union(kv_indices[:kv_num]))):
+    for start, length in runs_of(listed):
         keys = (start * p.block_k, length * p.block_k)
         whole = torch.tensor([b in full for b in range(start, start + length)], device=device)
         by_rule = _visibility(p, hs, torch.zeros(1, dtype=torch.long, device=device),
