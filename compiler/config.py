@@ -103,6 +103,7 @@ class AttentionConfig(Section):
                                                   # or a count >= 1
     threshold: float = SparseAttention.threshold  # threshold: skip key blocks whose logits lie log(1/threshold)
                                                   # below the row max
+    page: int = SparseAttention.page              # topk in decode: keys per Quest page (min/max summaries)
 
 
 @dataclass(frozen=True)
