@@ -13,7 +13,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "compile": ("sparsecc.api", "compile"),
+    "compile": ("sparsecc.entry", "compile"),
     "CompiledModel": ("sparsecc.api", "CompiledModel"),
     "plan": ("sparsecc.planner", "plan"),
     "SparsityConfig": ("sparsecc.config", "SparsityConfig"),

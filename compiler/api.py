@@ -39,8 +39,7 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, sparsity: Any = 
             backend: Optional[str] = None, pipeline: Optional[str] = None, dynamic_shapes: Any = None, *,
             example_kwargs: Optional[dict] = None, check: bool = True, verify: bool = True,
             print_ir_after_all: bool = False, dump_dir: Optional[str] = None, progress: bool = False,
-            distributed: Optional[dict] = None, mode: str = "forward", max_length: Optional[int] = None,
-            batch_size: Optional[int] = None) -> "CompiledModel":
+            distributed: Optional[dict] = None) -> "CompiledModel":
     """Capture `model`, rewrite it for `sparsity`, lower it to a Program and return a callable.
 
     `sparsity` is "N:M", a dict or a SparsityConfig; `pipeline` (a pass pipeline string)
@@ -52,17 +51,7 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, sparsity: Any = 
     specialised to `example_inputs` (a tuple or {input name: tensor}; declared shapes when None).
     `distributed={"experts": "ep"}`, called on every rank of an initialised process group, keeps on each
     rank only its E/world experts and exchanges token rows between ranks (docs/scale.md).
-    `mode="generate"` (a transformers causal LM, `example_inputs` a prompt's input_ids) returns a
-    CompiledGenerator: prefill and decode programs over one static KV cache of `max_length` positions
-    for up to `batch_size` rows, with `generate(...)` as in transformers (docs/generation.md).
     """
-    if mode == "generate":
-        from .generation import compile_generator
-        return compile_generator(model, example_inputs, sparsity, calibration, max_length=max_length,
-                                 batch_size=batch_size, pipeline=pipeline, backend=backend, check=check, verify=verify,
-                                 print_ir_after_all=print_ir_after_all, dump_dir=dump_dir, progress=progress)
-    if mode != "forward":
-        raise ConfigError(f"mode: expected 'forward' or 'generate', got {mode!r}")
     if isinstance(model, (str, os.PathLike)):
         from .onnx.frontend.import_model import import_for_compile
         model, example_inputs = import_for_compile(model, example_inputs)

@@ -19,18 +19,22 @@ from typing import Any, Iterable, Optional
 
 import torch
 from torch.export import Dim
+from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fixes
 
 from sparsecc.passes import build_pipeline, format_pipeline
 from sparsecc.passes.nm.prune import PruneNM
+from sparsecc.passes.tokens.decode import calibrated_thresholds, decode_routing, decode_routing_facts, prefill_routing
 from sparsecc.runtime.generation import GENERATOR_FILE, MIN_PROMPT, PROGRAM_DIRS, GenerationSpec, Generator
 from sparsecc.runtime.loaded_generator import share_programs
 
 from .api import compile
 from .config import parse_sparsity
-from .errors import ConfigError
+from .errors import CaptureError, ConfigError
+from .generation_cache import WindowCache, window_cache_policy
 from .generation_step import CachedStep
 
 PREFIX = "model."   # CachedStep keeps the user's model as its `model` attribute
+REFINES = 4         # times the prompt range is narrowed to what torch.export proves one graph covers
 
 
 def compile_generator(model: torch.nn.Module, example_inputs: Any, sparsity: Any = None,
@@ -46,21 +50,61 @@ def compile_generator(model: torch.nn.Module, example_inputs: Any, sparsity: Any
                           f"got {max_length!r}")
     if type(batch) is not int or batch < 1:
         raise ConfigError(f"batch_size must be a positive int, got {batch!r}")
-    step = CachedStep(model, batch, max_length)
     passes = build_pipeline(pipeline) if pipeline is not None else parse_sparsity(sparsity).passes()
-    prompt = Dim("prompt", min=MIN_PROMPT, max=max_length)
-    prefill = compile(step, _step_inputs(ids, mask, batch, max_length), pipeline=format_pipeline(passes),
-                      calibration=_step_batches(calibration, batch, max_length), dynamic_shapes=({1: prompt}, None, {0: prompt}),
-                      **options)
-    decode_step = CachedStep(_with_weights(model, prefill.pruned_state_dict()), batch, max_length)
+    window, passes = window_cache_policy(passes)   # a window policy becomes a ring cache, not a layout
+    try:
+        passes = prefill_routing(passes)   # token routing decides by calibrated threshold (passes/tokens/decode.py)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    step = CachedStep(model, batch, max_length, window)
+    prefill, prompts = _compile_prefill(step, ids, mask, batch, max_length, format_pipeline(passes), calibration, options)
+    decode_step = CachedStep(_with_weights(model, prefill.pruned_state_dict()), batch, max_length, window)
     decode_inputs = (ids[:1, :1].expand(batch, 1).clone(), _full_mask(mask[:1].expand(batch, -1), max_length),
                      torch.tensor([ids.shape[1]]))
-    decode = compile(decode_step, decode_inputs, pipeline=format_pipeline(_keeping_weights(passes)),
+    decode_passes = decode_routing(_keeping_weights(passes), calibrated_thresholds(prefill.report().passes))
+    decode = compile(decode_step, decode_inputs, pipeline=format_pipeline(decode_passes),
                      **{**options, "check": False})
+    _reference_on_dense_weights(decode.captured.dense_gm, model)
     share_programs(prefill, decode, "generator")
-    spec = GenerationSpec(batch, max_length, _vocab_size(prefill.graph_module), *_special_tokens(model),
-                          cache={"kind": "static", "bytes": step.cache_bytes()})
+    cache = {"kind": "static", "bytes": step.cache_bytes()} if window is None else step.cache.describe(max_length)
+    spec = GenerationSpec(batch, max_length, _vocab_size(prefill.graph_module), *_special_tokens(model), cache=cache)
     return CompiledGenerator(prefill, decode, spec)
+
+
+def _compile_prefill(step: CachedStep, ids: torch.Tensor, mask: torch.Tensor, batch: int, max_length: int,
+                     pipeline: str, calibration: Optional[Iterable], options: dict) -> tuple[Any, list[int]]:
+    """The prefill program for prompts of MIN_PROMPT..max_length tokens; where the model's graph differs
+    by prompt length (a sliding-window layer branches on it), for the range torch.export proves one graph
+    covers. Returns (program, [shortest, longest prompt]); shorter prompts are left-padded up to it."""
+    prompt = _prompt_dim(step, max_length)
+    dims = ({1: prompt}, None, {0: prompt})
+    for attempt in range(REFINES + 1):
+        lengths = [dims[0][1].min, dims[0][1].max]
+        inputs = _step_inputs(ids, mask, batch, max_length, lengths[0])
+        try:
+            return compile(step, inputs, pipeline=pipeline, dynamic_shapes=dims,
+                           calibration=_step_batches(calibration, batch, max_length, lengths[0]), **options), lengths
+        except CaptureError as err:
+            suggested = str(err.__cause__ or "")
+            if attempt == REFINES or "Suggested fixes" not in suggested:
+                raise
+            dims = refine_dynamic_shapes_from_suggested_fixes(_suggested_fixes(suggested), dims)
+    raise AssertionError("unreachable")
+
+
+def _prompt_dim(step: CachedStep, max_length: int) -> Any:
+    """The prefill's prompt dim. A window cache attends its slots plus the S new keys; where GQA repeats
+    those heads torch.export cannot order the strides of a `slots + S` length (a guard like
+    `Min(16*(s+c), 32*(s+c)) == 16*(s+c)`, true for every S) and refuses a named Dim; AUTO accepts it."""
+    if isinstance(step.cache, WindowCache):
+        return Dim.AUTO(min=MIN_PROMPT, max=max_length)
+    return Dim("prompt", min=MIN_PROMPT, max=max_length)
+
+
+def _suggested_fixes(message: str) -> str:
+    """torch.export's "Suggested fixes:" block alone (the refining helper parses only `name = Dim(...)` lines)."""
+    fixes = message.split("Suggested fixes:", 1)[1].strip().split("\n\n", 1)[0]
+    return "Suggested fixes:\n" + "\n".join(line for line in fixes.splitlines() if " = " in line)
 
 
 class CompiledGenerator(Generator):
@@ -70,7 +114,8 @@ class CompiledGenerator(Generator):
         """The prefill program's report (what was rewritten, bytes, error vs dense) with the generator's facts."""
         report = self.prefill.report()
         report.generation = {"batch_size": self.spec.batch_size, "max_length": self.spec.max_length,
-                             "cache": self.spec.cache, "decode_kernels": self.decode.report().kernels}
+                             "cache": self.spec.cache, "decode_kernels": self.decode.report().kernels,
+                             "decode_token_routing": decode_routing_facts(self.decode.records)}
         return report
 
     def ir(self) -> str:
@@ -92,6 +137,13 @@ class CompiledGenerator(Generator):
         marker = {"format": "sparsecc-generator", "programs": list(PROGRAM_DIRS)}
         (root / GENERATOR_FILE).write_text(json.dumps(marker) + "\n")
         return manifest
+
+    def export_onnx(self, path: str, contrib: bool = False, opset: Optional[int] = None):
+        """One ONNX decoder for prefill and decode: past_key_values.{i}.key/.value in, logits and
+        present.{i}.* out (docs/onnx.md, "Generation"); `contrib` maps attention with its cache to
+        com.microsoft.GroupQueryAttention where it fits. `sparsecc.onnx.runner.generate` runs it."""
+        from .onnx.export.generator import export_generator   # onnx/onnxscript load only when exporting
+        return export_generator(self, path, contrib=contrib, opset=opset)
 
     def __repr__(self) -> str:
         return (f"CompiledGenerator(batch_size={self.spec.batch_size}, max_length={self.spec.max_length}, "
@@ -120,25 +172,26 @@ def _full_mask(mask: torch.Tensor, max_length: int) -> torch.Tensor:
     return full
 
 
-def _step_inputs(ids: torch.Tensor, mask: torch.Tensor, batch: int, max_length: int) -> tuple:
-    """A prompt as the prefill program's inputs: rows cut or filled to `batch`, at least MIN_PROMPT long."""
+def _step_inputs(ids: torch.Tensor, mask: torch.Tensor, batch: int, max_length: int,
+                 shortest: int = MIN_PROMPT) -> tuple:
+    """A prompt as the prefill program's inputs: rows cut or filled to `batch`, at least `shortest` long."""
     if ids.shape[1] >= max_length:
         raise ConfigError(f"mode='generate': the example prompt has {ids.shape[1]} tokens, max_length is {max_length}")
-    short = max(0, MIN_PROMPT - ids.shape[1])
+    short = max(0, shortest - ids.shape[1])
     ids = torch.nn.functional.pad(ids, (short, 0))
     mask = torch.nn.functional.pad(mask, (short, 0))
     rows = torch.arange(batch) % ids.shape[0]
     return ids[rows], _full_mask(mask[rows], max_length), torch.arange(ids.shape[1])
 
 
-def _step_batches(calibration: Optional[Iterable], batch: int, max_length: int) -> Optional[list]:
+def _step_batches(calibration: Optional[Iterable], batch: int, max_length: int, shortest: int) -> Optional[list]:
     if calibration is None:
         return None
     steps = []
     for prompt in calibration:
         ids, mask = _prompt(prompt)
         for start in range(0, ids.shape[0], batch):
-            steps.append(_step_inputs(ids[start:start + batch], mask[start:start + batch], batch, max_length))
+            steps.append(_step_inputs(ids[start:start + batch], mask[start:start + batch], batch, max_length, shortest))
     return steps
 
 
@@ -155,6 +208,17 @@ def _with_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> t
         else:
             module._buffers[leaf] = value
     return copied
+
+
+def _reference_on_dense_weights(dense_gm: torch.fx.GraphModule, model: torch.nn.Module) -> None:
+    """The decode program's dense reference graph reads the user's dense weights, as the prefill's does,
+    and no longer holds the pruned copies it was captured with (a second copy of every pruned weight)."""
+    originals = dict(model.named_parameters())
+    for name, value in list(dense_gm.named_parameters()):
+        original = originals.get(name.removeprefix(PREFIX))
+        if original is not None and original is not value and original.shape == value.shape:
+            owner, _, leaf = name.rpartition(".")
+            dense_gm.get_submodule(owner)._parameters[leaf] = original
 
 
 def _keeping_weights(passes: list) -> list:

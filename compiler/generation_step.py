@@ -7,34 +7,51 @@ keys and values at `cache_position`, and returns the last position's logits [B, 
 ids come from the mask (a left-padded row counts from its first real token), as in
 transformers' `generate`. The cache is sized by running the model once on a two-token
 prompt (each layer allocates its own key/value shapes), then emptied.
+
+With a `WindowPolicy` the cache is a ring of sinks + window slots instead (generation_cache.py):
+the step passes the model the ring's own 4-D mask, built from the slots' positions and the step's.
 """
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
+from sparsecc.runtime.generation import MIN_PROMPT
+
 from .capture import eval_mode
 from .errors import ConfigError
+from .generation_cache import WindowCache, WindowPolicy
 
 
 class CachedStep(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module, batch_size: int, max_length: int):
+    def __init__(self, model: torch.nn.Module, batch_size: int, max_length: int, window: Optional[WindowPolicy] = None):
         super().__init__()
         self.model = model
-        self.cache = _static_cache(model, batch_size, max_length)
+        if window is None:
+            self.cache = _static_cache(model, batch_size, max_length)
+        else:   # a ring of window + sinks slots (generation_cache); the probe cache only gives the layers' shapes
+            probe = _static_cache(model, batch_size, MIN_PROMPT)
+            self.cache = WindowCache(probe, window, batch_size, model.config._attn_implementation)
+            self.register_buffer("cache_slot_positions", self.cache.slot_positions, persistent=False)
         for index, layer in enumerate(self.cache.layers):
             for name, value in vars(layer).items():
                 if isinstance(value, torch.Tensor):
                     self.register_buffer(f"cache_{index}_{name}", value, persistent=False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache_position: torch.Tensor):
-        for layer in self.cache.layers:
-            layer.cumulative_length.copy_(cache_position[0])
-        positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions[:, cache_position],
+        positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)[:, cache_position]
+        if isinstance(self.cache, WindowCache):   # the ring's own 4-D mask: slots' positions vs the step's
+            mask = self.cache.begin_step(positions, attention_mask[:, cache_position] != 0, cache_position)
+        else:
+            for layer in self.cache.layers:
+                layer.cumulative_length.copy_(cache_position[0])
+            mask = attention_mask
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                          cache=self.cache, use_cache=True, logits_to_keep=1)
+        if isinstance(self.cache, WindowCache):
+            self.cache.end_step()
         return out.logits[:, -1]
 
     def cache_bytes(self) -> int:
@@ -47,18 +64,34 @@ def _static_cache(model: torch.nn.Module, batch_size: int, max_length: int) -> A
     if config is None or "cache" not in _forward_parameters(model):
         raise ConfigError(f"mode='generate': {type(model).__name__} is not a transformers causal LM (its forward takes "
                           "no `cache`); generation needs a model with transformers' cache protocol")
+    from transformers.cache_utils import StaticLayer
     cache = transformers.StaticCache(config=config, max_cache_len=max_length)
+    for index, layer in enumerate(cache.layers):
+        if type(layer) is not StaticLayer:
+            cache.layers[index] = _full_length_layer(model, index, layer, max_length)
     dummy = torch.zeros(batch_size, 2, dtype=torch.long, device=_device(model))
     with eval_mode(model), torch.no_grad():
         model(input_ids=dummy, cache=cache, use_cache=True, logits_to_keep=1)
     for layer in cache.layers:
-        if not hasattr(layer, "cumulative_length") or not getattr(layer, "is_initialized", False):
-            raise ConfigError(f"mode='generate': {type(model).__name__}'s cache layer {type(layer).__name__} is not a "
-                              "static layer with a write position (cumulative_length)")
+        if not getattr(layer, "is_initialized", False):
+            raise ConfigError(f"mode='generate': {type(model).__name__}'s cache layer {type(layer).__name__} was not "
+                              "written by a forward pass (not an attention cache layer sparsecc can own)")
         for value in vars(layer).values():
             if isinstance(value, torch.Tensor):
                 value.zero_()
     return cache
+
+
+def _full_length_layer(model: torch.nn.Module, index: int, layer: Any, max_length: int) -> Any:
+    """A plain StaticLayer of max_length slots for a static variant (a sliding-window layer keeps a Python-int
+    length and branches on it, which a captured program would freeze). The model's own masks still apply
+    the window: a sliding mask over a full-length layer reads slot = position. Other layer kinds (a
+    recurrent state) are refused."""
+    from transformers.cache_utils import StaticLayer
+    if not isinstance(layer, StaticLayer):
+        raise ConfigError(f"mode='generate': {type(model).__name__}'s cache layer {index} is a "
+                          f"{type(layer).__name__}; generation supports attention caches (transformers StaticLayer)")
+    return StaticLayer(max_cache_len=max_length)
 
 
 def _forward_parameters(model: torch.nn.Module) -> set[str]:

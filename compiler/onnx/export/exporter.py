@@ -19,7 +19,7 @@ import tempfile
 import warnings
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import onnx
 import sympy
@@ -80,11 +80,16 @@ def export_compiled(compiled, path: str, contrib: bool = False, opset: int | Non
 
 
 def export_graph(gm: torch.fx.GraphModule, in_spec: Any, path: str, contrib: bool = False,
-                 opset: int = DEFAULT_OPSET, symbol_ranges: dict | None = None) -> ExportResult:
+                 opset: int = DEFAULT_OPSET, symbol_ranges: dict | None = None,
+                 prepare: Callable[[ir.Model, ExportResult], None] | None = None) -> ExportResult:
     """Write the rewritten graph `gm` to `path`; symbolic placeholder dims (ranges in `symbol_ranges`,
-    the compile's) stay symbolic ONNX dims named as the user's torch.export.Dim, else the symbol."""
+    the compile's) stay symbolic ONNX dims named as the user's torch.export.Dim, else the symbol.
+    `prepare` edits the exported model before sparse nodes get their semantics (generator export:
+    cache input/output names, GroupQueryAttention with its cache)."""
     model = _torch_export(gm, in_spec, opset, symbol_ranges)
     result = ExportResult(path, 0, log=_specialised_dims(gm))
+    if prepare is not None:
+        prepare(model, result)
     proto = attach_sparse_semantics(model, contrib, opset, result)
     onnx.checker.check_model(proto, full_check=True)
     save(proto, path)
