@@ -6,11 +6,12 @@ prompts); the decode program is then captured from the model carrying those prun
 pruned again by magnitude, which keeps exactly the weights already kept (a pruned group's
 survivors are its largest entries), so both programs compute with the same weights. Equal
 constants then share one storage and the decode program's state is the prefill program's
-(runtime.generation.share_state): one KV cache, one copy of the weights.
+(runtime.program_sharing): one KV cache, one copy of the weights.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import dataclasses
 import json
 import os
@@ -24,8 +25,10 @@ from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fix
 from sparsecc.passes import build_pipeline, format_pipeline
 from sparsecc.passes.nm.prune import PruneNM
 from sparsecc.passes.tokens.decode import calibrated_thresholds, decode_routing, decode_routing_facts, prefill_routing
-from sparsecc.runtime.generation import GENERATOR_FILE, MIN_PROMPT, PROGRAM_DIRS, GenerationSpec, Generator
-from sparsecc.runtime.loaded_generator import share_programs
+from sparsecc.runtime.artifact import MANIFEST
+from sparsecc.runtime.generation import (GENERATOR_FILE, GENERATOR_FORMAT, MIN_PROMPT, PROGRAM_DIRS, GenerationSpec,
+                                        Generator)
+from sparsecc.runtime.program_sharing import share_programs
 
 from .api import compile
 from .config import parse_sparsity
@@ -83,7 +86,8 @@ def _compile_prefill(step: CachedStep, ids: torch.Tensor, mask: torch.Tensor, ba
         inputs = _step_inputs(ids, mask, batch, max_length, lengths[0])
         try:
             return compile(step, inputs, pipeline=pipeline, dynamic_shapes=dims,
-                           calibration=_step_batches(calibration, batch, max_length, lengths[0]), **options), lengths
+                           calibration=_step_batches(calibration, (ids, mask), batch, max_length, lengths[0]),
+                           **options), lengths
         except CaptureError as err:
             suggested = str(err.__cause__ or "")
             if attempt == REFINES or "Suggested fixes" not in suggested:
@@ -131,10 +135,11 @@ class CompiledGenerator(Generator):
         `sparsecc.runtime.load(DIR)` returns a generator. The cache is saved empty."""
         root = Path(path)
         self.reset_state()
-        manifest = self.prefill.save(str(root / "prefill"), targets, described={"generator": self.spec.to_dict()},
-                                     **options)
         self.decode.save(str(root / "decode"), targets, **options)
-        marker = {"format": "sparsecc-generator", "programs": list(PROGRAM_DIRS)}
+        decode_hash = hashlib.sha256((root / "decode" / MANIFEST).read_bytes()).hexdigest()
+        manifest = self.prefill.save(str(root / "prefill"), targets, **options, described={
+            "generator": self.spec.to_dict(), "decode_manifest_sha256": decode_hash})
+        marker = {"format": GENERATOR_FORMAT, "programs": list(PROGRAM_DIRS)}
         (root / GENERATOR_FILE).write_text(json.dumps(marker) + "\n")
         return manifest
 
@@ -184,14 +189,18 @@ def _step_inputs(ids: torch.Tensor, mask: torch.Tensor, batch: int, max_length: 
     return ids[rows], _full_mask(mask[rows], max_length), torch.arange(ids.shape[1])
 
 
-def _step_batches(calibration: Optional[Iterable], batch: int, max_length: int, shortest: int) -> Optional[list]:
-    if calibration is None:
-        return None
+def _step_batches(calibration: Optional[Iterable], example: tuple, batch: int, max_length: int,
+                  shortest: int) -> list:
+    """Calibration prompts (the example prompt when None) as prefill inputs, one real row at a time, repeated
+    over the batch: no left padding and no filler row enters the statistics (a row repeated B times scales
+    every activation norm and score count alike, so Wanda's ranking and a threshold's quantile are the row's)."""
     steps = []
-    for prompt in calibration:
+    for prompt in ([example] if calibration is None else calibration):
         ids, mask = _prompt(prompt)
-        for start in range(0, ids.shape[0], batch):
-            steps.append(_step_inputs(ids[start:start + batch], mask[start:start + batch], batch, max_length, shortest))
+        for row, keep in zip(ids, mask.bool()):
+            real = row[keep][None]
+            steps.append(_step_inputs(real.expand(batch, -1), torch.ones_like(real).expand(batch, -1), batch,
+                                      max_length, shortest))
     return steps
 
 

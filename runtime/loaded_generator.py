@@ -1,26 +1,31 @@
 """A saved generator: DIR/generator.json marks it, DIR/prefill and DIR/decode are two artifacts.
 
     DIR/generator.json   {"format": "sparsecc-generator", "programs": ["prefill", "decode"]}  (a marker only)
-    DIR/prefill/         an artifact whose manifest also holds "generator": GenerationSpec.to_dict()
+    DIR/prefill/         an artifact whose manifest also holds "generator": GenerationSpec.to_dict() and
+                         "decode_manifest_sha256": the SHA-256 of DIR/decode/manifest.json
     DIR/decode/          an artifact of the decode program (same weights, saved again)
 
-What the generator needs (batch size, max_length, eos ...) is read from the prefill manifest, so it is
-covered by that manifest's hash and signature; the marker file carries nothing to trust. On load the
+What the generator needs (batch size, max_length, eos ...) and which decode program belongs to it are
+read from the prefill manifest, so they are covered by that manifest's hash and signature; the marker
+file carries nothing to trust. The spec must also describe both programs' inputs (check_programs). On load the
 decode program's state tensors are made to share the prefill program's storage (one KV cache), and its
 weights equal to a prefill weight share that weight's storage (one copy in memory).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
 import torch
 
-from .artifact import MAX_SMALL_FILE_BYTES, read_file, read_manifest
+from .artifact import MANIFEST, MAX_MANIFEST_BYTES, MAX_SMALL_FILE_BYTES, read_file, read_manifest
 from .errors import ArtifactError
-from .generation import GENERATOR_FILE, PROGRAM_DIRS, GenerationSpec, Generator, share_state
-from .loaded import LoadedModel, load
+from .generation import GENERATOR_FILE, GENERATOR_FORMAT, PROGRAM_DIRS, GenerationSpec, Generator
+from .loaded import load
+from .program import Program
+from .program_sharing import share_programs
 from .signing import TrustedKey
 
 
@@ -54,33 +59,27 @@ def load_generator(path: Union[str, Path], device: Union[str, torch.device] = "c
     keys = list(trusted_keys) if trusted_keys is not None else None
     manifest = read_manifest(root / "prefill", keys)
     spec = GenerationSpec.from_dict(manifest.get("generator"))
+    decode_hash = hashlib.sha256(read_file(root / "decode", MANIFEST, MAX_MANIFEST_BYTES)).hexdigest()
+    if manifest.get("decode_manifest_sha256") != decode_hash:   # the prefill manifest (signed) names its decode
+        raise ArtifactError(f"{root / 'decode'}: its manifest is not the one this generator was saved with")
     prefill = load(root / "prefill", device, trusted_keys=keys, max_memory=max_memory)
     decode = load(root / "decode", device, trusted_keys=keys, max_memory=max_memory)
+    check_programs(spec, prefill.program, decode.program, str(root))
     share_programs(prefill, decode, str(root))
     return LoadedGenerator(prefill, decode, spec)
 
 
-def share_programs(prefill: Any, decode: Any, what: str) -> None:
-    """One KV cache and one copy of each weight for two programs of one model (either kind of model)."""
-    share_state(prefill.constants, prefill.program.state_names, decode.constants, decode.program.state_names, what)
-    share_weights(prefill.constants, decode.constants, set(decode.program.state_names))
-    if isinstance(decode, LoadedModel):
-        decode.storages_changed()
-
-
-def share_weights(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], state: set[str]) -> int:
-    """Target constants equal (name, dtype, shape, values) to a source constant use its storage; returns
-    how many. Equality is checked on the values, so a differing constant keeps its own storage."""
-    shared = 0
-    with torch.no_grad():
-        for name, tensor in target.items():
-            src = source.get(name)
-            if name in state or src is None or src is tensor or src.dtype != tensor.dtype or src.shape != tensor.shape:
-                continue
-            if src.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr() or torch.equal(src, tensor):
-                tensor.set_(src)
-                shared += 1
-    return shared
+def check_programs(spec: GenerationSpec, prefill: Program, decode: Program, what: str) -> None:
+    """The spec must describe the programs: (input_ids, attention_mask, cache_position) with the batch
+    size and max_length it names, one token per decode step; else generate would fail (or allocate for
+    a batch no program takes) only at its first call."""
+    batch, length = spec.batch_size, spec.max_length
+    for name, program, tokens in (("prefill", prefill, None), ("decode", decode, 1)):
+        shapes = [list(s.shape) for s in program.input_specs]
+        if len(shapes) != 3 or shapes[0][0] != batch or shapes[1] != [batch, length] or len(shapes[2]) != 1 \
+                or (tokens is not None and (shapes[0][1] != tokens or shapes[2] != [tokens])):
+            raise ArtifactError(f"{what}: the {name} program takes inputs {shapes}, not (input_ids [{batch}, S], "
+                                f"attention_mask [{batch}, {length}], cache_position [S]) as its generator says")
 
 
 def _marker(root: Path) -> dict[str, Any]:
@@ -88,6 +87,6 @@ def _marker(root: Path) -> dict[str, Any]:
         data = json.loads(read_file(root, GENERATOR_FILE, MAX_SMALL_FILE_BYTES))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ArtifactError(f"{root / GENERATOR_FILE}: not JSON ({err})") from None
-    if not isinstance(data, dict) or data.get("format") != "sparsecc-generator":
+    if not isinstance(data, dict) or data.get("format") != GENERATOR_FORMAT:
         raise ArtifactError(f"{root / GENERATOR_FILE}: not a sparsecc generator marker")
     return data

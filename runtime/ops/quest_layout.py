@@ -45,10 +45,14 @@ def page_bounds(q: Tensor, key_min: Tensor, key_max: Tensor) -> Tensor:
 
 
 def current_and_sink_pages(visible: Tensor, sinks: int, page: int) -> Tensor:
-    """Bool like visible [..., NP]: the last visible page (the query's own position) and the sink pages."""
+    """Bool like visible [..., NP]: the last visible page (the query's own position) and the sink pages,
+    counted from each row's first visible page (a left-padded row's first tokens start there, maybe mid-page:
+    one page more covers them)."""
     pages = torch.arange(visible.shape[-1], device=visible.device)
     last = torch.where(visible, pages, -1).amax(-1, keepdim=True)
-    return ((pages == last) | (pages < math.ceil(sinks / page))) & visible
+    first = torch.where(visible, pages, visible.shape[-1]).amin(-1, keepdim=True)
+    sink_pages = math.ceil(sinks / page) + 1 if sinks > 0 else 0
+    return ((pages == last) | ((pages >= first) & (pages < first + sink_pages))) & visible
 
 
 def quest_layout_kernel(kv_num_blocks: Tensor, kv_indices: Tensor, full_num_blocks: Tensor, full_indices: Tensor,

@@ -195,6 +195,27 @@ def test_a_tampered_generator_spec_is_refused(llama_gen, tmp_path):
     (manifest.parent / "manifest.sha256").write_text(hashlib.sha256(text.encode()).hexdigest() + "  manifest.json\n")
     with pytest.raises(sparsecc.runtime.ArtifactError, match="positive ints"):
         sparsecc.runtime.load(str(tmp_path / "gen"))
+    rewrite_manifest(manifest, '"max_length": "64"', '"max_length": 65')    # valid, but no program takes it
+    with pytest.raises(sparsecc.runtime.ArtifactError, match="attention_mask \\[2, 65\\]"):
+        sparsecc.runtime.load(str(tmp_path / "gen"))
+
+
+def test_a_decode_program_from_elsewhere_is_refused(llama_gen, tmp_path):
+    _, gen = llama_gen
+    gen.save(str(tmp_path / "gen"), progress=False)
+    decode_manifest = tmp_path / "gen" / "decode" / "manifest.json"
+    rewrite_manifest(decode_manifest, '"targets": [', '"targets": [ ')   # any other decode, hashes consistent
+    with pytest.raises(sparsecc.runtime.ArtifactError, match="not the one this generator was saved with"):
+        sparsecc.runtime.load(str(tmp_path / "gen"))
+
+
+def rewrite_manifest(manifest, old: str, new: str) -> None:
+    """Edit a manifest and recompute its manifest.sha256, as an attacker rewriting the folder can."""
+    text = manifest.read_text()
+    assert old in text
+    text = text.replace(old, new)
+    manifest.write_text(text)
+    (manifest.parent / "manifest.sha256").write_text(hashlib.sha256(text.encode()).hexdigest() + "  manifest.json\n")
 
 
 def test_bad_requests_are_clear(llama_gen):

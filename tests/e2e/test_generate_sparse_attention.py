@@ -219,3 +219,13 @@ def test_threshold_skips_blocks_in_decode_within_its_bound(monkeypatch):
         assert ((out - dense).abs() <= bound).all()
         skipped_keys += int(skipped.sum())
     assert skipped_keys > 0
+
+
+def test_sink_pages_start_at_each_rows_first_visible_page():
+    from sparsecc.runtime.ops.quest_layout import current_and_sink_pages
+    visible = torch.tensor([[False, False, True, True, True, True, True],      # left-padded: tokens from page 2
+                            [True, True, True, True, True, True, False]])
+    kept = current_and_sink_pages(visible, sinks=4, page=16)
+    assert kept.tolist() == [[False, False, True, True, False, False, True],   # 2 sink pages (+1: mid-page start)
+                             [True, True, False, False, False, True, False]]
+    assert current_and_sink_pages(visible, sinks=0, page=16).sum(-1).tolist() == [1, 1]
