@@ -27,6 +27,9 @@ from sparsecc.runtime.program import InputSpec, Instruction, Program
 
 from .errors import LoweringError
 
+CHECK_ONLY = torch.ops.aten._assert_tensor_metadata.default
+NOOP_WHEN_UNCHANGED = (torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout, torch.ops.aten.to.device)
+
 
 @dataclass
 class _Step:
@@ -46,6 +49,7 @@ class _Draft:
     constants: dict[str, torch.Tensor] = field(default_factory=dict)
     tuple_elems: dict[torch.fx.Node, tuple[int, int]] = field(default_factory=dict)  # getitem -> (step, index)
     step_of: dict[torch.fx.Node, int] = field(default_factory=dict)
+    aliases: dict[torch.fx.Node, torch.fx.Node] = field(default_factory=dict)  # no-op conversion -> its input
 
 
 def op_qualname(target: Any, node: torch.fx.Node | None = None) -> str:
@@ -102,7 +106,7 @@ def _lower_node(gm, node: torch.fx.Node, draft: _Draft) -> None:
     elif node.op == "get_attr":
         draft.constants[node.target] = _fetch_constant(gm, node)
     elif node.op == "output":
-        draft.outputs = list(pytree.tree_leaves(node.args[0], is_leaf=lambda x: x is None))
+        draft.outputs = [draft.aliases.get(o, o) for o in pytree.tree_leaves(node.args[0], is_leaf=lambda x: x is None)]
     elif node.op == "call_function":
         _lower_call(node, draft)
     else:
@@ -118,13 +122,33 @@ def _fetch_constant(gm, node) -> torch.Tensor:
 
 
 def _lower_call(node: torch.fx.Node, draft: _Draft) -> None:
+    if node.target is CHECK_ONLY:
+        return   # a dtype/device check of a value whose type the program fixes: costs a call per run, checks nothing
+    if _noop_conversion(node):
+        draft.aliases[node] = draft.aliases.get(node.args[0], node.args[0])   # aten.to returns its input itself
+        return
     source = node.args[0] if node.target is operator.getitem else None
     if isinstance(source, torch.fx.Node) and _returns_tuple(source) and source.op == "call_function":
         draft.tuple_elems[node] = (draft.step_of[source], node.args[1])
         return
     unpack = _returns_tuple(node)
     draft.step_of[node] = len(draft.steps)
-    draft.steps.append(_Step(op_qualname(node.target, node), list(node.args), dict(node.kwargs), unpack, node))
+    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: draft.aliases.get(a, a))
+    draft.steps.append(_Step(op_qualname(node.target, node), list(args), dict(kwargs), unpack, node))
+
+
+def _noop_conversion(node: torch.fx.Node) -> bool:
+    """An `aten.to` that changes nothing (dtype, device and layout kept, no copy asked): eager returns the input."""
+    source = node.args[0] if node.args else None
+    if node.target not in NOOP_WHEN_UNCHANGED or not isinstance(source, torch.fx.Node):
+        return False
+    before, after = source.meta.get("val"), node.meta.get("val")
+    if not isinstance(before, torch.Tensor) or not isinstance(after, torch.Tensor):
+        return False
+    named = {**dict(zip((a.name for a in node.target._schema.arguments), node.args)), **node.kwargs}
+    if named.get("copy") or named.get("pin_memory") or named.get("memory_format") not in (None, torch.preserve_format):
+        return False
+    return (before.dtype, before.device, before.layout) == (after.dtype, after.device, after.layout)
 
 
 def _returns_tuple(node: torch.fx.Node) -> bool:

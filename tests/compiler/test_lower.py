@@ -133,3 +133,21 @@ def test_what_the_verifier_refuses_the_lowering_refuses():
         verify_graph(c.gm)
     with pytest.raises(LoweringError, match="cannot lower call to <built-in function hypot>"):
         lower(c.gm, c.symbol_ranges, c.in_spec, c.out_spec)
+
+
+class Conversions(torch.nn.Module):
+    def forward(self, x):
+        kept = x.to(torch.float32)          # no change: aten.to returns x itself
+        return kept * 2, x.to(torch.float64), kept.to(torch.float32, copy=True)
+
+
+def test_checks_and_conversions_that_change_nothing_cost_no_instruction():
+    x = torch.randn(3, 4)
+    c, program, constants = _lowered(Conversions(), (x,))
+    in_graph = [n.target for n in c.gm.graph.nodes if n.op == "call_function"]
+    ops = [i.op for i in program.instructions]
+    assert torch.ops.aten.to.dtype in in_graph and "aten::_assert_tensor_metadata.default" not in ops
+    assert ops.count("aten::to.dtype") + ops.count("aten::_to_copy.default") == 2   # float64 and the copy stay
+    doubled, widened, copied = Executor(program, constants).run([x])
+    torch.testing.assert_close(doubled, x * 2)
+    assert widened.dtype == torch.float64 and copied.data_ptr() != x.data_ptr()

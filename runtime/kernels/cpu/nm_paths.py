@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import threading
-from functools import partial
+from functools import lru_cache, partial
 from typing import Callable, Optional
 
 import torch
@@ -37,8 +37,9 @@ from .mlir.nm_decode import decode_spec, nm_decompress_mlir, nm_linear_mlir
 PATHS = ("generated", "whole", "tiles", "dense")
 KEEPS = ("memory", "speed")
 MAX_DECODE_TOKENS = 16
-TUNING_VERSION = 2  # in every key: choices measured with other paths or kernels are not reused
-TUNING_ROUNDS = 7   # timed calls per candidate, interleaved; the median decides
+TUNING_VERSION = 3  # in every key: choices measured with other paths, kernels or clocks are not reused
+TUNING_ROUNDS = 7   # timed rounds per candidate, interleaved; the median round decides
+SAMPLES_PER_ROUND = 3  # calls per round, the fastest kept (v2 took one: a busy host's choices were noise)
 BLOCK_ROWS = 256  # 32..512 rows measured at K=4096 and 11008, fp32 and bf16, 512 tokens: 256 best or within noise
 _dense_weights = WeakIdKeyDictionary()   # values tensor -> (version, dense weight): keep="speed" only
 _workspaces = threading.local()          # the "whole" path's decompression buffers, by dtype
@@ -125,8 +126,14 @@ def tuning_key(tokens: int, values: Tensor, n: int, m: int, in_features: int, ke
 def _layer_key(dtype: torch.dtype, n: int, m: int, out_features: int, in_features: int) -> str:
     """The key of a layer's decisions on this host, up to its token bucket (decisions of other CPU models,
     features, thread counts or tuner versions are not reused)."""
+    return _host_layer_key(dtype, n, m, out_features, in_features, torch.get_num_threads())
+
+
+@lru_cache(maxsize=4096)
+def _host_layer_key(dtype: torch.dtype, n: int, m: int, out_features: int, in_features: int, threads: int) -> str:
+    """_layer_key, built once per layer kind and thread count (every nm_linear call asks for it)."""
     model = cpu_model().replace("|", "/")
-    return f"cpu:{model}:{host_target()}|v{TUNING_VERSION}|threads={torch.get_num_threads()}|" \
+    return f"cpu:{model}:{host_target()}|v{TUNING_VERSION}|threads={threads}|" \
            f"{str(dtype).removeprefix('torch.')}|{n}:{m}|{out_features}x{in_features}|tokens<="
 
 
@@ -144,21 +151,30 @@ def choose_path(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tenso
     if len(paths) == 1:
         return paths[0]
     key = tuning_key(x.numel() // in_features, values, n, m, in_features, keep)
-    runners = {path: partial(RUNNERS[path], x, values, indices, bias, n, m, in_features) for path in paths}
-
-    def tune() -> dict:
-        entry = fastest(runners, cpu_ms, rounds=TUNING_ROUNDS)
-        if entry["path"] != "dense":
-            _dense_weights.pop(values, None)   # timed, not chosen: the layer stays compressed in memory
-        if entry["path"] != "whole" and not any(e.get("path") == "whole" for e in choices().values()):
-            getattr(_workspaces, "by_dtype", {}).pop(values.dtype, None)   # timed, and no layer runs "whole"
-        return entry
-    entry = remembered(key, tune)
+    entry = remembered(key, partial(tune, paths, x, values, indices, bias, n, m, in_features))
     if entry["path"] in paths:
         return entry["path"]
     # remembered where this call cannot take it (a file from a host with torch-mlir): the fastest it can
     timed = {p: t for p, t in entry.get("ms", {}).items() if p in paths and isinstance(t, float)}
     return min(timed, key=timed.get) if timed else "tiles"
+
+
+def tune(paths: list[str], x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], n: int, m: int,
+         in_features: int) -> dict:
+    """Time every path on this call's operands (runners built here: a call that finds its choice made builds none)."""
+    runners = {path: partial(RUNNERS[path], x, values, indices, bias, n, m, in_features) for path in paths}
+    entry = fastest(runners, quiet_ms, rounds=TUNING_ROUNDS)
+    if entry["path"] != "dense":
+        _dense_weights.pop(values, None)   # timed, not chosen: the layer stays compressed in memory
+    if entry["path"] != "whole" and not any(e.get("path") == "whole" for e in choices().values()):
+        getattr(_workspaces, "by_dtype", {}).pop(values.dtype, None)   # timed, and no layer runs "whole"
+    return entry
+
+
+def quiet_ms(run: Callable[[], object]) -> float:
+    """The least of SAMPLES_PER_ROUND timed calls: a preempted call (a 4-8 ms scheduler slice on a shared host,
+    measured) only ever adds time, so the minimum is what the path costs."""
+    return min(cpu_ms(run) for _ in range(SAMPLES_PER_ROUND))
 
 
 def decisions(dtype: torch.dtype, n: int, m: int, out_features: int, in_features: int) -> list[dict]:
