@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from sparsecc.runtime.generation import GENERATOR_FILE
+from sparsecc.runtime.generation import GENERATOR_FILE, MIN_PROMPT
 
 from .errors import ConfigError
 from .factory import FACTORY_HELP, load_factory
@@ -35,16 +35,19 @@ def add_parser(sub: argparse._SubParsersAction, sparsity_type: Callable[[str], A
     gen.add_argument("--seed", type=int, help="seed of the sampling generator")
     gen.add_argument("--eos-token-id", type=int, action="append", help="stop ids (default: the model's)")
     gen.add_argument("--save", metavar="DIR", help="also save the compiled generator there (runtime.load runs it)")
+    gen.add_argument("--trusted-key", action="append", dest="trusted_keys", metavar="FILE",
+                     help="a saved generator must be signed by this Ed25519 public key (PEM; repeatable)")
 
 
 def generate_command(args: argparse.Namespace) -> int:
     ids, mask = prompt_batch(args.prompt_ids)
     generator = _generator(args, ids, mask)
     sampler = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+    # rows beyond the compiled batch run in groups, one after the other: then only the whole rows are printed
+    streamer = PrintStreamer(rows=ids.shape[0]) if ids.shape[0] <= generator.spec.batch_size else None
     out = generator.generate(ids, mask, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                             eos_token_id=args.eos_token_id, streamer=PrintStreamer(rows=ids.shape[0]),
-                             generator=sampler)
+                             eos_token_id=args.eos_token_id, streamer=streamer, generator=sampler)
     for row, prompt in zip(out, mask.sum(1)):
         print(" ".join(str(int(t)) for t in row[ids.shape[1] - int(prompt):]))
     return 0
@@ -52,11 +55,19 @@ def generate_command(args: argparse.Namespace) -> int:
 
 def _generator(args: argparse.Namespace, ids: torch.Tensor, mask: torch.Tensor) -> Any:
     if Path(args.factory).is_dir() and (Path(args.factory) / GENERATOR_FILE).is_file():
+        compile_only = [flag for flag, value in (("--sparsity", args.sparsity), ("--max-length", args.max_length),
+                                                 ("--save", args.save)) if value is not None]
+        if compile_only:
+            raise ConfigError(f"{', '.join(compile_only)}: a saved generator is already compiled (these apply "
+                              "when generate compiles MODULE:FACTORY)")
         import sparsecc.runtime
-        return sparsecc.runtime.load(args.factory)
+        keys = [Path(f).read_bytes() for f in args.trusted_keys or []]
+        return sparsecc.runtime.load(args.factory, trusted_keys=keys or None)
+    if args.trusted_keys:
+        raise ConfigError("--trusted-key applies to a saved generator folder")
     import sparsecc
     call = load_factory(args.factory)
-    max_length = args.max_length or ids.shape[1] + args.max_new_tokens
+    max_length = args.max_length or max(ids.shape[1] + args.max_new_tokens, MIN_PROMPT + 1)
     generator = sparsecc.compile(call.model, (ids, mask), sparsity=args.sparsity, mode="generate",
                                  max_length=max_length, progress=args.progress)
     print(generator.report(), file=sys.stderr)

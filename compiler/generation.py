@@ -26,8 +26,9 @@ from sparsecc.passes import build_pipeline, format_pipeline
 from sparsecc.passes.nm.prune import PruneNM
 from sparsecc.passes.tokens.decode import calibrated_thresholds, decode_routing, decode_routing_facts, prefill_routing
 from sparsecc.runtime.artifact import MANIFEST
+from sparsecc.runtime.errors import InputMismatchError
 from sparsecc.runtime.generation import (GENERATOR_FILE, GENERATOR_FORMAT, MIN_PROMPT, PROGRAM_DIRS, GenerationSpec,
-                                        Generator)
+                                        Generator, mask_over_cache, prompt_tensors)
 from sparsecc.runtime.program_sharing import share_programs
 
 from .api import compile
@@ -62,7 +63,7 @@ def compile_generator(model: torch.nn.Module, example_inputs: Any, sparsity: Any
     step = CachedStep(model, batch, max_length, window)
     prefill, prompts = _compile_prefill(step, ids, mask, batch, max_length, format_pipeline(passes), calibration, options)
     decode_step = CachedStep(_with_weights(model, prefill.pruned_state_dict()), batch, max_length, window)
-    decode_inputs = (ids[:1, :1].expand(batch, 1).clone(), _full_mask(mask[:1].expand(batch, -1), max_length),
+    decode_inputs = (ids[:1, :1].expand(batch, 1).clone(), mask_over_cache(mask[:1].expand(batch, -1), max_length),
                      torch.tensor([ids.shape[1]]))
     decode_passes = decode_routing(_keeping_weights(passes), calibrated_thresholds(prefill.report().passes))
     decode = compile(decode_step, decode_inputs, pipeline=format_pipeline(decode_passes),
@@ -156,25 +157,20 @@ class CompiledGenerator(Generator):
 
 
 def _prompt(example_inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prompt given as ids, (ids,), (ids, mask) or {"input_ids", "attention_mask"}: left-padded ids and mask."""
     if isinstance(example_inputs, dict):
         ids, mask = example_inputs.get("input_ids"), example_inputs.get("attention_mask")
     elif isinstance(example_inputs, (tuple, list)):
         ids, mask = (list(example_inputs) + [None])[:2]
     else:
         ids, mask = example_inputs, None
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+    if not isinstance(ids, torch.Tensor):
         raise ConfigError("mode='generate': example_inputs must be prompt ids, an integer tensor [batch, length] "
                           "(or (input_ids, attention_mask), or a dict with those keys)")
-    mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask)
-    if mask.shape != ids.shape:
-        raise ConfigError(f"mode='generate': attention_mask has shape {list(mask.shape)}, input_ids {list(ids.shape)}")
-    return ids.long(), mask.long()
-
-
-def _full_mask(mask: torch.Tensor, max_length: int) -> torch.Tensor:
-    full = torch.ones(mask.shape[0], max_length, dtype=torch.long)
-    full[:, :mask.shape[1]] = mask
-    return full
+    try:
+        return prompt_tensors(ids, mask)
+    except InputMismatchError as err:
+        raise ConfigError(f"mode='generate': the example prompt: {err}") from None
 
 
 def _step_inputs(ids: torch.Tensor, mask: torch.Tensor, batch: int, max_length: int,
@@ -186,7 +182,7 @@ def _step_inputs(ids: torch.Tensor, mask: torch.Tensor, batch: int, max_length: 
     ids = torch.nn.functional.pad(ids, (short, 0))
     mask = torch.nn.functional.pad(mask, (short, 0))
     rows = torch.arange(batch) % ids.shape[0]
-    return ids[rows], _full_mask(mask[rows], max_length), torch.arange(ids.shape[1])
+    return ids[rows], mask_over_cache(mask[rows], max_length), torch.arange(ids.shape[1])
 
 
 def _step_batches(calibration: Optional[Iterable], example: tuple, batch: int, max_length: int,

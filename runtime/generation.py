@@ -53,7 +53,10 @@ class GenerationSpec:
     def from_dict(cls, data: Any) -> "GenerationSpec":
         if not isinstance(data, dict) or data.get("format") != GENERATOR_FORMAT:
             raise ArtifactError(f"{GENERATOR_FILE}: not a sparsecc generator description")
-        spec = cls(**{k: data[k] for k in ("batch_size", "max_length", "vocab_size") if k in data})
+        missing = [k for k in ("batch_size", "max_length", "vocab_size") if k not in data]
+        if missing:
+            raise ArtifactError(f"{GENERATOR_FILE}: the generator description lacks {', '.join(missing)}")
+        spec = cls(data["batch_size"], data["max_length"], data["vocab_size"])
         spec.pad_token_id = data.get("pad_token_id")
         spec.eos_token_id = data.get("eos_token_id", [])
         spec.cache = data.get("cache", {})
@@ -85,6 +88,7 @@ class Generator:
 
     def __init__(self, prefill: Any, decode: Any, spec: GenerationSpec):
         self.prefill, self.decode, self.spec = prefill, decode, spec
+        self.device = _device_of(prefill)   # where the loop's inputs are made (the programs' weights' device)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
                  max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
@@ -93,7 +97,7 @@ class Generator:
                  streamer: Any = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """[b, P] prompt ids (left-padded where `attention_mask` is 0) -> [b, P + new] ids, as transformers'
         `generate` returns them. Rows beyond the compiled batch size run in groups of that size."""
-        ids, mask = _prompt(input_ids, attention_mask)
+        ids, mask = prompt_tensors(input_ids, attention_mask)
         if type(max_new_tokens) is not int or max_new_tokens < 1:
             raise InputMismatchError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         longest = self.spec.prompt_lengths[1]
@@ -108,28 +112,30 @@ class Generator:
         run = _Run(Sampling(do_sample, temperature, top_k, top_p), stops, pad, max_new_tokens, streamer, generator)
         if streamer is not None:
             streamer.put(ids.cpu())
+        given = ids.device
+        ids, mask = ids.to(self.device), mask.to(self.device)
         groups = [self._generate_group(ids[i:i + self.spec.batch_size], mask[i:i + self.spec.batch_size], run)
                   for i in range(0, ids.shape[0], self.spec.batch_size)]
         if streamer is not None:
             streamer.end()
         width = max(g.shape[1] for g in groups)
-        return torch.cat([torch.nn.functional.pad(g, (0, width - g.shape[1]), value=pad) for g in groups])
+        return torch.cat([torch.nn.functional.pad(g, (0, width - g.shape[1]), value=pad) for g in groups]).to(given)
 
     def _generate_group(self, ids: torch.Tensor, mask: torch.Tensor, run: "_Run") -> torch.Tensor:
         rows, prompt = ids.shape
         ids, mask = _fill_batch(*_min_prompt(ids, mask, run.pad, self.spec.prompt_lengths[0]), self.spec.batch_size)
         start = ids.shape[1]
-        full_mask = torch.ones(self.spec.batch_size, self.spec.max_length, dtype=torch.long)
-        full_mask[:, :start] = mask
+        full_mask = mask_over_cache(mask, self.spec.max_length)
         self.reset_state()
         with torch.no_grad():
             logits = self._prefill(ids, full_mask)
             new = []
-            finished = torch.zeros(rows, dtype=torch.bool)
+            finished = torch.zeros(rows, dtype=torch.bool, device=self.device)
             # built once, not per token: each small tensor op costs ~10 us, a step ~15 ms (measured, 100M Llama)
-            stops, pad = torch.tensor(run.stops, dtype=torch.long), torch.tensor(run.pad, dtype=torch.long)
-            fed = torch.zeros(self.spec.batch_size, 1, dtype=torch.long)
-            positions = torch.arange(start, start + run.max_new_tokens)
+            on = {"dtype": torch.long, "device": self.device}
+            stops, pad = torch.tensor(run.stops, **on), torch.tensor(run.pad, **on)
+            fed = torch.zeros(self.spec.batch_size, 1, **on)
+            positions = torch.arange(start, start + run.max_new_tokens, device=self.device)
             for step in range(run.max_new_tokens):
                 token = run.sampling.next_tokens(logits[:rows], run.generator)
                 if run.stops:   # only a stop token finishes a row
@@ -153,7 +159,7 @@ class Generator:
         for begin in range(0, ids.shape[1], chunk):
             end = min(begin + chunk, ids.shape[1])
             program = self.decode if end - begin == 1 else self.prefill
-            logits = program(ids[:, begin:end], full_mask, torch.arange(begin, end))
+            logits = program(ids[:, begin:end], full_mask, torch.arange(begin, end, device=self.device))
         return logits
 
     def reset_state(self) -> None:
@@ -171,7 +177,15 @@ class _Run:
     generator: Optional[torch.Generator]
 
 
-def _prompt(input_ids: Any, attention_mask: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def _device_of(program: Any) -> torch.device:
+    """A LoadedModel's device, a CompiledModel's weights' device; the CPU for anything else (an ONNX step)."""
+    if isinstance(getattr(program, "device", None), torch.device):
+        return program.device
+    constants = getattr(program, "constants", None) or {}
+    return next((t.device for t in constants.values()), torch.device("cpu"))
+
+
+def prompt_tensors(input_ids: Any, attention_mask: Any) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.as_tensor(input_ids)
     if ids.dim() == 1:
         ids = ids[None]
@@ -187,6 +201,13 @@ def _prompt(input_ids: Any, attention_mask: Any) -> tuple[torch.Tensor, torch.Te
     if bool((mask[:, -1] == 0).any()) or bool((mask.diff(dim=1) < 0).any()):
         raise InputMismatchError("attention_mask: prompts must be left-padded (zeros only before the first token)")
     return ids.long(), mask
+
+
+def mask_over_cache(mask: torch.Tensor, max_length: int) -> torch.Tensor:
+    """[B, P] prompt mask -> the programs' [B, max_length] mask: 1 past the prompt (causality hides the future)."""
+    full = torch.ones(mask.shape[0], max_length, dtype=torch.long, device=mask.device)
+    full[:, :mask.shape[1]] = mask
+    return full
 
 
 def _min_prompt(ids: torch.Tensor, mask: torch.Tensor, pad: int, shortest: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,18 +230,3 @@ def _token_list(value: Union[int, Sequence[int], None]) -> list[int]:
     if value is None:
         return []
     return [int(value)] if isinstance(value, int) else [int(v) for v in value]
-
-
-def share_state(source: dict[str, torch.Tensor], source_names: Sequence[str], target: dict[str, torch.Tensor],
-                target_names: Sequence[str], what: str) -> None:
-    """Make each target state tensor use the storage of its source counterpart (pairs in program order).
-    The tensors are changed in place (`set_`), so executors already holding them see the shared storage."""
-    if len(source_names) != len(target_names):
-        raise ArtifactError(f"{what}: prefill keeps {len(source_names)} state tensors, decode {len(target_names)}")
-    with torch.no_grad():
-        for src_name, dst_name in zip(source_names, target_names):
-            src, dst = source[src_name], target[dst_name]
-            if src.shape != dst.shape or src.dtype != dst.dtype:
-                raise ArtifactError(f"{what}: state {dst_name!r} is {dst.dtype} {list(dst.shape)} in decode but "
-                                    f"{src.dtype} {list(src.shape)} in prefill")
-            dst.set_(src)

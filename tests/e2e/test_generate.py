@@ -258,3 +258,5 @@ def test_cli_streams_tokens_and_runs_a_saved_generator(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines() == compiled
     assert main(["generate", str(saved), "--prompt-ids", "5,x"]) == 2
     assert "comma-separated token ids" in capsys.readouterr().err
+    assert main(["generate", str(saved), *prompts, "--sparsity", "4:8"]) == 2
+    assert "already compiled" in capsys.readouterr().err

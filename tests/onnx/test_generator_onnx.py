@@ -14,6 +14,7 @@ from sparsecc.onnx.export.generator_sites import window_of
 from sparsecc.onnx.runner import OnnxDecoder, generate
 
 import sparsecc
+from sparsecc.runtime.errors import InputMismatchError
 
 from .helpers import node_types
 
@@ -110,9 +111,9 @@ def test_one_token_prompt_is_padded_like_generate(llama, llama_files):
 def test_runner_refuses_long_prompts_and_right_padding(llama, llama_files):
     _, ids, mask, _ = llama
     decoder = OnnxDecoder(llama_files(False)[0])
-    with pytest.raises(ValueError, match="exceeds the decoder's max_length 32"):
+    with pytest.raises(InputMismatchError, match="exceeds the generator's max_length 32"):
         decoder.generate(ids, mask, max_new_tokens=24)
-    with pytest.raises(ValueError, match="left-padded"):
+    with pytest.raises(InputMismatchError, match="left-padded"):
         decoder.generate(ids, mask.flip(1), max_new_tokens=4)
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 
 from onnxscript import ir
-from sparsecc.runtime.generation import MIN_PROMPT
 
 from ..runner import GENERATOR_META
 from .exporter import DEFAULT_OPSET, ExportResult, OnnxExportError, export_graph
@@ -47,7 +46,7 @@ def export_generator(generator, path: str, contrib: bool = False, opset: int | N
     decoder = decoder_graph(prefill.graph_module)
     check_against_programs(decoder, generator)
     sites = attention_sites(decoder, generator.spec) if contrib else None
-    meta = {**_spec_fields(generator.spec), "layers": len(decoder.caches) // 2,
+    meta = {**generator.spec.to_dict(), "layers": len(decoder.caches) // 2,
             "inputs": decoder.inputs, "outputs": decoder.outputs}
 
     def prepare(model: ir.Model, result: ExportResult) -> None:
@@ -70,9 +69,3 @@ def name_values(model: ir.Model, decoder: DecoderGraph) -> None:
         value.name = name
     for value, name in zip(graph.outputs, decoder.outputs):
         value.name = name
-
-
-def _spec_fields(spec) -> dict:
-    return {"batch_size": spec.batch_size, "max_length": spec.max_length, "vocab_size": spec.vocab_size,
-            "pad_token_id": spec.pad_token_id, "eos_token_id": list(spec.eos_token_id),
-            "prompt_lengths": list(getattr(spec, "prompt_lengths", None) or [MIN_PROMPT, spec.max_length])}

@@ -56,6 +56,9 @@ def decoder_graph(gm: GraphModule) -> DecoderGraph:
     carried, scratch = [], []
     for target in state_targets(gm):
         node = next(n for n in graph.nodes if n.op == "get_attr" and n.target == target)
+        if not _overwritten_first(node) and not _cache_write(node):
+            raise OnnxExportError(f"generator export: the program state {target!r} is not a KV cache written by "
+                                  "index_copy_ (e.g. Quest page summaries): a decoder carries only key/value caches")
         (scratch if _overwritten_first(node) else carried).append(node)
     if len(carried) % 2:
         raise OnnxExportError(f"generator export: {len(carried)} cache tensors are read before written; expected "
@@ -71,6 +74,11 @@ def decoder_graph(gm: GraphModule) -> DecoderGraph:
     # built last: a GraphModule copies only the constants its graph still reads (not the old caches)
     return DecoderGraph(GraphModule(gm, graph), program_inputs + names, ["logits", *present_names(len(names) // 2)],
                         caches)
+
+
+def _cache_write(node: torch.fx.Node) -> bool:
+    """A KV cache tensor: the step writes it with index_copy_ at its positions."""
+    return any(user.target is torch.ops.aten.index_copy_.default and user.args[0] is node for user in node.users)
 
 
 def sample_steps(spec) -> list[tuple]:

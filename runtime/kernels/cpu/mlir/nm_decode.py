@@ -27,7 +27,10 @@ DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 MIN_ROWS_PER_CHUNK = 64     # below this a call (~5 us) and a thread hand-off cost more than the rows
 CHUNKS_PER_THREAD = 4       # work sharing granularity: 4 calls per thread cost ~20 us
 ROW_ALIGN = 4               # chunk edges on whole row blocks of the decode kernel
-MIN_BYTES_TO_SPLIT = 1 << 20  # compressed weight bytes below which one thread runs it all (measured: tiny layers)
+# compressed weight bytes below which one thread runs it all: handing chunks to the other thread costs more than
+# it saves below this (2-core Zen 4, 2:4 decode step of a 100M Llama, 2 threads: split above 1 MiB 32.4 ms fp32 /
+# 23.8 ms bf16; above 16 MiB 25.7 / 18.5 ms; never 27 ms bf16, as the 32000x1024 lm_head needs both threads)
+MIN_BYTES_TO_SPLIT = 16 << 20
 
 
 @functools.lru_cache(maxsize=1)
