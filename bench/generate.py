@@ -14,7 +14,8 @@ batch 1, every row over a static KV cache of prompt + new tokens:
 
 Decode tok/s excludes the prefill: a streamer stamps every new token and the rate is one over the
 median gap between consecutive tokens (a gap another process stole time from does not move the
-median). Compile s is the first generate call (plus sparsecc.compile) less a steady one. Peak RSS
+median). Each row runs in a fresh process (`--same-process` to keep one): measured in one process, the
+sparsecc rows after transformers' and torch.compile's ran ~20 % slower (bf16 2:4: 45.4 vs 55 tok/s). Compile s is the first generate call (plus sparsecc.compile) less a steady one. Peak RSS
 is the process's high-water mark while generating (reset after compiling where Linux allows). KV bytes are
 the cache tensors. The long-context rows prefill 8192 tokens (`--quick`: 128) and decode after
 them with a dense 2:4 cache and with window 1024 + 4 sinks (a ring buffer of window + sinks slots).
@@ -22,7 +23,9 @@ them with a dense 2:4 cache and with window 1024 + 4 sinks (a ring buffer of win
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import gc
+import multiprocessing
 import resource
 import statistics
 import time
@@ -165,29 +168,41 @@ def sparsecc_row(name: str, model, prompt, new_tokens: int, sparsity, max_length
     return timed_row(name, build, prompt, new_tokens, **timing)
 
 
-def short_rows(size: str, dtype: torch.dtype, new_tokens: int, torch_compile: bool) -> list[Row]:
-    model = llama(size, dtype)
-    prompt = torch.randint(3, model.config.vocab_size, (1, PROMPT))
+SHORT_ROWS = ("transformers", "torch.compile", "sparsecc dense", "sparsecc 2:4")
+LONG_ROWS = ("dense cache", "window")
+
+
+def short_row(size: str, dtype: str, new_tokens: int, which: str) -> Row:
+    """One row of the short table, the model and prompt built here (the same in every process: seeded)."""
+    model = llama(size, DTYPES[dtype])
+    prompt = torch.randint(3, model.config.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(1))
     max_length = PROMPT + new_tokens
-    rows = [transformers_row(model, prompt, new_tokens, compiled=False)]
-    rows.append(transformers_row(model, prompt, new_tokens, compiled=True) if torch_compile
-                else Row("torch.compile", note="skipped"))
-    rows.append(sparsecc_row("sparsecc dense", model, prompt, new_tokens, None, max_length))
-    rows.append(sparsecc_row("sparsecc 2:4", model, prompt, new_tokens, "2:4", max_length))
-    return rows
+    if which in ("transformers", "torch.compile"):
+        return transformers_row(model, prompt, new_tokens, compiled=which == "torch.compile")
+    return sparsecc_row(which, model, prompt, new_tokens, None if which == "sparsecc dense" else "2:4", max_length)
 
 
-def long_rows(size: str, dtype: torch.dtype, new_tokens: int) -> list[Row]:
-    """Decode after a long context: 2:4 with the dense static cache, and with a window + sinks ring buffer."""
+def long_row(size: str, dtype: str, new_tokens: int, which: str) -> Row:
+    """Decode after a long context: 2:4 with the dense static cache, or with a window + sinks ring buffer."""
     long = LONG[size]
-    model = llama(size, dtype)
-    context = torch.randint(3, model.config.vocab_size, (1, long["context"]))
+    model = llama(size, DTYPES[dtype])
+    context = torch.randint(3, model.config.vocab_size, (1, long["context"]), generator=torch.Generator().manual_seed(1))
     max_length = long["context"] + new_tokens
-    window = {"policy": "window", "window": long["window"], "sinks": long["sinks"]}
     label = f"{long['context']} ctx"
-    return [sparsecc_row(f"{label}, 2:4 dense cache", model, context, new_tokens, "2:4", max_length, twice=False),
-            sparsecc_row(f"{label}, 2:4 window {long['window']}+{long['sinks']}", model, context, new_tokens,
-                         {"weights": "2:4", "attention": window}, max_length, twice=False, failed="not built")]
+    if which == "dense cache":
+        return sparsecc_row(f"{label}, 2:4 dense cache", model, context, new_tokens, "2:4", max_length, twice=False)
+    window = {"policy": "window", "window": long["window"], "sinks": long["sinks"]}
+    return sparsecc_row(f"{label}, 2:4 window {long['window']}+{long['sinks']}", model, context, new_tokens,
+                        {"weights": "2:4", "attention": window}, max_length, twice=False, failed="not built")
+
+
+def run_row(isolate: bool, fn: Callable[..., Row], *args) -> Row:
+    """`fn(*args)`, in a fresh process when `isolate`: each row starts from a clean interpreter (no other row's
+    threads, compiled kernels or heap), and its peak RSS is its own."""
+    if not isolate:
+        return fn(*args)
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
 
 
 def ratio(value: Optional[float], base: Optional[float]) -> str:
@@ -219,6 +234,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, list[Row]]:
     parser.add_argument("--no-torch-compile", action="store_true", help="skip the torch.compile row (~1 min each)")
     parser.add_argument("--no-long", action="store_true", help="skip the long-context rows")
     parser.add_argument("--no-short", action="store_true", help="only the long-context rows")
+    parser.add_argument("--same-process", action="store_true",
+                        help="run every row in this process (default: each row in a fresh one; --quick: same)")
     args = parser.parse_args(argv)
     size = "quick" if args.quick else "full"
     new_tokens = args.new_tokens or (8 if args.quick else 64)
@@ -229,12 +246,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, list[Row]]:
     print(f"{size} model {MODELS[size]}, {torch.get_num_threads()} threads, prompt {PROMPT}, {new_tokens} new tokens, "
           f"batch 1")
     tables = {}
+    isolate = not args.quick and not args.same_process
     for name in [] if args.no_short else dtypes:
-        rows = short_rows(size, DTYPES[name], new_tokens, torch_compile=not args.no_torch_compile)
+        rows = [Row(which, note="skipped") if which == "torch.compile" and args.no_torch_compile
+                else run_row(isolate, short_row, size, name, new_tokens, which) for which in SHORT_ROWS]
         print_table(name, rows, base=rows[0], compiled=rows[1])
         tables[name] = rows
     if not args.no_long:
-        long = long_rows(size, DTYPES[dtypes[0]], new_tokens)
+        long = [run_row(isolate, long_row, size, dtypes[0], new_tokens, which) for which in LONG_ROWS]
         print_table(f"{dtypes[0]}, long context ({long[0].name.split(',')[0]})", long, base=long[0],
                     base_label="vs dense cache")
         dense, window = long
