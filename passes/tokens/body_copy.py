@@ -19,7 +19,7 @@ and uses their original positions.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch.fx import Graph, GraphModule, Node
@@ -30,6 +30,18 @@ SHAPE_ARG_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.defa
                  aten.new_zeros.default, aten.new_empty.default}   # shape is args[1] in each
 
 Emit = Callable[[Node, tuple, dict], Node]
+
+
+def emitter(call: Callable[..., Node]) -> Emit:
+    """An Emit that makes the copy of `node` with `call` and keeps its module stack and stack trace
+    (the report and the IR name the copied ops after the block they came from)."""
+    def emit(node: Node, args: tuple, kwargs: dict) -> Node:
+        made = call(node.target, *args, **kwargs)
+        for key in ("nn_module_stack", "stack_trace"):
+            if key in node.meta:
+                made.meta[key] = node.meta[key]
+        return made
+    return emit
 
 
 class AmbiguousShape(ValueError):
@@ -67,22 +79,30 @@ def rescale_count(count: int, batch: int, seq: int, kept: int) -> int:
     return count // tokens * batch * kept if count >= tokens and count % tokens == 0 else count
 
 
-def copy_body(body: list[Node], env: dict[Node, Any], emit: Emit, batch: int, seq: int, kept: int) -> Node:
-    """Re-emit `body` in order through `emit`, inputs looked up in `env`; returns the last copy."""
+def copy_nodes(body: list[Node], env: dict[Node, Any], emit: Emit, reshape: Callable[[Any], Any],
+               recount: Optional[Callable[[int], int]] = None) -> Node:
+    """Re-emit `body` in order through `emit`, inputs looked up in `env`, shape literals through `reshape`
+    (and static `arange` lengths through `recount`, when given); returns the last copy."""
     node = None
     for node in body:
         args = map_arg(node.args, lambda n: env.get(n, n))
         if node.target in SHAPE_ARG_OPS and len(args) > 1:
-            args = (args[0], rescale_shape(args[1], batch, seq, kept), *args[2:])
-        elif node.target is aten.arange.default and isinstance(args[0], int):
-            args = (rescale_count(args[0], batch, seq, kept), *args[1:])
+            args = (args[0], reshape(args[1]), *args[2:])
+        elif recount is not None and node.target is aten.arange.default and isinstance(args[0], int):
+            args = (recount(args[0]), *args[1:])
         env[node] = emit(node, args, dict(map_arg(node.kwargs, lambda n: env.get(n, n))))
     return env[node]
 
 
-def standalone_body(gm: GraphModule, body: list[Node], inputs: list[Node], batch: int, seq: int,
-                    kept: int) -> GraphModule:
-    """A GraphModule computing the body from `inputs` (gathered values, in order) on K tokens."""
+def copy_body(body: list[Node], env: dict[Node, Any], emit: Emit, batch: int, seq: int, kept: int) -> Node:
+    """`body` copied for K kept tokens per sequence ([B, S, ...] literals become [B, K, ...])."""
+    return copy_nodes(body, env, emit, lambda shape: rescale_shape(shape, batch, seq, kept),
+                      lambda count: rescale_count(count, batch, seq, kept))
+
+
+def standalone_graph(gm: GraphModule, body: list[Node], inputs: list[Node],
+                     copy: Callable[[list[Node], dict[Node, Any], Emit], Node]) -> GraphModule:
+    """A GraphModule computing `copy(body, env, emit)` from `inputs` (in order) and `gm`'s constants."""
     graph = Graph()
     env: dict[Node, Any] = {inp: graph.placeholder(f"in_{i}") for i, inp in enumerate(inputs)}
     for node in body:
@@ -93,8 +113,14 @@ def standalone_body(gm: GraphModule, body: list[Node], inputs: list[Node], batch
     def emit(node: Node, args: tuple, kwargs: dict) -> Node:
         return graph.call_function(node.target, args, kwargs)
 
-    graph.output(copy_body(body, env, emit, batch, seq, kept))
+    graph.output(copy(body, env, emit))
     return GraphModule(gm, graph)
+
+
+def standalone_body(gm: GraphModule, body: list[Node], inputs: list[Node], batch: int, seq: int,
+                    kept: int) -> GraphModule:
+    """A GraphModule computing the body from `inputs` (gathered values, in order) on K tokens."""
+    return standalone_graph(gm, body, inputs, lambda nodes, env, emit: copy_body(nodes, env, emit, batch, seq, kept))
 
 
 def input_kind(node: Node, batch: int, seq: int) -> str:

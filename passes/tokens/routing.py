@@ -35,7 +35,7 @@ from ..records import RewriteRecord
 from ..region import RegionRule, rewrite_regions
 from ..rewriter import Rewriter
 from .blocks import NotRoutable, ResidualBlock, routed_body
-from .body_copy import copy_body, gather_input
+from .body_copy import copy_body, emitter, gather_input
 from .check import RoutedCopy, reproduce, routed_error, unconfirmed_reason
 from .flops import body_flops
 from .layers import find_layer_blocks
@@ -239,14 +239,7 @@ def insert_routing(gm: GraphModule, copy: RoutedCopy, router: str, probe: Probe 
         shape = [int(d) for d in extra.meta["val"].shape]
         env[extra] = gather_input(rw.call, kind, extra, indices, shape, batch, kept)
 
-    def emit(node: Node, args: tuple, kwargs: dict) -> Node:
-        made = rw.call(node.target, *args, **kwargs)
-        for key in ("nn_module_stack", "stack_trace"):
-            if key in node.meta:
-                made.meta[key] = node.meta[key]
-        return made
-
-    rows = copy_body(nodes, env, emit, batch, seq, kept)
+    rows = copy_body(nodes, env, emitter(rw.call), batch, seq, kept)
     passed = block.residual
     for term in block.bypass:   # a parallel block's attention: what the tokens not routed still get
         passed = rw.call(torch.ops.aten.add.Tensor, passed, term)

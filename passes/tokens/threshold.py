@@ -23,8 +23,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.fx import Graph, GraphModule, Node
-from torch.fx.node import map_arg
+from torch.fx import GraphModule, Node
 
 from sparsecc.runtime.token_routing import kept_tokens
 
@@ -33,7 +32,7 @@ from ..manager import PassContext
 from ..region import record_values
 from ..rewriter import Rewriter
 from .blocks import NotRoutable, ResidualBlock, routed_body
-from .body_copy import SHAPE_ARG_OPS
+from .body_copy import copy_nodes, emitter, standalone_graph
 from .routers import Probe, insert_scores, scores
 
 aten = torch.ops.aten
@@ -101,13 +100,7 @@ def rescale_flat(shape: Any, batch: Any, seq: Any, count: Any) -> Any:
 def copy_flat_body(body: list[Node], env: dict[Node, Any], emit: Callable[[Node, tuple, dict], Node],
                    batch: Any, seq: Any, count: Any) -> Node:
     """Re-emit `body` in order through `emit` for N tokens as one sequence; returns the last copy."""
-    node = None
-    for node in body:
-        args = map_arg(node.args, lambda n: env.get(n, n))
-        if node.target in SHAPE_ARG_OPS and len(args) > 1:
-            args = (args[0], rescale_flat(args[1], batch, seq, count), *args[2:])
-        env[node] = emit(node, args, dict(map_arg(node.kwargs, lambda n: env.get(n, n))))
-    return env[node]
+    return copy_nodes(body, env, emit, lambda shape: rescale_flat(shape, batch, seq, count))
 
 
 def token_dims(block: ResidualBlock) -> tuple[Any, Any, list[int]]:
@@ -127,17 +120,12 @@ def run_flat(gm: GraphModule, block: ResidualBlock, values: dict, tokens: Tensor
     batch, seq = values[block.residual].shape[:2]
     nodes, inputs = routed_body(block)
     inputs = [*inputs, *block.extra_inputs]
-    graph = Graph()
-    env: dict[Node, Any] = {inp: graph.placeholder(f"in_{i}") for i, inp in enumerate(inputs)}
-    for node in nodes:
-        for inp in node.all_input_nodes:
-            if inp.op == "get_attr" and inp not in env:
-                env[inp] = graph.get_attr(inp.target)
-    emit = lambda node, args, kwargs: graph.call_function(node.target, args, kwargs)
-    graph.output(copy_flat_body(nodes, env, emit, int(batch), int(seq), int(tokens.shape[1])))
+    count = int(tokens.shape[1])
+    body = standalone_graph(gm, nodes, inputs,
+                            lambda b, env, emit: copy_flat_body(b, env, emit, int(batch), int(seq), count))
     gathered = [ops.route_gather(_flat(values[n]), tokens) for n in inputs]
     with torch.no_grad():
-        return GraphModule(gm, graph)(*gathered)
+        return body(*gathered)
 
 
 def _flat(value: Tensor) -> Tensor:
@@ -184,14 +172,7 @@ def insert_threshold_routing(gm: GraphModule, copy: ThresholdCopy, router: str,
     nodes, inputs = routed_body(block)
     env = {node: rw.call(ops.route_gather.default, flat(node), tokens) for node in [*inputs, *block.extra_inputs]}
 
-    def emit(node: Node, args: tuple, kwargs: dict) -> Node:
-        made = rw.call(node.target, *args, **kwargs)
-        for key in ("nn_module_stack", "stack_trace"):
-            if key in node.meta:
-                made.meta[key] = node.meta[key]
-        return made
-
-    rows = copy_flat_body(nodes, env, emit, batch, seq, count)
+    rows = copy_flat_body(nodes, env, emitter(rw.call), batch, seq, count)
     passed = block.residual
     for term in block.bypass:
         passed = rw.call(aten.add.Tensor, passed, term)
