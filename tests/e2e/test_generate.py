@@ -14,6 +14,8 @@ from sparsecc.errors import ConfigError
 from sparsecc.runtime.errors import InputMismatchError
 from sparsecc.runtime.sampling import Sampling
 
+from .prompts import left_padded
+
 transformers = pytest.importorskip("transformers")
 
 NEW_TOKENS = 32
@@ -55,17 +57,6 @@ def deepseek_v3() -> torch.nn.Module:
                                            n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32,
                                            qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1)
     return transformers.DeepseekV3ForCausalLM(config).eval()
-
-
-def left_padded(lengths=(5, 9), seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, length in enumerate(lengths):
-        ids[row, width - length:] = torch.randint(3, 128, (length,), generator=generator)
-        mask[row, width - length:] = 1
-    return ids, mask
 
 
 def reference(model: torch.nn.Module, gen) -> torch.nn.Module:

@@ -20,6 +20,8 @@ from sparsecc.runtime.ops.block_attention import BLOCK_ATTENTION, block_attentio
 from sparsecc.runtime.errors import RuntimeProgramError
 from sparsecc.runtime.ops.quest_layout import QUEST_LAYOUT, page_bounds
 
+from .prompts import left_padded
+
 transformers = pytest.importorskip("transformers")
 
 PAGE, MAX_LENGTH, NEW_TOKENS, LAYERS = 16, 96, 20, 2
@@ -32,16 +34,6 @@ def llama(**config) -> torch.nn.Module:
                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
                                       max_position_embeddings=256, eos_token_id=None, **config)
     return transformers.LlamaForCausalLM(config).eval()
-
-
-def prompts(lengths=(40, 23)) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(3)
-    width = max(lengths)
-    ids, mask = torch.zeros(len(lengths), width, dtype=torch.long), torch.zeros(len(lengths), width, dtype=torch.long)
-    for row, length in enumerate(lengths):
-        ids[row, width - length:] = torch.randint(3, 128, (length,), generator=generator)
-        mask[row, width - length:] = 1
-    return ids, mask
 
 
 class Recorder:
@@ -70,7 +62,7 @@ def quest_run():
     """A generator keeping 2 pages per decode step, its decode calls recorded."""
     patch = pytest.MonkeyPatch()
     layouts, attention = Recorder(patch, QUEST_LAYOUT, 4), Recorder(patch, BLOCK_ATTENTION, 0)
-    ids, mask = prompts()
+    ids, mask = left_padded((40, 23), seed=3)
     model = llama()
     try:
         gen = compile_generator(model, ids, mask, {"attention": {"policy": "topk", "topk": 2, "sinks": 0}})
@@ -112,7 +104,7 @@ def test_page_bound_is_an_upper_bound_and_bad_calls_are_refused():
 
 
 def test_topk_over_all_pages_is_the_dense_generator():
-    ids, mask = prompts()
+    ids, mask = left_padded((40, 23), seed=3)
     model = llama()
     gen = compile_generator(model, ids, mask, {"attention": {"policy": "topk", "topk": MAX_LENGTH // PAGE}})
     assert "sparsecc.quest_layout" in gen.decode.ir() and "sparsecc.quest_layout" not in gen.prefill.ir()
@@ -197,7 +189,7 @@ def peaked_llama() -> torch.nn.Module:
 def test_threshold_skips_blocks_in_decode_within_its_bound(monkeypatch):
     threshold, block = 0.01, 64
     attention = Recorder(monkeypatch, BLOCK_ATTENTION, 0)
-    ids, mask = prompts((70, 60))
+    ids, mask = left_padded((70, 60), seed=3)
     ids[0, 0], ids[1, 10] = BOS, BOS
     gen = compile_generator(peaked_llama(), ids, mask,
                             {"attention": {"policy": "threshold", "threshold": threshold, "block": block}})

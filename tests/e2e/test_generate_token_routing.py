@@ -13,6 +13,7 @@ from sparsecc.errors import ConfigError
 from sparsecc.passes.tokens.threshold import calibrated_threshold, passing_tokens, rescale_flat
 
 from ..passes.routing_models import stack
+from .prompts import left_padded
 
 transformers = pytest.importorskip("transformers")
 
@@ -97,23 +98,13 @@ def _llama() -> torch.nn.Module:
     return model
 
 
-def _prompts(lengths: tuple[int, ...], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids, mask = torch.zeros(len(lengths), width, dtype=torch.long), torch.zeros(len(lengths), width, dtype=torch.long)
-    for row, length in enumerate(lengths):
-        ids[row, width - length:] = torch.randint(3, 128, (length,), generator=generator)
-        mask[row, width - length:] = 1
-    return ids, mask
-
-
 @pytest.fixture(scope="module")
 def routed_generator():
     model = _llama()
-    calibration = [_prompts((7, 8), 2), _prompts((6, 6), 3)]
+    calibration = [left_padded((7, 8), 2), left_padded((6, 6), 3)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        gen = sparsecc.compile(model, _prompts((5, 9), 1), sparsity={"tokens": {"capacity": 0.5, "layers": ["*"]}},
+        gen = sparsecc.compile(model, left_padded((5, 9), 1), sparsity={"tokens": {"capacity": 0.5, "layers": ["*"]}},
                                mode="generate", max_length=48, calibration=calibration)
     return model, gen
 
@@ -140,7 +131,7 @@ def test_generate_decodes_like_an_eager_model_routing_by_the_same_thresholds(rou
     thresholds = {r.layer: r.details["threshold"] for r in gen.prefill.records}
     assert len(thresholds) == 2
     counts = {"prefill": [0, 0], "decode": [0, 0]}
-    ids, mask = _prompts((4, 10), 5)
+    ids, mask = left_padded((4, 10), 5)
     got = gen.generate(ids, mask, max_new_tokens=12)
     want = _reference(model, thresholds, counts).generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
     assert torch.equal(got, want), f"first difference at {(got != want).nonzero()[:1].tolist()}"
@@ -164,5 +155,5 @@ def test_decode_program_is_given_the_prefill_thresholds_and_reports_what_it_rout
 def test_calibrated_router_is_refused_in_generate_mode():
     model = _llama()
     with pytest.raises(ConfigError, match="router 'calibrated'"):
-        sparsecc.compile(model, _prompts((5, 9), 1), sparsity={"tokens": {"capacity": 0.5, "router": "calibrated"}},
+        sparsecc.compile(model, left_padded((5, 9), 1), sparsity={"tokens": {"capacity": 0.5, "router": "calibrated"}},
                          mode="generate", max_length=48)

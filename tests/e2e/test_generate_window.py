@@ -19,6 +19,8 @@ from sparsecc.passes import build_pipeline
 from sparsecc.runtime.errors import ArtifactError
 from sparsecc.runtime.generation import GenerationSpec
 
+from .prompts import left_padded
+
 transformers = pytest.importorskip("transformers")
 
 WINDOW, SINKS, MAX_LENGTH, NEW_TOKENS = 8, 2, 64, 40
@@ -33,16 +35,6 @@ def llama(attention: str = "sdpa") -> torch.nn.Module:
                                       max_position_embeddings=128)
     config._attn_implementation = attention
     return transformers.LlamaForCausalLM(config).eval()
-
-
-def left_padded(lengths=LENGTHS, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids, mask = torch.zeros(len(lengths), width, dtype=torch.long), torch.zeros(len(lengths), width, dtype=torch.long)
-    for row, length in enumerate(lengths):
-        ids[row, width - length:] = torch.randint(3, 128, (length,), generator=generator)
-        mask[row, width - length:] = 1
-    return ids, mask
 
 
 def policy_mask(mask: torch.Tensor, attention: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,14 +65,14 @@ def window_gen():
     model = llama()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        gen = sparsecc.compile(model, left_padded(), mode="generate", max_length=MAX_LENGTH,
+        gen = sparsecc.compile(model, left_padded(LENGTHS), mode="generate", max_length=MAX_LENGTH,
                                sparsity={"attention": {"policy": "window", "window": WINDOW, "sinks": SINKS}})
     return model, gen
 
 
 def test_greedy_tokens_equal_the_window_reference(window_gen):
     model, gen = window_gen
-    ids, mask = left_padded()
+    ids, mask = left_padded(LENGTHS)
     got = gen.generate(ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=[])
     want = reference_generate(model, ids, mask, NEW_TOKENS)
     assert torch.equal(got, want), f"first differing position {(got != want).nonzero()[:1].tolist()}"
