@@ -15,6 +15,7 @@ import sparsecc
 from sparsecc.runtime.artifact import (ARTIFACT_FORMAT, ARTIFACT_VERSION, MANIFEST, MANIFEST_HASH, WEIGHTS,
                                        sha256_file, target_dir)
 from sparsecc.runtime.expert_shards import EXPERT_FILE, expert_file
+from sparsecc.runtime.kernels.cpu.mlir.aot import manifest_entry
 from sparsecc.runtime.kernels.triton.launch import KernelSpec
 from sparsecc.runtime.program import Program
 from sparsecc.runtime.signing import SIGNATURE_FILE, SigningKey, sign_manifest
@@ -64,11 +65,25 @@ def kernel_table(root: Path, specs: Sequence[tuple[KernelSpec, list[str]]], buil
     return table
 
 
+def cpu_kernel_table(root: Path, cpu_built: Sequence[dict[str, Any]]) -> list:
+    """Write each generated CPU kernel's objects (kernels/cpu_x86_64_v4/<id>.o); their manifest records."""
+    table = []
+    for index, entry in enumerate(cpu_built):
+        kernel_id = f"c{index}_{entry['source'].name}"
+        files = {target: f"kernels/{target_dir(target)}/{kernel_id}.o" for target in entry["objects"]}
+        for target, name in files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_bytes(entry["objects"][target])
+        table.append(manifest_entry(index, entry, files))
+    return table
+
+
 def write_artifact(root: Path, program: Program, constants: dict[str, torch.Tensor], targets: Sequence[str],
                    specs: Sequence[tuple[KernelSpec, list[str]]], built: Sequence[BuiltKernel],
                    sign_with: Optional[SigningKey] = None,
                    rank_constants: Sequence[dict[str, torch.Tensor]] = (),
-                   described: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+                   described: Optional[dict[str, Any]] = None,
+                   cpu_built: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
     """Write the artifact; with `sign_with` (an Ed25519 private key or its PEM file) also manifest.sig.
     `rank_constants` (expert parallelism): each rank's expert constants, written to its own file.
     `described`: extra manifest sections (e.g. "generator"), hashed and signed with the rest."""
@@ -79,7 +94,8 @@ def write_artifact(root: Path, program: Program, constants: dict[str, torch.Tens
     for name, shard in zip(rank_files, rank_constants):
         write_weights(root / name, shard)
     kernels = kernel_table(root, specs, built)
-    listed = [WEIGHTS, *rank_files] + [b["file"] for k in kernels for b in k["binaries"].values()]
+    cpu_kernels = cpu_kernel_table(root, cpu_built)
+    listed = [WEIGHTS, *rank_files] + [b["file"] for k in (*kernels, *cpu_kernels) for b in k["binaries"].values()]
     manifest = {
         "format": ARTIFACT_FORMAT,
         "format_version": ARTIFACT_VERSION,
@@ -90,6 +106,7 @@ def write_artifact(root: Path, program: Program, constants: dict[str, torch.Tens
         "weights": WEIGHTS,
         **({"expert_parallel": {"world_size": len(rank_files), "files": rank_files}} if rank_files else {}),
         "kernels": kernels,
+        **({"cpu_kernels": cpu_kernels} if cpu_kernels else {}),
         **(described or {}),
         "files": {name: {"sha256": sha256_file(root / name), "bytes": (root / name).stat().st_size}
                   for name in listed},

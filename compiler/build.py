@@ -7,7 +7,8 @@
    specialisations the program uses at those shapes. A program with dynamic
    dims also records the tile configurations other token counts pick (VARIANTS).
 2. Build each spec for each GPU target in parallel worker processes, through
-   the kernel cache (`sparsecc.kernel_build`).
+   the kernel cache (`sparsecc.kernel_build`). Named CPU targets (`cpu:x86-64-v4`):
+   the generated CPU kernels a CPU run asks for, built as objects for that CPU.
 3. Write manifest + weights + binaries (`sparsecc.artifact_writer`).
 """
 from __future__ import annotations
@@ -21,6 +22,8 @@ import torch
 from sparsecc.runtime.artifact import parse_target, program_on
 from sparsecc.runtime.executor import Executor
 from sparsecc.runtime.expert_shards import shard_program
+from sparsecc.runtime.kernels.cpu.mlir.aot import build_cpu_kernels, kernel_sources
+from sparsecc.runtime.kernels.cpu.mlir.jit import recording
 from sparsecc.runtime.kernels.triton.launch import KERNEL_MODULE_PREFIX, KernelSpec, bind_launch, use_launcher
 from sparsecc.runtime.ops import get_op
 from sparsecc.runtime.program import Program
@@ -139,8 +142,26 @@ def save_artifact(program: Program, constants: dict[str, torch.Tensor], example_
         raise BuildError(str(err)) from None
     specs = record_kernels(program, constants, example_inputs) if gpu_targets else []
     built = build_kernels([s for s, _ in specs], gpu_targets, cache_dir=cache_dir, workers=workers, progress=progress)
+    cpu_targets = [t for t in targets if parse_target(t)[0] == "cpu" and parse_target(t)[1]]
+    cpu_built = build_cpu_objects(program, constants, example_inputs, cpu_targets, cache_dir) if cpu_targets else []
     rank_constants: list = []
     if world_size > 1:
         program, constants, rank_constants = shard_program(program, constants, world_size)
     return write_artifact(Path(path), program, constants, targets, specs, built, sign_with=sign_with,
-                          rank_constants=rank_constants, described=described)
+                          rank_constants=rank_constants, described=described, cpu_built=cpu_built)
+
+
+def build_cpu_objects(program: Program, constants: dict[str, torch.Tensor], example_inputs: Sequence[torch.Tensor],
+                      cpu_targets: Sequence[str], cache_dir: Optional[os.PathLike] = None) -> list[dict[str, Any]]:
+    """Run the program once on CPU recording the generated kernels it asks for, then build each for every
+    named CPU target (`sparsecc.runtime.kernels.cpu.mlir.aot`); with dynamic dims every decode token count."""
+    cpu = torch.device("cpu")
+    program = program_on(program, cpu)
+    constants = {name: t.to(cpu) for name, t in constants.items()}
+    state = {name: constants[name].clone() for name in program.state_names}   # the artifact saves the state as it was
+    with recording() as used:
+        Executor(program, {**constants, **state}, "torch").run([t.to(cpu) for t in example_inputs])
+    try:
+        return build_cpu_kernels(kernel_sources(used, bool(program.symbol_ranges)), cpu_targets, cache_dir)
+    except ValueError as err:
+        raise BuildError(f"save: {err}") from None

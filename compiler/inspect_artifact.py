@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsecc.runtime.artifact import MAX_SMALL_FILE_BYTES, malformed, read_manifest, read_optional, verify_files
+from sparsecc.runtime.kernels.cpu.mlir.aot import cpu_objects_decision
 from sparsecc.runtime.program import Program
 from sparsecc.runtime.signing import SIGNATURE_FILE, signature_key_id
 
@@ -27,6 +28,17 @@ def _signature(root: Path, verified: bool) -> str:
         return "signature: none (unsigned; hashes give integrity, not authenticity)"
     how = "verified against a trusted key" if verified else "not verified: pass --trusted-key"
     return f"signature: Ed25519, key id {signature_key_id(record)} ({how})"
+
+
+def _cpu_kernel_lines(manifest: dict[str, Any], verified: bool) -> list[str]:
+    """The generated CPU kernels built for named CPUs, and whether a load here would use them."""
+    kernels = manifest.get("cpu_kernels", [])
+    lines = [f"cpu kernels: {len(kernels)} generated kernels prebuilt"] if kernels else []
+    for kernel in kernels:
+        lines.append(f"  {kernel['id']}  {kernel['kernel']} {kernel['dtype']}")
+        lines += [f"    {target:16s} {binary['file']}" for target, binary in kernel["binaries"].items()]
+        lines += [f"    {target:16s} not built: {why}" for target, why in kernel.get("skipped", {}).items()]
+    return lines + [cpu_objects_decision(manifest, verified)[1].replace("cpu kernels: ", "cpu kernels here: ", 1)]
 
 
 def describe_artifact(path: str, trusted_keys: list | None = None) -> str:
@@ -56,6 +68,7 @@ def _describe(root: Path, manifest: dict[str, Any], verified: bool) -> str:
             lines.append(f"    {target:11s} {binary['file']}  {_size(files[binary['file']]['bytes'])}, "
                          f"shared {binary['shared']} B, {binary['num_warps']} warps, "
                          f"{binary.get('num_stages', '?')} stages, entry {binary['entry']}")
+    lines += _cpu_kernel_lines(manifest, verified)
     total = sum(f["bytes"] for f in files.values())
     lines.append(f"total: {_size(total)} in {len(files)} files (+ manifest)")
     return "\n".join(lines)

@@ -13,6 +13,8 @@
     DIR/experts-rank<r>.safetensors  saved with world_size W > 1: rank r's slice of each expert constant
                                (then absent from weights.safetensors; manifest "expert_parallel")
     DIR/kernels/<cuda_90|hip_gfx942|...>/<id>.<cubin|hsaco>
+    DIR/kernels/cpu_x86_64_v4/<id>.o   generated CPU kernels (manifest "cpu_kernels", kernels/cpu/mlir/aot.py),
+                               linked only from a signature-verified artifact
 
     DIR/manifest.sig           optional Ed25519 signature of manifest.json (`sparsecc.runtime.signing`)
 
@@ -40,6 +42,7 @@ from typing import Any, Iterable, Optional, Union
 import torch
 
 from .errors import ArtifactError, InputMismatchError, RuntimeProgramError
+from .kernels.cpu.mlir.targets import NAMED_CPUS
 from .program import Program
 from .signing import SIGNATURE_FILE, TrustedKey, verify_manifest
 
@@ -55,13 +58,14 @@ BINARY_SUFFIX = {"cuda": "cubin", "hip": "hsaco"}
 
 
 def parse_target(text: str) -> tuple[str, str]:
-    """'cpu' -> ("cpu", ""), 'cuda:90' -> ("cuda", "90"), 'hip:gfx942' -> ("hip", "gfx942")."""
+    """'cpu' -> ("cpu", ""), 'cpu:x86-64-v4' -> ("cpu", "x86-64-v4"), 'cuda:90' -> ("cuda", "90"), ..."""
     api, _, arch = str(text).partition(":")
-    if api == "cpu" and not arch:
-        return "cpu", ""
+    if api == "cpu" and (not arch or arch in NAMED_CPUS):     # 'cpu:x86-64-v4': generated kernels for that CPU
+        return "cpu", arch
     if arch in GPU_TARGETS.get(api, ()):
         return api, arch
-    known = ["cpu"] + [f"{a}:{x}" for a, archs in GPU_TARGETS.items() for x in archs]
+    known = ["cpu", *(f"cpu:{x}" for x in NAMED_CPUS)]
+    known += [f"{a}:{x}" for a, archs in GPU_TARGETS.items() for x in archs]
     raise ArtifactError(f"unknown target {text!r} (known: {', '.join(known)})")
 
 
@@ -241,7 +245,9 @@ def rank_files(manifest: dict[str, Any]) -> list[str]:
 
 
 def kernel_binaries(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    return [binary for kernel in manifest.get("kernels", []) for binary in kernel["binaries"].values()]
+    """Every binary the manifest names: Triton kernels per GPU target, generated CPU kernels per named CPU."""
+    kernels = [*manifest.get("kernels", []), *manifest.get("cpu_kernels", [])]
+    return [binary for kernel in kernels for binary in kernel["binaries"].values()]
 
 
 def file_limit(manifest: dict[str, Any], name: str, size: int) -> int:
@@ -287,7 +293,7 @@ def device_target(device: torch.device, targets: list[str]) -> str:
     runs on a later sm_8y). A missing target is an error that lists what the artifact holds."""
     have = ", ".join(targets) or "none"
     if device.type == "cpu":
-        if "cpu" in targets:
+        if "cpu" in targets or any(str(t).startswith("cpu:") for t in targets):   # cpu:x86-64-v4: 'cpu' + objects
             return "cpu"
         raise ArtifactError(f"the artifact was not built for target 'cpu' (it has: {have})")
     if device.type != "cuda":

@@ -1,7 +1,7 @@
 """A content-addressed cache of compiled kernels, shared by every build on a machine.
 
     key   = sha256(kernel source, specialisation, target, triton version, entry format)
-    entry = <root>/<key[:2]>/<key>/  holding  kernel.<cubin|hsaco>  and  metadata.json
+    entry = <root>/<key[:2]>/<key>/  holding  kernel.<cubin|hsaco|o>  and  metadata.json
 
 An entry is written into a private temporary folder and renamed into place
 (`os.replace`), so a reader sees a whole entry or none. When two processes
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-BINARY_FILES = ("kernel.cubin", "kernel.hsaco")
+BINARY_FILES = ("kernel.cubin", "kernel.hsaco", "kernel.o")   # .o: generated CPU kernels (kernels/cpu/mlir)
 ENTRY_FORMAT = 2        # bump when the metadata an entry holds changes: older entries become misses
 TMP_PREFIX = ".tmp-"
 STALE_SECONDS = 3600    # a temp folder this old is an orphan even if its pid is alive (pids are reused)
@@ -39,6 +39,8 @@ def default_cache_dir() -> Path:
     explicit = os.environ.get("SPARSECC_KERNEL_CACHE")
     if explicit:
         return Path(explicit)
+    if os.environ.get("SPARSECC_CACHE_DIR"):      # the root every sparsecc cache shares (tuning_cache.py)
+        return Path(os.environ["SPARSECC_CACHE_DIR"]) / "kernels"
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "sparsecc" / "kernels"
 

@@ -52,13 +52,14 @@ class PrebuiltKernels:
 
 
 class LoadedModel:
-    """Call it like the original model; `manifest`, `target`, `device` say what was loaded."""
+    """Call it like the original model; `manifest`, `target`, `device`, `cpu_kernels` say what was loaded."""
 
     def __init__(self, manifest: dict[str, Any], program: Program, constants: dict[str, torch.Tensor],
                  device: torch.device, target: str, kernels: PrebuiltKernels | None, guard: CallGuard):
         self.manifest, self.program, self.constants = manifest, program, constants
         self.device, self.target, self.kernels = device, target, kernels
         self._guard = guard
+        self.cpu_kernels = ""        # on CPU: whether the artifact's prebuilt kernel objects are used, and why
         self._executor = Executor(program, constants, "torch" if kernels is None else "triton", guard=guard)
         self._in_spec = _schema(program.in_spec, "program in_spec")
         self._out_spec = _schema(program.out_spec, "program out_spec")
@@ -137,8 +138,21 @@ def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu", *,
         limit = default_max_bytes({n: constants[n] for n in program.constant_names}) if max_memory is None else max_memory
         found = validate_program(program, constants, device=device, max_bytes=limit)
         kernels = None if target == "cpu" else _load_kernels(root, manifest, target, device)
+        cpu_kernels = _use_cpu_objects(root, manifest, trusted_keys is not None) if target == "cpu" else ""
         guard = CallGuard(program, constants, device, limit, found)
-        return LoadedModel(manifest, program, constants, device, target, kernels, guard)
+        model = LoadedModel(manifest, program, constants, device, target, kernels, guard)
+        model.cpu_kernels = cpu_kernels
+        return model
+
+
+def _use_cpu_objects(root: Path, manifest: dict[str, Any], verified: bool) -> str:
+    """Offer the artifact's prebuilt CPU kernel objects where that is safe (kernels/cpu/mlir/aot.py: signature
+    verified against trusted keys, host has the target's features); returns the sentence saying what was done."""
+    from .kernels.cpu.mlir.aot import cpu_objects_decision, use_cpu_objects
+    target, why = cpu_objects_decision(manifest, verified)
+    if target is not None:
+        use_cpu_objects(manifest, target, lambda name: read_checked(root, name, manifest))
+    return why
 
 
 def _rank_file(manifest: dict[str, Any], rank: Optional[int]) -> list[str]:

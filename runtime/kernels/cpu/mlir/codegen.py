@@ -255,15 +255,15 @@ def _store_sums(spec: DecodeSpec, p: str, accs: list[tuple[int, int, int]]) -> l
         lines += [f"{p}dot{j}_{t} = vector.reduction <add>, {total} fastmath<reassoc> : {acc_t} into f32",
                   f"{p}yt{j}_{t} = arith.muli %out_rows, %c{t} : index",
                   f"{p}yi{j}_{t} = arith.addi {p}yt{j}_{t}, {p}r{j} : index",
-                  *_store_output(spec, f"{p}{j}_{t}", f"{p}dot{j}_{t}", f"{p}r{j}", f"{p}yi{j}_{t}")]
+                  *store_output(spec.dtype, f"{p}{j}_{t}", f"{p}dot{j}_{t}", f"{p}r{j}", f"{p}yi{j}_{t}")]
     return lines
 
 
-def _store_output(spec: DecodeSpec, q: str, dot: str, row: str, index: str) -> list[str]:
+def store_output(dtype: str, q: str, dot: str, row: str, index: str) -> list[str]:
     """y[index] = dot + bias[row], rounded once to the output dtype (nearest even, as torch rounds)."""
     lines = [f"{q}b = memref.load %bias[{row}] : memref<?xf32>",
              f"{q}out = arith.addf {dot}, {q}b : f32"]
-    if spec.dtype == "float32":
+    if dtype == "float32":
         return lines + [f"memref.store {q}out, %y[{index}] : memref<?xf32>"]
     return lines + [f"{q}half = arith.truncf {q}out : f32 to bf16",
                     f"{q}bits = arith.bitcast {q}half : bf16 to i16",

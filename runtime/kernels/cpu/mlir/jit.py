@@ -1,22 +1,29 @@
-"""Compile decode kernels with torch-mlir's LLVM ExecutionEngine and hand back plain C callables.
+"""Compile generated kernels for the host and hand back plain C callables.
 
-The ExecutionEngine JITs for the host CPU (AVX-512 code where the host has it). A kernel is
+Torch-mlir's ExecutionEngine JITs for the host CPU (AVX-512 code where the host has it). A kernel is
 called through its packed entry point `_mlir_<name>(void **args)`: one pointer per scalar of
 the lowered signature (a 1-D memref is 5 scalars: allocated, aligned, offset, size, stride).
-Compiled kernels are cached in-process by spec and host target. Nothing is cached on disk:
-reloading a dumped object needs a system linker, and the MLIR text is regenerated in
-microseconds, so only the JIT (tens of ms per kernel) would be saved, and only by a linker.
+Compiled kernels are cached in-process by spec and host target. Where llvmlite is installed a
+kernel is an object file instead (objects.py): built for the host once, kept in the shared disk
+cache, or taken from a verified artifact (object_cache.py), and linked in memory by llvmlite's
+MCJIT, so a second process skips the build (35-170 ms per kernel). Without llvmlite, or where
+its LLVM cannot read torch-mlir's IR, torch-mlir's ExecutionEngine JITs per process as before.
+`CompiledKernel.origin` says which: "jit", "compiled", "disk" or "artifact".
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import threading
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from .codegen import PASS_PIPELINE, DecodeSpec, decode_kernel_text
 from .decompress_kernel import decompress_kernel_name, decompress_kernel_text
+from .dense_codegen import DenseSpec, dense_kernel_text
 from .host import host_target
+from .object_cache import forget_prebuilt, host_object
+from .objects import ObjectBuildError, ObjectEngine, available as objects_available
 
 MEMREF_SCALARS = 5
 _compile_lock = threading.Lock()      # MLIR contexts are not shared across threads while compiling
@@ -25,8 +32,9 @@ _compile_lock = threading.Lock()      # MLIR contexts are not shared across thre
 class CompiledKernel:
     """A JIT-compiled kernel; `call(memrefs, scalars)` runs it with the GIL released (ctypes)."""
 
-    def __init__(self, engine, name: str):
+    def __init__(self, engine, name: str, origin: str = "jit"):
         self._engine = engine            # owns the code: kept alive as long as the callable
+        self.origin = origin             # "jit" | "compiled" | "disk" | "artifact": where the code came from
         self._entry = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(engine.raw_lookup(name))
         if not engine.raw_lookup(name):
             raise RuntimeError(f"sparsecc.runtime mlir jit: kernel {name} not found after compiling")
@@ -60,7 +68,23 @@ class KernelCompileError(NotImplementedError):
 
 
 def compile_text(text: str, name: str) -> CompiledKernel:
-    """Parse, lower to the LLVM dialect, JIT at -O3 for the host."""
+    """The kernel of MLIR `text` for the host: an object (artifact, disk cache or built now) where
+    llvmlite is installed, else torch-mlir's JIT."""
+    if objects_available():
+        try:
+            obj, origin = host_object(text, name)
+        except ObjectBuildError as err:   # MLIR or llvmlite's LLVM rejected it: the JIT tries (and says why)
+            object_failures.append(f"{name}: {err}")
+        else:
+            return CompiledKernel(ObjectEngine(obj), name, origin)
+    return jit_text(text, name)
+
+
+object_failures: list[str] = []   # kernels the object path could not build (JITted instead), for diagnostics
+
+
+def jit_text(text: str, name: str) -> CompiledKernel:
+    """Parse, lower to the LLVM dialect, JIT at -O3 for the host with torch-mlir's ExecutionEngine."""
     from torch_mlir import ir, passmanager
     from torch_mlir.execution_engine import ExecutionEngine
     with _compile_lock, ir.Context():
@@ -79,8 +103,30 @@ def _decode_kernel(spec: DecodeSpec, target: str) -> CompiledKernel:
     return compile_text(decode_kernel_text(spec), spec.name)
 
 
+_recorders: list[set] = []     # open `recording()` blocks: each collects the kernels asked for inside it
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[set]:
+    """Collect ("decode", spec) / ("decompress", (dtype, k, n, m)) of every kernel asked for inside the
+    block (an artifact build records what its program uses, as it records Triton launches)."""
+    used: set = set()
+    _recorders.append(used)
+    try:
+        yield used
+    finally:
+        _recorders.remove(used)
+
+
+def _record(kind: str, key) -> None:
+    for used in _recorders:
+        used.add((kind, key))
+
+
 def decode_kernel(spec: DecodeSpec) -> CompiledKernel:
     """The compiled decode kernel for `spec` on this host (compiled on first use)."""
+    if _recorders:
+        _record("decode", spec)
     return _decode_kernel(spec, host_target())
 
 
@@ -91,7 +137,21 @@ def _decompress_kernel(dtype: str, k: int, n: int, m: int, target: str) -> Compi
 
 def decompress_kernel(dtype: str, k: int, n: int, m: int) -> CompiledKernel:
     """The compiled decompression kernel for (dtype, K, N:M) on this host."""
+    if _recorders:
+        _record("decompress", (dtype, k, n, m))
     return _decompress_kernel(dtype, k, n, m, host_target())
+
+
+@functools.lru_cache(maxsize=None)
+def _dense_kernel(spec: DenseSpec, target: str) -> CompiledKernel:
+    return compile_text(dense_kernel_text(spec), spec.name)
+
+
+def dense_kernel(spec: DenseSpec) -> CompiledKernel:
+    """The compiled dense decode kernel (dense_codegen.py) for `spec` on this host."""
+    if _recorders:
+        _record("dense", spec)
+    return _dense_kernel(spec, host_target())
 
 
 def object_code(text: str, path: str) -> None:
@@ -102,3 +162,12 @@ def object_code(text: str, path: str) -> None:
         module = ir.Module.parse(text)
         passmanager.PassManager.parse(PASS_PIPELINE).run(module.operation)
         ExecutionEngine(module, opt_level=3, shared_libs=[]).dump_to_object_file(path)
+
+
+def clear_compiled() -> None:
+    """Drop this process's compiled kernels and the objects artifacts offered: kernels start afresh, as in a
+    new process (the disk cache stays)."""
+    forget_prebuilt()
+    _decode_kernel.cache_clear()
+    _decompress_kernel.cache_clear()
+    _dense_kernel.cache_clear()

@@ -1,0 +1,86 @@
+"""The CPU paths of a dense `aten::linear` in a compiled program at few tokens, chosen by measurement.
+
+    "aten"       F.linear (MKL / oneDNN)
+    "generated"  the MLIR-generated dense decode kernel (kernels/cpu/mlir/dense_decode.py): streams the
+                 weight once per token group; 1..MAX_DECODE_TOKENS tokens, fp32 / bf16, AVX-512 hosts
+
+Decode (a generator's step, a batch-1 forward) is bound by weight bytes, and MKL's one-token GEMV does
+not read them at the rate the memory allows. The first call for a key (host, threads, dtype, out x in,
+token bucket) times both and keeps the faster (kernels/tuning_cache.py, shared with nm_linear's choices).
+More tokens than MAX_DECODE_TOKENS always take F.linear. SPARSECC_DENSE_CPU_PATH=aten|generated forces one.
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache, partial
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..tuning_cache import bucket, choices, fastest, remembered
+from .mlir.dense_decode import dense_linear_mlir, dense_spec
+from .mlir.host import cpu_model, host_target
+from .nm_paths import MAX_DECODE_TOKENS, TUNING_ROUNDS, quiet_ms
+
+PATHS = ("aten", "generated")
+TUNING_VERSION = 1
+# smaller weights stay in cache between calls, where F.linear's GEMV is not starved: not worth a JIT or a tuning
+MIN_WEIGHT_BYTES = 1 << 20
+FORCE_ENV = "SPARSECC_DENSE_CPU_PATH"
+
+
+def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """aten::linear as a compiled program runs it: F.linear, or the generated kernel where it measured faster."""
+    if (input.device.type != "cpu" or weight.dim() != 2 or input.requires_grad
+            or weight.numel() * weight.element_size() < MIN_WEIGHT_BYTES
+            or input.numel() > MAX_DECODE_TOKENS * weight.shape[1] or dense_spec(input, weight) is None):
+        return F.linear(input, weight, bias)
+    if choose_path(input, weight, bias) == "generated":
+        y = dense_linear_mlir(input, weight, bias)
+        if y is not None:
+            return y
+    return F.linear(input, weight, bias)
+
+
+def generated(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    y = dense_linear_mlir(x, weight, bias)
+    if y is None:
+        raise NotImplementedError("no generated dense decode kernel for this call on this host")
+    return y
+
+
+RUNNERS = {"aten": F.linear, "generated": generated}
+
+
+def choose_path(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> str:
+    """Forced by SPARSECC_DENSE_CPU_PATH, else the measured faster for this layer and token bucket."""
+    forced = os.environ.get(FORCE_ENV)
+    if forced:
+        if forced not in PATHS:
+            raise ValueError(f"{FORCE_ENV}={forced!r}: expected one of {PATHS}")
+        return forced
+    out_features, in_features = weight.shape
+    key = _layer_key(x.dtype, out_features, in_features, torch.get_num_threads()) + str(bucket(x.numel() // in_features))
+    return remembered(key, partial(tune, x, weight, bias))["path"]
+
+
+def tune(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> dict:
+    runners = {path: partial(RUNNERS[path], x, weight, bias) for path in PATHS}
+    return fastest(runners, quiet_ms, rounds=TUNING_ROUNDS)
+
+
+@lru_cache(maxsize=4096)
+def _layer_key(dtype: torch.dtype, out_features: int, in_features: int, threads: int) -> str:
+    """A layer's decision key on this host up to its token bucket (other hosts' or tuners' choices not reused)."""
+    model = cpu_model().replace("|", "/")
+    return f"cpu:{model}:{host_target()}|dense-v{TUNING_VERSION}|threads={threads}|" \
+           f"{str(dtype).removeprefix('torch.')}|{out_features}x{in_features}|tokens<="
+
+
+def decisions(dtype: torch.dtype, out_features: int, in_features: int) -> list[dict]:
+    """What this host chose so far for a dense linear of this kind: {"tokens": bucket, "path", "ms"} each."""
+    prefix = _layer_key(dtype, out_features, in_features, torch.get_num_threads())
+    found = [{"tokens": int(key[len(prefix):]), **entry} for key, entry in choices().items() if key.startswith(prefix)]
+    return sorted(found, key=lambda d: d["tokens"])

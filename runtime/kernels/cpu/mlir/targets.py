@@ -1,0 +1,52 @@
+"""Named CPU targets an artifact can carry generated kernels for, and which kernels each can hold.
+
+A named target is an x86-64 micro-architecture level: objects are built for its baseline features
+only (LLVM `-mcpu=x86-64-v4`), so they run on every CPU of that level. The kernels are AVX-512 code:
+
+    x86-64-v4   AVX-512 F/BW/CD/DQ/VL: fp32 decode, fp32 and bf16 decompression (LLVM emulates
+                vpexpandw and vpermb without VBMI/VBMI2); bf16 decode needs AVX512_BF16 (vdpbf16ps),
+                which v4 lacks, so it is not built and the manifest says why
+    x86-64-v3   AVX2/FMA: no generated kernel (the generator has no AVX2 form); it holds no objects
+                and the runtime JITs on the host as without an artifact
+
+A name outside NAMED_CPUS is refused with the list of names.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from .host import host_features
+
+# /proc/cpuinfo flag names a CPU of the level has (what the host must show before its objects run)
+NAMED_CPUS = {
+    "x86-64-v4": ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma", "bmi2"),
+    "x86-64-v3": ("avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm"),
+}
+# what a kernel's instructions need before LLVM can emit it (the intrinsics it calls), by (kernel, dtype)
+KERNEL_NEEDS = {("decode", "float32"): ("avx512f", "avx512bw", "avx512vl"),
+                ("decode", "bfloat16"): ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"),
+                ("decompress", "float32"): ("avx512f", "avx512bw", "avx512vl"),
+                ("decompress", "bfloat16"): ("avx512f", "avx512bw", "avx512vl"),
+                ("dense", "float32"): ("avx512f",),
+                ("dense", "bfloat16"): ("avx512f", "avx512_bf16")}
+
+
+def cpu_target_problem(name: str) -> Optional[str]:
+    """Why `name` is not a CPU target ("x86-64-v4" from "cpu:x86-64-v4"), or None."""
+    if name not in NAMED_CPUS:
+        return f"unknown CPU target {name!r}: the named CPU targets are {', '.join(sorted(NAMED_CPUS))}"
+    return None
+
+
+def missing_for(name: str, kernel: str, dtype: str) -> tuple[str, ...]:
+    """The features kernel (kernel, dtype) needs that named target `name` lacks (empty: it can be built)."""
+    needs = KERNEL_NEEDS.get((kernel, dtype))
+    if needs is None:
+        return (f"no {kernel} kernel for {dtype}",)
+    return tuple(f for f in needs if f not in NAMED_CPUS[name])
+
+
+def host_runs(name: str) -> tuple[str, ...]:
+    """The features of named target `name` this host lacks (empty: its objects can run here)."""
+    have = host_features()
+    return tuple(f for f in NAMED_CPUS[name] if f not in have)

@@ -1,0 +1,122 @@
+"""Named CPU targets in artifacts: objects for cpu:x86-64-v4 are used only from a signed, trusted artifact."""
+import json
+
+import pytest
+import torch
+
+import sparsecc
+from sparsecc.errors import SparseccError
+from sparsecc.inspect_artifact import describe_artifact
+from sparsecc.runtime import ArtifactError
+from sparsecc.runtime.artifact import parse_target
+from sparsecc.runtime.kernels.cpu.mlir import aot, jit, objects, targets
+from sparsecc.runtime.kernels.cpu.mlir.codegen import DecodeSpec, decode_kernel_text
+from sparsecc.runtime.kernels.cpu.mlir.host import missing_features
+from sparsecc.runtime.kernels.cpu.mlir.nm_decode import mlir_available, runnable_spec
+from sparsecc.runtime.signing import generate_key
+
+runs_here = objects.available() and mlir_available() and not missing_features("float32") \
+    and not targets.host_runs("x86-64-v4")
+needs_objects = pytest.mark.skipif(not runs_here, reason="needs llvmlite, torch-mlir and an AVX-512 VBMI host")
+K, OUT = 96, 40     # a layer shape no other test compiles
+
+
+@pytest.fixture(scope="module")
+def signed(tmp_path_factory):
+    """A 2:4 layer saved for cpu + cpu:x86-64-v4, signed; its decode path forced to the generated kernel."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SPARSECC_NM_CPU_PATH", "generated")
+        patch.setenv("SPARSECC_KERNEL_CACHE", str(tmp_path_factory.mktemp("kernels")))
+        torch.manual_seed(0)
+        model, x = torch.nn.Sequential(torch.nn.Linear(K, OUT)).eval(), torch.randn(1, K)
+        compiled = sparsecc.compile(model, (x,), sparsity="2:4", check=False)
+        key, path = generate_key(), tmp_path_factory.mktemp("signed") / "artifact"
+        manifest = compiled.save(path, targets=["cpu", "cpu:x86-64-v4"], sign_with=key, progress=False)
+        yield path, key.public_key(), manifest, compiled(x), x
+
+
+def load_and_run(path, x, **load_args):
+    """A fresh start for the kernels (as in a new process), then load and run; (model, output, origin)."""
+    jit.clear_compiled()
+    model = sparsecc.runtime.load(path, **load_args)
+    y = model(x)
+    return model, y, jit.decode_kernel(runnable_spec("float32", K, 2, 4, 1)).origin
+
+
+@needs_objects
+def test_the_manifest_lists_objects_for_the_named_cpu(signed):
+    path, _, manifest, _, _ = signed
+    decode = [k for k in manifest["cpu_kernels"] if k["kernel"] == "decode"]
+    assert decode and all("cpu:x86-64-v4" in k["binaries"] for k in decode)
+    assert all(manifest["files"][b["file"]]["bytes"] == (path / b["file"]).stat().st_size
+               for k in decode for b in k["binaries"].values())
+
+
+@needs_objects
+def test_signed_and_trusted_uses_the_objects(signed, monkeypatch):
+    path, public, _, expected, x = signed
+    monkeypatch.setenv("SPARSECC_NM_CPU_PATH", "generated")
+    model, y, origin = load_and_run(path, x, trusted_keys=[public])
+    assert model.cpu_kernels.startswith("cpu kernels: using the cpu:x86-64-v4 objects")
+    assert origin == "artifact"
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    assert "cpu kernels here: using the cpu:x86-64-v4 objects" in describe_artifact(str(path), [public])
+
+
+@needs_objects
+def test_without_trusted_keys_the_objects_are_ignored(signed, monkeypatch, tmp_path):
+    path, _, _, expected, x = signed
+    monkeypatch.setenv("SPARSECC_NM_CPU_PATH", "generated")
+    monkeypatch.setenv("SPARSECC_KERNEL_CACHE", str(tmp_path))      # nothing on disk: the host builds it
+    with monkeypatch.context() as patch:
+        patch.setattr(aot, "use_prebuilt", lambda objects: pytest.fail("objects offered without a signature"))
+        model, y, origin = load_and_run(path, x)
+    assert "ignored" in model.cpu_kernels and "trusted_keys" in model.cpu_kernels
+    assert origin == "compiled"
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    assert "cpu kernels here: cpu:x86-64-v4 objects ignored" in describe_artifact(str(path))
+
+
+@needs_objects
+def test_a_host_without_the_features_ignores_the_objects(signed, monkeypatch):
+    path, public, manifest, _, _ = signed
+    monkeypatch.setattr(targets, "host_features", lambda: frozenset({"avx2"}))
+    target, why = aot.cpu_objects_decision(manifest, verified=True)
+    assert target is None and "lacks" in why and "avx512f" in why
+
+
+@needs_objects
+def test_a_changed_object_is_refused_at_load(signed, tmp_path):
+    import shutil
+    path, public, manifest, _, _ = signed
+    copy = shutil.copytree(path, tmp_path / "artifact")
+    name = manifest["cpu_kernels"][0]["binaries"]["cpu:x86-64-v4"]["file"]
+    data = bytearray((copy / name).read_bytes())
+    data[len(data) // 2] ^= 1
+    (copy / name).write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="hash|sha256|modified"):
+        sparsecc.runtime.load(copy, trusted_keys=[public])
+
+
+def test_kernels_a_target_cannot_hold_are_listed_not_built():
+    bf16 = aot.KernelSource("decode", "bfloat16", "k", decode_kernel_text(DecodeSpec("bfloat16", 64, 2, 4, 1)))
+    fp32 = aot.KernelSource("decode", "float32", "k", decode_kernel_text(DecodeSpec("float32", 64, 2, 4, 1)))
+    if not objects.available():
+        pytest.skip("needs llvmlite")
+    built = aot.build_cpu_kernels([bf16, fp32], ["cpu:x86-64-v3"])
+    assert all(not entry["objects"] for entry in built)
+    assert "avx512_bf16" in json.dumps(aot.build_cpu_kernels([bf16], ["cpu:x86-64-v4"])[0]["skipped"])
+
+
+def test_unknown_cpu_targets_are_refused_with_the_names():
+    assert parse_target("cpu:x86-64-v4") == ("cpu", "x86-64-v4")
+    with pytest.raises(ArtifactError, match="cpu:x86-64-v4"):
+        parse_target("cpu:x86-64-v9")
+    with pytest.raises(ValueError, match="named CPU targets are x86-64-v3, x86-64-v4"):
+        aot.named_cpu("cpu:skylake")
+
+
+def test_save_refuses_an_unknown_cpu_target(tmp_path):
+    compiled = sparsecc.compile(torch.nn.Linear(64, 8).eval(), (torch.randn(1, 64),), sparsity="2:4", check=False)
+    with pytest.raises(SparseccError, match="unknown target 'cpu:znver9'"):
+        compiled.save(tmp_path / "a", targets=["cpu:znver9"], progress=False)
