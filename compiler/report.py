@@ -155,10 +155,10 @@ def _call_lines(report: Report) -> list[str]:
 
 
 def _kernel_lines(kernels: list[dict]) -> list[str]:
-    """Which CPU path each N:M linear took per token bucket, and the times that chose it."""
+    """Which CPU path each N:M (and dense) linear took per token bucket, and the times that chose it."""
     if not kernels:
         return []
-    out = ["N:M kernels (CPU, measured on the first call of each token bucket):"]
+    out = ["Linear kernels (CPU, measured on the first call of each token bucket):"]
     for k in kernels:
         times = ", ".join(f"{path} {ms:.3f} ms" if isinstance(ms, float) else f"{path} {ms}"
                           for path, ms in k["ms"].items())

@@ -15,12 +15,17 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .errors import ArtifactError, InputMismatchError, RuntimeProgramError
+from .expert_fusion import fused_expert_calls
 from .inputs import check_inputs
+from .kernels.cpu import dense_paths
 from .op_table import PY_OPS, decode_encoded, overload_of
 from .ops import get_op
 from .program import Program
 
 BACKENDS = ("torch", "triton")
+# ATen overloads a program runs through sparsecc's own kernel where it measured faster (same contract; the
+# kernel falls back to the overload itself off the CPU, past its token count or where no kernel applies)
+MEASURED_ATEN = {"aten::linear.default": dense_paths.linear}
 
 
 @dataclass(frozen=True)
@@ -35,7 +40,8 @@ def resolve_op(qualname: str, backend: str) -> Callable[..., Any]:
     try:
         if qualname.startswith("sparsecc::"):
             return get_op(qualname).kernel(backend)
-        return overload_of(qualname)
+        overload = overload_of(qualname)   # checks the allowlist first
+        return MEASURED_ATEN.get(qualname, overload)
     except KeyError as err:
         raise RuntimeProgramError(str(err.args[0])) from None
 
@@ -85,13 +91,15 @@ class Executor:
         self.program, self.backend = program, backend
         self.kernels = kernels or {}   # qualname -> callable that replaces the registry's kernel
         self.guard = guard             # a CallGuard for programs from untrusted folders (runtime/call_guard.py)
+        # moe calls fed by nm_decompress of constants run on the compressed experts (runtime/expert_fusion.py)
+        self.fused = fused_expert_calls(program, constants) if backend == "torch" and not self.kernels else {}
         self.steps = [self._prepare(index, inst, constants) for index, inst in enumerate(program.instructions)]
         self.outputs = [decode_arg(o, constants) for o in program.outputs]
         self.device = next((c.device for c in constants.values()), None)
 
     def _prepare(self, index, inst, constants):
         fn = resolve_op(inst.op, self.backend)
-        fn = self.kernels.get(inst.op, fn)
+        fn = self.fused.get(index) or self.kernels.get(inst.op, fn)
         if self.guard is not None and self.guard.watches(index, inst):
             fn = self.guard.wrap(index, inst, fn)
         args = [decode_arg(a, constants) for a in inst.args]

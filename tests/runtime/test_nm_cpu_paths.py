@@ -97,7 +97,7 @@ def test_the_report_shows_the_measured_choice_and_keep_reaches_the_program(fresh
     assert len(calls) == 2 and all(i.kwargs == {"keep": "speed"} for i in calls)
     assert {k["layer"] for k in report.kernels} == {"0", "2"} and all(k["tokens"] == 1 for k in report.kernels)
     assert all(set(k["ms"]) >= {"whole", "tiles", "dense"} for k in report.kernels)
-    assert "N:M kernels (CPU" in str(report)
+    assert "Linear kernels (CPU" in str(report)
     torch.testing.assert_close(compiled(x), compiled(x))
 
 

@@ -35,6 +35,7 @@ from .mlir.host import cpu_model, host_target
 from .mlir.nm_decode import decode_spec, nm_decompress_mlir, nm_linear_mlir
 
 PATHS = ("generated", "whole", "tiles", "dense")
+FORCE_ENV = "SPARSECC_NM_CPU_PATH"
 KEEPS = ("memory", "speed")
 MAX_DECODE_TOKENS = 16
 TUNING_VERSION = 3  # in every key: choices measured with other paths, kernels or clocks are not reused
@@ -143,10 +144,10 @@ def choose_path(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tenso
     paths = candidates(x, values, n, m, in_features, keep)
     if x.numel() == 0:
         return "tiles"   # no token: nothing to time, and no bucket's choice may be made from an empty call
-    forced = os.environ.get("SPARSECC_NM_CPU_PATH")
+    forced = os.environ.get(FORCE_ENV)
     if forced:
         if forced not in PATHS:
-            raise ValueError(f"SPARSECC_NM_CPU_PATH={forced!r}: expected one of {PATHS}")
+            raise ValueError(f"{FORCE_ENV}={forced!r}: expected one of {PATHS}")
         return forced if forced in paths else paths[-1 if forced == "dense" else 0]
     if len(paths) == 1:
         return paths[0]

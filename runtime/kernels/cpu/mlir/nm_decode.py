@@ -65,9 +65,15 @@ def nm_linear_mlir(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Te
     if spec is None:
         return None
     refuse("nm_linear", operand_problem(x, values, indices, bias, n, m, in_features))
+    return run_decode(spec, x, values, indices, bias)
+
+
+def run_decode(spec: DecodeSpec, x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """The decode kernel of `spec` on operands already checked against it (nm_linear_mlir, or a caller that
+    checked this layer's call once: kernels/cpu/nm_linear.py)."""
     out_features = values.shape[0]
     y = torch.empty(spec.tokens, out_features, dtype=x.dtype)
-    tokens = x.reshape(spec.tokens, in_features).contiguous()
+    tokens = x.reshape(spec.tokens, spec.k).contiguous()
     bias32 = zero_bias(out_features) if bias is None else bias.to(torch.float32).contiguous()
     run_rows(decode_kernel(spec), values.contiguous(), indices.contiguous(), tokens, bias32, y,
              out_rows=out_features)
