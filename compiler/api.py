@@ -26,6 +26,7 @@ from sparsecc.runtime.validate import validate_program
 from .cached_launch import CachedKernelLauncher, jit_forced
 from .calibrate import capture_calibrated
 from .capture import Captured, check_model, normalize_inputs, refuse_weightless
+from .checkpoint_io import given_masks
 from .config import parse_distributed, parse_sparsity
 from .errors import ConfigError
 from .library_ops import lower_library_ops, prepare_for_passes
@@ -39,7 +40,7 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, sparsity: Any = 
             backend: Optional[str] = None, pipeline: Optional[str] = None, dynamic_shapes: Any = None, *,
             example_kwargs: Optional[dict] = None, check: bool = True, verify: bool = True,
             print_ir_after_all: bool = False, dump_dir: Optional[str] = None, progress: bool = False,
-            distributed: Optional[dict] = None) -> "CompiledModel":
+            distributed: Optional[dict] = None, compressed: Any = None) -> "CompiledModel":
     """Capture `model`, rewrite it for `sparsity`, lower it to a Program and return a callable.
 
     `sparsity` is "N:M", a dict or a SparsityConfig; `pipeline` (a pass pipeline string)
@@ -51,6 +52,9 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, sparsity: Any = 
     specialised to `example_inputs` (a tuple or {input name: tensor}; declared shapes when None).
     `distributed={"experts": "ep"}`, called on every rank of an initialised process group, keeps on each
     rank only its E/world experts and exchanges token rows between ranks (docs/scale.md).
+    `compressed` (the out_dir of `sparsecc.prune_checkpoint`, or what `sparsecc.load_compressed` returned) gives
+    the N:M weights prune-nm takes as they are instead of choosing masks; `model` must be built from that
+    pruned checkpoint (docs/scale.md).
     """
     if isinstance(model, (str, os.PathLike)):
         from .onnx.frontend.import_model import import_for_compile
@@ -63,12 +67,13 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, sparsity: Any = 
     backend = _pick_backend(backend, model)
     passes = build_pipeline(pipeline) if pipeline is not None else config.passes()
     passes = parse_distributed(distributed).placed(passes)
+    given = given_masks(compressed, passes)   # refused before the capture when it cannot fit the request
     with steps("capture"):
         # dims where a calibration batch differs from the example are captured dynamic
         captured, batches = capture_calibrated(model, args, example_kwargs, dynamic_shapes, calibration)
     graph_kwargs = captured.bound.graph_kwargs(example_kwargs)   # without the constants capture baked in
     flat_inputs = _tensor_leaves((args, graph_kwargs))   # the graph's placeholders, in order
-    ctx = PassContext(example_inputs=flat_inputs, calibration=batches, progress=progress)
+    ctx = PassContext(example_inputs=flat_inputs, calibration=batches, progress=progress, nm_given=given)
     with steps("rewrite"):
         manager = PassManager(passes, verify=verify, print_ir_after_all=print_ir_after_all, dump_dir=dump_dir)
         gm = manager.run(prepare_for_passes(captured.gm), ctx)   # regions inlined, ATen outside the table decomposed
@@ -258,6 +263,23 @@ def nm_kernel_choices(compiled: "CompiledModel") -> list[dict]:
             continue
         for entry in decisions(values.dtype, r.details["n"], r.details["m"], *r.shape):
             found.append({"layer": r.layer, **entry})
+    return found + dense_kernel_choices(compiled)
+
+
+def dense_kernel_choices(compiled: "CompiledModel") -> list[dict]:
+    """Per dense linear of the program on CPU whose weight is a constant, the path measured faster per token
+    bucket (runtime/kernels/cpu/dense_paths.py: F.linear or the generated decode kernel), once it ran."""
+    from sparsecc.runtime.kernels.cpu.dense_paths import decisions
+    found, seen = [], set()
+    for inst in compiled.program.instructions:
+        weight = inst.args[1] if inst.op == "aten::linear.default" and len(inst.args) > 1 else None
+        tensor = compiled.constants.get(weight["c"]) if isinstance(weight, dict) and "c" in weight else None
+        if tensor is None or tensor.device.type != "cpu" or tensor.dim() != 2:
+            continue
+        for entry in decisions(tensor.dtype, *tensor.shape):
+            if (inst.name, entry["tokens"]) not in seen:
+                seen.add((inst.name, entry["tokens"]))
+                found.append({"layer": f"{inst.name} (dense)", "keep": "-", **entry})
     return found
 
 

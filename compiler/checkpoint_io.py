@@ -26,15 +26,19 @@ import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator, Optional
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from sparsecc.passes import PruneNM
+from sparsecc.passes.nm.given import GivenNM
 from sparsecc.runtime.artifact import artifact_path
 from sparsecc.runtime.errors import ArtifactError
 from sparsecc.runtime.nm_format import decompress_nm
 
+from .checkpoint_names import parameter_names
 from .errors import ConfigError
 
 SINGLE_FILE = "model.safetensors"
@@ -75,11 +79,28 @@ class CheckpointFiles:
         for shard in set(self.weight_map.values()):
             plain_file_name(shard, f"{self.root / INDEX_FILE}")
         self.shards = sorted(set(self.weight_map.values()))
+        model_type = json.loads((self.root / "config.json").read_text()).get("model_type", "")
+        self.renamed, self.stacked = parameter_names(model_type, list(self.weight_map))
+
+    def holds(self, param: str) -> bool:
+        """Whether the model's parameter `param` is in the checkpoint (under its name, renamed or stacked)."""
+        return param in self.weight_map or param in self.renamed or param in self.stacked
 
     def read(self, name: str) -> torch.Tensor:
-        """One tensor, copied out of its shard (the shard is mapped only while it is read)."""
+        """One tensor by the model's parameter name (built from the tensors transformers stacks into it),
+        copied out of its shards (each shard is mapped only while it is read)."""
+        if name in self.stacked:
+            return self.stacked[name].build(self.read)
+        name = self.renamed.get(name, name)
         with safe_open(self.root / self.weight_map[name], "pt") as f:
             return f.get_tensor(name)
+
+    def stored_as(self, param: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        """(checkpoint name, tensor) pairs that hold `tensor`, which has parameter `param`'s layout."""
+        if param in self.stacked:
+            yield from self.stacked[param].split(tensor)
+        else:
+            yield self.renamed.get(param, param), tensor
 
     def with_prefix(self, prefix: str) -> list[str]:
         return [name for name in self.weight_map if name.startswith(prefix)]
@@ -156,11 +177,40 @@ class CompressedCheckpoint:
     method: str
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
     shapes: dict[str, list[int]]
+    source: str = "(in memory)"    # the folder it was read from
+    model_type: str = ""           # config.json's, beside the folder: how transformers renames and stacks names
 
     def dense(self, name: str) -> torch.Tensor:
         """The pruned dense matrix [..., out, K] of weight `name`."""
         values, indices = self.weights[name]
         return decompress_nm(values, indices, self.n, self.m, self.shapes[name][-1])
+
+    def given(self, passes: list) -> GivenNM:
+        """These weights as the masks the request's prune-nm passes take (`compile(..., compressed=)`);
+        ConfigError when the request prunes nothing or with another N:M or method than the checkpoint's."""
+        runs = [p for p in passes if isinstance(p, PruneNM)]
+        if not runs:
+            raise ConfigError(f"compile: compressed={self.source} gives N:M weights, but the request prunes no "
+                              "weights (ask for a weights section, e.g. sparsity='2:4')")
+        given = GivenNM(self.n, self.m, self.method, *self._by_parameter(), self.source)
+        problem = next(filter(None, (given.problem(run.n, run.m, run.method) for run in runs)), None)
+        if problem:
+            raise ConfigError(f"compile: {problem}")
+        return given
+
+    def _by_parameter(self) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, int]]:
+        """(values, indices) and K by the model's parameter names: renamed, and per-expert tensors stacked as
+        transformers stacks them (their rows are compressed independently, so the compressed tensors stack too)."""
+        renamed, stacked = parameter_names(self.model_type, list(self.weights))
+        param_of = {name: param for param, name in renamed.items()}
+        consumed = {name for parts in stacked.values() for part in parts.parts for name in part}
+        weights, k = {}, {}
+        for name in set(self.weights) - consumed:
+            weights[param_of.get(name, name)], k[param_of.get(name, name)] = self.weights[name], self.shapes[name][-1]
+        for param, parts in stacked.items():
+            weights[param] = tuple(parts.build(lambda name, i=i: self.weights[name][i]) for i in (0, 1))
+            k[param] = self.shapes[parts.parts[0][0]][-1]
+        return weights, k
 
 
 def load_compressed(path: str | os.PathLike) -> CompressedCheckpoint:
@@ -179,4 +229,18 @@ def load_compressed(path: str | os.PathLike) -> CompressedCheckpoint:
         with safe_open(root / plain_file_name(entry["file"], str(index_path)), "pt") as f:
             weights[name] = (f.get_tensor(name + ".values"), f.get_tensor(name + ".indices"))
         shapes[name] = list(entry["shape"])
-    return CompressedCheckpoint(index["n"], index["m"], index["method"], weights, shapes)
+    config = root.parent / "config.json"   # the pruned checkpoint's, which names the model type
+    model_type = json.loads(config.read_text()).get("model_type", "") if config.is_file() else ""
+    return CompressedCheckpoint(index["n"], index["m"], index["method"], weights, shapes, str(path), model_type)
+
+
+def given_masks(compressed, passes: list) -> Optional[GivenNM]:
+    """What `compile(..., compressed=)` hands prune-nm: None, a checkpoint folder or a CompressedCheckpoint."""
+    if compressed is None:
+        return None
+    if isinstance(compressed, (str, os.PathLike)):
+        compressed = load_compressed(compressed)
+    if not isinstance(compressed, CompressedCheckpoint):
+        raise ConfigError("compile: compressed= takes the folder sparsecc.prune_checkpoint wrote or "
+                          f"sparsecc.load_compressed's result, got {type(compressed).__name__}")
+    return compressed.given(passes)

@@ -65,7 +65,7 @@ def load_weights(module: nn.Module, files: CheckpointFiles, skip: tuple[str, ...
     for name, param in list(module.named_parameters()):
         if name.startswith(skip):
             continue
-        if name not in files.weight_map:
+        if not files.holds(name):
             raise ConfigError(f"prune_checkpoint: the checkpoint has no tensor '{name}' the model needs")
         _set_parameter(module, name, files.read(name))
 

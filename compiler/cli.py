@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--json", action="store_true", help="print the report as JSON")
     comp.add_argument("--ir", action="store_true", help="also print the final IR")
     comp.add_argument("--no-check", action="store_true", help="skip the error check against the dense model")
+    comp.add_argument("--compressed", metavar="DIR", help="take the N:M weights of this `sparsecc prune` output "
+                      "instead of choosing masks (the model must be built from it)")
     plan = sub.add_parser("plan", help="the report of a model without weights (meta device), from shapes alone")
     plan.add_argument("factory", help=FACTORY_HELP + " (built under `with torch.device('meta'):`)")
     plan.add_argument("--pipeline", help='pass pipeline, e.g. "prune-nm{n=2,m=4},cleanup"')
@@ -91,7 +93,8 @@ def _compile(args) -> int:
     compiled = sparsecc.compile(call.model, call.args, sparsity=sparsity, pipeline=args.pipeline,
                                 example_kwargs=call.kwargs,
                                 backend=args.backend, check=not args.no_check, progress=args.progress,
-                                print_ir_after_all=args.print_ir_after_all, dump_dir=args.dump_dir)
+                                print_ir_after_all=args.print_ir_after_all, dump_dir=args.dump_dir,
+                                compressed=args.compressed)
     report = compiled.report()
     print(report.to_json() if args.json else report)
     if args.html:

@@ -10,8 +10,9 @@ def add_parsers(sub: argparse._SubParsersAction, add_model_args: Callable, spars
     add_model_args(build)
     build.add_argument("--sparsity", type=sparsity_type, default="2:4", help='"N:M" or a JSON dict (default 2:4)')
     build.add_argument("--target", action="append", dest="targets", default=[], metavar="TARGET",
-                       help="cpu, cuda:80, cuda:86, cuda:89, cuda:90 or hip:gfx942, built besides this machine's "
-                            "own targets (cpu and its GPUs); repeat for several")
+                       help="cpu, cpu:x86-64-v4, cpu:x86-64-v3 (generated CPU kernels for that CPU), cuda:80, "
+                            "cuda:86, cuda:89, cuda:90 or hip:gfx942, built besides this machine's own targets "
+                            "(cpu and its GPUs); repeat for several")
     build.add_argument("--no-host-targets", action="store_true",
                        help="build only the --target targets, not this machine's own")
     build.add_argument("-o", "--output", required=True, help="artifact folder to write")
@@ -19,6 +20,8 @@ def add_parsers(sub: argparse._SubParsersAction, add_model_args: Callable, spars
     build.add_argument("--cache-dir", help="kernel cache folder (default $SPARSECC_KERNEL_CACHE or ~/.cache/sparsecc)")
     build.add_argument("--no-check", action="store_true", help="skip the error check against the dense model")
     build.add_argument("--sign-key", metavar="FILE", help="sign the manifest with this Ed25519 private key (PEM)")
+    build.add_argument("--compressed", metavar="DIR", help="take the N:M weights of this `sparsecc prune` output "
+                       "instead of choosing masks (the model must be built from it)")
     inspect = sub.add_parser("inspect", help="check an artifact's hashes and print what it holds")
     inspect.add_argument("artifact", help="artifact folder")
     inspect.add_argument("--trusted-key", action="append", dest="trusted_keys", metavar="FILE",
@@ -35,7 +38,8 @@ def build_command(args) -> int:
     compiled = sparsecc.compile(call.model, call.args, sparsity=args.sparsity, pipeline=args.pipeline,
                                 example_kwargs=call.kwargs,
                                 check=not args.no_check, progress=args.progress,
-                                print_ir_after_all=args.print_ir_after_all, dump_dir=args.dump_dir)
+                                print_ir_after_all=args.print_ir_after_all, dump_dir=args.dump_dir,
+                                compressed=args.compressed)
     manifest = compiled.save(args.output, targets=build_targets(args.targets, not args.no_host_targets),
                              cache_dir=args.cache_dir, workers=args.workers, sign_with=args.sign_key,
                              progress=args.progress)

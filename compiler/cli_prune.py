@@ -29,7 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def prune_command(args: argparse.Namespace) -> int:
-    from .prune_checkpoint import prune_checkpoint
+    import sparsecc   # the lazy attribute: importing the submodule first leaves sparsecc.prune_checkpoint the module
+    prune_checkpoint = sparsecc.prune_checkpoint
 
     map_large_blocks()   # this process only prunes: freed row blocks go back to the system (glibc, process-wide)
     summary = prune_checkpoint(args.model_dir, args.output, sparsity=args.sparsity, method=args.method,

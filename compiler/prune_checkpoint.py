@@ -5,7 +5,7 @@
 
 Stages run in order: the decoder layers, then the head (final norm + lm_head, unless it is tied to
 the embedding, which `compile` keeps dense). Each stage loads only its own tensors from the shards,
-is captured like `compile` captures a model, and is pruned by prune-nm's own code (nm/methods.py,
+is captured like `compile` captures a model (moe-dispatch included), and is pruned by prune-nm's own code (nm/methods.py,
 nm/layerwise.py) on the hidden states the pruned stages before it produced; so every weight equals
 what `sparsecc.compile(model, sparsity=..., calibration=same batches)` prunes. The stage's pruned
 weights are written into the output shards (copies of the input shards, patched in place, renamed
@@ -196,7 +196,7 @@ def _run_stage(model, stage: str, stack, stack_path: str, files: CheckpointFiles
         load_weights(call, files)
         inputs, names = [(h, LayerCall.tensors(c.kwargs)) for h, c in zip(hidden, caught)], {}
     try:
-        return pruner.prune(call, inputs, outputs=stage != "head", names=names, sink=sink)
+        return pruner.prune(call, inputs, outputs=stage != "head", names=names, sink=sink, files=files)
     finally:
         free_weights(call)
 

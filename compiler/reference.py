@@ -31,6 +31,13 @@ def pruned_state_dict(records: list[RewriteRecord], constants: dict[str, torch.T
     return weights
 
 
+def parameters_of(source: Any, value: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The model's parameters, by name and in their own layout, that `value` (built from them as `source` says) holds."""
+    weights: dict[str, torch.Tensor] = {}
+    _scatter(source, value, weights)
+    return weights
+
+
 def _decompressed(values: torch.Tensor, indices: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """The dense [.., K] weight of (values [.., K*N/M], indices)."""
     return decompress_nm(values, indices, n, m, values.shape[-1] * m // n)

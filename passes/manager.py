@@ -70,6 +70,8 @@ class PassContext:
     # planning without weights (constants on the meta device): rewrites are decided from shapes alone;
     # nothing is recorded, confirmed on values or calibrated, and records say what was not measured
     shapes_only: bool = False
+    # prune-nm takes these compressed weights as given instead of choosing masks (passes/nm/given.py)
+    nm_given: object = None
 
 
 @dataclass

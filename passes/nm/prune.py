@@ -32,6 +32,7 @@ from .compressed import NMWeights
 from .conv import ConvRule
 from .dense_weights import unexplained_dense
 from .experts import ExpertRule
+from .given import take_given
 from .layerwise import LayerTarget
 from .linear import LINEAR_FORMS, LinearRule
 from .methods import METHODS, prune_calibrated
@@ -82,7 +83,10 @@ class PruneNM(Pass):
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         rules = NMRules(self, gm, ctx)
         weights = rules.weights
-        if self.method != "magnitude" and ctx.shapes_only:   # no activations to observe: sizes are the same
+        if ctx.nm_given is not None and not ctx.shapes_only:   # a pruned checkpoint's masks: no method runs
+            weights.pruned = take_given(self, gm, ctx, rules.targets())
+            weights.calibration = f"none: masks taken from {ctx.nm_given.source}"
+        elif self.method != "magnitude" and ctx.shapes_only:   # no activations to observe: sizes are the same
             weights.calibration = "none: planned without weights (the mask is chosen when compiled)"
         elif self.method != "magnitude":
             weights.pruned, weights.calibration = prune_calibrated(self, gm, ctx, rules.targets(), weights.tokens)
