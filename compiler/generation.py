@@ -70,7 +70,8 @@ def compile_generator(model: torch.nn.Module, example_inputs: Any, sparsity: Any
                      **{**options, "check": False})
     _reference_on_dense_weights(decode.captured.dense_gm, model)
     share_programs(prefill, decode, "generator")
-    cache = {"kind": "static", "bytes": step.cache_bytes()} if window is None else step.cache.describe(max_length)
+    rings = isinstance(step.cache, WindowCache)   # a window policy, or the model's own sliding layers
+    cache = step.cache.describe(max_length) if rings else {"kind": "static", "bytes": step.cache_bytes()}
     spec = GenerationSpec(batch, max_length, _vocab_size(prefill.graph_module), *_special_tokens(model), cache=cache)
     return CompiledGenerator(prefill, decode, spec)
 

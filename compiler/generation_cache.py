@@ -24,11 +24,17 @@ A step of S tokens (positions differ per row, so slots do too):
 
 The mask goes to the model as a 4-D mask, which transformers' mask functions pass through as given: boolean
 (True = attend) for `sdpa`, additive (0 / dtype min) for `eager`.
+
+Policies are per layer. A model's own sliding-window layers (GPT-OSS, Mistral, Gemma: `q - k < W`) are rings
+of their window with no sinks, exact; a requested window policy rings the full-attention layers (and a
+sliding layer whose window is larger than the request). Layers without a policy stay full static layers
+(slot = cache position) under the causal + padding mask. Where the model takes one mask per layer type
+(`config.layer_types`), the step passes the mapping {type: mask}; otherwise every layer must share one.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -79,21 +85,62 @@ class RingWrite:
     take: Optional[torch.Tensor] = None
 
 
+class RingState:
+    """One policy's ring bookkeeping, shared by its layers: the position each slot holds ([B, slots] int64,
+    -1 while empty; program state) and the current step's writes."""
+
+    def __init__(self, policy: WindowPolicy, batch_size: int, device: torch.device):
+        self.policy = policy
+        self.slot_positions = torch.full((batch_size, policy.slots), -1, dtype=torch.long, device=device)
+        self.write, self.next_positions = RingWrite(), self.slot_positions
+
+    def begin(self, positions: torch.Tensor, real: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+        """Plan the step's writes; the boolean [B, 1, S, keys] visibility of the keys the ring's layers return.
+        A step at cache position 0 starts a sequence: the ring counts as empty."""
+        query = positions[:, None, :, None]
+        held = torch.where(cache_position[0] == 0, -1, self.slot_positions)
+        if positions.shape[1] == 1:
+            slot = self.policy.slot_of(positions[:, 0])
+            self.write = RingWrite(slot=slot)
+            self.next_positions = held.scatter(1, slot[:, None], positions)
+            return self.policy.sees(query, self.next_positions[:, None, None, :])
+        keys = torch.cat([held, torch.where(real, positions, -1)], 1)[:, None, None, :]
+        self.write, self.next_positions = self._prefill_write(positions, real, held)
+        return self.policy.sees(query, keys)
+
+    def end(self) -> None:
+        self.slot_positions.copy_(self.next_positions)
+        self.write = RingWrite()
+
+    def _prefill_write(self, positions: torch.Tensor, real: torch.Tensor,
+                       held: torch.Tensor) -> tuple[RingWrite, torch.Tensor]:
+        """Each slot's latest step position: for window slot s, the largest p <= last with p = s (mod window);
+        real tokens are the step's last `count` (left padding), so step index = S - 1 - (last - p)."""
+        policy, length = self.policy, positions.shape[1]
+        slot = torch.arange(policy.slots, device=positions.device)[None, :]
+        last, count = positions[:, -1:], real.sum(1, keepdim=True)
+        latest = torch.where(slot < policy.sinks, slot, last - (last - slot).remainder(policy.window))
+        take = ((count > 0) & (latest > last - count) & (latest <= last)
+                & ((slot < policy.sinks) | (latest >= policy.sinks)))
+        source = (length - 1 - (last - latest)).clamp(0, length - 1)
+        return RingWrite(source=source, take=take), torch.where(take, latest, held)
+
+
 class RingLayer(CacheLayerMixin):
     """One layer's keys and values in the ring; `update` follows the step's RingWrite."""
     is_compileable = True
     is_sliding = False
 
-    def __init__(self, cache: "WindowCache", keys: torch.Tensor, values: torch.Tensor):
+    def __init__(self, ring: RingState, keys: torch.Tensor, values: torch.Tensor):
         super().__init__()
-        self.cache, self.keys, self.values = cache, keys, values
+        self.ring, self.keys, self.values = ring, keys, values
         self.is_initialized = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         raise ConfigError("window cache: ring tensors are allocated up front, never lazily")
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        write = self.cache.write
+        write = self.ring.write
         if write.slot is None and write.source is None:
             raise ConfigError("window cache: a layer was updated outside a step (CachedStep plans each step's writes)")
         if write.slot is not None:   # decode: the evicted key is one this query no longer sees
@@ -110,7 +157,7 @@ class RingLayer(CacheLayerMixin):
         return (slots, 0) if query_length == 1 else (slots + query_length, 0)
 
     def get_seq_length(self) -> int:
-        return int((self.cache.slot_positions[0] >= 0).sum())
+        return int((self.ring.slot_positions[0] >= 0).sum())
 
     def get_max_length(self) -> int:
         return -1   # positions are unbounded: the ring keeps the last window
@@ -128,51 +175,50 @@ def _take(ring: torch.Tensor, write: RingWrite, states: torch.Tensor) -> None:
 
 
 class WindowCache(Cache):
-    """transformers' cache protocol over RingLayers. `begin_step` plans the step's writes and returns the
-    4-D mask to pass to the model; `end_step` records the slots' new positions."""
+    """transformers' cache protocol over RingLayers (and full static layers where a layer has no policy).
+    `begin_step` plans the step's writes and returns what to pass the model as its mask; `end_step`
+    records the slots' new positions."""
 
-    def __init__(self, probe: Cache, policy: WindowPolicy, batch_size: int, mask_format: str):
+    def __init__(self, probe: Cache, policies: list[Optional[WindowPolicy]], batch_size: int, mask_format: str,
+                 layer_types: Optional[list[str]] = None):
         if mask_format not in MASK_FORMATS:
             raise ConfigError(f"window cache: attention implementation {mask_format!r} does not take a 4-D mask "
                               f"as given (use one of {', '.join(MASK_FORMATS)})")
-        layers = [RingLayer(self, _ring(layer.keys, policy.slots), _ring(layer.values, policy.slots))
-                  for layer in probe.layers]
+        if len(policies) != len(probe.layers):
+            raise ConfigError(f"window cache: {len(policies)} layer policies for {len(probe.layers)} cache layers")
+        device = probe.layers[0].keys.device
+        self.rings = {p: RingState(p, batch_size, device) for p in dict.fromkeys(p for p in policies if p)}
+        layers = [probe.layers[i] if p is None else
+                  RingLayer(self.rings[p], _ring(probe.layers[i].keys, p.slots), _ring(probe.layers[i].values, p.slots))
+                  for i, p in enumerate(policies)]
         super().__init__(layers=layers)
-        self.policy, self.mask_format = policy, mask_format
-        self.slot_positions = torch.full((batch_size, policy.slots), -1, dtype=torch.long,
-                                         device=layers[0].keys.device)
-        self.write, self.next_positions = RingWrite(), self.slot_positions
+        self.policies, self.mask_format = policies, mask_format
+        self.mask_keys = _mask_keys(policies, layer_types)
 
-    def begin_step(self, positions: torch.Tensor, real: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
-        """positions [B, S] (each row's own), real [B, S] (False on left padding), cache_position [S]
-        -> the model's 4-D mask. A step at cache position 0 starts a sequence: the ring counts as empty."""
-        query = positions[:, None, :, None]
-        held = torch.where(cache_position[0] == 0, -1, self.slot_positions)
-        if positions.shape[1] == 1:
-            slot = self.policy.slot_of(positions[:, 0])
-            self.write = RingWrite(slot=slot)
-            self.next_positions = held.scatter(1, slot[:, None], positions)
-            return self._mask(self.policy.sees(query, self.next_positions[:, None, None, :]))
-        keys = torch.cat([held, torch.where(real, positions, -1)], 1)[:, None, None, :]
-        self.write, self.next_positions = self._prefill_write(positions, real, held)
-        return self._mask(self.policy.sees(query, keys))
+    @property
+    def slot_positions(self) -> torch.Tensor:
+        """The first ring's slot positions (the only ring unless layers differ in window)."""
+        return next(iter(self.rings.values())).slot_positions
+
+    def begin_step(self, positions: torch.Tensor, real: torch.Tensor, cache_position: torch.Tensor,
+                   attention_mask: torch.Tensor) -> Any:
+        """positions [B, S] (each row's own), real [B, S] (False on left padding), cache_position [S],
+        attention_mask [B, L] (the static layers' slots) -> the model's 4-D mask, or {layer type: mask}."""
+        visible = {p: ring.begin(positions, real, cache_position) for p, ring in self.rings.items()}
+        if None in self.policies:   # full static layers: slot = cache position, causal + padding
+            slots = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+            visible[None] = ((slots[None, None, None, :] <= cache_position[None, None, :, None])
+                             & (attention_mask[:, None, None, :] != 0))
+            for layer, policy in zip(self.layers, self.policies):
+                if policy is None:
+                    layer.cumulative_length.copy_(cache_position[0])
+        if isinstance(self.mask_keys, dict):
+            return {kind: self._mask(visible[policy]) for kind, policy in self.mask_keys.items()}
+        return self._mask(visible[self.mask_keys])
 
     def end_step(self) -> None:
-        self.slot_positions.copy_(self.next_positions)
-        self.write = RingWrite()
-
-    def _prefill_write(self, positions: torch.Tensor, real: torch.Tensor,
-                       held: torch.Tensor) -> tuple[RingWrite, torch.Tensor]:
-        """Each slot's latest step position: for window slot s, the largest p <= last with p = s (mod window);
-        real tokens are the step's last `count` (left padding), so step index = S - 1 - (last - p)."""
-        policy, length = self.policy, positions.shape[1]
-        slot = torch.arange(policy.slots, device=positions.device)[None, :]
-        last, count = positions[:, -1:], real.sum(1, keepdim=True)
-        latest = torch.where(slot < policy.sinks, slot, last - (last - slot).remainder(policy.window))
-        take = ((count > 0) & (latest > last - count) & (latest <= last)
-                & ((slot < policy.sinks) | (latest >= policy.sinks)))
-        source = (length - 1 - (last - latest)).clamp(0, length - 1)
-        return RingWrite(source=source, take=take), torch.where(take, latest, held)
+        for ring in self.rings.values():
+            ring.end()
 
     def _mask(self, visible: torch.Tensor) -> torch.Tensor:
         if self.mask_format == "sdpa":
@@ -184,11 +230,45 @@ class WindowCache(Cache):
         return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.keys, layer.values))
 
     def describe(self, max_length: int) -> dict:
-        """The generator spec's cache entry; dense_bytes is a static cache of max_length for comparison."""
-        policy, kv = self.policy, self.kv_bytes()
-        state = kv + self.slot_positions.numel() * self.slot_positions.element_size()
-        return {"kind": "window", "window": policy.window, "sinks": policy.sinks, "slots": policy.slots,
-                "bytes": state, "dense_bytes": kv // policy.slots * max_length, "chunk": policy.window}
+        """The generator spec's cache entry; dense_bytes is a static cache of max_length for comparison, chunk
+        the prefill chunk (the smallest window: no chunk's keys outrun a ring)."""
+        state = self.kv_bytes() + sum(r.slot_positions.numel() * r.slot_positions.element_size()
+                                      for r in self.rings.values())
+        dense = sum((layer.keys.numel() + layer.values.numel()) // layer.keys.shape[2] * layer.keys.element_size()
+                    * max_length for layer in self.layers)
+        entry = {"kind": "window", "bytes": state, "dense_bytes": dense, "chunk": min(p.window for p in self.rings)}
+        if len(self.rings) == 1 and None not in self.policies:
+            policy = next(iter(self.rings))
+            return {**entry, "window": policy.window, "sinks": policy.sinks, "slots": policy.slots}
+        rings = [{"window": p.window, "sinks": p.sinks, "slots": p.slots,
+                  "layers": [i for i, q in enumerate(self.policies) if q == p]} for p in self.rings]
+        return {**entry, "rings": rings, "full_layers": [i for i, p in enumerate(self.policies) if p is None]}
+
+
+def _mask_keys(policies: list[Optional[WindowPolicy]], layer_types: Optional[list[str]]) -> Any:
+    """{layer type: its policy} where the model takes a mask per layer type, else the one policy all share."""
+    if layer_types is None:
+        if len(set(policies)) > 1:
+            raise ConfigError("window cache: layers with different windows need a model that takes one mask per "
+                              "layer type (config.layer_types)")
+        return policies[0]
+    keys: dict[str, Optional[WindowPolicy]] = {}
+    for kind, policy in zip(layer_types, policies):
+        if keys.setdefault(kind, policy) != policy:
+            raise ConfigError(f"window cache: layers of type {kind!r} have different windows")
+    return keys
+
+
+def layer_policies(windows: list[Optional[int]], requested: Optional[WindowPolicy]) -> list[Optional[WindowPolicy]]:
+    """Each cache layer's ring policy. `windows`: a layer's own sliding window (None: full attention). A
+    sliding layer keeps its own window (no sinks) unless the request is narrower; full layers take the request."""
+    policies = []
+    for own in windows:
+        if own is None or (requested is not None and requested.window <= own):
+            policies.append(requested)
+        else:
+            policies.append(WindowPolicy(own, 0))
+    return policies
 
 
 def _ring(like: torch.Tensor, slots: int) -> torch.Tensor:

@@ -8,8 +8,9 @@ ids come from the mask (a left-padded row counts from its first real token), as 
 transformers' `generate`. The cache is sized by running the model once on a two-token
 prompt (each layer allocates its own key/value shapes), then emptied.
 
-With a `WindowPolicy` the cache is a ring of sinks + window slots instead (generation_cache.py):
-the step passes the model the ring's own 4-D mask, built from the slots' positions and the step's.
+With a `WindowPolicy`, or a model with sliding-window layers shorter than max_length, those layers'
+cache is a ring of sinks + window slots instead (generation_cache.py): the step passes the model the
+rings' own 4-D masks, built from the slots' positions and the step's.
 """
 from __future__ import annotations
 
@@ -22,19 +23,24 @@ from sparsecc.runtime.generation import MIN_PROMPT
 
 from .capture import eval_mode
 from .errors import ConfigError
-from .generation_cache import WindowCache, WindowPolicy
+from .generation_cache import WindowCache, WindowPolicy, layer_policies
 
 
 class CachedStep(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, batch_size: int, max_length: int, window: Optional[WindowPolicy] = None):
         super().__init__()
         self.model = model
-        if window is None:
+        policies = layer_policies(sliding_windows(model, max_length), window)
+        if not any(policies):
             self.cache = _static_cache(model, batch_size, max_length)
-        else:   # a ring of window + sinks slots (generation_cache); the probe cache only gives the layers' shapes
-            probe = _static_cache(model, batch_size, MIN_PROMPT)
-            self.cache = WindowCache(probe, window, batch_size, model.config._attn_implementation)
-            self.register_buffer("cache_slot_positions", self.cache.slot_positions, persistent=False)
+        else:   # rings (generation_cache); an all-ring probe cache only gives the layers' shapes
+            probe = _static_cache(model, batch_size, max_length if None in policies else MIN_PROMPT)
+            types = getattr(model.config, "layer_types", None)
+            self.cache = WindowCache(probe, policies, batch_size, model.config._attn_implementation,
+                                     types if types is not None and len(set(types)) > 1 else None)
+            for index, ring in enumerate(self.cache.rings.values()):
+                name = "cache_slot_positions" + (f"_{index}" if index else "")
+                self.register_buffer(name, ring.slot_positions, persistent=False)
         for index, layer in enumerate(self.cache.layers):
             for name, value in vars(layer).items():
                 if isinstance(value, torch.Tensor):
@@ -42,8 +48,9 @@ class CachedStep(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache_position: torch.Tensor):
         positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)[:, cache_position]
-        if isinstance(self.cache, WindowCache):   # the ring's own 4-D mask: slots' positions vs the step's
-            mask = self.cache.begin_step(positions, attention_mask[:, cache_position] != 0, cache_position)
+        if isinstance(self.cache, WindowCache):   # the rings' own 4-D masks: slots' positions vs the step's
+            mask = self.cache.begin_step(positions, attention_mask[:, cache_position] != 0, cache_position,
+                                         attention_mask)
         else:
             for layer in self.cache.layers:
                 layer.cumulative_length.copy_(cache_position[0])
@@ -58,14 +65,28 @@ class CachedStep(torch.nn.Module):
         return sum(b.numel() * b.element_size() for name, b in self.named_buffers() if name.startswith("cache_"))
 
 
-def _static_cache(model: torch.nn.Module, batch_size: int, max_length: int) -> Any:
+def sliding_windows(model: torch.nn.Module, max_length: int) -> list[Optional[int]]:
+    """Each cache layer's own sliding window where it is shorter than max_length, else None (a layout only:
+    transformers' static layers allocate on their first write)."""
+    from transformers.cache_utils import StaticSlidingWindowLayer
+    layout = _cache_layout(model, max_length)
+    return [layer.max_cache_len if isinstance(layer, StaticSlidingWindowLayer) and layer.max_cache_len < max_length
+            else None for layer in layout.layers]
+
+
+def _cache_layout(model: torch.nn.Module, max_length: int) -> Any:
+    """transformers' StaticCache for the model's config (no tensors yet), or a clear refusal."""
     import transformers
     config = getattr(model, "config", None)
     if config is None or "cache" not in _forward_parameters(model):
         raise ConfigError(f"mode='generate': {type(model).__name__} is not a transformers causal LM (its forward takes "
                           "no `cache`); generation needs a model with transformers' cache protocol")
+    return transformers.StaticCache(config=config, max_cache_len=max_length)
+
+
+def _static_cache(model: torch.nn.Module, batch_size: int, max_length: int) -> Any:
     from transformers.cache_utils import StaticLayer
-    cache = transformers.StaticCache(config=config, max_cache_len=max_length)
+    cache = _cache_layout(model, max_length)
     for index, layer in enumerate(cache.layers):
         if type(layer) is not StaticLayer:
             cache.layers[index] = _full_length_layer(model, index, layer, max_length)
@@ -84,9 +105,8 @@ def _static_cache(model: torch.nn.Module, batch_size: int, max_length: int) -> A
 
 def _full_length_layer(model: torch.nn.Module, index: int, layer: Any, max_length: int) -> Any:
     """A plain StaticLayer of max_length slots for a static variant (a sliding-window layer keeps a Python-int
-    length and branches on it, which a captured program would freeze). The model's own masks still apply
-    the window: a sliding mask over a full-length layer reads slot = position. Other layer kinds (a
-    recurrent state) are refused."""
+    length and branches on it, which a captured program would freeze; CachedStep makes it a ring where its
+    window is shorter than max_length). Other layer kinds (a recurrent state) are refused."""
     from transformers.cache_utils import StaticLayer
     if not isinstance(layer, StaticLayer):
         raise ConfigError(f"mode='generate': {type(model).__name__}'s cache layer {index} is a "

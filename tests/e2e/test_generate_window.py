@@ -150,3 +150,32 @@ def test_a_saved_spec_with_a_bad_prefill_chunk_is_refused():
             "cache": {"kind": "window", "chunk": 0}}
     with pytest.raises(ArtifactError, match="cache.chunk"):
         GenerationSpec.from_dict(spec)
+
+
+def test_layer_policies_ring_sliding_layers_and_apply_a_request_to_full_ones():
+    from sparsecc.generation_cache import layer_policies
+    request = WindowPolicy(6, 2)
+    assert layer_policies([None, None], None) == [None, None]
+    assert layer_policies([8, None], None) == [WindowPolicy(8, 0), None]               # the model's own window
+    assert layer_policies([8, None], request) == [request, request]                   # narrower request wins
+    assert layer_policies([4, None], request) == [WindowPolicy(4, 0), request]        # never wider than its own
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])   # every layer sliding; sliding + full layer types
+def test_sliding_window_layers_are_rings_and_exact(family):
+    torch.manual_seed(0)
+    shape = dict(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                 num_key_value_heads=KV_HEADS, vocab_size=128, max_position_embeddings=128, sliding_window=WINDOW)
+    model = (transformers.MistralForCausalLM(transformers.MistralConfig(**shape)) if family == "mistral" else
+             transformers.Gemma2ForCausalLM(transformers.Gemma2Config(head_dim=16, **shape))).eval()
+    ids, mask = left_padded(LENGTHS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gen = sparsecc.compile(model, (ids, mask), mode="generate", max_length=MAX_LENGTH)
+        want = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert torch.equal(gen.generate(ids, mask, max_new_tokens=NEW_TOKENS), want)
+    cache = gen.spec.cache
+    assert cache["kind"] == "window" and cache["chunk"] == WINDOW
+    full_layers = 0 if family == "mistral" else 1    # Gemma2 alternates sliding and full layers
+    per_layer = cache["dense_bytes"] // LAYERS
+    assert cache["bytes"] < full_layers * per_layer + (LAYERS - full_layers) * per_layer * WINDOW // MAX_LENGTH + 1024
