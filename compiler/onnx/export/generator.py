@@ -40,8 +40,9 @@ def export_generator(generator, path: str, contrib: bool = False, opset: int | N
     """Write `generator` (a CompiledGenerator) as one ONNX decoder at `path` (see the module docstring)."""
     kind = generator.spec.cache.get("kind", "static")
     if kind != "static":
-        raise OnnxExportError(f"generator export: the '{kind}' cache has no ONNX decoder form (it takes the static "
-                              "cache: compile without a window attention policy)")
+        raise OnnxExportError(f"generator export: the '{kind}' cache (ring caches of a window attention policy or of "
+                              "the model's own sliding-window layers) has no ONNX decoder form; it takes the static "
+                              "cache: compile without a window policy, with max_length <= the model's sliding window")
     prefill = generator.prefill
     decoder = decoder_graph(prefill.graph_module)
     check_against_programs(decoder, generator)
