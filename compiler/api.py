@@ -147,20 +147,22 @@ class CompiledModel:
 
     def save(self, path: str, targets: Iterable[str] = ("cpu",), *, example_inputs: Any = None,
              cache_dir: Optional[str] = None, workers: Optional[int] = None, progress: bool = True,
-             sign_with: Any = None, world_size: int = 1, described: Optional[dict] = None) -> dict:
+             sign_with: Any = None, world_size: int = 1, described: Optional[dict] = None,
+             borrowed: Iterable[str] = ()) -> dict:
         """Write an AOT artifact (program, weights, kernels cross-compiled for `targets`) that
         `sparsecc.runtime.load` runs; returns its manifest. `sign_with` (an Ed25519 private key, PEM
         bytes or a PEM file, see `sparsecc.runtime.signing`) also writes manifest.sig. The program's
         state is saved at its value now (`reset_state()` first for the compile-time value). See docs/aot.md.
         `world_size` W > 1 splits every MoE block's experts over W ranks, each rank's in its own file, for
-        `sparsecc.runtime.load(path, rank=r)` under torchrun (docs/scale.md)."""
+        `sparsecc.runtime.load(path, rank=r)` under torchrun (docs/scale.md). `borrowed`: weights left out of
+        this folder, taken at load from a sibling program's constants of the same names (a generator's decode)."""
         from .build import save_artifact
         inputs = getattr(self, "example_inputs", None) if example_inputs is None else _tensor_leaves(example_inputs)
         if inputs is None:
             raise ConfigError("save: pass example_inputs (this CompiledModel was not made by sparsecc.compile)")
         return save_artifact(self.program, self.constants, inputs, path, list(targets), cache_dir=cache_dir,
                              workers=workers, progress=progress, sign_with=sign_with, world_size=world_size,
-                             described=described)
+                             described=described, borrowed=borrowed)
 
     def export_onnx(self, path: str, contrib: bool = False, opset: Optional[int] = None, *,
                     compare_dense: bool = False):

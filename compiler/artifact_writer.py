@@ -6,7 +6,7 @@ import importlib.metadata
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -83,13 +83,17 @@ def write_artifact(root: Path, program: Program, constants: dict[str, torch.Tens
                    sign_with: Optional[SigningKey] = None,
                    rank_constants: Sequence[dict[str, torch.Tensor]] = (),
                    described: Optional[dict[str, Any]] = None,
-                   cpu_built: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+                   cpu_built: Sequence[dict[str, Any]] = (), borrowed: Iterable[str] = ()) -> dict[str, Any]:
     """Write the artifact; with `sign_with` (an Ed25519 private key or its PEM file) also manifest.sig.
+    `borrowed`: constants not written here; the manifest lists their dtype and shape, and the loader takes
+    them from the sibling program it is given (runtime/loaded.py `borrowed`).
     `rank_constants` (expert parallelism): each rank's expert constants, written to its own file.
     `described`: extra manifest sections (e.g. "generator"), hashed and signed with the rest."""
     prepare_folder(root)
     per_rank = {name for shard in rank_constants for name in shard}   # only those live in the rank files
-    write_weights(root / WEIGHTS, {name: constants[name] for name in program.constant_names if name not in per_rank})
+    borrowed = sorted(borrowed)
+    elsewhere = per_rank | set(borrowed)
+    write_weights(root / WEIGHTS, {name: constants[name] for name in program.constant_names if name not in elsewhere})
     rank_files = [expert_file(rank) for rank in range(len(rank_constants))]
     for name, shard in zip(rank_files, rank_constants):
         write_weights(root / name, shard)
@@ -107,6 +111,9 @@ def write_artifact(root: Path, program: Program, constants: dict[str, torch.Tens
         **({"expert_parallel": {"world_size": len(rank_files), "files": rank_files}} if rank_files else {}),
         "kernels": kernels,
         **({"cpu_kernels": cpu_kernels} if cpu_kernels else {}),
+        **({"borrowed_constants": {name: {"dtype": str(constants[name].dtype).removeprefix("torch."),
+                                          "shape": list(constants[name].shape)} for name in borrowed}}
+           if borrowed else {}),
         **(described or {}),
         "files": {name: {"sha256": sha256_file(root / name), "bytes": (root / name).stat().st_size}
                   for name in listed},

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -121,7 +121,7 @@ def save_artifact(program: Program, constants: dict[str, torch.Tensor], example_
                   path: os.PathLike, targets: Sequence[str] = ("cpu",), *, cache_dir: Optional[os.PathLike] = None,
                   workers: Optional[int] = None, progress: bool = True,
                   sign_with: Optional[SigningKey] = None, world_size: int = 1,
-                  described: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+                  described: Optional[dict[str, Any]] = None, borrowed: Iterable[str] = ()) -> dict[str, Any]:
     """Build `program` for `targets` into the folder `path`; returns the manifest written. With
     `sign_with` (an Ed25519 private key, PEM bytes or a PEM file) the manifest is signed. With
     `world_size` W > 1 the experts of every sparsecc::moe are split over W ranks, each rank's in its own
@@ -148,7 +148,8 @@ def save_artifact(program: Program, constants: dict[str, torch.Tensor], example_
     if world_size > 1:
         program, constants, rank_constants = shard_program(program, constants, world_size)
     return write_artifact(Path(path), program, constants, targets, specs, built, sign_with=sign_with,
-                          rank_constants=rank_constants, described=described, cpu_built=cpu_built)
+                          rank_constants=rank_constants, described=described, cpu_built=cpu_built,
+                          borrowed=borrowed)
 
 
 def build_cpu_objects(program: Program, constants: dict[str, torch.Tensor], example_inputs: Sequence[torch.Tensor],

@@ -113,6 +113,18 @@ def _suggested_fixes(message: str) -> str:
     return "Suggested fixes:\n" + "\n".join(line for line in fixes.splitlines() if " = " in line)
 
 
+def shared_constants(prefill: Any, decode: Any) -> list[str]:
+    """Decode constants that are the prefill constant of the same name (the weights and the cache, one storage:
+    runtime/program_sharing.py); a name that is state in one program only is never among them."""
+    one_sided = set(prefill.program.state_names) ^ set(decode.program.state_names)
+    return [name for name, t in decode.constants.items() if name not in one_sided and name in prefill.constants
+            and _same_tensor(t, prefill.constants[name])]
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride() and a.data_ptr() == b.data_ptr())
+
+
 class CompiledGenerator(Generator):
     """`generate(...)` as in transformers; `prefill` and `decode` are the two CompiledModels."""
 
@@ -137,7 +149,7 @@ class CompiledGenerator(Generator):
         `sparsecc.runtime.load(DIR)` returns a generator. The cache is saved empty."""
         root = Path(path)
         self.reset_state()
-        self.decode.save(str(root / "decode"), targets, **options)
+        self.decode.save(str(root / "decode"), targets, **options, borrowed=shared_constants(self.prefill, self.decode))
         decode_hash = hashlib.sha256((root / "decode" / MANIFEST).read_bytes()).hexdigest()
         manifest = self.prefill.save(str(root / "prefill"), targets, **options, described={
             "generator": self.spec.to_dict(), "decode_manifest_sha256": decode_hash})

@@ -6,6 +6,7 @@ from typing import Any
 
 from sparsecc.runtime.artifact import MAX_SMALL_FILE_BYTES, malformed, read_manifest, read_optional, verify_files
 from sparsecc.runtime.kernels.cpu.mlir.aot import cpu_objects_decision
+from sparsecc.runtime.loaded_generator import PROGRAM_DIRS, is_generator
 from sparsecc.runtime.program import Program
 from sparsecc.runtime.signing import SIGNATURE_FILE, signature_key_id
 
@@ -42,11 +43,20 @@ def _cpu_kernel_lines(manifest: dict[str, Any], verified: bool) -> list[str]:
 
 
 def describe_artifact(path: str, trusted_keys: list | None = None) -> str:
+    """The artifact's description; a saved generator folder (prefill + decode) describes both programs."""
     root = Path(path)
+    if is_generator(root):
+        return "\n\n".join(f"generator {root}: {name} program\n" + describe_artifact(str(root / name), trusted_keys)
+                           for name in PROGRAM_DIRS)
     manifest = read_manifest(root, trusted_keys)
     with malformed(root):
         verify_files(root, manifest)      # a wrong-typed field is an ArtifactError, as at load
         return _describe(root, manifest, trusted_keys is not None)
+
+
+def _borrowed(manifest: dict[str, Any]) -> str:
+    borrowed = manifest.get("borrowed_constants") or {}
+    return f" ({len(borrowed)} borrowed from the generator's prefill program, not stored here)" if borrowed else ""
 
 
 def _describe(root: Path, manifest: dict[str, Any], verified: bool) -> str:
@@ -59,7 +69,7 @@ def _describe(root: Path, manifest: dict[str, Any], verified: bool) -> str:
              f"targets: {', '.join(manifest['targets'])}",
              f"program: {program.summary()}",
              f"weights: {manifest['weights']} {_size(files[manifest['weights']]['bytes'])}, "
-             f"{len(program.constant_names)} tensors",
+             f"{len(program.constant_names)} tensors" + _borrowed(manifest),
              f"kernels: {len(manifest['kernels'])} specialisations"]
     for kernel in manifest["kernels"]:
         lines.append(f"  {kernel['id']}  used by {', '.join(kernel['used_by'])}")

@@ -19,6 +19,7 @@ from .artifact import (device_target, malformed, parse_target, program_on, rank_
 from .distributed import dist_rank, group_rank
 from .errors import ArtifactError, InputMismatchError, RuntimeProgramError
 from .executor import Executor
+from .op_table import DTYPES
 from .inputs import without_constants
 from .program import Program
 from .call_guard import CallGuard
@@ -119,12 +120,13 @@ def aligned(tensors: tuple) -> tuple:
 
 def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu", *,
          trusted_keys: Optional[Iterable[TrustedKey]] = None, max_memory: Optional[int] = None,
-         rank: Optional[int] = None) -> LoadedModel:
+         rank: Optional[int] = None, borrowed: Optional[dict[str, torch.Tensor]] = None) -> LoadedModel:
     """Load an artifact written by `CompiledModel.save` / `sparsecc build`; returns a callable LoadedModel.
     With `trusted_keys` (Ed25519 public keys: key objects, raw 32 bytes or PEM), an artifact not signed by
     one of them is refused before its manifest is parsed. `max_memory` bounds what the program may allocate.
     An artifact saved with world_size W > 1 loads only rank `rank`'s experts (default: this process's rank in
-    the torch.distributed process group), never another rank's file."""
+    the torch.distributed process group), never another rank's file. `borrowed`: a sibling program's constants
+    for the weights the manifest lists as borrowed (a saved generator's decode takes its prefill's)."""
     root, device = Path(path), torch.device(device)
     manifest = read_manifest(root, trusted_keys)
     with malformed(root):
@@ -134,7 +136,7 @@ def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu", *,
     with malformed(root, "program in the manifest"):
         program = program_on(Program.from_dict(manifest["program"]), device)
     with malformed(root):
-        constants = _load_weights(root, weights, program, device, manifest)
+        constants = _load_weights(root, weights, program, device, manifest, borrowed)
         limit = default_max_bytes({n: constants[n] for n in program.constant_names}) if max_memory is None else max_memory
         found = validate_program(program, constants, device=device, max_bytes=limit)
         kernels = None if target == "cpu" else _load_kernels(root, manifest, target, device)
@@ -175,7 +177,7 @@ def _rank_file(manifest: dict[str, Any], rank: Optional[int]) -> list[str]:
 
 
 def _load_weights(root: Path, names: list[str], program: Program, device: torch.device,
-                  manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+                  manifest: dict[str, Any], borrowed: Optional[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load
     constants: dict[str, torch.Tensor] = {}
@@ -186,10 +188,37 @@ def _load_weights(root: Path, names: list[str], program: Program, device: torch.
             constants.update(zip(stored, aligned(tuple(t.to(device) for t in stored.values()))))
         except (SafetensorError, OSError, ValueError) as err:
             raise ArtifactError(f"{root / name}: cannot read the weights: {err}") from None
+    constants.update(_borrowed_weights(root, manifest, program, constants, borrowed, device))
     missing = sorted(set(program.constant_names) - set(constants))
     if missing:
         raise ArtifactError(f"{root / names[0]}: weights for {', '.join(missing[:5])} are missing")
     return constants
+
+
+def _borrowed_weights(root: Path, manifest: dict[str, Any], program: Program, stored: dict[str, torch.Tensor],
+                      borrowed: Optional[dict[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:
+    """The manifest's borrowed constants, taken from `borrowed` (a sibling program's constants: a generator's
+    decode takes the prefill's weights and its KV cache, the state both programs share) after checking each is a
+    constant of this program not stored here, of the listed dtype and shape."""
+    listed = manifest.get("borrowed_constants", {})
+    if not isinstance(listed, dict):
+        raise ArtifactError(f"{root}: borrowed_constants must be an object")
+    if listed and borrowed is None:
+        raise ArtifactError(f"{root}: {len(listed)} weights are borrowed from a sibling program (a saved generator's "
+                            "decode takes its prefill's): load the generator folder")
+    taken = {}
+    for name, entry in listed.items():
+        source = borrowed.get(name)
+        if name not in program.constant_names or name in stored:
+            raise ArtifactError(f"{root}: borrowed constant {name!r} is not a constant of this program")
+        if not (isinstance(entry, dict) and entry.get("dtype") in DTYPES and isinstance(entry.get("shape"), list)):
+            raise ArtifactError(f"{root}: borrowed constant {name!r} needs a dtype and a shape")
+        if (source is None or source.dtype != DTYPES[entry["dtype"]] or list(source.shape) != entry["shape"]
+                or source.device != device):
+            raise ArtifactError(f"{root}: borrowed constant {name!r} ({entry['dtype']} {entry['shape']}) is not "
+                                "among the sibling program's constants")
+        taken[name] = source
+    return taken
 
 
 def _load_kernels(root: Path, manifest: dict[str, Any], target: str, device: torch.device) -> PrebuiltKernels:

@@ -3,7 +3,8 @@
     DIR/generator.json   {"format": "sparsecc-generator", "programs": ["prefill", "decode"]}  (a marker only)
     DIR/prefill/         an artifact whose manifest also holds "generator": GenerationSpec.to_dict() and
                          "decode_manifest_sha256": the SHA-256 of DIR/decode/manifest.json
-    DIR/decode/          an artifact of the decode program (same weights, saved again)
+    DIR/decode/          an artifact of the decode program; the weights and the cache it shares with prefill are
+                         not stored again (its manifest lists them as borrowed; taken from the prefill's at load)
 
 What the generator needs (batch size, max_length, eos ...) and which decode program belongs to it are
 read from the prefill manifest, so they are covered by that manifest's hash and signature; the marker
@@ -63,7 +64,8 @@ def load_generator(path: Union[str, Path], device: Union[str, torch.device] = "c
     if manifest.get("decode_manifest_sha256") != decode_hash:   # the prefill manifest (signed) names its decode
         raise ArtifactError(f"{root / 'decode'}: its manifest is not the one this generator was saved with")
     prefill = load(root / "prefill", device, trusted_keys=keys, max_memory=max_memory)
-    decode = load(root / "decode", device, trusted_keys=keys, max_memory=max_memory)
+    # decode borrows the prefill's weights and cache; share_programs then checks the state names are one list
+    decode = load(root / "decode", device, trusted_keys=keys, max_memory=max_memory, borrowed=prefill.constants)
     check_programs(spec, prefill.program, decode.program, str(root))
     share_programs(prefill, decode, str(root))
     return LoadedGenerator(prefill, decode, spec)
