@@ -20,6 +20,7 @@ output features, K the reduction dim). `load_compressed(path)` reads them back.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -179,6 +180,7 @@ class CompressedCheckpoint:
     shapes: dict[str, list[int]]
     source: str = "(in memory)"    # the folder it was read from
     model_type: str = ""           # config.json's, beside the folder: how transformers renames and stacks names
+    prefix: str = ""               # the model's attribute path inside the compiled module (a generator's step)
 
     def dense(self, name: str) -> torch.Tensor:
         """The pruned dense matrix [..., out, K] of weight `name`."""
@@ -210,7 +212,21 @@ class CompressedCheckpoint:
         for param, parts in stacked.items():
             weights[param] = tuple(parts.build(lambda name, i=i: self.weights[name][i]) for i in (0, 1))
             k[param] = self.shapes[parts.parts[0][0]][-1]
-        return weights, k
+        return ({self.prefix + p: w for p, w in weights.items()}, {self.prefix + p: v for p, v in k.items()})
+
+    def within(self, prefix: str) -> "CompressedCheckpoint":
+        """These weights for a module that holds the checkpoint's model at attribute path `prefix`."""
+        return dataclasses.replace(self, prefix=prefix)
+
+
+def compressed_checkpoint(compressed) -> Optional[CompressedCheckpoint]:
+    """None, a checkpoint folder or a CompressedCheckpoint, as `compile(..., compressed=)` takes it."""
+    if compressed is None or isinstance(compressed, CompressedCheckpoint):
+        return compressed
+    if isinstance(compressed, (str, os.PathLike)):
+        return load_compressed(compressed)
+    raise ConfigError("compile: compressed= takes the folder sparsecc.prune_checkpoint wrote or "
+                      f"sparsecc.load_compressed's result, got {type(compressed).__name__}")
 
 
 def load_compressed(path: str | os.PathLike) -> CompressedCheckpoint:
@@ -236,11 +252,5 @@ def load_compressed(path: str | os.PathLike) -> CompressedCheckpoint:
 
 def given_masks(compressed, passes: list) -> Optional[GivenNM]:
     """What `compile(..., compressed=)` hands prune-nm: None, a checkpoint folder or a CompressedCheckpoint."""
-    if compressed is None:
-        return None
-    if isinstance(compressed, (str, os.PathLike)):
-        compressed = load_compressed(compressed)
-    if not isinstance(compressed, CompressedCheckpoint):
-        raise ConfigError("compile: compressed= takes the folder sparsecc.prune_checkpoint wrote or "
-                          f"sparsecc.load_compressed's result, got {type(compressed).__name__}")
-    return compressed.given(passes)
+    compressed = compressed_checkpoint(compressed)
+    return None if compressed is None else compressed.given(passes)

@@ -13,7 +13,8 @@ from .errors import ConfigError
 from .generation import compile_generator
 
 MODES = ("forward", "generate")
-GENERATE_OPTIONS = frozenset({"pipeline", "backend", "check", "verify", "print_ir_after_all", "dump_dir", "progress"})
+GENERATE_OPTIONS = frozenset({"pipeline", "backend", "check", "verify", "print_ir_after_all", "dump_dir", "progress",
+                              "compressed"})
 
 
 def compile(model: Any, example_inputs: Any = None, sparsity: Any = None, calibration: Optional[Iterable] = None,

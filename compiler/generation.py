@@ -34,6 +34,7 @@ from sparsecc.runtime.program_sharing import share_programs
 from .api import compile
 from .config import parse_sparsity
 from .errors import CaptureError, ConfigError
+from .checkpoint_io import compressed_checkpoint
 from .generation_cache import WindowCache, window_cache_policy
 from .generation_step import CachedStep
 
@@ -61,7 +62,10 @@ def compile_generator(model: torch.nn.Module, example_inputs: Any, sparsity: Any
     except ValueError as err:
         raise ConfigError(str(err)) from err
     step = CachedStep(model, batch, max_length, window)
-    prefill, prompts = _compile_prefill(step, ids, mask, batch, max_length, format_pipeline(passes), calibration, options)
+    compressed = compressed_checkpoint(options.pop("compressed", None))   # the prefill takes the checkpoint's masks;
+    prefill_options = {**options, "compressed": compressed.within(PREFIX) if compressed else None}   # decode keeps them
+    prefill, prompts = _compile_prefill(step, ids, mask, batch, max_length, format_pipeline(passes), calibration,
+                                        prefill_options)
     decode_step = CachedStep(_with_weights(model, prefill.pruned_state_dict()), batch, max_length, window)
     decode_inputs = (ids[:1, :1].expand(batch, 1).clone(), mask_over_cache(mask[:1].expand(batch, -1), max_length),
                      torch.tensor([ids.shape[1]]))

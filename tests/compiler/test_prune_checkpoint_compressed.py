@@ -110,3 +110,19 @@ def test_cli_compile_takes_the_checkpoint(pruned, tmp_path, capsys):
     assert main(["compile", f"{factory}:build", "--method", "wanda", "--compressed", str(out), "--no-check",
                  "-q"]) == 0
     assert f"masks taken from {out}" in capsys.readouterr().out
+
+
+def test_a_generator_takes_the_checkpoint_masks(pruned):
+    """mode="generate": the prefill program takes the checkpoint's tensors (under the step's `model.` prefix),
+    decode keeps them; greedy tokens equal transformers' generate on the pruned checkpoint's model."""
+    _, out, model = pruned
+    prompt = _batches()[0][:1, :8]
+    gen = sparsecc.compile(model, prompt, sparsity=WANDA, compressed=out, mode="generate", max_length=32)
+    stored = sparsecc.load_compressed(out)
+    records = [r for r in gen.prefill.report().layers if "values" in r.details]
+    assert records and all(r.details["calibration"] == f"none: masks taken from {out}" for r in records)
+    for record in records:
+        values, _ = stored.weights[record.details["weight"].removeprefix("model.")]
+        assert torch.equal(gen.prefill.constants[record.details["values"]], values)
+    want = model.generate(prompt, max_new_tokens=12, do_sample=False)
+    assert torch.equal(gen.generate(prompt, max_new_tokens=12), want)
