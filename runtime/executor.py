@@ -120,8 +120,14 @@ class Executor:
             with torch.no_grad():
                 for index, step in enumerate(self.steps):
                     self._execute(step, regs)
-        except (ArtifactError, InputMismatchError, RuntimeProgramError):
-            raise   # already say what is wrong (a launch the artifact holds no kernel for, a guard's refusal)
+        except RuntimeProgramError as err:   # a kernel's refusal: name the instruction (once)
+            inst = self.program.instructions[index]
+            where = f"instruction {index} ({inst.op}, node '{inst.name}')"
+            if str(err).startswith("instruction "):
+                raise
+            raise RuntimeProgramError(f"{where}: {err}") from err
+        except (ArtifactError, InputMismatchError):
+            raise   # already say what is wrong (a launch the artifact holds no kernel for)
         except Exception as err:  # one try around the loop keeps the hot path cheap
             inst = self.program.instructions[index]
             raise RuntimeProgramError(f"instruction {index} ({inst.op}, node '{inst.name}'): "

@@ -214,7 +214,7 @@ def _borrowed_weights(root: Path, manifest: dict[str, Any], program: Program, st
         if not (isinstance(entry, dict) and entry.get("dtype") in DTYPES and isinstance(entry.get("shape"), list)):
             raise ArtifactError(f"{root}: borrowed constant {name!r} needs a dtype and a shape")
         if (source is None or source.dtype != DTYPES[entry["dtype"]] or list(source.shape) != entry["shape"]
-                or source.device != device):
+                or source.device.type != device.type):
             raise ArtifactError(f"{root}: borrowed constant {name!r} ({entry['dtype']} {entry['shape']}) is not "
                                 "among the sibling program's constants")
         taken[name] = source

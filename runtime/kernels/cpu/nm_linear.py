@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import Callable, Optional
 
+import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -50,9 +51,9 @@ def call_key(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor],
     if versions[0] is None or versions[1] is None or (bias is not None and versions[2] is None):
         return None
     bias_state = None if bias is None else (bias.dtype, bias.shape, bias.data_ptr())
-    return (x.dtype, x.shape, x.device, values.dtype, values.shape, values.data_ptr(), indices.dtype,
+    return (x.dtype, x.shape, x.device, values.dtype, values.shape, values.data_ptr(), id(indices), indices.dtype,
             indices.shape, indices.data_ptr(), bias_state, versions, n, m, in_features, keep,
-            os.environ.get(FORCE_ENV))
+            os.environ.get(FORCE_ENV), torch.get_num_threads())
 
 
 def remember(values: Tensor, key: tuple, run: Runner) -> None:

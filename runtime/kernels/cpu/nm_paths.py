@@ -78,9 +78,10 @@ def generated(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor]
 
 def dense(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], n: int, m: int,
           in_features: int) -> Tensor:
-    """F.linear with the weight decompressed once per weight (and version) and kept."""
-    cached, version = _dense_weights.get(values), tensor_version(values)
-    if cached is None or cached[0] != version:
+    """F.linear with the weight decompressed once per weight (values and indices state) and kept."""
+    cached = _dense_weights.get(values)
+    version = (tensor_version(values), tensor_version(indices), id(indices), indices.data_ptr())
+    if cached is None or cached[0] != version or None in version[:2]:
         out = values.new_empty(values.shape[0], in_features)
         cached = _dense_weights[values] = (version, decompress_tile(values, indices, n, m, in_features, out))
     return F.linear(x, cached[1], None if bias is None else bias.to(x.dtype))

@@ -103,8 +103,9 @@ def manifest_entry(index: int, entry: dict[str, Any], files: dict[str, str]) -> 
 
 def cpu_objects_decision(manifest: dict[str, Any], verified: bool) -> tuple[Optional[str], str]:
     """(named target whose objects this host uses, or None; a sentence saying why)."""
-    named = [t for t in manifest.get("targets", []) if str(t).startswith("cpu:")]
-    if not named or not manifest.get("cpu_kernels"):
+    holding = {t for kernel in manifest.get("cpu_kernels", []) for t in kernel.get("binaries", {})}
+    named = [t for t in manifest.get("targets", []) if str(t).startswith("cpu:") and t in holding]
+    if not named:
         return None, "cpu kernels: none prebuilt (JIT-compiled on the host, cached on disk)"
     if not verified:
         return None, (f"cpu kernels: {', '.join(named)} objects ignored: machine code is used only from an "

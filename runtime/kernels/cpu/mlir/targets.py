@@ -18,9 +18,12 @@ from typing import Optional
 from .host import host_features
 
 # /proc/cpuinfo flag names a CPU of the level has (what the host must show before its objects run)
+# (every feature of the level and the levels below: LLVM may use any of them in a -mcpu=x86-64-vN object)
+_V2 = ("cx16", "lahf_lm", "popcnt", "pni", "sse4_1", "sse4_2", "ssse3")
+_V3 = _V2 + ("avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave")
 NAMED_CPUS = {
-    "x86-64-v4": ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma", "bmi2"),
-    "x86-64-v3": ("avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm"),
+    "x86-64-v4": _V3 + ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"),
+    "x86-64-v3": _V3,
 }
 # what a kernel's instructions need before LLVM can emit it (the intrinsics it calls), by (kernel, dtype)
 KERNEL_NEEDS = {("decode", "float32"): ("avx512f", "avx512bw", "avx512vl"),
