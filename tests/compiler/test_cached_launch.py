@@ -20,8 +20,6 @@ from sparsecc.runtime.executor import Executor
 from sparsecc.runtime.kernels.triton.launch import bind_launch
 from sparsecc.runtime.kernel_cache import KernelCache
 
-from .build_models import kernel_cache
-
 
 class Loaded:
     """Stands in for `cuda_launch.load_function`: keeps what the launcher loaded and launched."""
@@ -53,14 +51,23 @@ def _as_h100(cached):
     return hook
 
 
-@pytest.mark.interpreter
-def test_launches_are_built_into_the_cache_and_run_from_it(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def h100_run(tmp_path_factory):
+    """The compiled model's first run as an H100 over an empty cache folder: (folder, compiled, x, expected,
+    output, loaded, launcher). Cross-compiling takes seconds: the fallback test reuses the folder's binaries."""
+    folder = tmp_path_factory.mktemp("h100-cache")
     compiled, x = _compiled()
     expected = Executor(compiled.program, compiled.constants, "torch").run([x])[0]
     loaded = Loaded()
-    cached = CachedKernelLauncher(tmp_path, target_of=lambda device: "cuda:90", load=loaded)
+    cached = CachedKernelLauncher(folder, target_of=lambda device: "cuda:90", load=loaded)
     compiled.kernel_launcher = _as_h100(cached)
-    torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-4)
+    return folder, compiled, x, expected, compiled(x), loaded, cached
+
+
+@pytest.mark.interpreter
+def test_launches_are_built_into_the_cache_and_run_from_it(h100_run, monkeypatch):
+    tmp_path, compiled, x, expected, out, loaded, cached = h100_run
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
 
     # one specialisation per layer: the 64-wide layer's index rows (8 bytes) are not divisible by 16
     assert cached.built == len(loaded.functions) == 2
@@ -157,13 +164,13 @@ def test_gpu_compile_runs_cached_binaries_and_never_jits(tmp_path, monkeypatch):
 
 
 @pytest.mark.interpreter
-def test_a_binary_that_fails_to_load_falls_back_to_triton_with_a_warning(request):
+def test_a_binary_that_fails_to_load_falls_back_to_triton_with_a_warning(h100_run):
     compiled, x = _compiled()
     expected = Executor(compiled.program, compiled.constants, "torch").run([x])[0]
 
     def broken_driver(api, binary, entry, metadata, device):
         raise RuntimeError("cuda driver: loading the module failed with error 209")
-    compiled.kernel_launcher = CachedKernelLauncher(kernel_cache(request.config), load=broken_driver,
+    compiled.kernel_launcher = CachedKernelLauncher(h100_run[0], load=broken_driver,   # the binaries are built
                                                     target_of=lambda device: "cuda:90")
     with pytest.warns(UserWarning, match="nm_linear_kernel could not run from the kernel cache.*error 209"):
         out = compiled(x)

@@ -109,11 +109,23 @@ def _reference(model, batches, method, pruned: set[str]) -> dict[str, torch.Tens
     return weights
 
 
+@pytest.fixture(scope="module")
+def calibrated():
+    """(family, method) -> (model, compiled on CALIBRATION), each compiled once per module (seconds each)."""
+    cache = {}
+
+    def get(family, method: str):
+        if (family, method) not in cache:
+            model = family()
+            cache[family, method] = model, _compile(model, method)
+        return cache[family, method]
+    return get
+
+
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 @pytest.mark.parametrize("family", [_bert, _llama])
-def test_masks_from_batches_of_other_sizes_equal_the_eager_reference(family, method):
-    model = family()
-    compiled = _compile(model, method)
+def test_masks_from_batches_of_other_sizes_equal_the_eager_reference(calibrated, family, method):
+    model, compiled = calibrated(family, method)
     got = compiled.pruned_state_dict()
     want = _reference(model, CALIBRATION, method, set(got))
     assert len(want) >= 12 and set(want) == set(got)
@@ -123,9 +135,8 @@ def test_masks_from_batches_of_other_sizes_equal_the_eager_reference(family, met
     assert compiled.records[0].details["calibration"] == "calibration: 2 batch(es) of [2, 8], [8, 24]"
 
 
-def test_the_program_runs_the_calibration_sizes_as_the_pruned_model():
-    model = _bert()
-    compiled = _compile(model, "wanda")
+def test_the_program_runs_the_calibration_sizes_as_the_pruned_model(calibrated):
+    model, compiled = calibrated(_bert, "wanda")
     pruned = torch.func.functional_call(model, compiled.pruned_state_dict(), CALIBRATION[1], strict=False)
     torch.testing.assert_close(compiled(*CALIBRATION[1]).last_hidden_state, pruned.last_hidden_state,
                                rtol=1e-4, atol=1e-4)

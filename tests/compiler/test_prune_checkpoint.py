@@ -84,18 +84,25 @@ def test_output_keeps_the_shard_layout(tiny_llama, tmp_path):
     assert not (tmp_path / ".work").exists() and not list(tmp_path.rglob("*.partial"))
 
 
-def test_hidden_states_on_disk_give_the_same_output(tiny_llama, tmp_path):
+@pytest.fixture(scope="module")
+def wanda_in_memory(tiny_llama, tmp_path_factory) -> tuple:
+    """(summary, folder) of one uninterrupted Wanda run, hidden states in memory: two tests compare with it."""
+    folder = tmp_path_factory.mktemp("wanda") / "out"
+    return sparsecc.prune_checkpoint(tiny_llama[1], folder, method="wanda", calibration=_batches(),
+                                     progress=False), folder
+
+
+def test_hidden_states_on_disk_give_the_same_output(tiny_llama, wanda_in_memory, tmp_path):
     _, path = tiny_llama
-    in_memory = sparsecc.prune_checkpoint(path, tmp_path / "a", method="wanda", calibration=_batches(),
-                                          progress=False)
+    in_memory, folder = wanda_in_memory
     on_disk = sparsecc.prune_checkpoint(path, tmp_path / "b", method="wanda", calibration=_batches(),
                                         max_memory="1KB", progress=False)
     assert not in_memory.hidden_on_disk and on_disk.hidden_on_disk
-    assert _hashes(tmp_path / "a") == _hashes(tmp_path / "b")
+    assert _hashes(folder) == _hashes(tmp_path / "b")
 
 
 @pytest.mark.slow   # a subprocess (imports ~5 s) killed mid-way, then two runs to compare
-def test_killed_run_resumes_to_identical_output(tiny_llama, tmp_path):
+def test_killed_run_resumes_to_identical_output(tiny_llama, wanda_in_memory, tmp_path):
     _, path = tiny_llama
     calibration = tmp_path / "calibration.safetensors"
     save_file({f"batch{i}": b for i, b in enumerate(_batches())}, calibration)
@@ -116,8 +123,7 @@ def test_killed_run_resumes_to_identical_output(tiny_llama, tmp_path):
     assert 1 <= done < 4
 
     assert main(command[3:]) == 0                          # the same command again, in this process
-    fresh = tmp_path / "fresh"
-    summary = sparsecc.prune_checkpoint(path, fresh, method="wanda", calibration=_batches(), progress=False)
+    summary, fresh = wanda_in_memory                       # a run never interrupted
     assert summary.resumed_at == 0
     assert _hashes(killed) == _hashes(fresh)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import warnings
 
 import pytest
@@ -81,12 +82,25 @@ CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def compiled():
+    """case -> (model, generator, the model's state before compiling): each case compiles once per module
+    (a generator compile takes seconds; llama-2:4 also serves the tests below)."""
+    cache = {}
+
+    def get(case: str):
+        if case not in cache:
+            build, sparsity = CASES[case]
+            model = build()
+            before = {name: t.clone() for name, t in model.state_dict().items()}
+            cache[case] = model, compile_generator(model, sparsity), before
+        return cache[case]
+    return get
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_greedy_generation_equals_transformers_on_the_pruned_model(case):
-    build, sparsity = CASES[case]
-    model = build()
-    before = {name: t.clone() for name, t in model.state_dict().items()}
-    gen = compile_generator(model, sparsity)
+def test_greedy_generation_equals_transformers_on_the_pruned_model(compiled, case):
+    model, gen, before = compiled(case)
     ids, mask = left_padded()
     got = gen.generate(ids, mask, max_new_tokens=NEW_TOKENS)
     want = reference(model, gen).generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
@@ -96,9 +110,9 @@ def test_greedy_generation_equals_transformers_on_the_pruned_model(case):
 
 
 @pytest.fixture(scope="module")
-def llama_gen():
-    model = llama()
-    return model, compile_generator(model, "2:4")
+def llama_gen(compiled):
+    model, gen, _ = compiled("llama-2:4")
+    return model, gen
 
 
 def test_decode_shares_the_prefill_cache_and_weights(llama_gen):
@@ -172,6 +186,13 @@ def test_saved_generator_loads_and_generates_the_same(llama_gen, tmp_path):
     state = loaded.prefill.program.state_names
     assert all(loaded.prefill.constants[a].data_ptr() == loaded.decode.constants[b].data_ptr()
                for a, b in zip(state, loaded.decode.program.state_names))
+    # the decode folder stores only what prefill lacks: its shared weights are borrowed, not saved twice
+    sizes = {d: (tmp_path / "gen" / d / "weights.safetensors").stat().st_size for d in ("prefill", "decode")}
+    assert sizes["decode"] < 1024, sizes
+    borrowed = json.loads((tmp_path / "gen" / "decode" / "manifest.json").read_text())["borrowed_constants"]
+    assert borrowed and all(loaded.decode.constants[n] is loaded.prefill.constants[n] for n in borrowed)
+    with pytest.raises(sparsecc.runtime.ArtifactError, match="load the generator folder"):
+        sparsecc.runtime.load(str(tmp_path / "gen" / "decode"))
 
 
 def test_a_tampered_generator_spec_is_refused(llama_gen, tmp_path):

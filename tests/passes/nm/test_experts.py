@@ -52,10 +52,16 @@ def moe_error(compiled, model, x) -> float:
         return ((compiled(x) - dense).norm() / (dense - x).norm()).item()
 
 
+@pytest.fixture(scope="module")
+def loud_magnitude():
+    """loud_block() pruned by magnitude on batches(4, seed=1): the baseline each method is compared with."""
+    return compile_experts(loud_block(), "magnitude", batches(4, seed=1))
+
+
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-def test_expert_masks_follow_the_method_and_lower_the_block_error(method):
+def test_expert_masks_follow_the_method_and_lower_the_block_error(loud_magnitude, method):
     model, calibration, held_out = loud_block(), batches(4, seed=1), batches(1, seed=2)[0][0]
-    magnitude, chosen = (compile_experts(model, name, calibration) for name in ("magnitude", method))
+    magnitude, chosen = loud_magnitude, compile_experts(model, method, calibration)
     record = next(r for r in chosen.report().layers if r.op == "sparsecc.moe+nm_decompress")
     assert record.details["method"] == method and "calibration: 4 batch(es)" in record.details["calibration"]
     assert sum(record.details["routed_rows"]) == 4 * 32 * 2      # every token reaches its top_k = 2 experts
