@@ -132,12 +132,60 @@ def _has_unbacked(value: Any) -> bool:
     return isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)) and bool(free_unbacked_symbols(value))
 
 
+VERIFIED = "sparsecc_verified"   # meta key: what a node's last passing shape check saw
+
+
 def check_shapes(gm: GraphModule) -> None:
-    """Re-run every call on FakeTensors and compare with the recorded `meta["val"]`."""
+    """Re-run every call on FakeTensors and compare with the recorded `meta["val"]`. A node whose target,
+    arguments and every value it reads (the same objects) are what its last passing check saw is not re-run:
+    the pass manager verifies after every pass, and most passes touch a few nodes of a large graph."""
     mode = graph_fake_mode(gm)
     for node in gm.graph.nodes:
         if node.op == "call_function" and _repropagates(node):
-            _check_node_shape(gm, node, mode)
+            seen = _inputs_seen(gm, node)
+            if not _same(node.meta.get(VERIFIED), seen):
+                _check_node_shape(gm, node, mode)
+                node.meta[VERIFIED] = seen
+
+
+def _inputs_seen(gm: GraphModule, node: Node) -> list:
+    """What the check of `node` depends on: its target, its own recorded val, and per argument the value
+    object it reads (an input's meta val, a constant attribute) or the plain argument itself."""
+    seen: list = [("is", node.target), ("is", node.meta.get("val"))]
+
+    def visit(arg: Any) -> None:
+        if isinstance(arg, (list, tuple)):
+            seen.append(("==", (type(arg), len(arg))))
+            for a in arg:
+                visit(a)
+        elif isinstance(arg, dict):
+            seen.append(("==", tuple(arg)))
+            for a in arg.values():
+                visit(a)
+        elif isinstance(arg, Node):
+            value = resolve_attr(gm, arg.target) if arg.op == "get_attr" else arg.meta.get("val")
+            seen.append(("is", value))
+            if isinstance(value, torch.Tensor) and not isinstance(value, torch._subclasses.FakeTensor):
+                seen.append(("==", (value.dtype, tuple(value.shape), value._version)))
+        elif isinstance(arg, torch.Tensor):
+            seen.append(("is", arg))
+        else:
+            seen.append(("==", (type(arg), arg)))
+    visit(tuple(node.args))
+    visit(dict(node.kwargs))
+    return seen
+
+
+def _same(before: Optional[list], now: list) -> bool:
+    if before is None or len(before) != len(now):
+        return False
+    for (how, old), (_, new) in zip(before, now):
+        if how == "is":
+            if old is not new:
+                return False
+        elif type(old) is not type(new) or old != new:
+            return False
+    return True
 
 
 def _repropagates(node: Node) -> bool:

@@ -52,6 +52,26 @@ def test_wrong_meta_shape_names_node_expected_and_got(gm):
     assert "%linear" in message and "expected f32[2,4], got f32[4,8]" in message and info.value.node == "linear"
 
 
+def test_a_change_after_a_passing_check_is_still_caught(gm):
+    """Nodes whose inputs are the objects their last check saw are not re-run: any change re-runs them."""
+    verify_graph(gm)
+    linear = _node(gm, aten.linear.default)
+    linear.meta["val"] = _node(gm, "l.weight").meta["val"]          # its own val replaced
+    with pytest.raises(VerificationError, match="expected f32"):
+        verify_graph(gm)
+    fresh = capture(TinyLinear(), (torch.randn(2, 8),))
+    verify_graph(fresh)
+    fresh.l.weight = nn.Parameter(torch.zeros(4, 3))                  # a constant it reads replaced
+    with pytest.raises(VerificationError):
+        verify_graph(fresh)
+    again = capture(TinyLinear(), (torch.randn(2, 8),))
+    verify_graph(again)
+    linear = _node(again, aten.linear.default)
+    linear.args = (linear.args[0], linear.args[0], *linear.args[2:])   # an argument rewired
+    with pytest.raises(VerificationError):
+        verify_graph(again)
+
+
 def test_wrong_meta_dtype_is_caught(gm):
     linear = _node(gm, aten.linear.default)
     linear.meta["val"] = linear.meta["val"].to(torch.float16)
