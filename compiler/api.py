@@ -160,6 +160,8 @@ class CompiledModel:
         inputs = getattr(self, "example_inputs", None) if example_inputs is None else _tensor_leaves(example_inputs)
         if inputs is None:
             raise ConfigError("save: pass example_inputs (this CompiledModel was not made by sparsecc.compile)")
+        sources = nm_sources(self)   # runtime.load(path, compressed=checkpoint) swaps these constants
+        described = {**({"nm_sources": sources} if sources else {}), **(described or {})}
         return save_artifact(self.program, self.constants, inputs, path, list(targets), cache_dir=cache_dir,
                              workers=workers, progress=progress, sign_with=sign_with, world_size=world_size,
                              described=described, borrowed=borrowed)
@@ -266,6 +268,24 @@ def nm_kernel_choices(compiled: "CompiledModel") -> list[dict]:
         for entry in decisions(values.dtype, r.details["n"], r.details["m"], *r.shape):
             found.append({"layer": r.layer, **entry})
     return found + dense_kernel_choices(compiled)
+
+
+def nm_sources(compiled: "CompiledModel") -> dict[str, dict]:
+    """{constant: {"weight": the model weight it compresses, "part": "values" | "indices"}} for every N:M constant;
+    empty when any N:M weight is stacked MoE experts (built from several checkpoint tensors: a checkpoint could
+    then replace only some of the artifact's N:M weights)."""
+    sources = {}
+    for record in compiled.records:
+        weight = record.details.get("weight")
+        if not isinstance(weight, str) or "values" not in record.details:
+            continue
+        if record.op.startswith("sparsecc.moe"):
+            return {}
+        for part in ("values", "indices"):
+            constant = record.details.get(part)
+            if constant in compiled.program.constant_names:
+                sources[constant] = {"weight": weight, "part": part}
+    return sources
 
 
 def dense_kernel_choices(compiled: "CompiledModel") -> list[dict]:

@@ -18,6 +18,7 @@ from .artifact import (device_target, malformed, parse_target, program_on, rank_
                        verify_files, weights_name)
 from .distributed import dist_rank, group_rank
 from .errors import ArtifactError, InputMismatchError, RuntimeProgramError
+from .checkpoint_weights import checkpoint_constants
 from .executor import Executor
 from .op_table import DTYPES
 from .inputs import without_constants
@@ -120,13 +121,16 @@ def aligned(tensors: tuple) -> tuple:
 
 def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu", *,
          trusted_keys: Optional[Iterable[TrustedKey]] = None, max_memory: Optional[int] = None,
-         rank: Optional[int] = None, borrowed: Optional[dict[str, torch.Tensor]] = None) -> LoadedModel:
+         rank: Optional[int] = None, borrowed: Optional[dict[str, torch.Tensor]] = None,
+         compressed: Union[str, Path, None] = None) -> LoadedModel:
     """Load an artifact written by `CompiledModel.save` / `sparsecc build`; returns a callable LoadedModel.
     With `trusted_keys` (Ed25519 public keys: key objects, raw 32 bytes or PEM), an artifact not signed by
     one of them is refused before its manifest is parsed. `max_memory` bounds what the program may allocate.
     An artifact saved with world_size W > 1 loads only rank `rank`'s experts (default: this process's rank in
     the torch.distributed process group), never another rank's file. `borrowed`: a sibling program's constants
-    for the weights the manifest lists as borrowed (a saved generator's decode takes its prefill's)."""
+    for the weights the manifest lists as borrowed (a saved generator's decode takes its prefill's).
+    `compressed`: a pruned checkpoint (sparsecc.prune_checkpoint's out_dir) whose N:M tensors replace the
+    artifact's for the weights they compress (runtime/checkpoint_weights.py)."""
     root, device = Path(path), torch.device(device)
     manifest = read_manifest(root, trusted_keys)
     with malformed(root):
@@ -137,6 +141,8 @@ def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu", *,
         program = program_on(Program.from_dict(manifest["program"]), device)
     with malformed(root):
         constants = _load_weights(root, weights, program, device, manifest, borrowed)
+        if compressed is not None:
+            constants.update(checkpoint_constants(compressed, manifest, constants))
         limit = default_max_bytes({n: constants[n] for n in program.constant_names}) if max_memory is None else max_memory
         found = validate_program(program, constants, device=device, max_bytes=limit)
         kernels = None if target == "cpu" else _load_kernels(root, manifest, target, device)

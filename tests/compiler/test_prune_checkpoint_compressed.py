@@ -126,3 +126,22 @@ def test_a_generator_takes_the_checkpoint_masks(pruned):
         assert torch.equal(gen.prefill.constants[record.details["values"]], values)
     want = model.generate(prompt, max_new_tokens=12, do_sample=False)
     assert torch.equal(gen.generate(prompt, max_new_tokens=12), want)
+
+
+def test_runtime_load_takes_another_pruned_checkpoint(pruned, from_checkpoint, tmp_path):
+    """An artifact built from the Wanda checkpoint, loaded with compressed= a magnitude checkpoint of the same
+    model, runs the magnitude weights: the same outputs as compiling from that checkpoint."""
+    dense_model, wanda_dir, _ = pruned
+    dense_dir, magnitude_dir = tmp_path / "dense", tmp_path / "magnitude"
+    dense_model.save_pretrained(dense_dir)
+    sparsecc.prune_checkpoint(dense_dir, magnitude_dir, "2:4", "magnitude", progress=False)
+    x = _batches()[1]   # the artifact's static input shape [2, 16]
+    from_checkpoint.save(tmp_path / "artifact", progress=False)
+    swapped = sparsecc.runtime.load(tmp_path / "artifact", compressed=magnitude_dir)
+    magnitude_model = transformers.LlamaForCausalLM.from_pretrained(magnitude_dir).eval()
+    want = sparsecc.compile(magnitude_model, (x,), sparsity="2:4", compressed=magnitude_dir, check=False)(x)
+    got, before = swapped(x), sparsecc.runtime.load(tmp_path / "artifact")(x)
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(before.logits, got.logits)     # the Wanda weights were really replaced
+    with pytest.raises(sparsecc.runtime.ArtifactError, match="no index.json"):
+        sparsecc.runtime.load(tmp_path / "artifact", compressed=dense_dir)
