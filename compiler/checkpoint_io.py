@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 from sparsecc.passes import PruneNM
 from sparsecc.passes.nm.given import GivenNM
 from sparsecc.runtime.artifact import artifact_path
+from sparsecc.runtime.checkpoint_weights import COMPRESSED_DIR, COMPRESSED_FORMAT
 from sparsecc.runtime.errors import ArtifactError
 from sparsecc.runtime.nm_format import decompress_nm
 
@@ -44,8 +45,6 @@ from .errors import ConfigError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-COMPRESSED_DIR = "sparsecc_nm"
-COMPRESSED_FORMAT = "sparsecc-nm"
 
 
 def plain_file_name(name: object, where: str) -> str:

@@ -17,6 +17,7 @@ from typing import Any, Union
 
 import torch
 
+from .artifact import artifact_path
 from .errors import ArtifactError
 
 COMPRESSED_DIR = "sparsecc_nm"
@@ -72,7 +73,7 @@ def _source(constant: str, source: Any, constants: dict[str, torch.Tensor]) -> t
 def _read(root: Path, file: Any, name: str) -> torch.Tensor:
     """Tensor `name` of a safetensors file directly inside `root` (the index is downloaded data)."""
     from safetensors import SafetensorError, safe_open
-    if not isinstance(file, str) or Path(file).name != file or file in ("", ".", ".."):
+    if len(artifact_path(root, file)) != 1:   # the artifact's own rule for names read from data
         raise ArtifactError(f"compressed=: the index names the file {file!r}, not a plain file name in {root}")
     try:
         with safe_open(str(root / file), "pt") as f:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..tuning_cache import bucket, choices, cpu_ms, fastest, remembered
-from .mlir.dense_decode import dense_linear_mlir, dense_spec
+from .mlir.dense_decode import dense_linear_mlir, dense_spec, run_dense
 from .mlir.host import cpu_model, host_target
 from .nm_paths import MAX_DECODE_TOKENS, SAMPLES_PER_ROUND, TUNING_ROUNDS
 
@@ -40,12 +40,11 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tens
     """aten::linear as a compiled program runs it: F.linear, or the generated kernel where it measured faster."""
     if (input.device.type != "cpu" or weight.dim() != 2 or input.requires_grad
             or weight.numel() * weight.element_size() < MIN_WEIGHT_BYTES
-            or input.numel() > MAX_DECODE_TOKENS * weight.shape[1] or dense_spec(input, weight) is None):
+            or input.numel() > MAX_DECODE_TOKENS * weight.shape[1]):
         return F.linear(input, weight, bias)
-    if choose_path(input, weight, bias) == "generated":
-        y = dense_linear_mlir(input, weight, bias)
-        if y is not None:
-            return y
+    spec = dense_spec(input, weight, bias)   # once per call: the path runs on it, unchecked again
+    if spec is not None and choose_path(input, weight, bias) == "generated":
+        return run_dense(spec, input, weight, bias)
     return F.linear(input, weight, bias)
 
 

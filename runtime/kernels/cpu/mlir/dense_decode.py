@@ -27,8 +27,8 @@ def runnable_dense_spec(dtype: str, k: int, tokens: int) -> Optional[DenseSpec]:
     return spec
 
 
-def dense_spec(x: Tensor, weight: Tensor) -> Optional[DenseSpec]:
-    """The kernel spec for F.linear(x, weight), or None when no generated kernel can run it here."""
+def dense_spec(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Optional[DenseSpec]:
+    """The kernel spec for F.linear(x, weight, bias), or None when no generated kernel can run it here."""
     dtype = DTYPE_NAMES.get(x.dtype)
     if dtype is None or weight.dtype != x.dtype or weight.dim() != 2 or x.device.type != "cpu":
         return None
@@ -37,14 +37,19 @@ def dense_spec(x: Tensor, weight: Tensor) -> Optional[DenseSpec]:
     in_features = weight.shape[1]
     if x.shape[-1] != in_features or in_features == 0:
         return None
+    if bias is not None and (list(bias.shape) != [weight.shape[0]] or bias.device.type != "cpu"):
+        return None
     return runnable_dense_spec(dtype, in_features, x.numel() // in_features)
 
 
 def dense_linear_mlir(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
     """F.linear(x, weight, bias) by the generated kernel, or None (unsupported here)."""
-    spec = dense_spec(x, weight)
-    if spec is None or (bias is not None and (list(bias.shape) != [weight.shape[0]] or bias.device.type != "cpu")):
-        return None
+    spec = dense_spec(x, weight, bias)
+    return None if spec is None else run_dense(spec, x, weight, bias)
+
+
+def run_dense(spec: DenseSpec, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """The kernel of `spec` on operands `dense_spec` accepted."""
     out_features = weight.shape[0]
     y = torch.empty(spec.tokens, out_features, dtype=x.dtype)
     tokens = x.reshape(spec.tokens, spec.k).contiguous()
