@@ -65,8 +65,9 @@ def test_compiled_program_runs_the_forced_path(monkeypatch, path):
     torch.manual_seed(0)
     model, x = Mlp().eval(), torch.randn(2, 512)
     calls = []
-    real = dense_paths.run_dense
-    monkeypatch.setattr(dense_paths, "run_dense", lambda *a: calls.append(a[2].shape) or real(*a))
+    real = dense_paths.DenseCall
+    monkeypatch.setattr(dense_paths, "DenseCall", lambda spec, weight, bias: calls.append(weight.shape) or
+                        real(spec, weight, bias))
     monkeypatch.setenv(dense_paths.FORCE_ENV, path)
     compiled = sparsecc.compile(model, (x,))
     torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
@@ -86,7 +87,7 @@ def test_measured_choice_is_remembered_per_bucket():
 def test_large_batches_and_small_weights_take_f_linear(monkeypatch):
     def kernel_ran(*args):
         raise AssertionError("the generated kernel ran")
-    monkeypatch.setattr(dense_paths, "run_dense", kernel_ran)
+    monkeypatch.setattr(dense_paths, "DenseCall", kernel_ran)
     monkeypatch.setattr(dense_paths, "dense_linear_mlir", kernel_ran)
     monkeypatch.setenv(dense_paths.FORCE_ENV, "generated")
     big, small = torch.randn(512, 512), torch.randn(64, 512)   # 1 MiB and 128 KiB

@@ -7,7 +7,7 @@ from sparsecc.runtime.errors import RuntimeProgramError
 from sparsecc.runtime.kernels.cpu.mlir import nm_decode
 from sparsecc.runtime.kernels.cpu.mlir.codegen import DecodeSpec, decode_kernel_text, unsupported
 from sparsecc.runtime.kernels.cpu.mlir.host import missing_features
-from sparsecc.runtime.kernels.cpu.mlir.nm_decode import nm_decompress_mlir, nm_linear_mlir, row_ranges
+from sparsecc.runtime.kernels.cpu.mlir.nm_decode import chunk_rows, nm_decompress_mlir, nm_linear_mlir
 from sparsecc.runtime.nm_format import compress_nm, decompress_nm, nm_mask
 
 
@@ -74,9 +74,15 @@ def test_every_offered_pattern_of_m_8_and_16_equals_dense_linear(pattern, dtype,
 
 
 @needs_fp32
+@pytest.mark.parametrize("native", [True, False], ids=["native-team", "callbacks"])
 @pytest.mark.parametrize("rows", [1, 63, 64, 129, 130, 1027])
-def test_odd_row_counts_split_across_threads(rows, monkeypatch):
+def test_odd_row_counts_split_across_threads(rows, native, monkeypatch):
     monkeypatch.setattr(nm_decode, "MIN_BYTES_TO_SPLIT", 0)   # these small weights run on every thread too
+    monkeypatch.setattr(nm_decode, "MIN_BYTES_TO_SPLIT_NATIVE", 0)
+    monkeypatch.setattr(nm_decode, "CHUNKS_PER_THREAD", 8)      # more chunks than threads: the counter shares them
+    monkeypatch.setattr(nm_decode, "MIN_ROWS_PER_CHUNK", 8)
+    if not native:
+        monkeypatch.setattr(nm_decode, "team_available", lambda: False)
     check(rows, 64, 2, 4, torch.float32, (3,), with_bias=True)
 
 
@@ -126,11 +132,10 @@ def test_a_host_without_the_features_gets_no_kernel(patched):
 
 
 @pytest.mark.parametrize("rows,threads", [(1, 2), (127, 2), (128, 2), (1000, 3), (5, 1), (11008, 2), (4099, 2)])
-def test_row_ranges_cover_every_row_once(rows, threads):
-    spans = row_ranges(rows, threads)
-    assert spans[0][0] == 0 and spans[-1][1] == rows and len(spans) <= 4 * threads
-    assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(spans, spans[1:]))
-    assert all(begin % 4 == 0 for begin, _ in spans)
+def test_chunks_keep_row_blocks_whole(rows, threads):
+    chunk = chunk_rows(rows, threads)
+    assert chunk % 4 == 0 and chunk >= nm_decode.MIN_ROWS_PER_CHUNK
+    assert -(-rows // chunk) <= max(1, 4 * threads)
 
 
 def test_the_kernel_text_names_its_specialisation():

@@ -24,16 +24,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..tuning_cache import bucket, choices, cpu_ms, fastest, remembered
-from .mlir.dense_decode import dense_linear_mlir, dense_spec, run_dense
+from .layer_calls import LayerCalls
+from .mlir.dense_decode import DenseCall, dense_linear_mlir, dense_spec
 from .mlir.host import cpu_model, host_target
 from .nm_paths import MAX_DECODE_TOKENS, SAMPLES_PER_ROUND, TUNING_ROUNDS
 
 PATHS = ("aten", "generated")
-TUNING_VERSION = 2   # 2: timed with the weight evicted from the caches
+TUNING_VERSION = 3   # 2: timed with the weight evicted from the caches; 3: rows split in native code
 EVICT_BYTES = 96 << 20   # read before each timed call: more than the last-level cache of the CPUs measured
 # smaller weights stay in cache between calls, where F.linear's GEMV is not starved: not worth a JIT or a tuning
 MIN_WEIGHT_BYTES = 1 << 20
 FORCE_ENV = "SPARSECC_DENSE_CPU_PATH"
+_layer_runs = LayerCalls(max_keys_per_layer=64)   # weight -> {call key: F.linear or its bound kernel}
 
 
 def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -42,10 +44,29 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tens
             or weight.numel() * weight.element_size() < MIN_WEIGHT_BYTES
             or input.numel() > MAX_DECODE_TOKENS * weight.shape[1]):
         return F.linear(input, weight, bias)
-    spec = dense_spec(input, weight, bias)   # once per call: the path runs on it, unchecked again
-    if spec is not None and choose_path(input, weight, bias) == "generated":
-        return run_dense(spec, input, weight, bias)
-    return F.linear(input, weight, bias)
+    key = call_key(input, weight, bias)
+    run = _layer_runs.get(weight, key) if key is not None else None
+    if run is None:
+        spec = dense_spec(input, weight, bias)
+        generated_path = spec is not None and choose_path(input, weight, bias) == "generated"
+        run = DenseCall(spec, weight, bias) if generated_path else _aten
+        if key is not None:
+            _layer_runs.put(weight, key, run)
+    return run(input, weight, bias)
+
+
+def _aten(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return F.linear(x, weight, bias)
+
+
+def call_key(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[tuple]:
+    """What a layer's path and bound kernel depend on, or None (an inference-mode bias: no version counter)."""
+    try:
+        bias_state = None if bias is None else (bias.dtype, bias.shape, bias.device, bias.data_ptr(), bias._version)
+    except RuntimeError:
+        return None
+    return (x.dtype, x.shape, weight.dtype, weight.shape, weight.data_ptr(), weight.is_contiguous(), bias_state,
+            os.environ.get(FORCE_ENV), torch.get_num_threads())
 
 
 def generated(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:

@@ -14,32 +14,31 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
-from ...nm_format import nm_weight_problem, tensor_version
+from ...nm_format import nm_weight_problem
 from ..checks import refuse
-from .mlir.nm_decode import decode_spec, run_decode
+from .layer_calls import LayerCalls
+from .mlir.nm_decode import DecodeCall, decode_spec
 from .nm_paths import FORCE_ENV, KEEPS, RUNNERS, choose_path
 
 Runner = Callable[..., Tensor]
 # values -> {call key: runner}: a layer's call checked and its path chosen once per operand state and x shape.
 # The checks and the choice cost ~18 us a call (2 cores), more than a small layer's whole GEMV.
-_checked_calls: WeakIdKeyDictionary = WeakIdKeyDictionary()
-MAX_CALLS_PER_LAYER = 64   # x shapes remembered per layer (prefill's dynamic lengths would grow it without end)
+_checked_calls = LayerCalls(max_keys_per_layer=64)
 
 
 def nm_linear_cpu(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor],
                   n: int, m: int, in_features: int, keep: str = "memory") -> Tensor:
     """y[..., out] = x[..., in] @ decompress_nm(values, indices).T + bias, in x's dtype."""
     key = call_key(x, values, indices, bias, n, m, in_features, keep)
-    calls = _checked_calls.get(values) if key is not None else None
-    run = calls.get(key) if calls is not None else None
+    run = _checked_calls.get(values, key) if key is not None else None
     if run is None:
         refuse("nm_linear", nm_linear_problem(x, values, indices, bias, n, m, in_features, check_data=True,
                                               keep=keep))
-        run = runner(choose_path(x, values, indices, bias, n, m, in_features, keep), x, values, n, m, in_features)
+        run = runner(choose_path(x, values, indices, bias, n, m, in_features, keep), x, values, indices, bias, n, m,
+                     in_features)
         if key is not None:
-            remember(values, key, run)
+            _checked_calls.put(values, key, run)
     return run(x, values, indices, bias, n, m, in_features)
 
 
@@ -47,8 +46,9 @@ def call_key(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor],
              in_features: int, keep: str) -> Optional[tuple]:
     """Everything a checked call's verdict and path depend on, or None where nothing proves the operands
     unchanged since (inference tensors have no version counter: checked on every call)."""
-    versions = (tensor_version(values), tensor_version(indices), None if bias is None else tensor_version(bias))
-    if versions[0] is None or versions[1] is None or (bias is not None and versions[2] is None):
+    try:
+        versions = (values._version, indices._version, None if bias is None else bias._version)
+    except RuntimeError:
         return None
     bias_state = None if bias is None else (bias.dtype, bias.shape, bias.data_ptr())
     return (x.dtype, x.shape, x.device, values.dtype, values.shape, values.data_ptr(), id(indices), indices.dtype,
@@ -56,19 +56,13 @@ def call_key(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor],
             os.environ.get(FORCE_ENV), torch.get_num_threads())
 
 
-def remember(values: Tensor, key: tuple, run: Runner) -> None:
-    calls = _checked_calls.get(values)
-    if calls is None or len(calls) >= MAX_CALLS_PER_LAYER:
-        calls = _checked_calls[values] = {}
-    calls[key] = run
-
-
-def runner(path: str, x: Tensor, values: Tensor, n: int, m: int, in_features: int) -> Runner:
-    """The path's function; the generated kernel's with its spec resolved (no second check per call)."""
+def runner(path: str, x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], n: int, m: int,
+           in_features: int) -> Runner:
+    """The path's function; the generated kernel bound to this layer's operands (no second check per call)."""
     spec = decode_spec(x, values, n, m, in_features) if path == "generated" else None
     if spec is None:
         return RUNNERS[path]
-    return lambda x, values, indices, bias, *_: run_decode(spec, x, values, indices, bias)
+    return DecodeCall(spec, values, indices, bias)
 
 
 def nm_linear_problem(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], n: int, m: int,

@@ -1,6 +1,6 @@
 """Launch the generated dense decode kernel (dense_codegen.py): y = x @ W.T + bias for 1..16 tokens.
 
-Rows run in chunks on torch's OpenMP threads exactly as the N:M decode kernel's (nm_decode.run_rows).
+Rows run in chunks on torch's OpenMP threads exactly as the N:M decode kernel's (nm_decode.bind_rows).
 `dense_linear_mlir` returns None where no kernel applies (no torch-mlir, host features, dtype, shape,
 token count, a weight that is not a contiguous 2-D CPU tensor of x's dtype), so the caller falls back.
 """
@@ -15,7 +15,7 @@ from torch import Tensor
 from .dense_codegen import DenseSpec, unsupported
 from .host import missing_features
 from .jit import dense_kernel
-from .nm_decode import DTYPE_NAMES, mlir_available, run_rows, zero_bias
+from .nm_decode import DTYPE_NAMES, bind_rows, mlir_available, zero_bias
 
 
 @functools.lru_cache(maxsize=None)
@@ -50,9 +50,25 @@ def dense_linear_mlir(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Opti
 
 def run_dense(spec: DenseSpec, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """The kernel of `spec` on operands `dense_spec` accepted."""
-    out_features = weight.shape[0]
-    y = torch.empty(spec.tokens, out_features, dtype=x.dtype)
-    tokens = x.reshape(spec.tokens, spec.k).contiguous()
-    bias32 = zero_bias(out_features) if bias is None else bias.to(torch.float32).contiguous()
-    run_rows(dense_kernel(spec), weight, tokens, bias32, y, out_rows=out_features)
-    return y.reshape(*x.shape[:-1], out_features)
+    return DenseCall(spec, weight, bias)(x)
+
+
+class DenseCall:
+    """The kernel of `spec` bound to one layer's weight and bias (as nm_decode.DecodeCall): a call allocates
+    y and runs. It holds no reference to `weight` (the caller's key for it): every call passes the same one."""
+
+    def __init__(self, spec: DenseSpec, weight: Tensor, bias: Optional[Tensor]):
+        out_features = weight.shape[0]
+        bias32 = zero_bias(out_features) if bias is None else bias.to(torch.float32).contiguous()
+        self._kept = bias32
+        self.spec, self.out_features = spec, out_features
+        self.call = bind_rows(dense_kernel(spec), weight, [(None, spec.tokens * spec.k),
+                                                           (bias32.data_ptr(), out_features),
+                                                           (None, spec.tokens * out_features)],
+                              out_rows=out_features)
+
+    def __call__(self, x: Tensor, *_) -> Tensor:
+        x = x.contiguous()
+        y = torch.empty((*x.shape[:-1], self.out_features), dtype=x.dtype)
+        self.call.run(x.data_ptr(), y.data_ptr())
+        return y

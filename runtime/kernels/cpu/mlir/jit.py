@@ -16,14 +16,16 @@ import contextlib
 import ctypes
 import functools
 import threading
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
+from . import team
 from .codegen import PASS_PIPELINE, DecodeSpec, decode_kernel_text
 from .decompress_kernel import decompress_kernel_name, decompress_kernel_text
 from .dense_codegen import DenseSpec, dense_kernel_text
 from .host import host_target
 from .object_cache import forget_prebuilt, host_object
 from .objects import ObjectBuildError, ObjectEngine, available as objects_available
+from .threads import run_chunks
 
 MEMREF_SCALARS = 5
 _compile_lock = threading.Lock()      # MLIR contexts are not shared across threads while compiling
@@ -35,32 +37,89 @@ class CompiledKernel:
     def __init__(self, engine, name: str, origin: str = "jit"):
         self._engine = engine            # owns the code: kept alive as long as the callable
         self.origin = origin             # "jit" | "compiled" | "disk" | "artifact": where the code came from
-        self._entry = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(engine.raw_lookup(name))
-        if not engine.raw_lookup(name):
+        self._address = engine.raw_lookup(name)
+        if not self._address:
             raise RuntimeError(f"sparsecc.runtime mlir jit: kernel {name} not found after compiling")
+        self._entry = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(self._address)
         self._local = threading.local()
+        self.record = None               # ("decode" | "decompress" | "dense", key): what `recording()` notes
+
+    def recorded_as(self, kind: str, key) -> "CompiledKernel":
+        self.record = (kind, key)
+        return self
 
     def _slots(self, count: int):
         """Per-thread argument storage and its pointer array, reused across calls."""
         slots = getattr(self._local, "slots", None)
         if slots is None or len(slots[0]) != count:
-            values = (ctypes.c_int64 * count)()
-            base = ctypes.addressof(values)
-            pointers = (ctypes.c_void_p * count)(*(base + 8 * i for i in range(count)))
-            slots = self._local.slots = (values, pointers)
+            slots = self._local.slots = packed_arguments(count)
         return slots
 
     def call(self, memrefs: Sequence[tuple[int, int]], scalars: Sequence[int]) -> None:
         """memrefs: (data pointer, element count) of each 1-D contiguous buffer, in signature order."""
         values, pointers = self._slots(MEMREF_SCALARS * len(memrefs) + len(scalars))
-        i = 0
-        for pointer, size in memrefs:
-            values[i:i + MEMREF_SCALARS] = (pointer, pointer, 0, size, 1)
-            i += MEMREF_SCALARS
-        for scalar in scalars:
-            values[i] = scalar
-            i += 1
+        values[:] = [v for pointer, size in memrefs for v in (pointer, pointer, 0, size, 1)] + list(scalars)
         self._entry(pointers)
+
+    def bind(self, memrefs: Sequence[tuple[Optional[int], int]], rows: int, scalars: Sequence[int],
+             threads: int, chunk: int, native: bool) -> "BoundCall":
+        """A call over rows [0, rows) (the kernel's row_begin/row_end follow its memrefs) with its packed
+        arguments built once; memrefs whose pointer is None are filled on each `BoundCall.run`."""
+        return BoundCall(self, memrefs, rows, scalars, threads, chunk, native)
+
+
+def packed_arguments(count: int):
+    """`count` int64 slots and the array of their addresses: the packed ABI's `void **args`."""
+    values = (ctypes.c_int64 * count)()
+    base = ctypes.addressof(values)
+    return values, (ctypes.c_void_p * count)(*(base + 8 * i for i in range(count)))
+
+
+class BoundCall:
+    """One layer's kernel call prepared once (its weight pointers, sizes, row split): `run(*pointers)` sets
+    the per-call buffers' pointers and runs, ~1-2 us of Python where packing every argument cost ~7 us.
+    Rows go to `threads` OpenMP threads in `chunk`-row pieces: in native code (team.py) when `native`,
+    else through threads.py's callbacks. Arguments live per calling thread."""
+
+    def __init__(self, kernel: CompiledKernel, memrefs: Sequence[tuple[Optional[int], int]], rows: int,
+                 scalars: Sequence[int], threads: int, chunk: int, native: bool):
+        self.kernel, self.rows, self.scalars = kernel, rows, tuple(scalars)
+        self.memrefs = list(memrefs)
+        self.open_slots = [MEMREF_SCALARS * i for i, (pointer, _) in enumerate(self.memrefs) if pointer is None]
+        self.threads = threads if rows > chunk else 1
+        self.chunk = chunk
+        self.native = self.threads > 1 and native      # the caller checked team.available()
+        self._local = threading.local()
+
+    def _arguments(self):
+        """This thread's (values, pointers, job): the fixed arguments written once."""
+        arguments = getattr(self._local, "arguments", None)
+        if arguments is None:
+            count = MEMREF_SCALARS * len(self.memrefs) + 2 + len(self.scalars)
+            values, pointers = packed_arguments(count)
+            values[:] = [v for pointer, size in self.memrefs for v in (pointer or 0, pointer or 0, 0, size, 1)] \
+                + [0, self.rows, *self.scalars]
+            job = (ctypes.c_int64 * team.JOB_SLOTS)()
+            if self.native:
+                team.fill_job(job, self.kernel._address, values, count, MEMREF_SCALARS * len(self.memrefs),
+                              self.rows, self.chunk)
+            arguments = self._local.arguments = (values, pointers, job)
+        return arguments
+
+    def run(self, *pointers: int) -> None:
+        if _recorders and self.kernel.record:   # an artifact build notes the kernels a run uses, bound or not
+            _record(*self.kernel.record)
+        values, packed, job = self._arguments()
+        for slot, pointer in zip(self.open_slots, pointers):
+            values[slot] = values[slot + 1] = pointer
+        if self.native:
+            team.run_job(job, self.threads)
+        elif self.threads == 1:
+            self.kernel._entry(packed)
+        else:
+            memrefs = [(values[MEMREF_SCALARS * i], size) for i, (_, size) in enumerate(self.memrefs)]
+            chunks = [(lo, min(lo + self.chunk, self.rows)) for lo in range(0, self.rows, self.chunk)]
+            run_chunks(lambda span: self.kernel.call(memrefs, span + self.scalars), chunks, self.threads)
 
 
 class KernelCompileError(NotImplementedError):
@@ -100,7 +159,7 @@ def jit_text(text: str, name: str) -> CompiledKernel:
 
 @functools.lru_cache(maxsize=None)
 def _decode_kernel(spec: DecodeSpec, target: str) -> CompiledKernel:
-    return compile_text(decode_kernel_text(spec), spec.name)
+    return compile_text(decode_kernel_text(spec), spec.name).recorded_as("decode", spec)
 
 
 _recorders: list[set] = []     # open `recording()` blocks: each collects the kernels asked for inside it
@@ -132,7 +191,8 @@ def decode_kernel(spec: DecodeSpec) -> CompiledKernel:
 
 @functools.lru_cache(maxsize=None)
 def _decompress_kernel(dtype: str, k: int, n: int, m: int, target: str) -> CompiledKernel:
-    return compile_text(decompress_kernel_text(dtype, k, n, m), decompress_kernel_name(dtype, k, n, m))
+    return compile_text(decompress_kernel_text(dtype, k, n, m),
+                        decompress_kernel_name(dtype, k, n, m)).recorded_as("decompress", (dtype, k, n, m))
 
 
 def decompress_kernel(dtype: str, k: int, n: int, m: int) -> CompiledKernel:
@@ -144,7 +204,7 @@ def decompress_kernel(dtype: str, k: int, n: int, m: int) -> CompiledKernel:
 
 @functools.lru_cache(maxsize=None)
 def _dense_kernel(spec: DenseSpec, target: str) -> CompiledKernel:
-    return compile_text(dense_kernel_text(spec), spec.name)
+    return compile_text(dense_kernel_text(spec), spec.name).recorded_as("dense", spec)
 
 
 def dense_kernel(spec: DenseSpec) -> CompiledKernel:

@@ -1,7 +1,8 @@
 """Launch the generated N:M decode kernel: y = x @ W.T + bias for 1..16 tokens, W in nm_format.
 
-Rows are split into chunks run on torch's own OpenMP threads (threads.py); each chunk is one
-ctypes call (ctypes releases the GIL).
+A layer's call is bound once (DecodeCall: its weight's pointers packed, its row split chosen); rows
+split into chunks on torch's own OpenMP threads in native code (team.py: one ctypes call, which
+releases the GIL), or through threads.py's callbacks where team.py cannot run.
 The kernel reads the stored values and packed positions as they are: no dense weight and
 no derived metadata. `nm_linear_mlir` returns None where no kernel applies (no torch-mlir,
 host lacks the features, dtype, pattern, shape or token count), so the caller falls back.
@@ -9,6 +10,7 @@ host lacks the features, dtype, pattern, shape or token count), so the caller fa
 from __future__ import annotations
 
 import functools
+import os
 import importlib.util
 from typing import Optional
 
@@ -20,16 +22,19 @@ from ...checks import refuse
 from .codegen import DecodeSpec, unsupported
 from .decompress_kernel import decompress_spec
 from .host import missing_features
-from .jit import CompiledKernel, decode_kernel, decompress_kernel
-from .threads import run_chunks
+from .jit import BoundCall, CompiledKernel, decode_kernel, decompress_kernel
+from .team import available as team_available
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
-MIN_ROWS_PER_CHUNK = 64     # below this a call (~5 us) and a thread hand-off cost more than the rows
-CHUNKS_PER_THREAD = 4       # work sharing granularity: 4 calls per thread cost ~20 us
+MIN_ROWS_PER_CHUNK = 64     # below this a call and a thread hand-off cost more than the rows
+CHUNKS_PER_THREAD = 4       # work sharing granularity: a thread that starts late takes fewer chunks
 ROW_ALIGN = 4               # chunk edges on whole row blocks of the decode kernel
-# compressed weight bytes below which one thread runs it all: handing chunks to the other thread costs more than
-# it saves below this (2-core Zen 4, 2:4 decode step of a 100M Llama, 2 threads: split above 1 MiB 32.4 ms fp32 /
-# 23.8 ms bf16; above 16 MiB 25.7 / 18.5 ms; never 27 ms bf16, as the 32000x1024 lm_head needs both threads)
+# weight bytes from which rows split over torch's threads. Native split (team.py), 2-core Zen 4, 1 token,
+# median ms split | one thread: 2:4 fp32 512x512 (0.5 MiB) 0.036 | 0.050, 4096x4096 1.65 | 2.98, 11008x4096
+# 4.08 | 4.81; 128x512 (0.13 MiB) 0.029 | 0.025 (the hand-off costs more than it saves). SPARSECC_SPLIT_BYTES
+# overrides it (measuring). Through threads.py's callbacks (no llvmlite) a split paid only from 16 MiB (100M
+# Llama 2:4 decode step, split above 1 MiB 32.4 ms fp32, above 16 MiB 25.7 ms).
+MIN_BYTES_TO_SPLIT_NATIVE = int(os.environ.get("SPARSECC_SPLIT_BYTES", 512 << 10))
 MIN_BYTES_TO_SPLIT = 16 << 20
 
 
@@ -69,15 +74,33 @@ def nm_linear_mlir(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Te
 
 
 def run_decode(spec: DecodeSpec, x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """The decode kernel of `spec` on operands already checked against it (nm_linear_mlir, or a caller that
-    checked this layer's call once: kernels/cpu/nm_linear.py)."""
-    out_features = values.shape[0]
-    y = torch.empty(spec.tokens, out_features, dtype=x.dtype)
-    tokens = x.reshape(spec.tokens, spec.k).contiguous()
-    bias32 = zero_bias(out_features) if bias is None else bias.to(torch.float32).contiguous()
-    run_rows(decode_kernel(spec), values.contiguous(), indices.contiguous(), tokens, bias32, y,
-             out_rows=out_features)
-    return y.reshape(*x.shape[:-1], out_features)
+    """The decode kernel of `spec` on operands already checked against it (nm_linear_mlir)."""
+    return DecodeCall(spec, values, indices, bias)(x)
+
+
+class DecodeCall:
+    """The decode kernel of `spec` bound to one layer's checked operands (kernels/cpu/nm_linear.py keeps one
+    per layer and x shape): a call allocates y and runs; the weight's pointers were packed once.
+    It holds no reference to `values` (the caller's key for it): every call passes the same tensor."""
+
+    def __init__(self, spec: DecodeSpec, values: Tensor, indices: Tensor, bias: Optional[Tensor]):
+        out_features = values.shape[0]
+        stored = values.contiguous()
+        indices = indices.contiguous()
+        bias32 = zero_bias(out_features) if bias is None else bias.to(torch.float32).contiguous()
+        self._kept = (None if stored is values else stored, indices, bias32)   # alive while the pointers are used
+        self.spec, self.out_features = spec, out_features
+        self.call = bind_rows(decode_kernel(spec), stored, [(indices.data_ptr(), indices.numel()),
+                                                            (None, spec.tokens * spec.k),
+                                                            (bias32.data_ptr(), out_features),
+                                                            (None, spec.tokens * out_features)],
+                              out_rows=out_features)
+
+    def __call__(self, x: Tensor, *_) -> Tensor:
+        x = x.contiguous()      # x's elements in order: [tokens, k] flattened
+        y = torch.empty((*x.shape[:-1], self.out_features), dtype=x.dtype)
+        self.call.run(x.data_ptr(), y.data_ptr())
+        return y
 
 
 @functools.lru_cache(maxsize=64)
@@ -116,19 +139,25 @@ def nm_decompress_mlir(values: Tensor, indices: Tensor, n: int, m: int, k: int, 
 
 
 def run_rows(kernel: CompiledKernel, values: Tensor, *buffers: Tensor, **scalars: int) -> None:
-    """Run `kernel(values, *buffers, row_begin, row_end, *scalars)` over every row in chunks, on torch's
-    OpenMP threads (threads.py): a thread that starts late takes fewer chunks instead of delaying the call."""
-    # a small weight runs on the calling thread: handing work to another costs more than it saves
-    threads = torch.get_num_threads() if values.numel() * values.element_size() >= MIN_BYTES_TO_SPLIT else 1
-    pointers = [(t.data_ptr(), t.numel()) for t in (values, *buffers)]
-    extra = tuple(scalars.values())
-    chunks = row_ranges(values.shape[0], threads) if threads > 1 else [(0, values.shape[0])]   # one call when alone
-    run_chunks(lambda span: kernel.call(pointers, span + extra), chunks, threads)
+    """Run `kernel(values, *buffers, row_begin, row_end, *scalars)` over every row (bind_rows)."""
+    bind_rows(kernel, values, [(t.data_ptr(), t.numel()) for t in buffers], **scalars).run()
 
 
-def row_ranges(rows: int, threads: int) -> list[tuple[int, int]]:
-    """Contiguous [begin, end) row chunks, CHUNKS_PER_THREAD per thread, none smaller than
-    MIN_ROWS_PER_CHUNK, edges on multiples of ROW_ALIGN (the kernels' row blocks)."""
-    count = max(1, min(threads * CHUNKS_PER_THREAD, rows // MIN_ROWS_PER_CHUNK))
-    edges = [min(rows, -(-rows * i // count) // ROW_ALIGN * ROW_ALIGN) for i in range(count)] + [rows]
-    return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
+def bind_rows(kernel: CompiledKernel, values: Tensor, buffers: list[tuple[Optional[int], int]],
+              **scalars: int) -> BoundCall:
+    """`kernel(values, *buffers, row_begin, row_end, *scalars)` over every row of `values`, bound once
+    (buffers: (pointer, element count), pointer None for one given per run). A weight of at least the split
+    size runs in chunks on torch's OpenMP threads; a thread that starts late takes fewer chunks."""
+    native = team_available()
+    split = MIN_BYTES_TO_SPLIT_NATIVE if native else MIN_BYTES_TO_SPLIT
+    threads = torch.get_num_threads() if values.numel() * values.element_size() >= split else 1
+    rows = values.shape[0]
+    chunk = chunk_rows(rows, threads) if threads > 1 else rows
+    return kernel.bind([(values.data_ptr(), values.numel()), *buffers], rows, tuple(scalars.values()),
+                       threads, chunk, native)
+
+
+def chunk_rows(rows: int, threads: int) -> int:
+    """Rows per chunk: CHUNKS_PER_THREAD per thread, at least MIN_ROWS_PER_CHUNK, whole row blocks."""
+    chunk = max(MIN_ROWS_PER_CHUNK, -(-rows // (threads * CHUNKS_PER_THREAD)))
+    return -(-chunk // ROW_ALIGN) * ROW_ALIGN

@@ -122,6 +122,18 @@ def build_object(text: str, name: str, cpu: str, features: str) -> bytes:
         return machine.emit_object(module)
 
 
+def host_engine(ir_text: str):
+    """An MCJIT engine holding LLVM IR `ir_text` compiled for this host (team.py's hand-written helper);
+    RuntimeError where llvmlite's LLVM refuses it."""
+    llvm = _llvm()
+    with _llvm_lock:
+        module = llvm.parse_assembly(ir_text)
+        module.verify()
+        engine = llvm.create_mcjit_compiler(module, _target_machine(*host_cpu()))
+        engine.finalize_object()
+    return engine
+
+
 class ObjectEngine:
     """An MCJIT engine holding one linked object; `raw_lookup` as torch-mlir's ExecutionEngine names it."""
 

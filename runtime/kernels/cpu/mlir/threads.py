@@ -1,4 +1,7 @@
-"""Run a generated kernel over row chunks on torch's own OpenMP threads.
+"""Run a generated kernel over row chunks on torch's own OpenMP threads: the fallback of team.py.
+
+team.py runs the chunks in native code (one ctypes call); this module is what runs them where it
+cannot (no llvmlite), and finds the GOMP_parallel both use.
 
 Right after a torch op, torch's OpenMP workers spin-wait on the other cores
 (libgomp's default), so a thread pool of our own competes with them for the
@@ -26,6 +29,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 _CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+_GOMP_PARALLEL = ctypes.CFUNCTYPE(None, _CALLBACK, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint)
 _jobs: dict[int, "_Job"] = {}
 _job_ids = itertools.count(1)
 _jobs_lock = threading.Lock()
@@ -53,8 +57,8 @@ _TEAM_MEMBER = _CALLBACK(_team_member)
 
 
 @functools.lru_cache(maxsize=1)
-def _gomp_parallel() -> Optional[Callable]:
-    """GOMP_parallel of the OpenMP runtime torch loaded, or None."""
+def _gomp_library() -> Optional[ctypes.CDLL]:
+    """The OpenMP runtime torch loaded that exports GOMP_parallel, or None."""
     try:
         with open("/proc/self/maps") as maps:
             paths = {line.split()[-1] for line in maps
@@ -64,13 +68,25 @@ def _gomp_parallel() -> Optional[Callable]:
     torch_lib = os.path.dirname(torch.__file__)   # torch's own runtime first: its workers are the ones spinning
     for path in sorted(paths, key=lambda p: (not p.startswith(torch_lib), p)):
         try:
-            function = ctypes.CDLL(path).GOMP_parallel
+            library = ctypes.CDLL(path)
+            library.GOMP_parallel
         except (OSError, AttributeError):
             continue
-        function.argtypes = [_CALLBACK, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
-        function.restype = None
-        return function
+        return library
     return None
+
+
+@functools.lru_cache(maxsize=1)
+def _gomp_parallel() -> Optional[Callable]:
+    """GOMP_parallel of the OpenMP runtime torch loaded, taking a ctypes callback, or None."""
+    library = _gomp_library()
+    return None if library is None else _GOMP_PARALLEL(("GOMP_parallel", library))
+
+
+def gomp_parallel_address() -> Optional[int]:
+    """The address of GOMP_parallel in the OpenMP runtime torch loaded (team.py calls it with a native body)."""
+    library = _gomp_library()
+    return None if library is None else ctypes.cast(library.GOMP_parallel, ctypes.c_void_p).value
 
 
 def run_chunks(work: Callable[[tuple[int, int]], None], chunks: list[tuple[int, int]], threads: int) -> None:
