@@ -132,6 +132,10 @@ class CompiledModel:
                 outputs = self._executor.run(_tensor_leaves(flat))
         return pytree.tree_unflatten(outputs, self._captured.out_spec)
 
+    def graph_modules(self) -> list[torch.nn.Module]:
+        """The graphs this model keeps (rewritten, captured): what program sharing re-points with its constants."""
+        return [self.graph_module, self._captured.gm]
+
     @property
     def captured(self) -> Captured:
         """What capture made: the dense reference graph (`dense_gm`; `reset_dense_state()` puts its state back

@@ -11,6 +11,7 @@ from typing import Any, Iterable, Optional
 from .api import compile as compile_forward
 from .errors import ConfigError
 from .generation import compile_generator
+from .memory import release_freed_memory
 
 MODES = ("forward", "generate")
 GENERATE_OPTIONS = frozenset({"pipeline", "backend", "check", "verify", "print_ir_after_all", "dump_dir", "progress",
@@ -23,15 +24,18 @@ def compile(model: Any, example_inputs: Any = None, sparsity: Any = None, calibr
     if mode == "forward":
         if max_length is not None or batch_size is not None:
             raise ConfigError("max_length / batch_size apply to mode='generate' only")
-        return compile_forward(model, example_inputs, sparsity, calibration, *args, **options)
-    if mode == "generate":
+        compiled = compile_forward(model, example_inputs, sparsity, calibration, *args, **options)
+    elif mode == "generate":
         unsupported = sorted(set(options) - GENERATE_OPTIONS)
         if args or unsupported:
             raise ConfigError(f"mode='generate' takes {', '.join(sorted(GENERATE_OPTIONS))} by keyword; not "
                               f"{', '.join(unsupported) or 'positional options'} (the inputs are the generator's own)")
-        return compile_generator(model, example_inputs, sparsity, calibration, max_length=max_length,
-                                 batch_size=batch_size, **options)
-    raise ConfigError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
+        compiled = compile_generator(model, example_inputs, sparsity, calibration, max_length=max_length,
+                                     batch_size=batch_size, **options)
+    else:
+        raise ConfigError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
+    release_freed_memory()   # compile's temporaries (pruning, captures, checks): freed, kept by the heap until trimmed
+    return compiled
 
 
 compile.__doc__ = (compile_forward.__doc__ + """

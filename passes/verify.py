@@ -16,6 +16,7 @@ registry verifier.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -145,7 +146,7 @@ def check_shapes(gm: GraphModule) -> None:
             seen = _inputs_seen(gm, node)
             if not _same(node.meta.get(VERIFIED), seen):
                 _check_node_shape(gm, node, mode)
-                node.meta[VERIFIED] = seen
+                node.meta[VERIFIED] = [(how, _weakly(v)) if how == "is" else (how, v) for how, v in seen]
 
 
 def _inputs_seen(gm: GraphModule, node: Node) -> list:
@@ -176,11 +177,24 @@ def _inputs_seen(gm: GraphModule, node: Node) -> list:
     return seen
 
 
+def _weakly(value: Any) -> Any:
+    """A weak reference to `value` where it takes one: the record must not keep alive a weight the graph no
+    longer reads (a rewritten layer's dense weight). None and tuples (of fakes) are kept as they are."""
+    try:
+        return weakref.ref(value)
+    except TypeError:
+        return value
+
+
 def _same(before: Optional[list], now: list) -> bool:
     if before is None or len(before) != len(now):
         return False
     for (how, old), (_, new) in zip(before, now):
         if how == "is":
+            if isinstance(old, weakref.ref):
+                old = old()
+                if old is None:      # what the check saw is gone: the node reads something else now
+                    return False
             if old is not new:
                 return False
         elif type(old) is not type(new) or old != new:

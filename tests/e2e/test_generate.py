@@ -125,6 +125,20 @@ def test_decode_shares_the_prefill_cache_and_weights(llama_gen):
     assert len(shared) >= 0.9 * len(weights) and shared
 
 
+def test_the_generator_keeps_one_copy_of_each_weight(llama_gen):
+    """The graphs the decode model keeps read the shared storages, not the copies sharing gave up (which
+    doubled a 2:4 generator's compressed weights), and no capture's dense weights stay alive."""
+    model, gen = llama_gen
+    kept = {t.untyped_storage().data_ptr() for program in (gen.prefill, gen.decode) for t in program.constants.values()}
+    kept |= {p.untyped_storage().data_ptr() for p in model.parameters()}
+    for gm in gen.decode.graph_modules():
+        tensors = [t for _, t in gm.named_parameters()] + [t for _, t in gm.named_buffers()]
+        tensors += [getattr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr" and "." not in n.target]
+        stray = [tuple(t.shape) for t in tensors if isinstance(t, torch.Tensor) and t.numel() > 64
+                 and t.untyped_storage().data_ptr() not in kept]
+        assert not stray, f"the decode graph holds its own copies of {stray[:4]}"
+
+
 def test_short_prompts_batches_beyond_the_compiled_size_and_eos(llama_gen):
     model, gen = llama_gen
     ref = reference(model, gen)

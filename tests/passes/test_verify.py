@@ -72,6 +72,19 @@ def test_a_change_after_a_passing_check_is_still_caught(gm):
         verify_graph(again)
 
 
+def test_what_a_check_saw_is_not_kept_alive(gm):
+    """The record of a passing check refers to the weights weakly: a weight the graph no longer reads (a
+    layer rewritten to a compressed one) is freed."""
+    import gc
+    import weakref
+    verify_graph(gm)
+    old = weakref.ref(gm.l.weight)
+    gm.l.weight = nn.Parameter(torch.zeros(4, 8))
+    gc.collect()
+    assert old() is None
+    verify_graph(gm)   # and the replaced weight's node is checked again, against the new one
+
+
 def test_wrong_meta_dtype_is_caught(gm):
     linear = _node(gm, aten.linear.default)
     linear.meta["val"] = linear.meta["val"].to(torch.float16)

@@ -1,0 +1,34 @@
+"""Hand memory compile freed back to the operating system.
+
+Compiling allocates and frees many weight-sized temporaries (pruning scores, decompressed checks, tuning
+buffers). glibc serves frees below its dynamic mmap threshold (up to 32 MiB) from the heap and keeps the
+pages, so a process that compiled a 100M-parameter Llama 2:4 generator stayed ~800 MiB above what it
+holds (2.6 GiB resident, 1.8 GiB after `malloc_trim(0)`; measured on the 2-core Zen 4). Elsewhere
+(no glibc) this does nothing.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import gc
+from typing import Callable, Optional
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Optional[Callable[[int], int]]:
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def release_freed_memory() -> None:
+    """Collect compile's reference cycles (graph modules, FX nodes holding tensors), then return the heap's
+    free pages to the system (glibc's malloc_trim(0)); the trim is a no-op where there is no glibc."""
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
