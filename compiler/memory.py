@@ -9,7 +9,6 @@ holds (2.6 GiB resident, 1.8 GiB after `malloc_trim(0)`; measured on the 2-core 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import gc
 from typing import Callable, Optional
@@ -18,7 +17,7 @@ from typing import Callable, Optional
 @functools.lru_cache(maxsize=1)
 def _malloc_trim() -> Optional[Callable[[int], int]]:
     try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        trim = ctypes.CDLL(None).malloc_trim     # the process's own C library: no library search
     except (OSError, AttributeError):
         return None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int

@@ -19,6 +19,8 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+from .cpu.layer_calls import forget_bound_calls
+
 _choices: dict[str, dict] = {}
 _lock = threading.RLock()
 _warned: set[Path] = set()   # cache files already reported unwritable
@@ -83,9 +85,11 @@ def choices() -> dict[str, dict]:
 
 
 def forget() -> None:
-    """Drop the in-memory choices (the file stays): the next decision reads the file again."""
+    """Drop the in-memory choices (the file stays) and the layers' calls bound on them: the next decision
+    reads the file again."""
     with _lock:
         _choices.clear()
+    forget_bound_calls()
 
 
 def bucket(tokens: int) -> int:

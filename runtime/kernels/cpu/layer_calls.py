@@ -20,6 +20,7 @@ class LayerCalls:
     def __init__(self, max_keys_per_layer: int):
         self.max_keys = max_keys_per_layer     # x shapes per layer (prefill's dynamic lengths would grow it)
         self._by_id: dict[int, tuple[weakref.ref, dict]] = {}
+        _every.add(self)
 
     def get(self, tensor: Tensor, key: Hashable) -> Optional[Runner]:
         entry = self._by_id.get(id(tensor))
@@ -37,3 +38,12 @@ class LayerCalls:
 
     def clear(self) -> None:
         self._by_id.clear()
+
+
+_every: "weakref.WeakSet[LayerCalls]" = weakref.WeakSet()
+
+
+def forget_bound_calls() -> None:
+    """Empty every memo (jit.clear_compiled: kernels start afresh, as in a new process)."""
+    for calls in list(_every):
+        calls.clear()

@@ -32,7 +32,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ...nm_format import decompress_nm, tensor_version
 from ..tuning_cache import bucket, choices, cpu_ms, fastest, remembered
 from .mlir.host import cpu_model, host_target
-from .mlir.nm_decode import decode_spec, nm_decompress_mlir, nm_linear_mlir
+from .mlir.nm_decode import DecodeCall, decode_spec, nm_decompress_mlir, nm_linear_mlir
 
 PATHS = ("generated", "whole", "tiles", "dense")
 FORCE_ENV = "SPARSECC_NM_CPU_PATH"
@@ -71,9 +71,26 @@ def decompress_tile(values: Tensor, indices: Tensor, n: int, m: int, k: int, out
 def generated(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], n: int, m: int,
               in_features: int) -> Tensor:
     y = nm_linear_mlir(x, values, indices, bias, n, m, in_features)   # a kernel the JIT cannot build raises
-    if y is None:                                                      # KernelCompileError: a path not taken
-        raise NotImplementedError("no generated decode kernel for this call on this host")
-    return y
+    return taken(y, "decode")                                          # KernelCompileError: a path not taken
+
+
+def bound_once(bind: Callable[[], Callable[[Tensor], Tensor]], x: Tensor) -> Callable[[], Tensor]:
+    """A tuning candidate that binds its kernel on the first timed call (a kernel the JIT cannot build raises
+    there, inside the tuner: a path not taken), then runs the bound call on x."""
+    bound = []
+
+    def run() -> Tensor:
+        if not bound:
+            bound.append(bind())
+        return bound[0](x)
+    return run
+
+
+def taken(found, kernel: str):
+    """`found`, or NotImplementedError (the tuner's "path not taken here") where it is None."""
+    if found is None:
+        raise NotImplementedError(f"no generated {kernel} kernel for this call on this host")
+    return found
 
 
 def dense(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], n: int, m: int,
@@ -165,6 +182,10 @@ def tune(paths: list[str], x: Tensor, values: Tensor, indices: Tensor, bias: Opt
          in_features: int) -> dict:
     """Time every path on this call's operands (runners built here: a call that finds its choice made builds none)."""
     runners = {path: partial(RUNNERS[path], x, values, indices, bias, n, m, in_features) for path in paths}
+    if "generated" in runners:   # timed as a program runs it: bound once (nm_linear keeps the bound call)
+        def bind() -> DecodeCall:
+            return DecodeCall(taken(decode_spec(x, values, n, m, in_features), "decode"), values, indices, bias)
+        runners["generated"] = bound_once(bind, x)
     entry = fastest(runners, quiet_ms, rounds=TUNING_ROUNDS)
     if entry["path"] != "dense":
         _dense_weights.pop(values, None)   # timed, not chosen: the layer stays compressed in memory

@@ -15,7 +15,7 @@ from torch import Tensor
 from .dense_codegen import DenseSpec, unsupported
 from .host import missing_features
 from .jit import dense_kernel
-from .nm_decode import DTYPE_NAMES, bind_rows, mlir_available, zero_bias
+from .nm_decode import DTYPE_NAMES, LayerCall, bind_rows, mlir_available, zero_bias
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,22 +53,15 @@ def run_dense(spec: DenseSpec, x: Tensor, weight: Tensor, bias: Optional[Tensor]
     return DenseCall(spec, weight, bias)(x)
 
 
-class DenseCall:
-    """The kernel of `spec` bound to one layer's weight and bias (as nm_decode.DecodeCall): a call allocates
-    y and runs. It holds no reference to `weight` (the caller's key for it): every call passes the same one."""
+class DenseCall(LayerCall):
+    """The dense decode kernel of `spec` bound to one layer's weight and bias (see nm_decode.LayerCall)."""
 
     def __init__(self, spec: DenseSpec, weight: Tensor, bias: Optional[Tensor]):
         out_features = weight.shape[0]
         bias32 = zero_bias(out_features) if bias is None else bias.to(torch.float32).contiguous()
-        self._kept = bias32
-        self.spec, self.out_features = spec, out_features
+        self._kept = (bias, bias32)
+        self.out_features = out_features
         self.call = bind_rows(dense_kernel(spec), weight, [(None, spec.tokens * spec.k),
                                                            (bias32.data_ptr(), out_features),
                                                            (None, spec.tokens * out_features)],
                               out_rows=out_features)
-
-    def __call__(self, x: Tensor, *_) -> Tensor:
-        x = x.contiguous()
-        y = torch.empty((*x.shape[:-1], self.out_features), dtype=x.dtype)
-        self.call.run(x.data_ptr(), y.data_ptr())
-        return y

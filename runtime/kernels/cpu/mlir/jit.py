@@ -18,6 +18,7 @@ import functools
 import threading
 from typing import Iterator, Optional, Sequence
 
+from ..layer_calls import forget_bound_calls
 from . import team
 from .codegen import PASS_PIPELINE, DecodeSpec, decode_kernel_text
 from .decompress_kernel import decompress_kernel_name, decompress_kernel_text
@@ -83,10 +84,12 @@ class BoundCall:
 
     def __init__(self, kernel: CompiledKernel, memrefs: Sequence[tuple[Optional[int], int]], rows: int,
                  scalars: Sequence[int], threads: int, chunk: int, native: bool):
+        if chunk < 1 or threads < 1:
+            raise ValueError(f"BoundCall: chunk={chunk} and threads={threads} must be positive")
         self.kernel, self.rows, self.scalars = kernel, rows, tuple(scalars)
         self.memrefs = list(memrefs)
         self.open_slots = [MEMREF_SCALARS * i for i, (pointer, _) in enumerate(self.memrefs) if pointer is None]
-        self.threads = threads if rows > chunk else 1
+        self.threads = min(threads, -(-rows // chunk)) or 1     # no more threads than chunks
         self.chunk = chunk
         self.native = self.threads > 1 and native      # the caller checked team.available()
         self._local = threading.local()
@@ -109,6 +112,8 @@ class BoundCall:
     def run(self, *pointers: int) -> None:
         if _recorders and self.kernel.record:   # an artifact build notes the kernels a run uses, bound or not
             _record(*self.kernel.record)
+        if len(pointers) != len(self.open_slots):
+            raise ValueError(f"BoundCall.run: {len(pointers)} pointers for {len(self.open_slots)} open buffers")
         values, packed, job = self._arguments()
         for slot, pointer in zip(self.open_slots, pointers):
             values[slot] = values[slot + 1] = pointer
@@ -167,8 +172,9 @@ _recorders: list[set] = []     # open `recording()` blocks: each collects the ke
 
 @contextlib.contextmanager
 def recording() -> Iterator[set]:
-    """Collect ("decode", spec) / ("decompress", (dtype, k, n, m)) of every kernel asked for inside the
-    block (an artifact build records what its program uses, as it records Triton launches)."""
+    """Collect ("decode", spec) / ("decompress", (dtype, k, n, m)) / ("dense", spec) of every kernel asked
+    for or run (a bound call) inside the block: an artifact build records what its program uses, as it
+    records Triton launches."""
     used: set = set()
     _recorders.append(used)
     try:
@@ -228,6 +234,7 @@ def clear_compiled() -> None:
     """Drop this process's compiled kernels and the objects artifacts offered: kernels start afresh, as in a
     new process (the disk cache stays)."""
     forget_prebuilt()
+    forget_bound_calls()      # layers' calls bound to the kernels dropped here
     _decode_kernel.cache_clear()
     _decompress_kernel.cache_clear()
     _dense_kernel.cache_clear()

@@ -10,7 +10,6 @@ host lacks the features, dtype, pattern, shape or token count), so the caller fa
 from __future__ import annotations
 
 import functools
-import os
 import importlib.util
 from typing import Optional
 
@@ -31,10 +30,10 @@ CHUNKS_PER_THREAD = 4       # work sharing granularity: a thread that starts lat
 ROW_ALIGN = 4               # chunk edges on whole row blocks of the decode kernel
 # weight bytes from which rows split over torch's threads. Native split (team.py), 2-core Zen 4, 1 token,
 # median ms split | one thread: 2:4 fp32 512x512 (0.5 MiB) 0.036 | 0.050, 4096x4096 1.65 | 2.98, 11008x4096
-# 4.08 | 4.81; 128x512 (0.13 MiB) 0.029 | 0.025 (the hand-off costs more than it saves). SPARSECC_SPLIT_BYTES
-# overrides it (measuring). Through threads.py's callbacks (no llvmlite) a split paid only from 16 MiB (100M
-# Llama 2:4 decode step, split above 1 MiB 32.4 ms fp32, above 16 MiB 25.7 ms).
-MIN_BYTES_TO_SPLIT_NATIVE = int(os.environ.get("SPARSECC_SPLIT_BYTES", 512 << 10))
+# 4.08 | 4.81; 128x512 (0.13 MiB) 0.029 | 0.025 (the hand-off costs more than it saves). Through threads.py's
+# callbacks (no llvmlite) a split paid only from 16 MiB (100M Llama 2:4 decode step, split above 1 MiB
+# 32.4 ms fp32, above 16 MiB 25.7 ms).
+MIN_BYTES_TO_SPLIT_NATIVE = 512 << 10
 MIN_BYTES_TO_SPLIT = 16 << 20
 
 
@@ -78,29 +77,36 @@ def run_decode(spec: DecodeSpec, x: Tensor, values: Tensor, indices: Tensor, bia
     return DecodeCall(spec, values, indices, bias)(x)
 
 
-class DecodeCall:
-    """The decode kernel of `spec` bound to one layer's checked operands (kernels/cpu/nm_linear.py keeps one
-    per layer and x shape): a call allocates y and runs; the weight's pointers were packed once.
-    It holds no reference to `values` (the caller's key for it): every call passes the same tensor."""
-
-    def __init__(self, spec: DecodeSpec, values: Tensor, indices: Tensor, bias: Optional[Tensor]):
-        out_features = values.shape[0]
-        stored = values.contiguous()
-        indices = indices.contiguous()
-        bias32 = zero_bias(out_features) if bias is None else bias.to(torch.float32).contiguous()
-        self._kept = (None if stored is values else stored, indices, bias32)   # alive while the pointers are used
-        self.spec, self.out_features = spec, out_features
-        self.call = bind_rows(decode_kernel(spec), stored, [(indices.data_ptr(), indices.numel()),
-                                                            (None, spec.tokens * spec.k),
-                                                            (bias32.data_ptr(), out_features),
-                                                            (None, spec.tokens * out_features)],
-                              out_rows=out_features)
+class LayerCall:
+    """A generated kernel bound to one layer's checked weight-side operands (`self.call`, a BoundCall whose
+    open buffers are x and y): a call allocates y and runs. Kept per layer and x shape by the callers'
+    memos, keyed by the operands' tensors, pointers and versions; it holds every operand it packed a
+    pointer of except the weight itself (the memo's key: every call passes that same tensor)."""
+    out_features: int
+    call: BoundCall
 
     def __call__(self, x: Tensor, *_) -> Tensor:
         x = x.contiguous()      # x's elements in order: [tokens, k] flattened
         y = torch.empty((*x.shape[:-1], self.out_features), dtype=x.dtype)
         self.call.run(x.data_ptr(), y.data_ptr())
         return y
+
+
+class DecodeCall(LayerCall):
+    """The N:M decode kernel of `spec` bound to one layer's values, indices and bias."""
+
+    def __init__(self, spec: DecodeSpec, values: Tensor, indices: Tensor, bias: Optional[Tensor]):
+        out_features = values.shape[0]
+        stored, packed = values.contiguous(), indices.contiguous()
+        bias32 = zero_bias(out_features) if bias is None else bias.to(torch.float32).contiguous()
+        # alive while the pointers are used, and so are the originals the memo key names by pointer
+        self._kept = (None if stored is values else stored, indices, packed, bias, bias32)
+        self.out_features = out_features
+        self.call = bind_rows(decode_kernel(spec), stored, [(packed.data_ptr(), packed.numel()),
+                                                            (None, spec.tokens * spec.k),
+                                                            (bias32.data_ptr(), out_features),
+                                                            (None, spec.tokens * out_features)],
+                              out_rows=out_features)
 
 
 @functools.lru_cache(maxsize=64)
