@@ -34,7 +34,7 @@ def compile(model: Any, example_inputs: Any = None, sparsity: Any = None, calibr
                                      batch_size=batch_size, **options)
     else:
         raise ConfigError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
-    release_freed_memory()   # compile's temporaries (pruning, captures, checks): freed, kept by the heap until trimmed
+    release_freed_memory(model)   # compile's temporaries (pruning, captures, checks): freed, kept by the heap until trimmed
     return compiled
 
 
