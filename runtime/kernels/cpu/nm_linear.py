@@ -46,7 +46,7 @@ def call_key(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor],
              in_features: int, keep: str) -> Optional[tuple]:
     """Everything a checked call's verdict and path depend on, or None where nothing proves the operands
     unchanged since (inference tensors have no version counter: checked on every call)."""
-    try:
+    try:   # nm_format.tensor_version, inlined: one try for the three (every call builds this key)
         versions = (values._version, indices._version, None if bias is None else bias._version)
     except RuntimeError:
         return None
