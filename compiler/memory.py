@@ -38,7 +38,7 @@ def _malloc_trim() -> Optional[Callable[[int], int]]:
     return trim
 
 
-MIN_MODEL_BYTES = 256 << 20   # below this the heap's slack is small and a full gc (~0.25 s) would dominate compile
+MIN_MODEL_BYTES = 64 << 20   # below this the heap's slack is small and a full gc (~0.25 s) would dominate compile
 
 
 def release_freed_memory(model: Any) -> None:
