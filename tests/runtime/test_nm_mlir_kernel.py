@@ -170,3 +170,25 @@ def test_a_kernel_the_jit_cannot_build_is_a_path_not_taken():
     with pytest.raises(NotImplementedError, match="the generated kernel broken did not compile") as err:
         compile_text("func.func @broken( {", "broken")
     assert isinstance(err.value, KernelCompileError)
+
+
+@needs_fp32
+def test_python_threads_calling_one_bound_layer_at_once_get_their_own_results(monkeypatch):
+    """A bound call's packed arguments and team job are per calling thread: two threads running the same
+    layer (rows split over OpenMP teams of their own) each get their own x's result."""
+    import concurrent.futures
+    from sparsecc.runtime.kernels.cpu.mlir.nm_decode import DecodeCall, decode_spec
+    if torch.get_num_threads() < 2:
+        pytest.skip("one OpenMP thread: nothing is split")
+    monkeypatch.setattr(nm_decode, "MIN_BYTES_TO_SPLIT_NATIVE", 0)
+    monkeypatch.setattr(nm_decode, "MIN_BYTES_TO_SPLIT", 0)
+    values, indices = make_layer(512, 128, 2, 4, torch.float32)
+    xs = [torch.randn(1, 128) for _ in range(2)]
+    call = DecodeCall(decode_spec(xs[0], values, 2, 4, 128), values, indices, None)
+    assert call.call.threads > 1
+    want = [reference(x, values, indices, None, 2, 4, 128) for x in xs]
+
+    def worker(i):
+        return all(torch.allclose(call(xs[i]), want[i], rtol=1e-5, atol=1e-5) for _ in range(200))
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        assert all(pool.map(worker, [0, 1]))
