@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..tuning_cache import bucket, choices, cpu_ms, fastest, remembered
 from .layer_calls import LayerCalls
-from .mlir.dense_decode import DenseCall, dense_linear_mlir, dense_spec
+from .mlir.dense_decode import DenseCall, dense_spec
 from .mlir.host import cpu_model, host_target
 from .nm_paths import MAX_DECODE_TOKENS, SAMPLES_PER_ROUND, TUNING_ROUNDS, bound_once, taken
 
@@ -69,13 +69,6 @@ def call_key(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[tupl
             os.environ.get(FORCE_ENV), torch.get_num_threads())
 
 
-def generated(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    return taken(dense_linear_mlir(x, weight, bias), "dense decode")
-
-
-RUNNERS = {"aten": F.linear, "generated": generated}
-
-
 def choose_path(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> str:
     """Forced by SPARSECC_DENSE_CPU_PATH, else the measured faster for this layer and token bucket."""
     forced = os.environ.get(FORCE_ENV)
@@ -92,8 +85,7 @@ def tune(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> dict:
     def bind() -> DenseCall:   # timed as a program runs it: bound once (linear keeps the bound call)
         return DenseCall(taken(dense_spec(x, weight, bias), "dense decode"), weight, bias)
 
-    runners = {path: partial(RUNNERS[path], x, weight, bias) for path in PATHS}
-    runners["generated"] = bound_once(bind, x)
+    runners = {"aten": partial(F.linear, x, weight, bias), "generated": bound_once(bind, x)}
     return fastest(runners, cold_ms, rounds=TUNING_ROUNDS)
 
 

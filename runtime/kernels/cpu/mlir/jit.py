@@ -59,7 +59,7 @@ class CompiledKernel:
     def call(self, memrefs: Sequence[tuple[int, int]], scalars: Sequence[int]) -> None:
         """memrefs: (data pointer, element count) of each 1-D contiguous buffer, in signature order."""
         values, pointers = self._slots(MEMREF_SCALARS * len(memrefs) + len(scalars))
-        values[:] = [v for pointer, size in memrefs for v in (pointer, pointer, 0, size, 1)] + list(scalars)
+        values[:] = packed_scalars(memrefs, scalars)
         self._entry(pointers)
 
     def bind(self, memrefs: Sequence[tuple[Optional[int], int]], rows: int, scalars: Sequence[int],
@@ -67,6 +67,12 @@ class CompiledKernel:
         """A call over rows [0, rows) (the kernel's row_begin/row_end follow its memrefs) with its packed
         arguments built once; memrefs whose pointer is None are filled on each `BoundCall.run`."""
         return BoundCall(self, memrefs, rows, scalars, threads, chunk, native)
+
+
+def packed_scalars(memrefs: Sequence[tuple[Optional[int], int]], scalars: Sequence[int]) -> list[int]:
+    """The lowered signature's scalars: per 1-D contiguous memref (allocated, aligned, offset 0, size,
+    stride 1), a None pointer as 0 (filled later), then the scalars."""
+    return [v for pointer, size in memrefs for v in (pointer or 0, pointer or 0, 0, size, 1)] + list(scalars)
 
 
 def packed_arguments(count: int):
@@ -100,8 +106,7 @@ class BoundCall:
         if arguments is None:
             count = MEMREF_SCALARS * len(self.memrefs) + 2 + len(self.scalars)
             values, pointers = packed_arguments(count)
-            values[:] = [v for pointer, size in self.memrefs for v in (pointer or 0, pointer or 0, 0, size, 1)] \
-                + [0, self.rows, *self.scalars]
+            values[:] = packed_scalars(self.memrefs, (0, self.rows, *self.scalars))
             job = (ctypes.c_int64 * team.JOB_SLOTS)()
             if self.native:
                 team.fill_job(job, self.kernel._address, values, count, MEMREF_SCALARS * len(self.memrefs),

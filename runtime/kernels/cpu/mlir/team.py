@@ -12,8 +12,8 @@ takes fewer), writes the chunk into the row_begin/row_end scalars and calls the 
 `_mlir_<name>(void **args)`. Any packed kernel works (object or torch-mlir JIT): the entry is an address.
 Rows are the kernel's contract: the caller's chunk edges keep row blocks whole.
 
-The job is 8 int64 slots (JOB_SLOTS): entry, scalars pointer, scalar count, index of row_begin (row_end
-follows), row_begin, row_end, rows per chunk, next-chunk counter. `available()` is False without llvmlite or
+The job is int64 slots named by JOB_FIELDS: the kernel's entry, its scalars' address and count, the index of
+row_begin among them (row_end follows), row_begin, row_end, rows per chunk, the next-chunk counter. `available()` is False without llvmlite or
 a loaded GOMP_parallel: threads.py runs the chunks then.
 """
 from __future__ import annotations
@@ -25,24 +25,27 @@ from typing import Optional
 from .objects import available as llvmlite_available, host_engine
 from .threads import gomp_parallel_address
 
-JOB_SLOTS = 8
+# the job's int64 slots, in order: what the team body reads (fill_job writes them, run_job resets the counter)
+JOB_FIELDS = ("fn", "scalars", "count", "slot", "begin", "end", "chunk", "counter")
+JOB_SLOTS = len(JOB_FIELDS)
+COUNTER = JOB_FIELDS.index("counter")
+_POINTERS = {"fn", "scalars"}
+
+
+def _job_loads() -> str:
+    """Each job field as an SSA value (`%fn`, ...); the counter stays an address (it is updated atomically)."""
+    lines = []
+    for i, field in enumerate(JOB_FIELDS):
+        lines.append(f"  %{field}_at = getelementptr i64, ptr %job, i64 {i}")
+        if field != "counter":
+            lines.append(f"  %{field} = load {'ptr' if field in _POINTERS else 'i64'}, ptr %{field}_at")
+    return "\n".join(lines)
+
+
 _TEAM_IR = r"""
 define void @sparsecc_team_body(ptr %job) {
 entry:
-  %fn = load ptr, ptr %job
-  %scalars_at = getelementptr i64, ptr %job, i64 1
-  %scalars = load ptr, ptr %scalars_at
-  %count_at = getelementptr i64, ptr %job, i64 2
-  %count = load i64, ptr %count_at
-  %slot_at = getelementptr i64, ptr %job, i64 3
-  %slot = load i64, ptr %slot_at
-  %begin_at = getelementptr i64, ptr %job, i64 4
-  %begin = load i64, ptr %begin_at
-  %end_at = getelementptr i64, ptr %job, i64 5
-  %end = load i64, ptr %end_at
-  %chunk_at = getelementptr i64, ptr %job, i64 6
-  %chunk = load i64, ptr %chunk_at
-  %counter = getelementptr i64, ptr %job, i64 7
+""" + _job_loads() + r"""
   %own = alloca i64, i64 %count, align 8
   %args = alloca ptr, i64 %count, align 8
   br label %copy
@@ -58,7 +61,7 @@ copy:
   %more = icmp ult i64 %next, %count
   br i1 %more, label %copy, label %work
 work:
-  %taken = atomicrmw add ptr %counter, i64 1 monotonic
+  %taken = atomicrmw add ptr %counter_at, i64 1 monotonic
   %offset = mul i64 %taken, %chunk
   %lo = add i64 %begin, %offset
   %done = icmp sge i64 %lo, %end
@@ -110,11 +113,13 @@ def fill_job(job, entry: int, scalars, count: int, row_slot: int, rows: int, chu
     """Write a job running the packed kernel at `entry` over rows [0, rows) in `chunk`-row pieces; `scalars`
     holds its `count` packed scalars (row_begin at `row_slot`, row_end after it). `job` is JOB_SLOTS int64
     of the caller's own (a concurrent call has its own)."""
-    job[0:JOB_SLOTS] = (entry, ctypes.addressof(scalars), count, row_slot, 0, rows, chunk, 0)
+    fields = {"fn": entry, "scalars": ctypes.addressof(scalars), "count": count, "slot": row_slot, "begin": 0,
+              "end": rows, "chunk": chunk, "counter": 0}
+    job[0:JOB_SLOTS] = [fields[name] for name in JOB_FIELDS]
 
 
 def run_job(job, threads: int) -> None:
     """Run a filled job on `threads` OpenMP threads (the calling one included); returns when all rows ran."""
     team = _team()
-    job[7] = 0          # the next-chunk counter
+    job[COUNTER] = 0
     team.parallel(team.body, ctypes.addressof(job), threads, 0)
