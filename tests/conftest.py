@@ -22,6 +22,13 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pyproject's addopts): one worker per core, at most 4 (each holds torch, transformers and
+    compiled kernels; tests that fork ranks or builds add their own processes). Each worker is a fresh
+    process, so this file gives each its own tuning cache directory."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
 def pytest_collection_modifyitems(config, items):
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
