@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..tuning_cache import bucket, choices, cpu_ms, fastest, remembered
-from .layer_calls import LayerCalls
+from .layer_calls import LayerCalls, environ_value
 from .mlir.dense_decode import DenseCall, dense_spec
 from .mlir.host import cpu_model, host_target
 from .nm_paths import MAX_DECODE_TOKENS, SAMPLES_PER_ROUND, TUNING_ROUNDS, bound_once, taken
@@ -66,7 +66,7 @@ def call_key(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[tupl
     except RuntimeError:
         return None
     return (x.dtype, x.shape, weight.dtype, weight.shape, weight.data_ptr(), weight.is_contiguous(), bias_state,
-            os.environ.get(FORCE_ENV), torch.get_num_threads())
+            environ_value(FORCE_ENV), torch.get_num_threads())
 
 
 def choose_path(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> str:

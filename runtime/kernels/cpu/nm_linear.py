@@ -9,7 +9,6 @@ to MKL (2 cores, 2:4 fp32, 4096x4096, median ms; tokens 1 | 512): dense F.linear
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional
 
 import torch
@@ -17,7 +16,7 @@ from torch import Tensor
 
 from ...nm_format import nm_weight_problem
 from ..checks import refuse
-from .layer_calls import LayerCalls
+from .layer_calls import LayerCalls, environ_value
 from .mlir.nm_decode import DecodeCall, decode_spec
 from .nm_paths import FORCE_ENV, KEEPS, RUNNERS, choose_path
 
@@ -53,7 +52,7 @@ def call_key(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor],
     bias_state = None if bias is None else (bias.dtype, bias.shape, bias.data_ptr())
     return (x.dtype, x.shape, x.device, values.dtype, values.shape, values.data_ptr(), id(indices), indices.dtype,
             indices.shape, indices.data_ptr(), bias_state, versions, n, m, in_features, keep,
-            os.environ.get(FORCE_ENV), torch.get_num_threads())
+            environ_value(FORCE_ENV), torch.get_num_threads())
 
 
 def runner(path: str, x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], n: int, m: int,

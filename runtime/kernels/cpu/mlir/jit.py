@@ -98,6 +98,7 @@ class BoundCall:
         self.threads = min(threads, -(-rows // chunk)) or 1     # no more threads than chunks
         self.chunk = chunk
         self.native = self.threads > 1 and native      # the caller checked team.available()
+        self._entry = kernel._entry
         self._local = threading.local()
 
     def _arguments(self):
@@ -119,13 +120,16 @@ class BoundCall:
             _record(*self.kernel.record)
         if len(pointers) != len(self.open_slots):
             raise ValueError(f"BoundCall.run: {len(pointers)} pointers for {len(self.open_slots)} open buffers")
-        values, packed, job = self._arguments()
+        try:
+            values, packed, job = self._local.arguments
+        except AttributeError:     # this thread's first call
+            values, packed, job = self._arguments()
         for slot, pointer in zip(self.open_slots, pointers):
             values[slot] = values[slot + 1] = pointer
-        if self.native:
+        if self.threads == 1:
+            self._entry(packed)
+        elif self.native:
             team.run_job(job, self.threads)
-        elif self.threads == 1:
-            self.kernel._entry(packed)
         else:
             memrefs = [(values[MEMREF_SCALARS * i], size) for i, (_, size) in enumerate(self.memrefs)]
             chunks = [(lo, min(lo + self.chunk, self.rows)) for lo in range(0, self.rows, self.chunk)]
