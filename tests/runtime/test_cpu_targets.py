@@ -10,7 +10,7 @@ from sparsecc.inspect_artifact import describe_artifact
 from sparsecc.runtime import ArtifactError
 from sparsecc.runtime.artifact import parse_target
 from sparsecc.runtime.kernels.cpu.mlir import aot, jit, objects, targets
-from sparsecc.runtime.kernels.cpu.mlir.codegen import DecodeSpec, decode_kernel_text
+from sparsecc.runtime.kernels.cpu.mlir.codegen import DecodeSpec
 from sparsecc.runtime.kernels.cpu.mlir.host import missing_features
 from sparsecc.runtime.kernels.cpu.mlir.nm_decode import mlir_available, runnable_spec
 from sparsecc.runtime.signing import generate_key
@@ -99,13 +99,17 @@ def test_a_changed_object_is_refused_at_load(signed, tmp_path):
 
 
 def test_kernels_a_target_cannot_hold_are_listed_not_built():
-    bf16 = aot.KernelSource("decode", "bfloat16", "k", decode_kernel_text(DecodeSpec("bfloat16", 64, 2, 4, 1)))
-    fp32 = aot.KernelSource("decode", "float32", "k", decode_kernel_text(DecodeSpec("float32", 64, 2, 4, 1)))
+    recorded = {("decode", DecodeSpec("bfloat16", 64, 2, 4, 1)), ("decode", DecodeSpec("float32", 64, 2, 4, 1)),
+                ("decompress", ("float32", 64, 2, 4))}
+    sources = aot.kernel_sources(recorded, sweep_tokens=False)
     if not objects.available():
         pytest.skip("needs llvmlite")
-    built = aot.build_cpu_kernels([bf16, fp32], ["cpu:x86-64-v3"])
-    assert all(not entry["objects"] for entry in built)
-    assert "avx512_bf16" in json.dumps(aot.build_cpu_kernels([bf16], ["cpu:x86-64-v4"])[0]["skipped"])
+    built = {entry["source"].name: entry for entry in aot.build_cpu_kernels(sources, ["cpu:x86-64-v3"])}
+    held = [name for name, entry in built.items() if entry["objects"]]
+    assert held == [DecodeSpec("float32", 64, 2, 4, 1, isa="avx2").name]     # fp32 decode, in its AVX2 form
+    assert all("needs avx512f" in entry["skipped"]["cpu:x86-64-v3"] for name, entry in built.items() if name not in held)
+    bf16 = [s for s in sources if s.dtype == "bfloat16"]
+    assert "avx512_bf16" in json.dumps(aot.build_cpu_kernels(bf16, ["cpu:x86-64-v4"])[0]["skipped"])
 
 
 def test_unknown_cpu_targets_are_refused_with_the_names():

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsecc.runtime.errors import RuntimeProgramError
-from sparsecc.runtime.kernels.cpu.mlir import nm_decode
+from sparsecc.runtime.kernels.cpu.mlir import host, nm_decode
 from sparsecc.runtime.kernels.cpu.mlir.codegen import DecodeSpec, decode_kernel_text, unsupported
 from sparsecc.runtime.kernels.cpu.mlir.host import missing_features
 from sparsecc.runtime.kernels.cpu.mlir.nm_decode import chunk_rows, nm_decompress_mlir, nm_linear_mlir
@@ -128,7 +128,8 @@ def test_unsupported_calls_return_none_for_the_fallback(patched):
 
 
 def test_a_host_without_the_features_gets_no_kernel(patched):
-    patched.setattr(nm_decode, "missing_features", lambda dtype, kernel="decode": ("avx512vbmi",))
+    """Neither form's features (AVX-512 VBMI, AVX2 + FMA): no kernel, the caller falls back."""
+    patched.setattr(host, "host_features", lambda: frozenset({"sse4_2", "avx"}))
     values, indices = make_layer(8, 64, 2, 4, torch.float32)
     assert nm_linear_mlir(torch.randn(1, 64), values, indices, None, 2, 4, 64) is None
 

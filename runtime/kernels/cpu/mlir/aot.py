@@ -4,9 +4,13 @@ Build (compiler/build.py): the program runs once on its example inputs inside `j
 kernel it asked for (a program with dynamic dims: every decode token count 1..MAX_TOKENS of each
 recorded shape) is built for each named target's baseline features (targets.py) through the disk
 cache. A kernel the target cannot hold is listed with the reason instead of an object.
+Each form of a decode kernel (codegen.ISAS) is its own MLIR text, so its own entry: the AVX-512 form
+(every kernel has one) is always listed, the AVX2 form where a target holds it (cpu:x86-64-v3). A
+host generates the text of the form it runs, whose hash finds that form's object.
 
-    manifest "cpu_kernels": [{"id", "kernel": "decode"|"decompress"|"dense", "dtype", "name", "source_sha256",
-                              "binaries": {"cpu:x86-64-v4": {"file", "cpu"}}, "skipped": {target: why}}]
+    manifest "cpu_kernels": [{"id", "kernel": "decode"|"decompress"|"dense", "dtype", "isa", "name",
+                              "source_sha256", "binaries": {"cpu:x86-64-v4": {"file", "cpu"}},
+                              "skipped": {target: why}}]
 
 Load (runtime/loaded.py): an object is machine code its builder chose, so the objects are used only
 when the manifest's signature was verified against `trusted_keys`, llvmlite is installed and the host
@@ -19,14 +23,17 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Sequence
 
-from .codegen import MAX_TOKENS, decode_kernel_text, unsupported
+from .codegen import ISAS, MAX_TOKENS, decode_kernel_text, unsupported
 from .decompress_kernel import decompress_kernel_name, decompress_kernel_text
 from .dense_codegen import dense_kernel_text
 from .dense_codegen import unsupported as dense_unsupported
 from ....kernel_cache import KernelCache
+from .host import decode_isa
 from .object_cache import object_cache_key, use_prebuilt
 from .objects import available, build_object, source_sha256, toolchain
-from .targets import cpu_target_problem, host_runs, missing_for
+from .targets import cpu_target_problem, host_runs, missing_for, target_isa
+
+SHARED_FORM = "avx512"     # every kernel kind has this form (decompress and dense no other)
 
 
 @dataclass(frozen=True)
@@ -35,10 +42,12 @@ class KernelSource:
     dtype: str
     name: str
     text: str
+    isa: str = SHARED_FORM
 
 
 def kernel_sources(used: set, sweep_tokens: bool) -> list[KernelSource]:
-    """The MLIR of every recorded kernel; with `sweep_tokens` each decode shape at every token count."""
+    """The MLIR of every recorded kernel, a decode kernel in each of its forms; with `sweep_tokens` each
+    decode shape at every token count."""
     found: dict[str, KernelSource] = {}
     for kind, key in used:
         if kind == "decompress":
@@ -47,10 +56,15 @@ def kernel_sources(used: set, sweep_tokens: bool) -> list[KernelSource]:
                                                                         decompress_kernel_text(dtype, k, n, m)))
             continue
         tokens = range(1, MAX_TOKENS + 1) if sweep_tokens else [key.tokens]
-        problem, text = (dense_unsupported, dense_kernel_text) if kind == "dense" else (unsupported, decode_kernel_text)
-        for spec in (replace(key, tokens=t) for t in tokens):
+        if kind == "dense":
+            forms = [(replace(key, tokens=t), SHARED_FORM) for t in tokens]
+            problem, text = dense_unsupported, dense_kernel_text
+        else:   # every form, whichever the building host ran
+            forms = [(replace(key, tokens=t, isa=isa), isa) for t in tokens for isa in ISAS]
+            problem, text = unsupported, decode_kernel_text
+        for spec, form in forms:
             if problem(spec) is None:
-                found.setdefault(spec.name, KernelSource(kind, spec.dtype, spec.name, text(spec)))
+                found.setdefault(spec.name, KernelSource(kind, spec.dtype, spec.name, text(spec), form))
     return [found[name] for name in sorted(found)]
 
 
@@ -76,16 +90,22 @@ def _object_for(source: KernelSource, cpu: str, cache: KernelCache) -> bytes:
 
 def build_cpu_kernels(sources: Sequence[KernelSource], targets: Sequence[str],
                       cache_dir: Optional[os.PathLike] = None) -> list[dict[str, Any]]:
-    """One entry per kernel: {"source": KernelSource, "objects": {target: bytes}, "skipped": {target: why}}."""
+    """One entry per kernel: {"source": KernelSource, "objects": {target: bytes}, "skipped": {target: why}}.
+    A target builds only the form it holds (targets.target_isa); a form no target holds is left out."""
     if targets and not available():
         raise ValueError(f"building {', '.join(targets)} needs llvmlite (pip install llvmlite)")
+    forms = {target: target_isa(named_cpu(target)) for target in targets}
     cache, entries = KernelCache(cache_dir), []
     for source in sources:
+        if source.isa != SHARED_FORM and source.isa not in forms.values():
+            continue
         objects, skipped = {}, {}
-        for target in targets:
-            missing = missing_for(named_cpu(target), source.kind, source.dtype)
+        for target, form in forms.items():
+            missing = missing_for(named_cpu(target), source.kind, source.dtype, source.isa)
             if missing:
                 skipped[target] = f"needs {', '.join(missing)}, which {target} does not have"
+            elif source.isa != form:
+                skipped[target] = f"{target} holds the {form} form"
             else:
                 objects[target] = _object_for(source, named_cpu(target), cache)
         entries.append({"source": source, "objects": objects, "skipped": skipped})
@@ -95,14 +115,15 @@ def build_cpu_kernels(sources: Sequence[KernelSource], targets: Sequence[str],
 def manifest_entry(index: int, entry: dict[str, Any], files: dict[str, str]) -> dict[str, Any]:
     """The manifest record of a built kernel; `files` maps target -> the object's path in the artifact."""
     source = entry["source"]
-    return {"id": f"c{index}_{source.name}", "kernel": source.kind, "dtype": source.dtype, "name": source.name,
-            "source_sha256": source_sha256(source.text), "toolchain": toolchain(),
+    return {"id": f"c{index}_{source.name}", "kernel": source.kind, "dtype": source.dtype, "isa": source.isa,
+            "name": source.name, "source_sha256": source_sha256(source.text), "toolchain": toolchain(),
             "binaries": {t: {"file": files[t], "cpu": named_cpu(t)} for t in entry["objects"]},
             "skipped": entry["skipped"]}
 
 
 def cpu_objects_decision(manifest: dict[str, Any], verified: bool) -> tuple[Optional[str], str]:
-    """(named target whose objects this host uses, or None; a sentence saying why)."""
+    """(named target whose objects this host uses, or None; a sentence saying why). The target holding the
+    decode form this host runs comes first: an AVX-512 host also runs v3's objects but never asks for them."""
     holding = {t for kernel in manifest.get("cpu_kernels", []) for t in kernel.get("binaries", {})}
     named = [t for t in manifest.get("targets", []) if str(t).startswith("cpu:") and t in holding]
     if not named:
@@ -113,7 +134,7 @@ def cpu_objects_decision(manifest: dict[str, Any], verified: bool) -> tuple[Opti
     if not available():
         return None, f"cpu kernels: {', '.join(named)} objects ignored: llvmlite is not installed (JIT-compiled)"
     lacking = {}
-    for target in named:
+    for target in sorted(named, key=lambda t: target_isa(named_cpu(t)) != decode_isa("float32")):
         missing = host_runs(named_cpu(target))
         if not missing:
             return target, f"cpu kernels: using the {target} objects (signature verified, host has its features)"

@@ -1,13 +1,14 @@
 """Named CPU targets an artifact can carry generated kernels for, and which kernels each can hold.
 
 A named target is an x86-64 micro-architecture level: objects are built for its baseline features
-only (LLVM `-mcpu=x86-64-v4`), so they run on every CPU of that level. The kernels are AVX-512 code:
+only (LLVM `-mcpu=x86-64-v4`), so they run on every CPU of that level. Each level holds the widest
+form of the decode kernel (codegen.ISAS) its instructions allow, the form a host of that level runs:
 
-    x86-64-v4   AVX-512 F/BW/CD/DQ/VL: fp32 decode, fp32 and bf16 decompression (LLVM emulates
-                vpexpandw and vpermb without VBMI/VBMI2); bf16 decode needs AVX512_BF16 (vdpbf16ps),
-                which v4 lacks, so it is not built and the manifest says why
-    x86-64-v3   AVX2/FMA: no generated kernel (the generator has no AVX2 form); it holds no objects
-                and the runtime JITs on the host as without an artifact
+    x86-64-v4   the AVX-512 form: fp32 decode, fp32 and bf16 decompression (LLVM emulates vpexpandw
+                and vpermb without VBMI/VBMI2); bf16 decode needs AVX512_BF16 (vdpbf16ps), which v4
+                lacks, so it is not built and the manifest says why
+    x86-64-v3   the AVX2 form (AVX2/FMA): fp32 decode only; bf16 decode, decompression and the dense
+                kernel are AVX-512 code, listed as not built, and such a host runs torch's paths for them
 
 A name outside NAMED_CPUS is refused with the list of names.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from .codegen import ISAS
 from .host import host_features
 
 # /proc/cpuinfo flag names a CPU of the level has (what the host must show before its objects run)
@@ -25,13 +27,14 @@ NAMED_CPUS = {
     "x86-64-v4": _V3 + ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"),
     "x86-64-v3": _V3,
 }
-# what a kernel's instructions need before LLVM can emit it (the intrinsics it calls), by (kernel, dtype)
-KERNEL_NEEDS = {("decode", "float32"): ("avx512f", "avx512bw", "avx512vl"),
-                ("decode", "bfloat16"): ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"),
-                ("decompress", "float32"): ("avx512f", "avx512bw", "avx512vl"),
-                ("decompress", "bfloat16"): ("avx512f", "avx512bw", "avx512vl"),
-                ("dense", "float32"): ("avx512f",),
-                ("dense", "bfloat16"): ("avx512f", "avx512_bf16")}
+# what a kernel's instructions need before LLVM can emit it (the intrinsics it calls), by (kernel, dtype, form)
+KERNEL_NEEDS = {("decode", "float32", "avx512"): ("avx512f", "avx512bw", "avx512vl"),
+                ("decode", "float32", "avx2"): ("avx2", "fma"),
+                ("decode", "bfloat16", "avx512"): ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"),
+                ("decompress", "float32", "avx512"): ("avx512f", "avx512bw", "avx512vl"),
+                ("decompress", "bfloat16", "avx512"): ("avx512f", "avx512bw", "avx512vl"),
+                ("dense", "float32", "avx512"): ("avx512f",),
+                ("dense", "bfloat16", "avx512"): ("avx512f", "avx512_bf16")}
 
 
 def cpu_target_problem(name: str) -> Optional[str]:
@@ -41,12 +44,18 @@ def cpu_target_problem(name: str) -> Optional[str]:
     return None
 
 
-def missing_for(name: str, kernel: str, dtype: str) -> tuple[str, ...]:
-    """The features kernel (kernel, dtype) needs that named target `name` lacks (empty: it can be built)."""
-    needs = KERNEL_NEEDS.get((kernel, dtype))
+def missing_for(name: str, kernel: str, dtype: str, isa: str = "avx512") -> tuple[str, ...]:
+    """The features kernel (kernel, dtype) in form `isa` needs that named target `name` lacks (empty: it can
+    be built)."""
+    needs = KERNEL_NEEDS.get((kernel, dtype, isa))
     if needs is None:
-        return (f"no {kernel} kernel for {dtype}",)
+        return (f"no {isa} {kernel} kernel for {dtype}",)
     return tuple(f for f in needs if f not in NAMED_CPUS[name])
+
+
+def target_isa(name: str) -> str:
+    """The decode kernel form named target `name` holds: the widest its features build (v4 avx512, v3 avx2)."""
+    return next(isa for isa in ISAS if not missing_for(name, "decode", "float32", isa))
 
 
 def host_runs(name: str) -> tuple[str, ...]:
