@@ -16,16 +16,27 @@ import torch
 
 HAS_CUDA = torch.cuda.is_available()
 os.environ.setdefault("SPARSECC_VALIDATE_PROGRAMS", "1")   # every program a test lowers passes load-time validation
-# N:M path choices measured by the tests stay out of the user's ~/.cache (and a stale file cannot steer a test)
-os.environ.setdefault("SPARSECC_CACHE_DIR", tempfile.mkdtemp(prefix="sparsecc-test-tuning-"))
+# N:M path choices measured by the tests stay out of the user's ~/.cache (and a stale file cannot steer a test);
+# each xdist worker gets its own (a worker inherits the main process's environment, folder included)
+if "SPARSECC_CACHE_DIR" not in os.environ or os.environ.get("SPARSECC_TEST_OWN_CACHE_DIR"):
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    os.environ["SPARSECC_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"sparsecc-test-tuning-{worker}-")
+    os.environ["SPARSECC_TEST_OWN_CACHE_DIR"] = "1"
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.hookimpl(optionalhook=True)   # an xdist hook: unknown to pytest without the plugin
 def pytest_xdist_auto_num_workers(config):
     """`-n auto` (pyproject's addopts): one worker per core, at most 4 (each holds torch, transformers and
     compiled kernels; tests that fork ranks or builds add their own processes). Each worker is a fresh
-    process, so this file gives each its own tuning cache directory."""
+    process, so this file gives each its own tuning cache directory. PYTEST_XDIST_AUTO_NUM_WORKERS still
+    sets the count; refreshing snapshots (SPARSECC_UPDATE_SNAPSHOTS) runs in one process, as the files are
+    rewritten test by test."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+    if os.environ.get("SPARSECC_UPDATE_SNAPSHOTS"):
+        return 0
     return max(1, min(4, len(os.sched_getaffinity(0))))
 
 

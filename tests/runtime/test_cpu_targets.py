@@ -124,3 +124,20 @@ def test_save_refuses_an_unknown_cpu_target(tmp_path):
     compiled = sparsecc.compile(torch.nn.Linear(64, 8).eval(), (torch.randn(1, 64),), sparsity="2:4", check=False)
     with pytest.raises(SparseccError, match="unknown target 'cpu:znver9'"):
         compiled.save(tmp_path / "a", targets=["cpu:znver9"], progress=False)
+
+
+def test_objects_of_another_kernel_form_are_not_reported_as_used(monkeypatch):
+    """An AVX-512 VBMI host runs the avx512 texts: a v3-only artifact's AVX2 objects would never match them."""
+    if not objects.available():
+        pytest.skip("needs llvmlite")
+    from sparsecc.runtime.kernels.cpu.mlir import host
+    avx512_host = frozenset(targets.NAMED_CPUS["x86-64-v4"] + host.DECODE_FEATURES)
+    monkeypatch.setattr(host, "host_features", lambda: avx512_host)
+    monkeypatch.setattr(targets, "host_features", lambda: avx512_host)
+    manifest = {"targets": ["cpu", "cpu:x86-64-v3"],
+                "cpu_kernels": [{"binaries": {"cpu:x86-64-v3": {"file": "k.o", "cpu": "x86-64-v3"}}}]}
+    target, why = aot.cpu_objects_decision(manifest, verified=True)
+    assert target is None and "holds the avx2 kernel form" in why and "runs the avx512 form" in why
+    manifest["targets"].append("cpu:x86-64-v4")
+    manifest["cpu_kernels"].append({"binaries": {"cpu:x86-64-v4": {"file": "j.o", "cpu": "x86-64-v4"}}})
+    assert aot.cpu_objects_decision(manifest, verified=True)[0] == "cpu:x86-64-v4"

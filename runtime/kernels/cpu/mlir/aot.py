@@ -4,8 +4,9 @@ Build (compiler/build.py): the program runs once on its example inputs inside `j
 kernel it asked for (a program with dynamic dims: every decode token count 1..MAX_TOKENS of each
 recorded shape) is built for each named target's baseline features (targets.py) through the disk
 cache. A kernel the target cannot hold is listed with the reason instead of an object.
-Each form of a decode kernel (codegen.ISAS) is its own MLIR text, so its own entry: the AVX-512 form
-(every kernel has one) is always listed, the AVX2 form where a target holds it (cpu:x86-64-v3). A
+Each form of a decode kernel (codegen.ISAS) is its own MLIR text, so its own entry: every form the
+kernel's shape has is listed (the AVX-512 form needs K a multiple of 32, the AVX2 form of 16), built for
+the targets that hold it. A
 host generates the text of the form it runs, whose hash finds that form's object.
 
     manifest "cpu_kernels": [{"id", "kernel": "decode"|"decompress"|"dense", "dtype", "isa", "name",
@@ -33,7 +34,7 @@ from .object_cache import object_cache_key, use_prebuilt
 from .objects import available, build_object, source_sha256, toolchain
 from .targets import cpu_target_problem, host_runs, missing_for, target_isa
 
-SHARED_FORM = "avx512"     # every kernel kind has this form (decompress and dense no other)
+SHARED_FORM = "avx512"     # the one form of the decompression and dense kernels
 
 
 @dataclass(frozen=True)
@@ -133,14 +134,16 @@ def cpu_objects_decision(manifest: dict[str, Any], verified: bool) -> tuple[Opti
                       "artifact whose signature was verified against trusted_keys (JIT-compiled instead)")
     if not available():
         return None, f"cpu kernels: {', '.join(named)} objects ignored: llvmlite is not installed (JIT-compiled)"
-    lacking = {}
-    for target in sorted(named, key=lambda t: target_isa(named_cpu(t)) != decode_isa("float32")):
-        missing = host_runs(named_cpu(target))
-        if not missing:
+    host_form, reasons = decode_isa("float32"), []
+    for target in named:
+        form, missing = target_isa(named_cpu(target)), host_runs(named_cpu(target))
+        if missing:
+            reasons.append(f"this host lacks {', '.join(missing)} for {target}")
+        elif form != host_form:   # its kernel texts are not the ones this host generates: no object would match
+            reasons.append(f"{target} holds the {form} kernel form, this host runs the {host_form or 'none'} form")
+        else:
             return target, f"cpu kernels: using the {target} objects (signature verified, host has its features)"
-        lacking[target] = missing
-    why = "; ".join(f"{t} needs {', '.join(m)}" for t, m in lacking.items())
-    return None, f"cpu kernels: objects ignored: this host lacks features ({why}); JIT-compiled instead"
+    return None, f"cpu kernels: objects ignored ({'; '.join(reasons)}); JIT-compiled instead"
 
 
 def use_cpu_objects(manifest: dict[str, Any], target: str, read: Callable[[str], bytes]) -> int:

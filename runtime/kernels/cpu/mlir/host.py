@@ -12,6 +12,8 @@ import platform
 from pathlib import Path
 from typing import Optional
 
+from .codegen import ISAS
+
 CPUINFO = Path("/proc/cpuinfo")
 DECODE_FEATURES = ("avx512f", "avx512bw", "avx512vl", "avx512vbmi")   # vpermi2w and the byte shuffle
 # decode kernel form (codegen.ISAS) -> what the host needs to run it, widest first; decompress and dense: AVX-512
@@ -45,7 +47,8 @@ def missing_features(dtype: str, kernel: str = "decode", isa: str = "avx512") ->
 
 def decode_isa(dtype: str) -> Optional[str]:
     """The form of the decode kernel this host runs for `dtype` (the widest it has the features of), or None."""
-    return next((isa for isa in FORM_FEATURES if not missing_features(dtype, isa=isa)), None)
+    return next((isa for isa in FORM_FEATURES
+                 if dtype in ISAS[isa].permutes and not missing_features(dtype, isa=isa)), None)
 
 
 @functools.lru_cache(maxsize=1)

@@ -53,9 +53,10 @@ def missing_for(name: str, kernel: str, dtype: str, isa: str = "avx512") -> tupl
     return tuple(f for f in needs if f not in NAMED_CPUS[name])
 
 
-def target_isa(name: str) -> str:
-    """The decode kernel form named target `name` holds: the widest its features build (v4 avx512, v3 avx2)."""
-    return next(isa for isa in ISAS if not missing_for(name, "decode", "float32", isa))
+def target_isa(name: str) -> Optional[str]:
+    """The decode kernel form named target `name` holds: the widest its features build (v4 avx512, v3 avx2),
+    None for a level too old for any."""
+    return next((isa for isa in ISAS if not missing_for(name, "decode", "float32", isa)), None)
 
 
 def host_runs(name: str) -> tuple[str, ...]:
