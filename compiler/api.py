@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -120,17 +121,34 @@ class CompiledModel:
         self.kernel_launcher = CachedKernelLauncher() if backend == "triton" and not jit_forced() else None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        kwargs = self._captured.bound.graph_kwargs(kwargs)   # constant keywords: the compiled value or left out
-        flat, spec = pytree.tree_flatten((args, kwargs))
-        if spec != self._captured.in_spec:
-            raise InputMismatchError(f"inputs have structure {spec}, but the model was compiled for "
-                                     f"{self._captured.in_spec}")
+        if not kwargs and len(args) == self._positional_tensors and all(type(a) is torch.Tensor for a in args):
+            leaves = args     # the structure compiled for: no pytree walk (~25 us a call, a tenth of a tiny model's)
+        else:
+            kwargs = self._captured.bound.graph_kwargs(kwargs)   # constant keywords: the compiled value or left out
+            flat, spec = pytree.tree_flatten((args, kwargs))
+            if spec != self._captured.in_spec:
+                raise InputMismatchError(f"inputs have structure {spec}, but the model was compiled for "
+                                         f"{self._captured.in_spec}")
+            leaves = _tensor_leaves(flat)
         if self.kernel_launcher is None:
-            outputs = self._executor.run(_tensor_leaves(flat))
+            outputs = self._executor.run(leaves)
         else:
             with use_launcher(self.kernel_launcher):
-                outputs = self._executor.run(_tensor_leaves(flat))
+                outputs = self._executor.run(leaves)
+        if self._one_output:
+            return outputs[0]
         return pytree.tree_unflatten(outputs, self._captured.out_spec)
+
+    @functools.cached_property
+    def _positional_tensors(self) -> int:
+        """N where the model was compiled for N positional inputs and no keywords (its inputs then need no
+        pytree walk when they are N plain tensors), else -1."""
+        count = self._captured.in_spec.num_leaves
+        return count if pytree.tree_structure((tuple(range(count)), {})) == self._captured.in_spec else -1
+
+    @functools.cached_property
+    def _one_output(self) -> bool:
+        return self._captured.out_spec.is_leaf()
 
     def graph_modules(self) -> list[torch.nn.Module]:
         """The graphs this model keeps (rewritten, captured): what program sharing re-points with its constants."""

@@ -47,6 +47,14 @@ def resolve_op(qualname: str, backend: str) -> Callable[..., Any]:
         raise RuntimeProgramError(str(err.args[0])) from None
 
 
+def instruction_kernel(qualname: str, backend: str, args: list, kwargs: dict) -> Optional[Callable[..., Any]]:
+    """A sparse op's kernel made for one instruction (OpDef.instruction_kernels), or None."""
+    if not qualname.startswith("sparsecc::"):
+        return None
+    factory = get_op(qualname).instruction_kernels.get(backend)
+    return factory(args, kwargs) if factory is not None else None
+
+
 def decode_arg(arg: Any, constants: dict[str, torch.Tensor]) -> Any:
     """Turn the JSON encoding of an argument into a template with `Reg` placeholders."""
     if isinstance(arg, list):
@@ -100,11 +108,12 @@ class Executor:
 
     def _prepare(self, index, inst, constants) -> "Step":
         fn = resolve_op(inst.op, self.backend)
-        fn = self.fused.get(index) or self.kernels.get(inst.op, fn)
-        if self.guard is not None and self.guard.watches(index, inst):
-            fn = self.guard.wrap(index, inst, fn)
         args = [decode_arg(a, constants) for a in inst.args]
         kwargs = {k: decode_arg(v, constants) for k, v in inst.kwargs.items()}
+        replaced = self.fused.get(index) or self.kernels.get(inst.op)
+        fn = replaced or instruction_kernel(inst.op, self.backend, args, kwargs) or fn
+        if self.guard is not None and self.guard.watches(index, inst):
+            fn = self.guard.wrap(index, inst, fn)
         registers = tuple((i, a.index) for i, a in enumerate(args) if isinstance(a, Reg))
         nested = tuple(i for i, a in enumerate(args) if isinstance(a, list) and _has_reg(a))
         dynamic_kwargs = tuple(k for k, v in kwargs.items() if _has_reg(v))

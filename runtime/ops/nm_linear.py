@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..kernels.cpu.nm_linear import nm_linear_cpu, nm_linear_problem
+from ..kernels.cpu.nm_linear import instruction_call, nm_linear_cpu, nm_linear_problem
 from .registry import OpDef, has_data
 
 
@@ -73,4 +73,4 @@ def _samples() -> list[tuple]:
 NM_LINEAR = OpDef(name="nm_linear", op=torch.ops.sparsecc.nm_linear.default,
                   kernels={"torch": nm_linear_cpu, "triton": nm_linear_triton},
                   verify=verify_nm_linear, onnx_export="nm_linear", attrs=("n", "m", "in_features"),
-                  samples=_samples)
+                  samples=_samples, instruction_kernels={"torch": instruction_call})

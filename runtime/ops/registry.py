@@ -37,6 +37,10 @@ class OpDef:
     attrs: tuple[str, ...] = field(default=())  # non-tensor arguments, printed as {k=v}
     # Small well-formed argument tuples (CPU), for the registry test that walks every op.
     samples: Optional[Callable[[], list[tuple]]] = None
+    # backend -> factory(args, kwargs) of a kernel for one program instruction, given its decoded arguments
+    # (constants as tensors, registers as placeholders): a callable with the kernel's signature that may keep
+    # what the instruction's fixed operands let it decide once, or None where it has nothing to keep
+    instruction_kernels: dict[str, Callable[[list, dict], Optional[Callable[..., Any]]]] = field(default_factory=dict)
 
     @property
     def qualname(self) -> str:

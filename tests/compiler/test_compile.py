@@ -81,8 +81,13 @@ def test_output_structure_and_dynamic_batch():
     model = TwoHeads()
     batch = torch.export.Dim("batch", min=1, max=32)
     compiled = sparsecc.compile(model, (torch.randn(4, 16),), sparsity="2:4", dynamic_shapes=({0: batch},))
-    out = compiled(torch.randn(9, 16))
+    x = torch.randn(9, 16)
+    out = compiled(x)       # plain positional tensors: no pytree walk over the inputs
     assert set(out) == {"a", "pair"} and out["a"].shape == (9, 8) and out["pair"][0].shape == (9, 4)
+    walked = compiled(torch.nn.Parameter(x, requires_grad=False))   # a tensor subclass: the pytree path
+    torch.testing.assert_close(walked, out)
+    with pytest.raises(sparsecc.runtime.InputMismatchError, match="structure"):
+        compiled((x,))
 
 
 @pytest.mark.parametrize("dim", [torch.export.Dim("batch"), torch.export.Dim.DYNAMIC, torch.export.Dim.AUTO])
