@@ -122,7 +122,7 @@ class CompiledModel:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not kwargs and len(args) == self._positional_tensors and all(type(a) is torch.Tensor for a in args):
-            leaves = args     # the structure compiled for: no pytree walk (~25 us a call, a tenth of a tiny model's)
+            leaves = args     # the structure compiled for: no pytree walk (12-28 us a call, measured twice)
         else:
             kwargs = self._captured.bound.graph_kwargs(kwargs)   # constant keywords: the compiled value or left out
             flat, spec = pytree.tree_flatten((args, kwargs))

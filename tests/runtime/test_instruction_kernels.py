@@ -78,3 +78,32 @@ def test_only_constant_operands_get_an_instruction_call():
     assert isinstance(instruction_call([object(), values, indices, None, 2, 4, 64], {}), InstructionCall)
     assert instruction_call([object(), object(), indices, bias, 2, 4, 64], {}) is None   # values in a register
     assert instruction_call([object()], {}) is None
+
+
+def test_a_constant_swapped_behind_the_same_pointer_and_version_is_checked_again():
+    """`.data =` keeps the version counter; a slice keeps the pointer: the shape in the state catches it."""
+    values, indices, bias = layer(rows=64)
+    call, x = InstructionCall(values, indices, bias), torch.randn(1, 64)
+    assert call(x, values, indices, bias, 2, 4, 64).shape == (1, 64)
+    versions = (values._version, indices._version, bias._version)
+    values.data, indices.data, bias.data = values.data[:32], indices.data[:32], bias.data[:32]
+    assert (values._version, indices._version, bias._version) == versions
+    y = call(x, values, indices, bias, 2, 4, 64)
+    assert y.shape == (1, 32)
+    torch.testing.assert_close(y, reference(x, values, indices, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_clearing_the_compiled_kernels_drops_the_kept_runner():
+    from sparsecc.runtime.kernels.cpu.mlir import jit
+    values, indices, bias = layer()
+    call = InstructionCall(values, indices, bias)
+    call(torch.randn(1, 64), values, indices, bias, 2, 4, 64)
+    assert call.last is not None
+    jit.clear_compiled()
+    assert call.last is None
+
+
+def test_operands_passed_by_name_get_an_instruction_call_too():
+    values, indices, bias = layer()
+    made = instruction_call([object()], {"values": values, "indices": indices, "bias": bias})
+    assert isinstance(made, InstructionCall) and made.operands == (values, indices, bias)

@@ -51,7 +51,12 @@ class LayerCalls:
         self._by_id.clear()
 
 
-_every: "weakref.WeakSet[LayerCalls]" = weakref.WeakSet()
+_every: "weakref.WeakSet[Any]" = weakref.WeakSet()   # LayerCalls and clear_with_memos holders
+
+
+def clear_with_memos(holder: Any) -> None:
+    """Have `holder.clear()` called with every memo's (an object keeping runners outside a LayerCalls)."""
+    _every.add(holder)
 
 
 def forget_bound_calls() -> None:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ...nm_format import nm_weight_problem
 from ..checks import refuse
-from .layer_calls import LayerCalls, environ_value
+from .layer_calls import LayerCalls, clear_with_memos, environ_value
 from .mlir.nm_decode import DecodeCall, decode_spec
 from .nm_paths import FORCE_ENV, KEEPS, RUNNERS, choose_path
 
@@ -51,20 +51,26 @@ def checked_runner(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Te
 class InstructionCall:
     """nm_linear for one program instruction whose values, indices and bias are constants (the same tensors
     every call): the runner its last call took, kept with the state it was taken for (x's shape, dtype and
-    device, the constants' versions and pointers, the forcing variable, the thread count) and run again
-    while that state holds. Checking the state costs ~0.8 us where the memo's key and lookup cost ~1.9 (2-core
-    Zen 4), a sixth of a 384x128 layer's call at the example's size. Anything else goes to nm_linear_cpu."""
+    device, the constants' shapes, dtypes, versions and pointers, the forcing variable, the thread count) and
+    run again while that state holds. Checking the state costs ~1 us where the memo's key and lookup cost
+    ~1.9 (2-core Zen 4), a sixth of a 384x128 layer's call at the example's size. Anything else goes to
+    nm_linear_cpu; jit.clear_compiled and tuning_cache.forget drop the kept runner with the memos'."""
 
     def __init__(self, values: Tensor, indices: Tensor, bias: Optional[Tensor]):
         self.operands = (values, indices, bias)
         self.last: Optional[tuple] = None      # (state, runner), replaced whole: callers on two threads are safe
+        clear_with_memos(self)
+
+    def clear(self) -> None:
+        self.last = None
 
     def __call__(self, x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], n: int, m: int,
                  in_features: int, keep: str = "memory") -> Tensor:
         try:
-            state = (x.shape, x.dtype, x.device, values._version, indices._version, values.data_ptr(),
-                     indices.data_ptr(), None if bias is None else (bias._version, bias.data_ptr()), n, m,
-                     in_features, keep, environ_value(FORCE_ENV), torch.get_num_threads())
+            state = (x.shape, x.dtype, x.device, values.shape, values.dtype, values._version, values.data_ptr(),
+                     indices.shape, indices.dtype, indices._version, indices.data_ptr(),
+                     None if bias is None else (bias.shape, bias.dtype, bias._version, bias.data_ptr()),
+                     n, m, in_features, keep, environ_value(FORCE_ENV), torch.get_num_threads())
         except RuntimeError:    # an inference tensor has no version counter: checked on every call
             return nm_linear_cpu(x, values, indices, bias, n, m, in_features, keep)
         last, mine = self.last, self._given(values, indices, bias)
@@ -81,11 +87,16 @@ class InstructionCall:
         return values is mine[0] and indices is mine[1] and bias is mine[2]
 
 
+_OPERANDS = ("x", "values", "indices", "bias")   # nm_linear's schema, in order
+
+
 def instruction_call(args: list, kwargs: dict) -> Optional[InstructionCall]:
-    """OpDef.instruction_kernels["torch"]: an InstructionCall where values, indices and bias are constants."""
-    if len(args) < 4:
+    """OpDef.instruction_kernels["torch"]: an InstructionCall where values, indices and bias (passed by
+    position or by name) are constants."""
+    given = {**dict(zip(_OPERANDS, args)), **{k: v for k, v in kwargs.items() if k in _OPERANDS}}
+    if not {"values", "indices", "bias"} <= given.keys():
         return None
-    values, indices, bias = args[1:4]
+    values, indices, bias = given["values"], given["indices"], given["bias"]
     constant = isinstance(values, Tensor) and isinstance(indices, Tensor) and (bias is None or isinstance(bias, Tensor))
     return InstructionCall(values, indices, bias) if constant else None
 
