@@ -11,7 +11,7 @@ export PYTHONPATH=/tmp/pkg:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
 python3 -c "import transformers; print('transformers', transformers.__version__)" 2>&1 | tail -1 | tee -a "$out/gpu.txt"
-timeout "$test_s" python3 -m pytest -q -m gpu tests -p no:cacheprovider -rs 2>&1 | tail -60 > "$out/gpu_tests.log"
+timeout "$test_s" python3 -m pytest -q -n 0 -m gpu tests -p no:cacheprovider -rs 2>&1 | tail -60 > "$out/gpu_tests.log"
 tail -25 "$out/gpu_tests.log"
 timeout "$bench_s" python3 bench/gpu_kernels.py --json "$out/gpu_kernels.json" 2>&1 | tee "$out/gpu_kernels.log" | tail -30
 timeout 150 python3 bench/attention_model.py --device cuda --window-seq 32768 --json "$out/attention_model.json" 2>&1 | tail -12 | tee "$out/attention_model.log"
