@@ -50,15 +50,15 @@ def checked_runner(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Te
 
 class InstructionCall:
     """nm_linear for one program instruction whose values, indices and bias are constants (the same tensors
-    every call): the runner its last call took, kept with the state it was taken for (x's shape, dtype and
-    device, the constants' shapes, dtypes, versions and pointers, the forcing variable, the thread count) and
-    run again while that state holds. Checking the state costs ~1 us where the memo's key and lookup cost
-    ~1.9 (2-core Zen 4), a sixth of a 384x128 layer's call at the example's size. Anything else goes to
-    nm_linear_cpu; jit.clear_compiled and tuning_cache.forget drop the kept runner with the memos'."""
+    every call): the runner its last call took, kept with the memo key it was taken for (`call_key`: x's
+    shape, dtype and device, the constants' shapes, dtypes, versions and pointers, the forcing variable, the
+    thread count) and run again while the key is equal: no hashing and no memo lookup, 0.2-0.6 us of a
+    ~8 us 384x128 layer call at the example's size (2-core Zen 4). Anything else goes to nm_linear_cpu;
+    jit.clear_compiled and tuning_cache.forget drop the kept runner."""
 
     def __init__(self, values: Tensor, indices: Tensor, bias: Optional[Tensor]):
         self.operands = (values, indices, bias)
-        self.last: Optional[tuple] = None      # (state, runner), replaced whole: callers on two threads are safe
+        self.last: Optional[tuple] = None      # (key, runner), replaced whole: callers on two threads are safe
         clear_with_memos(self)
 
     def clear(self) -> None:
@@ -66,19 +66,13 @@ class InstructionCall:
 
     def __call__(self, x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], n: int, m: int,
                  in_features: int, keep: str = "memory") -> Tensor:
-        try:
-            state = (x.shape, x.dtype, x.device, values.shape, values.dtype, values._version, values.data_ptr(),
-                     indices.shape, indices.dtype, indices._version, indices.data_ptr(),
-                     None if bias is None else (bias.shape, bias.dtype, bias._version, bias.data_ptr()),
-                     n, m, in_features, keep, environ_value(FORCE_ENV), torch.get_num_threads())
-        except RuntimeError:    # an inference tensor has no version counter: checked on every call
-            return nm_linear_cpu(x, values, indices, bias, n, m, in_features, keep)
-        last, mine = self.last, self._given(values, indices, bias)
-        if last is not None and mine and last[0] == state:
+        key = call_key(x, values, indices, bias, n, m, in_features, keep)
+        last, mine = self.last, key is not None and self._given(values, indices, bias)
+        if mine and last is not None and last[0] == key:
             return last[1](x, values, indices, bias, n, m, in_features)
         run = checked_runner(x, values, indices, bias, n, m, in_features, keep)
         if mine:
-            self.last = (state, run)
+            self.last = (key, run)
         return run(x, values, indices, bias, n, m, in_features)
 
     def _given(self, values: Tensor, indices: Tensor, bias: Optional[Tensor]) -> bool:

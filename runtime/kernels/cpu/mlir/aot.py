@@ -6,8 +6,7 @@ recorded shape) is built for each named target's baseline features (targets.py) 
 cache. A kernel the target cannot hold is listed with the reason instead of an object.
 Each form of a decode kernel (codegen.ISAS) is its own MLIR text, so its own entry: every form the
 kernel's shape has is listed (the AVX-512 form needs K a multiple of 32, the AVX2 form of 16), built for
-the targets that hold it. A
-host generates the text of the form it runs, whose hash finds that form's object.
+the targets that hold it. A host generates the text of the form it runs, whose hash finds that form's object.
 
     manifest "cpu_kernels": [{"id", "kernel": "decode"|"decompress"|"dense", "dtype", "isa", "name",
                               "source_sha256", "binaries": {"cpu:x86-64-v4": {"file", "cpu"}},
