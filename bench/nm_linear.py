@@ -10,9 +10,10 @@ calls it (the path it took, measured per token bucket by the runtime's
 autotune, is printed beside it). The three are timed one call each in turn,
 round after round (medians after a warm-up), so a drifting machine slows all
 alike; ratios are dense time / sparsecc time (> 1: sparsecc is faster).
-With CUDA also fp16 cuBLAS, the Triton kernel and torch's semi-structured 2:4
-(`to_sparse_semi_structured`), timed with `triton.testing.do_bench` (median);
-their ratios are time / dense time.
+With CUDA also fp16 cuBLAS, the Triton kernel, torch's semi-structured 2:4
+(`to_sparse_semi_structured`) and the runtime's direct cuSPARSELt path
+(`kernels/cusparselt.py`: `_cslt_sparse_mm` on a weight compressed once),
+timed with `triton.testing.do_bench` (median); their ratios are time / dense time.
 """
 from __future__ import annotations
 
@@ -160,6 +161,18 @@ def semi_structured_ms(layer: dict, x: torch.Tensor) -> tuple[float | None, str]
         return None, f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"
 
 
+def cusparselt_ms(layer: dict, x: torch.Tensor) -> tuple[float | None, str]:
+    """The runtime's direct cuSPARSELt path (compressed weight and algorithm search made on the first call)."""
+    from sparsecc.runtime.kernels.cusparselt import nm_linear_cusparselt
+    run = lambda: nm_linear_cusparselt(x, layer["values"], layer["indices"], None, N, M, layer["in"])  # noqa: E731
+    try:
+        reference = F.linear(x.float(), layer["dense"].float())
+        error = float((run().float() - reference).norm() / reference.norm())
+        return gpu_ms(run), f"cuSPARSELt rel.err {error:.1e}"
+    except Exception as err:  # not 2:4, no cuSPARSELt in this torch, unsupported GPU: report why
+        return None, f"cuSPARSELt {type(err).__name__}: {str(err).splitlines()[0][:80]}"
+
+
 def gpu_columns(shape: tuple[int, int], tokens: int, sweep: bool) -> dict:
     layer = pruned_layer(*shape, torch.float16, "cuda")
     x = torch.randn(tokens, shape[1], dtype=torch.float16, device="cuda")
@@ -169,6 +182,7 @@ def gpu_columns(shape: tuple[int, int], tokens: int, sweep: bool) -> dict:
     row["gpu_decompress_ms"], row["gpu_decompress_config"], row["gpu_decompress_rel_err"] = \
         decompress_path_ms(layer, x, sweep)
     row["gpu_semi_ms"], row["gpu_semi_note"] = semi_structured_ms(layer, x)
+    row["gpu_cslt_ms"], row["gpu_cslt_note"] = cusparselt_ms(layer, x)
     return row
 
 
@@ -194,7 +208,8 @@ def print_table(rows: list[dict]) -> None:
                     cells.append(f"{ms:8.3f} {dense / ms:5.2f}x {path[:6]:>6}")
             print(f"{r['shape']:>12} {r['tokens']:>4} " + " ".join(cells))
     cols = [("gpu_dense_fp16_ms", "gpu_dense_fp16_ms"), ("gpu_fused_ms", "gpu_dense_fp16_ms"),
-            ("gpu_decompress_ms", "gpu_dense_fp16_ms"), ("gpu_semi_ms", "gpu_dense_fp16_ms")]
+            ("gpu_decompress_ms", "gpu_dense_fp16_ms"), ("gpu_semi_ms", "gpu_dense_fp16_ms"),
+            ("gpu_cslt_ms", "gpu_dense_fp16_ms")]
     if not any("gpu_dense_fp16_ms" in r for r in rows):
         return
     print(f"{'out x in':>12} {'tok':>4} {'bytes':>6} " + " ".join(f"{c[0][:-3]:>17}" for c in cols))
@@ -205,7 +220,7 @@ def print_table(rows: list[dict]) -> None:
             print(f"{r['shape']} tok={r['tokens']}: fused {r['gpu_fused_config']} rel.err "
                   f"{r['gpu_fused_rel_err']:.1e}, decompress {r['gpu_decompress_config']} rel.err "
                   f"{r['gpu_decompress_rel_err']:.1e} "
-                  f"{r['gpu_semi_note']}".rstrip())
+                  f"{r['gpu_semi_note']} {r['gpu_cslt_note']}".rstrip())
 
 
 def main() -> None:

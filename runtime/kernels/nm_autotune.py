@@ -3,14 +3,21 @@
 Candidates for y = x @ W^T + b with W N:M-compressed:
   "triton"           the Triton launcher (fused decompress-in-tile kernel up to
                      16 tokens, Triton decompression + cuBLAS above)
+  "cusparselt"       cuSPARSELt's 2:4 GEMM called directly (kernels/cusparselt.py:
+                     weight compressed once, algorithm searched once per shape);
+                     2:4, fp16/bf16, sizes multiples of 16, from MIN_SPARSE_GEMM_TOKENS tokens
   "semi_structured"  torch's 2:4 semi-structured weight (cuSPARSELt, or CUTLASS
                      where cuSPARSELt is absent) through F.linear; only 2:4,
                      fp16/bf16, and shapes to_sparse_semi_structured accepts;
-                     tried from MIN_SEMI_STRUCTURED_TOKENS tokens (large batched GEMMs)
+                     from MIN_SPARSE_GEMM_TOKENS tokens (large batched GEMMs)
+  "dense"            keep="speed" only: a dense copy of the weight kept, cuBLAS
 The first call for a key (device name, dtype, N:M, out x in, token bucket =
-next power of two) times each candidate that runs and keeps the fastest,
+next power of two, keep) times each candidate that runs and keeps the fastest,
 remembered by kernels/tuning_cache.py (in memory and in a JSON file, so a
-later process does not tune again). SPARSECC_NM_PATH=triton|semi_structured forces a path.
+later process does not tune again). A candidate whose output disagrees with the
+first one's (the Triton launcher, tested on every backend) is left out with the
+reason: a path never measured on this GPU cannot be chosen for its speed if its
+numbers are wrong. SPARSECC_NM_PATH=triton|cusparselt|semi_structured|dense forces a path.
 """
 from __future__ import annotations
 
@@ -24,19 +31,23 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..nm_format import decompress_nm
+from . import cusparselt
 from .checks import refuse
 from .cpu.nm_linear import nm_linear_problem
 from .tuning_cache import bucket, fastest, remembered
 
-PATHS = ("triton", "semi_structured")
-MIN_SEMI_STRUCTURED_TOKENS = 64
+PATHS = ("triton", "cusparselt", "semi_structured", "dense")
+MIN_SPARSE_GEMM_TOKENS = 64
+MAX_DISAGREEMENT = 1e-2    # |y - y_triton| / |y_triton| above which a candidate is left out (bf16 eps 7.8e-3)
+TUNING_VERSION = 2         # in the key: choices made before cuSPARSELt and the dense copy were candidates retune
 _semi_weights = WeakIdKeyDictionary()     # values tensor -> (version, SparseSemiStructuredTensor)
+_dense_weights = WeakIdKeyDictionary()    # values tensor -> (version, dtype, dense weight): keep="speed" only
 
 
 def tuning_key(tokens: int, out_features: int, in_features: int, n: int, m: int, dtype: torch.dtype,
-               device: torch.device) -> str:
-    return f"{torch.cuda.get_device_name(device)}|{str(dtype).removeprefix('torch.')}|{n}:{m}|" \
-           f"{out_features}x{in_features}|tokens<={bucket(tokens)}"
+               device: torch.device, keep: str = "memory") -> str:
+    return f"{torch.cuda.get_device_name(device)}|v{TUNING_VERSION}|{str(dtype).removeprefix('torch.')}|{n}:{m}|" \
+           f"{out_features}x{in_features}|tokens<={bucket(tokens)}|keep={keep}"
 
 
 def semi_structured_weight(values: Tensor, indices: Tensor, n: int, m: int, in_features: int, dtype: torch.dtype):
@@ -62,14 +73,42 @@ def _run_semi_structured(x, values, indices, bias, n, m, in_features):
     return y.reshape(*x.shape[:-1], values.shape[0])
 
 
-RUNNERS: dict[str, Callable] = {"triton": _run_triton, "semi_structured": _run_semi_structured}
+def _run_dense(x, values, indices, bias, n, m, in_features):
+    """F.linear on a dense copy of the pruned weight, made once per weight, version and dtype (keep="speed")."""
+    cached = _dense_weights.get(values)
+    if cached is None or cached[0] != values._version or cached[1] != x.dtype:
+        cached = (values._version, x.dtype, decompress_nm(values, indices, n, m, in_features).to(x.dtype))
+        _dense_weights[values] = cached
+    return F.linear(x, cached[2], None if bias is None else bias.to(x.dtype))
 
 
-def candidates(tokens: int, n: int, m: int, dtype: torch.dtype) -> list[str]:
+RUNNERS: dict[str, Callable] = {"triton": _run_triton, "cusparselt": cusparselt.nm_linear_cusparselt,
+                                "semi_structured": _run_semi_structured, "dense": _run_dense}
+
+
+def candidates(tokens: int, n: int, m: int, dtype: torch.dtype, out_features: int = 0, in_features: int = 0,
+               keep: str = "memory") -> list[str]:
+    """The paths worth timing for this call: the Triton launcher always first (the reference the others are
+    checked against), the 2:4 sparse GEMMs for prefill-sized calls, the dense copy where keep="speed"."""
     paths = ["triton"]
-    if (n, m) == (2, 4) and dtype in (torch.float16, torch.bfloat16) and tokens >= MIN_SEMI_STRUCTURED_TOKENS:
+    half_2_4 = (n, m) == (2, 4) and dtype in (torch.float16, torch.bfloat16)
+    if half_2_4 and tokens >= MIN_SPARSE_GEMM_TOKENS:
+        if cusparselt.available() and cusparselt.unsupported(n, m, dtype, out_features, in_features) is None:
+            paths.append("cusparselt")
         paths.append("semi_structured")
+    if keep == "speed":
+        paths.append("dense")
     return paths
+
+
+def disagreement(got: Tensor, want: Tensor) -> Optional[str]:
+    """Why `got` is not `want` to the tuning tolerance (norm-relative, fp32), or None."""
+    if got.shape != want.shape:
+        return f"shape {list(got.shape)} != {list(want.shape)}"
+    diff = (got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30)
+    if not bool(torch.isfinite(diff)) or float(diff) > MAX_DISAGREEMENT:
+        return f"relative error {float(diff):.3g} > {MAX_DISAGREEMENT} against the Triton path"
+    return None
 
 
 def _time_ms(run: Callable[[], Tensor], repeats: int = 10) -> float:
@@ -85,35 +124,40 @@ def _time_ms(run: Callable[[], Tensor], repeats: int = 10) -> float:
 
 
 def autotune(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], n: int, m: int,
-             in_features: int) -> dict:
-    """{"path": fastest, "ms": {path: time or error}} for this call's shape; a failing candidate is left out."""
-    runners = {path: partial(RUNNERS[path], x, values, indices, bias, n, m, in_features)
-               for path in candidates(x.numel() // in_features, n, m, x.dtype)}
+             in_features: int, keep: str = "memory") -> dict:
+    """{"path": fastest, "ms": {path: time or why not}} for this call's shape; a candidate that fails or
+    disagrees with the Triton path's output is left out."""
+    paths = candidates(x.numel() // in_features, n, m, x.dtype, values.shape[0], in_features, keep)
+    runners = {path: partial(RUNNERS[path], x, values, indices, bias, n, m, in_features) for path in paths}
     try:
-        return fastest(runners, _time_ms)
+        return fastest(runners, _time_ms, agrees=disagreement)
     except RuntimeError as err:
         raise RuntimeError(f"nm_linear: no CUDA path ran for x {list(x.shape)}, weight "
                            f"[{values.shape[0]}, {in_features}] {n}:{m}: {err}") from None
 
 
 def choose_path(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], n: int, m: int,
-                in_features: int) -> str:
+                in_features: int, keep: str = "memory") -> str:
     forced = os.environ.get("SPARSECC_NM_PATH")
     if forced:
         if forced not in PATHS:
             raise ValueError(f"SPARSECC_NM_PATH={forced!r}: expected one of {PATHS}")
+        if forced == "dense" and keep != "speed":
+            raise ValueError('SPARSECC_NM_PATH=dense keeps a dense copy of the weight: only for keep="speed"')
         return forced
     tokens = x.numel() // in_features
-    if len(candidates(tokens, n, m, x.dtype)) == 1:
-        return "triton"
-    key = tuning_key(tokens, values.shape[0], in_features, n, m, x.dtype, x.device)
-    return remembered(key, lambda: autotune(x, values, indices, bias, n, m, in_features))["path"]
+    paths = candidates(tokens, n, m, x.dtype, values.shape[0], in_features, keep)
+    if len(paths) == 1:
+        return paths[0]
+    key = tuning_key(tokens, values.shape[0], in_features, n, m, x.dtype, x.device, keep)
+    path = remembered(key, lambda: autotune(x, values, indices, bias, n, m, in_features, keep))["path"]
+    return path if path in paths else "triton"    # a file from a machine with cuSPARSELt: the reference path
 
 
 def nm_linear_cuda(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], n: int, m: int,
-                   in_features: int) -> Tensor:
+                   in_features: int, keep: str = "memory") -> Tensor:
     """sparsecc::nm_linear on CUDA through the path tuned for this shape (operands checked first, so tuning
     never mistakes a malformed weight for a slow path)."""
-    refuse("nm_linear", nm_linear_problem(x, values, indices, bias, n, m, in_features, check_data=True))
-    path = choose_path(x, values, indices, bias, n, m, in_features)
+    refuse("nm_linear", nm_linear_problem(x, values, indices, bias, n, m, in_features, check_data=True, keep=keep))
+    path = choose_path(x, values, indices, bias, n, m, in_features, keep)
     return RUNNERS[path](x, values, indices, bias, n, m, in_features)

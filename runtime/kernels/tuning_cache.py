@@ -17,7 +17,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Optional
 
 from .cpu.layer_calls import forget_bound_calls
 
@@ -98,18 +98,29 @@ def bucket(tokens: int) -> int:
 
 
 def fastest(runners: dict[str, Callable[[], object]], clock: Callable[[Callable[[], object]], float],
-            rounds: int = 1) -> dict:
-    """{"path": fastest, "ms": {path: ms or "unavailable: why"}}. Each candidate runs once untimed (compiling its
-    kernel, allocating), then `rounds` rounds time every candidate once in turn (a drifting machine slows all
-    alike) and each keeps its median; a candidate that raises is left out with the reason."""
+            rounds: int = 1, agrees: Optional[Callable[[Any, Any], Optional[str]]] = None) -> dict:
+    """{"path": fastest, "ms": {path: ms or "unavailable: why" or "disagrees: why"}}. Each candidate runs once
+    untimed (compiling its kernel, allocating), then `rounds` rounds time every candidate once in turn (a
+    drifting machine slows all alike) and each keeps its median; a candidate that raises is left out with the
+    reason. With `agrees(output, reference) -> why not or None`, the first candidate that runs is the
+    reference and one whose untimed output disagrees with it is left out too."""
     timings: dict[str, object] = {}
     samples: dict[str, list[float]] = {}
+    reference: Any = None
     for path, run in runners.items():
         try:
-            run()
-            samples[path] = []
+            output = run()
         except (RuntimeError, ValueError, NotImplementedError) as err:
             timings[path] = f"unavailable: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+            continue
+        if agrees is not None and samples:
+            why = agrees(output, reference)
+            if why is not None:
+                timings[path] = f"disagrees: {why}"
+                continue
+        elif agrees is not None:
+            reference = output
+        samples[path] = []
     for _ in range(rounds):
         for path in samples:
             samples[path].append(clock(runners[path]))

@@ -10,8 +10,8 @@ path measured fastest per layer and token bucket (`kernels/cpu/nm_paths.py`:
 the MLIR-generated decode kernel, the whole weight or 256-row tiles decompressed
 into a workspace + MKL, or the dense copy);
 CUDA tensors run the path autotuned for the shape (`kernels/nm_autotune.py`): the Triton launcher (the fused kernel up to 16
-tokens, Triton decompression + cuBLAS above) or torch's 2:4 semi-structured
-GEMM. Inference only: no autograd formula is registered.
+tokens, Triton decompression + cuBLAS above), cuSPARSELt's 2:4 GEMM called
+directly, torch's 2:4 semi-structured GEMM, or (keep="speed") a dense copy. Inference only: no autograd formula is registered.
 """
 from __future__ import annotations
 
@@ -26,11 +26,12 @@ from .registry import OpDef, has_data
 
 def nm_linear_triton(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor],
                      n: int, m: int, in_features: int, keep: str = "memory") -> Tensor:
-    """The CUDA path: Triton or torch's 2:4 semi-structured, autotuned per shape (kernels/nm_autotune.py);
+    """The CUDA path: Triton, cuSPARSELt, torch's 2:4 semi-structured or a dense copy, autotuned per shape
+    (kernels/nm_autotune.py);
     the Triton kernel alone on CPU tensors (TRITON_INTERPRET=1). Imported on first call to keep the registry cheap."""
     if x.is_cuda:
         from ..kernels.nm_autotune import nm_linear_cuda
-        return nm_linear_cuda(x, values, indices, bias, n, m, in_features)
+        return nm_linear_cuda(x, values, indices, bias, n, m, in_features, keep)
     from ..kernels.triton.nm_linear import nm_linear_triton as launch
     return launch(x, values, indices, bias, n, m, in_features)
 

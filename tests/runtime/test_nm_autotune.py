@@ -4,16 +4,108 @@ import json
 import pytest
 import torch
 
-from sparsecc.runtime.kernels import nm_autotune, tuning_cache
+from sparsecc.runtime.kernels import cusparselt, nm_autotune, tuning_cache
 from sparsecc.runtime.nm_format import compress_nm, decompress_nm, nm_mask
 
 
-def test_candidates_offer_semi_structured_only_for_large_2_4_half_gemms():
+def test_candidates_offer_the_sparse_gemms_only_for_large_2_4_half_gemms(monkeypatch):
+    monkeypatch.setattr(cusparselt, "available", lambda: False)
     assert nm_autotune.candidates(256, 2, 4, torch.float16) == ["triton", "semi_structured"]
     assert nm_autotune.candidates(256, 2, 4, torch.bfloat16) == ["triton", "semi_structured"]
     assert nm_autotune.candidates(8, 2, 4, torch.float16) == ["triton"]
     assert nm_autotune.candidates(256, 4, 8, torch.float16) == ["triton"]
     assert nm_autotune.candidates(256, 2, 4, torch.float32) == ["triton"]
+    monkeypatch.setattr(cusparselt, "available", lambda: True)     # torch built with cuSPARSELt, a GPU present
+    assert nm_autotune.candidates(256, 2, 4, torch.float16, 4096, 4096) == ["triton", "cusparselt", "semi_structured"]
+    assert nm_autotune.candidates(256, 2, 4, torch.float16, 4096, 4104) == ["triton", "semi_structured"]  # not /16
+    assert nm_autotune.candidates(8, 2, 4, torch.float16, 4096, 4096) == ["triton"]            # decode: Triton
+    assert nm_autotune.candidates(8, 2, 4, torch.float16, 64, 64, keep="speed") == ["triton", "dense"]
+    assert nm_autotune.candidates(8, 4, 8, torch.float32, 64, 64, keep="speed") == ["triton", "dense"]
+
+
+def test_tuning_leaves_out_a_candidate_whose_numbers_disagree_with_the_reference():
+    want = torch.randn(8, 16)
+    runners = {"reference": lambda: want, "close": lambda: want + 1e-4, "wrong": lambda: want.flip(0),
+               "nan": lambda: want * float("nan"), "shape": lambda: want[:4]}
+    entry = tuning_cache.fastest(runners, lambda run: {"close": 1.0}.get(getattr(run, "__name__", ""), 2.0),
+                                 agrees=nm_autotune.disagreement)
+    assert set(k for k, v in entry["ms"].items() if isinstance(v, float)) == {"reference", "close"}
+    assert entry["ms"]["wrong"].startswith("disagrees: relative error")
+    assert entry["ms"]["nan"].startswith("disagrees: relative error nan")
+    assert entry["ms"]["shape"] == "disagrees: shape [4, 16] != [8, 16]"
+
+
+def test_a_failing_reference_hands_the_reference_role_to_the_next_candidate():
+    def broken():
+        raise RuntimeError("no Triton here")
+    want = torch.ones(4)
+    entry = tuning_cache.fastest({"triton": broken, "a": lambda: want, "b": lambda: -want}, lambda run: 1.0,
+                                 agrees=nm_autotune.disagreement)
+    assert entry["path"] == "a" and entry["ms"]["b"].startswith("disagrees")
+
+
+def _fake_cusparselt(monkeypatch, calls):
+    """cuSPARSELt's documented contract on CPU tensors: compress keeps the pruned matrix (a stand-in for its
+    packed form), sparse_mm(A, B, bias, transpose_result) = (A @ B + bias[:, None]) transposed when asked."""
+    def compress(dense):
+        calls.append("compress")
+        assert dense.is_contiguous()
+        return dense.clone()
+
+    def sparse_mm(packed, dense_b, bias=None, alpha=None, out_dtype=None, transpose_result=False, alg_id=0,
+                  split_k=1, split_k_mode=-1):
+        calls.append(("mm", tuple(dense_b.shape), dense_b.stride(), alg_id))
+        assert dense_b.shape[1] % cusparselt.TOKEN_MULTIPLE == 0
+        y = packed.float() @ dense_b.float() + (0 if bias is None else bias.float()[:, None])
+        return (y.t() if transpose_result else y).contiguous().to(packed.dtype)
+
+    def search(packed, dense_b, bias=None, alpha=None, out_dtype=None, transpose_result=False):
+        calls.append("search")
+        return 3
+    monkeypatch.setattr(torch, "_cslt_compress", compress)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", sparse_mm)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", search)
+    monkeypatch.setattr(cusparselt, "_algorithms", {})
+
+
+def test_cusparselt_path_passes_x_transposed_pads_tokens_and_keeps_its_compressed_weight(monkeypatch):
+    calls = []
+    _fake_cusparselt(monkeypatch, calls)
+    values, indices, dense = _weights(32, 64, torch.bfloat16, device="cpu")
+    bias = torch.randn(32, dtype=torch.bfloat16)
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16)               # 10 tokens: padded to 16
+    got = cusparselt.nm_linear_cusparselt(x, values, indices, bias, 2, 4, 64)
+    want = torch.nn.functional.linear(x.float(), dense.float(), bias.float())
+    assert got.shape == (2, 5, 32) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=5e-2)
+    assert calls == ["compress", "search", ("mm", (64, 16), (1, 64), 3)]     # x^T as a column-major view
+    cusparselt.nm_linear_cusparselt(x[:, :4], values, indices, None, 2, 4, 64)   # 8 tokens: another bucket
+    cusparselt.nm_linear_cusparselt(x[:, :4], values, indices, None, 2, 4, 64)   # the same: nothing searched
+    assert calls[3:] == ["search", ("mm", (64, 8), (1, 64), 3), ("mm", (64, 8), (1, 64), 3)]
+    values.mul_(2)                                                 # an in-place change: compressed again
+    got = cusparselt.nm_linear_cusparselt(x, values, indices, bias, 2, 4, 64)
+    assert calls[6] == "compress"
+    torch.testing.assert_close(got.float(), torch.nn.functional.linear(x.float(), 2 * dense.float(), bias.float()),
+                               rtol=2e-2, atol=1e-1)
+
+
+def test_cusparselt_path_refuses_what_cusparselt_cannot_run():
+    values, indices, _ = _weights(24, 64, torch.float16, device="cpu")
+    with pytest.raises(NotImplementedError, match=r"weight \[24, 64\]: both sizes must be multiples of 16"):
+        cusparselt.nm_linear_cusparselt(torch.randn(8, 64, dtype=torch.float16), values, indices, None, 2, 4, 64)
+    with pytest.raises(NotImplementedError, match="fp16/bf16 only"):
+        cusparselt.nm_linear_cusparselt(torch.randn(8, 64), values.float(), indices, None, 2, 4, 64)
+
+
+def test_dense_copy_path_is_made_once_per_weight_version_and_matches():
+    values, indices, dense = _weights(16, 32, torch.float32, device="cpu")
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(nm_autotune.RUNNERS["dense"](x, values, indices, None, 2, 4, 32), x @ dense.T)
+    kept = nm_autotune._dense_weights[values][2]
+    nm_autotune.RUNNERS["dense"](x, values, indices, None, 2, 4, 32)
+    assert nm_autotune._dense_weights[values][2] is kept
+    values.mul_(-1)
+    torch.testing.assert_close(nm_autotune.RUNNERS["dense"](x, values, indices, None, 2, 4, 32), -(x @ dense.T))
 
 
 def test_choices_are_written_atomically_and_read_back(tmp_path, monkeypatch):
@@ -46,6 +138,10 @@ def test_forced_path_is_checked(monkeypatch):
     x = torch.randn(4, 8)
     with pytest.raises(ValueError, match="SPARSECC_NM_PATH='cusparse'"):
         nm_autotune.choose_path(x, x, x, None, 2, 4, 8)
+    monkeypatch.setenv("SPARSECC_NM_PATH", "dense")
+    with pytest.raises(ValueError, match='only for keep="speed"'):
+        nm_autotune.choose_path(x, x, x, None, 2, 4, 8)
+    assert nm_autotune.choose_path(x, x, x, None, 2, 4, 8, keep="speed") == "dense"
 
 
 def _weights(out: int, k: int, dtype, device="cuda"):
@@ -55,7 +151,7 @@ def _weights(out: int, k: int, dtype, device="cuda"):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["triton", "semi_structured"])
+@pytest.mark.parametrize("path", ["triton", "cusparselt", "semi_structured", "dense"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_both_cuda_paths_match_the_dense_pruned_linear(path, dtype):
     values, indices, dense = _weights(256, 512, dtype)
@@ -67,7 +163,7 @@ def test_both_cuda_paths_match_the_dense_pruned_linear(path, dtype):
 
 
 @pytest.mark.gpu
-def test_autotune_times_both_paths_and_caches_the_choice(tmp_path, monkeypatch):
+def test_autotune_times_every_path_and_caches_the_choice(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("SPARSECC_NM_PATH", raising=False)
     tuning_cache.forget()
@@ -76,7 +172,8 @@ def test_autotune_times_both_paths_and_caches_the_choice(tmp_path, monkeypatch):
     y = torch.ops.sparsecc.nm_linear(x, values, indices, None, 2, 4, 1024)   # the registered CUDA kernel
     torch.testing.assert_close(y.float(), x.float() @ dense.float().T, rtol=2e-2, atol=2e-1)
     entry = next(iter(json.loads((tmp_path / "nm_autotune.json").read_text()).values()))
-    assert entry["path"] in ("triton", "semi_structured")
-    assert set(entry["ms"]) == {"triton", "semi_structured"}
+    paths = {"triton", "semi_structured"} | ({"cusparselt"} if cusparselt.available() else set())
+    assert entry["path"] in paths and set(entry["ms"]) == paths
+    assert all(isinstance(ms, float) for ms in entry["ms"].values()), entry    # none failed or disagreed
     assert isinstance(entry["ms"]["triton"], float)
     print("autotune:", entry)
