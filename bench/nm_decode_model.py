@@ -31,7 +31,7 @@ SIZES = [dict(dim=128, heads=4, hidden=384, layers=2, vocab=512),
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def row(size: dict, dtype: torch.dtype, reps: int) -> dict:
+def row(size: dict, dtype: torch.dtype, reps: int, calls: int) -> dict:
     torch.manual_seed(0)
     model = TinyTransformer(**size).to(dtype).eval()
     tokens = torch.randint(0, size["vocab"], (1, 1))
@@ -43,7 +43,7 @@ def row(size: dict, dtype: torch.dtype, reps: int) -> dict:
         dense(tokens), sparse(tokens)
     with torch.no_grad():
         ms = interleaved_ms({"eager": lambda: model(tokens), "dense": lambda: dense(tokens),
-                             "sparse": lambda: sparse(tokens)}, reps)
+                             "sparse": lambda: sparse(tokens)}, reps, calls)
     eager_ms, dense_ms, sparse_ms = ms["eager"], ms["dense"], ms["sparse"]
     paths = sorted({k["path"] for k in sparsecc.api.nm_kernel_choices(sparse)} or {"(one candidate: not tuned)"})
     return {"dim": size["dim"], "layers": size["layers"], "eager_ms": eager_ms, "dense_ms": dense_ms,
@@ -53,15 +53,18 @@ def row(size: dict, dtype: torch.dtype, reps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", choices=DTYPES, default="fp32")
-    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--reps", type=int, default=30, help="rounds: one sample of each model per round")
+    parser.add_argument("--calls", type=int, default=1,
+                        help="consecutive calls per sample (a decode loop's; 1: the models alternate every call)")
     parser.add_argument("--dims", default=",".join(str(size["dim"]) for size in SIZES),
                         help="model widths to run, of " + ", ".join(str(size["dim"]) for size in SIZES))
     args = parser.parse_args()
     dims = {int(d) for d in args.dims.split(",")}
-    print(f"{args.dtype}, {torch.get_num_threads()} threads, 1 token per call")
+    print(f"{args.dtype}, {torch.get_num_threads()} threads, 1 token per call, {args.calls} consecutive call(s) "
+          f"per sample, {args.reps} rounds")
     print(f"{'dim':>5} {'layers':>6} {'eager ms':>9} {'dense ms':>9} {'2:4 ms':>8} {'dense/2:4':>9}  paths")
     for size in (s for s in SIZES if s["dim"] in dims):
-        r = row(size, DTYPES[args.dtype], args.reps)
+        r = row(size, DTYPES[args.dtype], args.reps, args.calls)
         print(f"{r['dim']:>5} {r['layers']:>6} {r['eager_ms']:9.3f} {r['dense_ms']:9.3f} {r['nm_ms']:8.3f} "
               f"{r['dense_ms'] / r['nm_ms']:8.2f}x  {','.join(r['paths'])}", flush=True)
 

@@ -82,10 +82,12 @@ def chosen_path(compiled, tokens: int) -> str:
     return min(entries, key=lambda k: k["tokens"])["path"] if entries else "tiles"
 
 
-def interleaved_ms(fns: dict, reps: int) -> dict:
-    """Median ms of each callable, timed one call each in turn for `reps` rounds after one warm-up call each:
-    a machine that drifts (other tenants, clocks) slows every column alike. The order is shuffled every
-    round: in a fixed order the first of two equal programs measured up to 10 % slower (2-core Zen 4)."""
+def interleaved_ms(fns: dict, reps: int, calls: int = 1) -> dict:
+    """Median ms per call of each callable: each sample times `calls` consecutive calls of one callable (as a
+    decode loop makes them: its weights warm in the caches), samples taken one callable after another for
+    `reps` rounds after one warm-up call each: a machine that drifts (other tenants, clocks) slows every column
+    alike. The order is shuffled every round: in a fixed order the first of two equal programs measured up to
+    10 % slower (2-core Zen 4)."""
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
@@ -94,8 +96,9 @@ def interleaved_ms(fns: dict, reps: int) -> dict:
         shuffle(order)
         for name, fn in order:
             start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1e3)
+            for _ in range(calls):
+                fn()
+            times[name].append((time.perf_counter() - start) * 1e3 / calls)
     return {name: statistics.median(t) for name, t in times.items()}
 
 

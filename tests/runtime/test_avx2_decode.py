@@ -7,7 +7,7 @@ import sparsecc
 from sparsecc.runtime.kernels.cpu.mlir import aot, host, jit, nm_decode, objects, targets
 from sparsecc.runtime.kernels.cpu.mlir.codegen import ISAS, DecodeSpec, decode_kernel_text, unsupported
 from sparsecc.runtime.kernels.cpu.mlir.jit import CompiledKernel
-from sparsecc.runtime.kernels.cpu.mlir.nm_decode import nm_linear_mlir, run_decode, runnable_spec
+from sparsecc.runtime.kernels.cpu.mlir.nm_decode import COMPACT_BLOCKING, nm_linear_mlir, run_decode, runnable_spec
 from sparsecc.runtime.nm_format import compress_nm, decompress_nm, nm_mask
 from sparsecc.runtime.signing import generate_key
 
@@ -37,8 +37,8 @@ def run_rows(kernel: CompiledKernel, spec: DecodeSpec, values, indices, x, bias,
     return y
 
 
-def avx2_spec(k, n, m, tokens):
-    return DecodeSpec("float32", k, n, m, tokens, isa="avx2")
+def avx2_spec(k, n, m, tokens, blocking=(0, 0)):
+    return DecodeSpec("float32", k, n, m, tokens, *blocking, isa="avx2")
 
 
 @pytest.fixture
@@ -185,7 +185,7 @@ def load_and_run(path, x, public):
     jit.clear_compiled()
     model = sparsecc.runtime.load(path, trusted_keys=[public])
     y = model(x)
-    return model, y, jit.decode_kernel(runnable_spec("float32", K, 2, 4, 1)).origin
+    return model, y, jit.decode_kernel(runnable_spec("float32", K, 2, 4, 1, compact=True)).origin   # a small weight
 
 
 @needs_objects
@@ -197,7 +197,7 @@ def test_the_v3_objects_are_the_avx2_form_of_each_fp32_decode_kernel(signed):
     assert all(list(k["binaries"]) == ["cpu:x86-64-v3"] for k in avx2)
     assert all(list(k["binaries"]) == ["cpu:x86-64-v4"] for k in decode if k["isa"] == "avx512")
     assert {k["source_sha256"] for k in avx2} == \
-        {objects.source_sha256(decode_kernel_text(avx2_spec(K, 2, 4, 1)))}
+        {objects.source_sha256(decode_kernel_text(avx2_spec(K, 2, 4, 1, COMPACT_BLOCKING)))}
 
 
 @needs_objects
@@ -206,7 +206,7 @@ def test_an_avx2_host_loads_the_v3_objects_and_matches(signed, avx2_host):
     avx2_host.setenv("SPARSECC_NM_CPU_PATH", "generated")
     model, y, origin = load_and_run(path, x, public)
     assert model.cpu_kernels.startswith("cpu kernels: using the cpu:x86-64-v3 objects")
-    assert origin == "artifact" and runnable_spec("float32", K, 2, 4, 1).isa == "avx2"
+    assert origin == "artifact" and runnable_spec("float32", K, 2, 4, 1, compact=True).isa == "avx2"
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -1,5 +1,6 @@
 """Named CPU targets in artifacts: objects for cpu:x86-64-v4 are used only from a signed, trusted artifact."""
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from sparsecc.inspect_artifact import describe_artifact
 from sparsecc.runtime import ArtifactError
 from sparsecc.runtime.artifact import parse_target
 from sparsecc.runtime.kernels.cpu.mlir import aot, jit, objects, targets
-from sparsecc.runtime.kernels.cpu.mlir.codegen import DecodeSpec
+from sparsecc.runtime.kernels.cpu.mlir.codegen import COMPACT_BLOCKING, MAX_TOKENS, DecodeSpec
 from sparsecc.runtime.kernels.cpu.mlir.host import missing_features
 from sparsecc.runtime.kernels.cpu.mlir.nm_decode import mlir_available, runnable_spec
 from sparsecc.runtime.signing import generate_key
@@ -40,7 +41,7 @@ def load_and_run(path, x, **load_args):
     jit.clear_compiled()
     model = sparsecc.runtime.load(path, **load_args)
     y = model(x)
-    return model, y, jit.decode_kernel(runnable_spec("float32", K, 2, 4, 1)).origin
+    return model, y, jit.decode_kernel(runnable_spec("float32", K, 2, 4, 1, compact=True)).origin   # a small weight
 
 
 @needs_objects
@@ -110,6 +111,17 @@ def test_kernels_a_target_cannot_hold_are_listed_not_built():
     assert all("needs avx512f" in entry["skipped"]["cpu:x86-64-v3"] for name, entry in built.items() if name not in held)
     bf16 = [s for s in sources if s.dtype == "bfloat16"]
     assert "avx512_bf16" in json.dumps(aot.build_cpu_kernels(bf16, ["cpu:x86-64-v4"])[0]["skipped"])
+
+
+def test_sweeping_tokens_builds_each_count_blocked_as_the_runtime_asks_for_it():
+    """A recorded compact one-token kernel: at one token both blockings (the runtime picks by the weight's
+    size), elsewhere the default; every AVX-512 spec also in its AVX2 form."""
+    recorded = DecodeSpec("float32", 64, 2, 4, 1, *COMPACT_BLOCKING)
+    names = {s.name for s in aot.kernel_sources({("decode", recorded)}, sweep_tokens=True) if s.isa == "avx512"}
+    assert recorded.name in names and DecodeSpec("float32", 64, 2, 4, 1).name in names
+    assert DecodeSpec("float32", 64, 2, 4, 8).name in names and len(names) == MAX_TOKENS + 1
+    assert {s.name for s in aot.kernel_sources({("decode", recorded)}, sweep_tokens=False)} == \
+        {recorded.name, replace(recorded, isa="avx2").name}
 
 
 def test_unknown_cpu_targets_are_refused_with_the_names():

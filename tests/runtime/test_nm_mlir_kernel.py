@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from sparsecc.runtime.errors import RuntimeProgramError
-from sparsecc.runtime.kernels.cpu.mlir import host, nm_decode
-from sparsecc.runtime.kernels.cpu.mlir.codegen import DecodeSpec, decode_kernel_text, unsupported
+from sparsecc.runtime.kernels.cpu.mlir import host, jit, nm_decode
+from sparsecc.runtime.kernels.cpu.mlir.codegen import COMPACT_BLOCKING, DecodeSpec, decode_kernel_text, unsupported
 from sparsecc.runtime.kernels.cpu.mlir.host import missing_features
 from sparsecc.runtime.kernels.cpu.mlir.nm_decode import chunk_rows, nm_decompress_mlir, nm_linear_mlir
 from sparsecc.runtime.nm_format import compress_nm, decompress_nm, nm_mask
@@ -71,6 +71,48 @@ def test_every_offered_pattern_of_m_8_and_16_equals_dense_linear(pattern, dtype,
         assert nm_linear_mlir(torch.randn(tokens, 256).to(dtype), values, indices, None, *pattern, 256) is None
         return
     check(40, 256, *pattern, dtype, (tokens,), with_bias=True)
+
+
+@needs_bf16
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("blocking", [(2, 1), (4, 1), (8, 1), (16, 1), (8, 2), (4, 2)])
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_row_blocks_reduce_together_and_leave_the_tail_rows_right(blocking, dtype, tokens):
+    """Blocks of 2-16 rows sum their rows' lanes in one shuffle tree and store one vector per token; 61 rows
+    leave a tail the one-row loop runs, with and without a bias."""
+    values, indices = make_layer(61, 128, 2, 4, dtype)
+    spec = DecodeSpec({torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype], 128, 2, 4, tokens, *blocking)
+    if unsupported(spec):
+        pytest.skip(unsupported(spec))     # 16 rows x 2 tokens: more accumulators than registers
+    assert "vector.shuffle" in decode_kernel_text(spec) and f"_r{blocking[0]}_u{blocking[1]}_" in spec.name
+    for bias in (torch.randn(61).to(dtype), None):
+        x = torch.randn(tokens, 128).to(dtype)
+        y = nm_decode.run_decode(spec, x, values, indices, bias)
+        expected = reference(x, values, indices, bias, 2, 4, 128)
+        tolerance = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
+        torch.testing.assert_close(y.float(), expected.float(), **tolerance)
+
+
+def test_a_blocking_that_would_step_past_a_row_is_refused():
+    """K = 96 is three 32-column windows: two windows a loop step would read past the row's end."""
+    spec = DecodeSpec("float32", 96, 2, 4, 1, 8, 2)
+    assert "unroll must divide the 3 windows" in unsupported(spec)
+    assert "accumulators exceed" in unsupported(DecodeSpec("float32", 128, 2, 4, 4, 8, 1))    # 8 rows x 4 tokens
+    with pytest.raises(ValueError, match="no N:M decode kernel .* unroll must divide"):
+        jit.decode_kernel(spec)
+
+
+@needs_fp32
+def test_one_token_on_a_weight_in_cache_takes_the_compact_blocking():
+    small, _ = make_layer(64, 128, 2, 4, torch.float32)
+    large = torch.empty(nm_decode.MAX_COMPACT_BYTES // 4 // 64 + 1, 64)     # just over the size, K = 128 at 2:4
+    one, eight = torch.randn(1, 128), torch.randn(8, 128)
+    assert nm_decode.decode_spec(one, small, 2, 4, 128).blocking == COMPACT_BLOCKING
+    assert nm_decode.decode_spec(one, large, 2, 4, 128).blocking != COMPACT_BLOCKING
+    assert nm_decode.decode_spec(eight, small, 2, 4, 128).blocking != COMPACT_BLOCKING
+    # K = 96: three 32-column windows, one a loop step: the compact blocking runs there too
+    assert nm_decode.decode_spec(torch.randn(1, 96), make_layer(8, 96, 2, 4, torch.float32)[0], 2, 4, 96).blocking \
+        == COMPACT_BLOCKING
 
 
 @needs_fp32

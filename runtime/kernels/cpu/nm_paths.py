@@ -38,7 +38,7 @@ PATHS = ("generated", "whole", "tiles", "dense")
 FORCE_ENV = "SPARSECC_NM_CPU_PATH"
 KEEPS = ("memory", "speed")
 MAX_DECODE_TOKENS = 16
-TUNING_VERSION = 4  # in every key: choices measured with other paths, kernels or clocks are not reused
+TUNING_VERSION = 5  # in every key: choices measured with other paths, kernels or clocks are not reused
 TUNING_ROUNDS = 7   # timed rounds per candidate, interleaved; the median round decides
 SAMPLES_PER_ROUND = 3  # calls per round, the fastest kept (v2 took one: a busy host's choices were noise)
 BLOCK_ROWS = 256  # 32..512 rows measured at K=4096 and 11008, fp32 and bf16, 512 tokens: 256 best or within noise

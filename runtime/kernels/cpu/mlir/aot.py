@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Sequence
 
-from .codegen import ISAS, MAX_TOKENS, decode_kernel_text, unsupported
+from .codegen import COMPACT_BLOCKING, ISAS, MAX_TOKENS, DecodeSpec, decode_kernel_text, unsupported
 from .decompress_kernel import decompress_kernel_name, decompress_kernel_text
 from .dense_codegen import dense_kernel_text
 from .dense_codegen import unsupported as dense_unsupported
@@ -59,13 +59,28 @@ def kernel_sources(used: set, sweep_tokens: bool) -> list[KernelSource]:
         if kind == "dense":
             forms = [(replace(key, tokens=t), SHARED_FORM) for t in tokens]
             problem, text = dense_unsupported, dense_kernel_text
-        else:   # every form, whichever the building host ran
-            forms = [(replace(key, tokens=t, isa=isa), isa) for t in tokens for isa in ISAS]
+        else:   # every form, whichever the building host ran, and each token count blocked as the runtime does
+            specs = decode_variants(key, tokens) if sweep_tokens else [key]
+            forms = [(replace(spec, isa=isa), isa) for spec in specs for isa in ISAS]
             problem, text = unsupported, decode_kernel_text
         for spec, form in forms:
             if problem(spec) is None:
                 found.setdefault(spec.name, KernelSource(kind, spec.dtype, spec.name, text(spec), form))
     return [found[name] for name in sorted(found)]
+
+
+def decode_variants(recorded: DecodeSpec, tokens: Sequence[int]) -> list[DecodeSpec]:
+    """The decode specs a runtime may ask for at these token counts, given one it asked for: the recorded
+    blocking at its own count, the default elsewhere, and at one token also the blocking for a weight that
+    stays in cache (nm_decode.decode_spec picks it by the weight's size, which the spec does not hold)."""
+    found = []
+    for t in tokens:
+        if t == recorded.tokens:
+            found.append(recorded)
+        found.append(replace(recorded, tokens=t, block_rows=0, unroll=0))
+        if t == 1:
+            found.append(replace(recorded, tokens=1, block_rows=COMPACT_BLOCKING[0], unroll=COMPACT_BLOCKING[1]))
+    return found
 
 
 def named_cpu(target: str) -> str:

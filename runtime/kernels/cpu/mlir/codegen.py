@@ -19,6 +19,8 @@ AVX2: S = 16, fp32 only). Per window:
 
 Any index content keeps every read inside the window (the permutes read registers),
 so a corrupt index tensor gives wrong numbers, never an out-of-bounds access.
+A block of 2+ rows reduces its rows' lanes together (`reduce_rows`: shuffles and adds into one vector
+of row sums, stored at once) where one row alone takes a full lane reduction.
 Signature (memrefs are 1-D, flattened): (values, indices u8, x [T*K], bias f32 [out_rows],
 y [T*out_rows] in x's dtype, row_begin, row_end, out_rows); y[t*out_rows + r] for rows
 [row_begin, row_end), rounded once from fp32 after the bias, as F.linear does. Writing y
@@ -37,6 +39,7 @@ MAX_TOKENS = 16          # more tokens: the dense GEMM path
 TOKEN_GROUP = 4          # tokens accumulated per pass over a row block
 MAX_ACCUMULATORS = 16    # + one index and one values register per row + x + permute fit the 32 registers
 MAX_BLOCK_ROWS = 4
+COMPACT_BLOCKING = (8, 1)  # (rows, windows) at one token for a weight that stays in cache (nm_decode.MAX_COMPACT_BYTES)
 WINDOW_BYTES_LOADED = 16  # AVX-512: a window's index bytes are read by one 16-byte masked load
 PASS_PIPELINE = ("builtin.module(convert-scf-to-cf,convert-vector-to-llvm{enable-x86=true},"
                  "convert-arith-to-llvm,finalize-memref-to-llvm,convert-func-to-llvm,"
@@ -125,7 +128,8 @@ class DecodeSpec:
         in fp32 and bf16 (one thread, fastest of 7), and software prefetch did not help. AVX2 (8
         accumulators: 2 rows x 4 tokens), x86-64-v3 objects, 2:4 11008x4096, 8 tokens, one thread, median
         of 9: 19.0 ms against 19.9-22.8 for 1x4, 4x2, 2x2, 1x8 and 2 windows x 1x4 or 2x2; at 16 tokens
-        all were within 35-41 ms."""
+        all were within 35-41 ms. A weight that stays in cache is given 8 rows x 1 window at one token
+        by its caller (COMPACT_BLOCKING; measured in nm_decode beside MAX_COMPACT_BYTES)."""
         group = self.token_groups[0][1]
         even = (self.k // self.window_columns) % 2 == 0
         accumulators = ISAS[self.isa].max_accumulators
@@ -159,6 +163,12 @@ def unsupported(spec: DecodeSpec) -> Optional[str]:
         return f"in_features={spec.k} is not a multiple of the {spec.window_columns}-column window"
     if not 1 <= spec.tokens <= MAX_TOKENS:
         return f"{spec.tokens} tokens (decode kernel takes 1..{MAX_TOKENS})"
+    rows, unroll = spec.blocking
+    windows, accumulators = spec.k // spec.window_columns, rows * unroll * spec.token_groups[0][1]
+    if rows < 1 or unroll < 1 or windows % unroll:     # the loop steps `unroll` windows: never past a row's end
+        return f"blocking {rows} rows x {unroll} windows: unroll must divide the {windows} windows of a row"
+    if accumulators > ISAS[spec.isa].max_accumulators:
+        return f"{accumulators} accumulators exceed the {ISAS[spec.isa].max_accumulators} that fit {spec.isa}'s registers"
     return None
 
 
@@ -321,18 +331,76 @@ def _row_block(spec: DecodeSpec, p: str, rows: int, unroll: int, group: tuple[in
 
 
 def _store_sums(spec: DecodeSpec, p: str, accs: list[tuple[int, int, int]]) -> list[str]:
-    """Add up each (row, token)'s unrolled accumulators, reduce the lanes, add the bias, store y[t*out_rows + r]."""
+    """Add up each (row, token)'s unrolled accumulators, reduce the lanes, add the bias, store y[t*out_rows + r]:
+    a block of 2+ rows (a power of two, at most the accumulator's lanes) reduces its rows together and stores
+    them as one vector per token (`reduce_rows`), a single row reduces its lanes alone."""
     acc_t, lines = _acc_type(spec), []
+    rows, unrolled = 1 + max(a[0] for a in accs), 1 + max(a[1] for a in accs)
+    totals = {}
     for j, _, t in (a for a in accs if a[1] == 0):
         total = f"{p}sums#{accs.index((j, 0, t))}"
-        for u in range(1, 1 + max(a[1] for a in accs)):
+        for u in range(1, unrolled):
             lines.append(f"{p}part{j}_{u}_{t} = arith.addf {total}, {p}sums#{accs.index((j, u, t))} : {acc_t}")
             total = f"{p}part{j}_{u}_{t}"
-        lines += [f"{p}dot{j}_{t} = vector.reduction <add>, {total} fastmath<reassoc> : {acc_t} into f32",
-                  f"{p}yt{j}_{t} = arith.muli %out_rows, %c{t} : index",
-                  f"{p}yi{j}_{t} = arith.addi {p}yt{j}_{t}, {p}r{j} : index",
-                  *store_output(spec.dtype, f"{p}{j}_{t}", f"{p}dot{j}_{t}", f"{p}r{j}", f"{p}yi{j}_{t}")]
+        totals[j, t] = total
+    width = int(acc_t.split("<")[1].split("x")[0])
+    for t in sorted({t for _, t in totals}):
+        if rows > 1 and rows & (rows - 1) == 0 and rows <= width:
+            sums, found = reduce_rows(f"{p}t{t}_", [totals[j, t] for j in range(rows)], width)
+            lines += [*sums, f"{p}yt_{t} = arith.muli %out_rows, %c{t} : index",
+                      f"{p}yi_{t} = arith.addi {p}yt_{t}, {p}r0 : index",
+                      *store_outputs(spec.dtype, f"{p}v{t}_", found, rows, f"{p}r0", f"{p}yi_{t}")]
+            continue
+        for j in range(rows):
+            lines += [f"{p}dot{j}_{t} = vector.reduction <add>, {totals[j, t]} fastmath<reassoc> : {acc_t} into f32",
+                      f"{p}yt{j}_{t} = arith.muli %out_rows, %c{t} : index",
+                      f"{p}yi{j}_{t} = arith.addi {p}yt{j}_{t}, {p}r{j} : index",
+                      *store_output(spec.dtype, f"{p}{j}_{t}", f"{p}dot{j}_{t}", f"{p}r{j}", f"{p}yi{j}_{t}")]
     return lines
+
+
+def reduce_rows(p: str, totals: list[str], width: int) -> tuple[list[str], str]:
+    """The lane sums of `totals` (R vector<width x f32>, R a power of two <= width) as one vector<R x f32>, in
+    order: pairs of vectors are merged by two shuffles and an add (each row keeps half as many partial lanes)
+    until one vector holds R groups, then each group is halved the same way down to one lane. R-1 merges and
+    log2(width/R) halvings: ~3 instructions a row against ~8 for reducing each row alone (a 4-level tree)."""
+    lines, vectors, groups, size, level = [], list(totals), 1, width, 0
+    while len(vectors) > 1:
+        half = size // 2
+        firsts = [g * size + i for g in range(groups) for i in range(half)]
+        lo = firsts + [width + i for i in firsts]
+        hi = [i + half for i in lo]
+        merged = []
+        for n, (a, b) in enumerate(zip(vectors[::2], vectors[1::2])):
+            q = f"{p}m{level}_{n}"
+            lines += [f"{q}lo = vector.shuffle {a}, {b} {vector_literal(lo)} : vector<{width}xf32>, vector<{width}xf32>",
+                      f"{q}hi = vector.shuffle {a}, {b} {vector_literal(hi)} : vector<{width}xf32>, vector<{width}xf32>",
+                      f"{q} = arith.addf {q}lo, {q}hi : vector<{width}xf32>"]
+            merged.append(q)
+        vectors, groups, size, level = merged, groups * 2, half, level + 1
+    found, lanes = vectors[0], width
+    while size > 1:
+        half = size // 2
+        lo = [g * size + i for g in range(groups) for i in range(half)]
+        hi = [i + half for i in lo]
+        q = f"{p}h{size}"
+        lines += [f"{q}lo = vector.shuffle {found}, {found} {vector_literal(lo)} : vector<{lanes}xf32>, vector<{lanes}xf32>",
+                  f"{q}hi = vector.shuffle {found}, {found} {vector_literal(hi)} : vector<{lanes}xf32>, vector<{lanes}xf32>",
+                  f"{q} = arith.addf {q}lo, {q}hi : vector<{lanes // 2}xf32>"]
+        found, lanes, size = q, lanes // 2, half
+    return lines, found
+
+
+def store_outputs(dtype: str, q: str, sums: str, rows: int, row: str, index: str) -> list[str]:
+    """y[index + i] = sums[i] + bias[row + i] for i < rows, as `store_output` does one."""
+    vec = f"vector<{rows}xf32>"
+    lines = [f"{q}b = vector.load %bias[{row}] : memref<?xf32>, {vec}",
+             f"{q}out = arith.addf {sums}, {q}b : {vec}"]
+    if dtype == "float32":
+        return lines + [f"vector.store {q}out, %y[{index}] : memref<?xf32>, {vec}"]
+    return lines + [f"{q}half = arith.truncf {q}out : {vec} to vector<{rows}xbf16>",
+                    f"{q}bits = arith.bitcast {q}half : vector<{rows}xbf16> to vector<{rows}xi16>",
+                    f"vector.store {q}bits, %y[{index}] : memref<?xi16>, vector<{rows}xi16>"]
 
 
 def store_output(dtype: str, q: str, dot: str, row: str, index: str) -> list[str]:

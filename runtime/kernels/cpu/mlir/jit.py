@@ -20,7 +20,7 @@ from typing import Iterator, Optional, Sequence
 
 from ..layer_calls import forget_bound_calls
 from . import team
-from .codegen import PASS_PIPELINE, DecodeSpec, decode_kernel_text
+from .codegen import PASS_PIPELINE, DecodeSpec, decode_kernel_text, unsupported
 from .decompress_kernel import decompress_kernel_name, decompress_kernel_text
 from .dense_codegen import DenseSpec, dense_kernel_text
 from .host import host_target
@@ -198,7 +198,11 @@ def _record(kind: str, key) -> None:
 
 
 def decode_kernel(spec: DecodeSpec) -> CompiledKernel:
-    """The compiled decode kernel for `spec` on this host (compiled on first use)."""
+    """The compiled decode kernel for `spec` on this host (compiled on first use); a spec it cannot run
+    safely (codegen.unsupported: e.g. an unroll that would step past a row) is refused."""
+    why = unsupported(spec)
+    if why is not None:
+        raise ValueError(f"no N:M decode kernel for {spec}: {why}")
     if _recorders:
         _record("decode", spec)
     return _decode_kernel(spec, host_target())

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ....nm_format import nm_weight_problem
 from ...checks import refuse
-from .codegen import DecodeSpec, unsupported
+from .codegen import COMPACT_BLOCKING, DecodeSpec, unsupported
 from .decompress_kernel import decompress_spec
 from .host import decode_isa, missing_features
 from .jit import BoundCall, CompiledKernel, decode_kernel, decompress_kernel
@@ -27,7 +27,7 @@ from .team import available as team_available
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 MIN_ROWS_PER_CHUNK = 64     # below this a call and a thread hand-off cost more than the rows
 CHUNKS_PER_THREAD = 4       # work sharing granularity: a thread that starts late takes fewer chunks
-ROW_ALIGN = 4               # chunk edges on whole row blocks of the decode kernel
+ROW_ALIGN = 16              # chunk edges on whole row blocks of the decode kernel (at most 16 rows)
 # weight bytes from which rows split over torch's threads. Native split (team.py), 2-core Zen 4, 1 token,
 # median ms split | one thread: 2:4 fp32 512x512 (0.5 MiB) 0.036 | 0.050, 4096x4096 1.65 | 2.98, 11008x4096
 # 4.08 | 4.81; 128x512 (0.13 MiB) 0.029 | 0.025 (the hand-off costs more than it saves). Through threads.py's
@@ -35,6 +35,13 @@ ROW_ALIGN = 4               # chunk edges on whole row blocks of the decode kern
 # 32.4 ms fp32, above 16 MiB 25.7 ms).
 MIN_BYTES_TO_SPLIT_NATIVE = 512 << 10
 MIN_BYTES_TO_SPLIT = 16 << 20
+# One token on a weight whose stored values stay in a core's L2 (2 MiB on the project CPU): the call is bound
+# by instructions, not bytes, and 8-row blocks (one x load and one vectorised 8-row reduction per block) beat
+# the streaming blocking (1 row x 2 windows). 2-core Zen 4, 2:4, kernel call alone, median us default | 8x1:
+# fp32 384x128 3.36 | 2.77, 384x512 8.64 | 6.78, 384x1024 12.1 | 9.3; bf16 384x128 2.86 | 2.29, 384x1024
+# 9.83 | 7.48; the AVX2 form (fp32) 384x128 4.21 | 3.63, 384x512 12.9 | 10.8. Larger weights stream from memory,
+# where 8 rows (16 streams a core with their positions) measured up to 14 % slower (fp32 11008x4096 3.0 | 3.4 ms).
+MAX_COMPACT_BYTES = 2 << 20
 
 
 @functools.lru_cache(maxsize=1)
@@ -50,16 +57,24 @@ def decode_spec(x: Tensor, values: Tensor, n: int, m: int, in_features: int) -> 
         return None
     if x.dim() < 1 or x.shape[-1] != in_features or x.numel() == 0:
         return None
-    return runnable_spec(dtype, in_features, n, m, x.numel() // in_features)
+    tokens = x.numel() // in_features
+    compact = tokens == 1 and values.numel() * values.element_size() <= MAX_COMPACT_BYTES
+    return runnable_spec(dtype, in_features, n, m, tokens, compact)
 
 
 @functools.lru_cache(maxsize=None)
-def runnable_spec(dtype: str, k: int, n: int, m: int, tokens: int) -> Optional[DecodeSpec]:
+def runnable_spec(dtype: str, k: int, n: int, m: int, tokens: int, compact: bool = False) -> Optional[DecodeSpec]:
     """DecodeSpec(dtype, k, n, m, tokens) in the form this host runs (AVX-512, else AVX2 for fp32) where it
-    can generate and run it, else None."""
+    can generate and run it, else None; `compact`: blocked for a weight that stays in cache (COMPACT_BLOCKING)."""
     isa = decode_isa(dtype) if mlir_available() else None
-    spec = None if isa is None else DecodeSpec(dtype, k, n, m, tokens, isa=isa)
-    return None if spec is None or unsupported(spec) else spec
+    if isa is None:
+        return None
+    if compact:
+        spec = DecodeSpec(dtype, k, n, m, tokens, *COMPACT_BLOCKING, isa=isa)
+        if not unsupported(spec):
+            return spec
+    spec = DecodeSpec(dtype, k, n, m, tokens, isa=isa)
+    return None if unsupported(spec) else spec
 
 
 def nm_linear_mlir(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor],
@@ -84,10 +99,14 @@ class LayerCall:
     pointer of except the weight itself (the memo's key: every call passes that same tensor)."""
     out_features: int
     call: BoundCall
+    _shapes: tuple = ((), ())    # (x's shape, y's shape) of the last call: one compare, ~0.5 us less than a build
 
     def __call__(self, x: Tensor, *_) -> Tensor:
         x = x.contiguous()      # x's elements in order: [tokens, k] flattened
-        y = x.new_empty((*x.shape[:-1], self.out_features))   # torch.empty(..., dtype=) costs ~0.5 us more
+        shape, shapes = x.shape, self._shapes
+        if shape != shapes[0]:     # one tuple replaced whole: a call on another thread sees a matching pair
+            shapes = self._shapes = (shape, (*shape[:-1], self.out_features))
+        y = x.new_empty(shapes[1])   # torch.empty(..., dtype=) costs ~0.5 us more
         self.call.run(x.data_ptr(), y.data_ptr())
         return y
 
