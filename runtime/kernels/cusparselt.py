@@ -2,10 +2,11 @@
 
 y = x @ W^T + b as (W @ x^T)^T with W the sparse operand: torch._cslt_compress packs the pruned weight
 (kept values + cuSPARSELt's own metadata) once per weight and version, and the call passes x^T as a
-column-major view and asks for the transposed result, so neither x nor y is copied (tokens are padded to a
-multiple of 8 where cuSPARSELt needs it). The algorithm id is searched once per device, dtype, shape and
-token bucket (`torch._cslt_sparse_mm_search`) and reused. What is kept is the compressed weight and the
-chosen algorithm: torch builds cuSPARSELt's plan descriptors inside each call (no Python handle to them).
+column-major view and asks for the transposed result, so y needs no transpose copy; x is copied only where
+its token count is not a multiple of 8 (padded, as cuSPARSELt needs) or it is not contiguous. The algorithm
+id is searched once per device, dtype, shape and token bucket (`torch._cslt_sparse_mm_search`; its split-K
+choice is not kept) and reused. What is kept is the compressed weight and the chosen algorithm: torch builds
+cuSPARSELt's plan descriptors inside each call (no Python handle to them).
 
 Only 2:4, fp16/bf16, out and in features multiples of 16 (cuSPARSELt's sparse operand). Unmeasured: no GPU
 has run this path yet (nm_autotune tries it beside the others and leaves it out if it fails or disagrees).
@@ -13,7 +14,6 @@ has run this path yet (nm_autotune tries it beside the others and leaves it out 
 from __future__ import annotations
 
 import threading
-import warnings
 from typing import Optional
 
 import torch
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..nm_format import decompress_nm
+from ..nm_format import decompress_nm, tensor_version
 from .tuning_cache import bucket
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -49,13 +49,20 @@ def unsupported(n: int, m: int, dtype: torch.dtype, out_features: int, in_featur
 
 
 def compressed_weight(values: Tensor, indices: Tensor, in_features: int, dtype: torch.dtype) -> Tensor:
-    """The pruned weight in cuSPARSELt's compressed form, made once per weight, version and dtype."""
+    """The pruned weight in cuSPARSELt's compressed form, made once per weight, versions (values' and
+    indices') and dtype; an inference tensor, which has no version, is compressed every call."""
+    version = (tensor_version(values), tensor_version(indices))
     cached = _packed.get(values)
-    if cached is not None and cached[0] == values._version and cached[1] == dtype:
+    if cached is not None and cached[0] == version and None not in version and cached[1] == dtype:
         return cached[2]
     packed = torch._cslt_compress(decompress_nm(values, indices, 2, 4, in_features).to(dtype).contiguous())
-    _packed[values] = (values._version, dtype, packed)
+    _packed[values] = (version, dtype, packed)
     return packed
+
+
+def forget(values: Tensor) -> None:
+    """Drop the compressed copy of `values` (tuning did not choose this path for it)."""
+    _packed.pop(values, None)
 
 
 def algorithm(packed: Tensor, dense_t: Tensor, bias: Optional[Tensor], key: tuple) -> int:
@@ -63,11 +70,9 @@ def algorithm(packed: Tensor, dense_t: Tensor, bias: Optional[Tensor], key: tupl
     (0, its default, where the search is not offered)."""
     with _lock:
         found = _algorithms.get(key)
-    if found is None:
+    if found is None:    # two threads may both search once: the same answer, stored twice
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")     # the search op is marked for removal in newer torch
-                found = int(torch._cslt_sparse_mm_search(packed, dense_t, bias=bias, transpose_result=True))
+            found = int(torch._cslt_sparse_mm_search(packed, dense_t, bias=bias, transpose_result=True))
         except (RuntimeError, AttributeError):
             found = 0
         with _lock:

@@ -21,6 +21,7 @@ numbers are wrong. SPARSECC_NM_PATH=triton|cusparselt|semi_structured|dense forc
 """
 from __future__ import annotations
 
+import math
 import os
 from functools import partial
 from typing import Callable, Optional
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..nm_format import decompress_nm
+from ..nm_format import decompress_nm, tensor_version
 from . import cusparselt
 from .checks import refuse
 from .cpu.nm_linear import nm_linear_problem
@@ -52,12 +53,13 @@ def tuning_key(tokens: int, out_features: int, in_features: int, n: int, m: int,
 
 def semi_structured_weight(values: Tensor, indices: Tensor, n: int, m: int, in_features: int, dtype: torch.dtype):
     """The dense pruned weight as a SparseSemiStructuredTensor, converted once per weight (and version)."""
+    version = (tensor_version(values), tensor_version(indices))
     cached = _semi_weights.get(values)
-    if cached is not None and cached[0] == values._version:
+    if cached is not None and cached[0] == version and None not in version:
         return cached[1]
     from torch.sparse import to_sparse_semi_structured
     weight = to_sparse_semi_structured(decompress_nm(values, indices, n, m, in_features).to(dtype))
-    _semi_weights[values] = (values._version, weight)
+    _semi_weights[values] = (version, weight)
     return weight
 
 
@@ -74,10 +76,12 @@ def _run_semi_structured(x, values, indices, bias, n, m, in_features):
 
 
 def _run_dense(x, values, indices, bias, n, m, in_features):
-    """F.linear on a dense copy of the pruned weight, made once per weight, version and dtype (keep="speed")."""
+    """F.linear on a dense copy of the pruned weight, made once per weight, version and dtype (keep="speed";
+    an inference tensor, which has no version, is decompressed every call)."""
+    version = (tensor_version(values), tensor_version(indices))
     cached = _dense_weights.get(values)
-    if cached is None or cached[0] != values._version or cached[1] != x.dtype:
-        cached = (values._version, x.dtype, decompress_nm(values, indices, n, m, in_features).to(x.dtype))
+    if cached is None or cached[0] != version or None in version or cached[1] != x.dtype:
+        cached = (version, x.dtype, decompress_nm(values, indices, n, m, in_features).to(x.dtype))
         _dense_weights[values] = cached
     return F.linear(x, cached[2], None if bias is None else bias.to(x.dtype))
 
@@ -102,13 +106,25 @@ def candidates(tokens: int, n: int, m: int, dtype: torch.dtype, out_features: in
 
 
 def disagreement(got: Tensor, want: Tensor) -> Optional[str]:
-    """Why `got` is not `want` to the tuning tolerance (norm-relative, fp32), or None."""
-    if got.shape != want.shape:
-        return f"shape {list(got.shape)} != {list(want.shape)}"
-    diff = (got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30)
-    if not bool(torch.isfinite(diff)) or float(diff) > MAX_DISAGREEMENT:
-        return f"relative error {float(diff):.3g} > {MAX_DISAGREEMENT} against the Triton path"
+    """Why `got` is not `want` to the tuning tolerance (norm-relative, accumulated in fp32 without an fp32
+    copy of either), or None."""
+    if got.shape != want.shape or got.dtype != want.dtype:
+        return f"{got.dtype}{list(got.shape)} != {want.dtype}{list(want.shape)}"
+    norm = partial(torch.linalg.vector_norm, dtype=torch.float32)
+    diff = float(norm(got - want)) / max(float(norm(want)), 1e-30)
+    if not math.isfinite(diff) or diff > MAX_DISAGREEMENT:
+        return f"relative error {diff:.3g} > {MAX_DISAGREEMENT} against the Triton path"
     return None
+
+
+def forget_unchosen(values: Tensor, chosen: str) -> None:
+    """Drop the copies of `values` that tuning made for paths it did not choose (keep="memory" keeps none)."""
+    if chosen != "semi_structured":
+        _semi_weights.pop(values, None)
+    if chosen != "dense":
+        _dense_weights.pop(values, None)
+    if chosen != "cusparselt":
+        cusparselt.forget(values)
 
 
 def _time_ms(run: Callable[[], Tensor], repeats: int = 10) -> float:
@@ -130,7 +146,9 @@ def autotune(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor],
     paths = candidates(x.numel() // in_features, n, m, x.dtype, values.shape[0], in_features, keep)
     runners = {path: partial(RUNNERS[path], x, values, indices, bias, n, m, in_features) for path in paths}
     try:
-        return fastest(runners, _time_ms, agrees=disagreement)
+        entry = fastest(runners, _time_ms, agrees=disagreement)
+        forget_unchosen(values, entry["path"])
+        return entry
     except RuntimeError as err:
         raise RuntimeError(f"nm_linear: no CUDA path ran for x {list(x.shape)}, weight "
                            f"[{values.shape[0]}, {in_features}] {n}:{m}: {err}") from None

@@ -101,34 +101,41 @@ def fastest(runners: dict[str, Callable[[], object]], clock: Callable[[Callable[
             rounds: int = 1, agrees: Optional[Callable[[Any, Any], Optional[str]]] = None) -> dict:
     """{"path": fastest, "ms": {path: ms or "unavailable: why" or "disagrees: why"}}. Each candidate runs once
     untimed (compiling its kernel, allocating), then `rounds` rounds time every candidate once in turn (a
-    drifting machine slows all alike) and each keeps its median; a candidate that raises is left out with the
-    reason. With `agrees(output, reference) -> why not or None`, the first candidate that runs is the
-    reference and one whose untimed output disagrees with it is left out too."""
+    drifting machine slows all alike) and each keeps its median; a candidate that raises (untimed or timed)
+    is left out with the reason. With `agrees(output, reference) -> why not or None`, the first candidate
+    that runs is the reference and one whose untimed output disagrees with it is left out too."""
     timings: dict[str, object] = {}
     samples: dict[str, list[float]] = {}
     reference: Any = None
     for path, run in runners.items():
         try:
             output = run()
-        except (RuntimeError, ValueError, NotImplementedError) as err:
-            timings[path] = f"unavailable: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+            why = agrees(output, reference) if agrees is not None and samples else None
+        except Exception as err:  # noqa: BLE001 - any failure of one candidate (kernel, library, memory) leaves it out
+            timings[path] = _unavailable(err)
             continue
-        if agrees is not None and samples:
-            why = agrees(output, reference)
-            if why is not None:
-                timings[path] = f"disagrees: {why}"
-                continue
-        elif agrees is not None:
+        if why is not None:
+            timings[path] = f"disagrees: {why}"
+            continue
+        if agrees is not None and not samples:
             reference = output
         samples[path] = []
     for _ in range(rounds):
-        for path in samples:
-            samples[path].append(clock(runners[path]))
+        for path in list(samples):
+            try:
+                samples[path].append(clock(runners[path]))
+            except Exception as err:  # noqa: BLE001 - as above, in a timed call
+                timings[path] = _unavailable(err)
+                del samples[path]
     timings.update({path: sorted(times)[len(times) // 2] for path, times in samples.items()})
     timed = {p: t for p, t in timings.items() if isinstance(t, float)}
     if not timed:
         raise RuntimeError(f"no candidate ran: {timings}")
     return {"path": min(timed, key=timed.get), "ms": timings}
+
+
+def _unavailable(err: Exception) -> str:
+    return f"unavailable: {type(err).__name__}: {(str(err).splitlines() or [''])[0][:120]}"
 
 
 def cpu_ms(run: Callable[[], object]) -> float:

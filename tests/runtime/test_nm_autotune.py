@@ -26,13 +26,58 @@ def test_candidates_offer_the_sparse_gemms_only_for_large_2_4_half_gemms(monkeyp
 def test_tuning_leaves_out_a_candidate_whose_numbers_disagree_with_the_reference():
     want = torch.randn(8, 16)
     runners = {"reference": lambda: want, "close": lambda: want + 1e-4, "wrong": lambda: want.flip(0),
-               "nan": lambda: want * float("nan"), "shape": lambda: want[:4]}
-    entry = tuning_cache.fastest(runners, lambda run: {"close": 1.0}.get(getattr(run, "__name__", ""), 2.0),
-                                 agrees=nm_autotune.disagreement)
-    assert set(k for k, v in entry["ms"].items() if isinstance(v, float)) == {"reference", "close"}
+               "nan": lambda: want * float("nan"), "shape": lambda: want[:4], "half": lambda: want.half()}
+    for name, run in runners.items():
+        run.__name__ = name
+    clock = {"reference": 2.0, "close": 1.0}                 # every other one would be fastest of all
+    entry = tuning_cache.fastest(runners, lambda run: clock.get(run.__name__, 0.5), agrees=nm_autotune.disagreement)
+    assert entry["path"] == "close" and entry["ms"] == {**entry["ms"], "reference": 2.0, "close": 1.0}
     assert entry["ms"]["wrong"].startswith("disagrees: relative error")
     assert entry["ms"]["nan"].startswith("disagrees: relative error nan")
-    assert entry["ms"]["shape"] == "disagrees: shape [4, 16] != [8, 16]"
+    assert entry["ms"]["shape"] == "disagrees: torch.float32[4, 16] != torch.float32[8, 16]"
+    assert entry["ms"]["half"].startswith("disagrees: torch.float16[8, 16]")
+
+
+def test_a_candidate_failing_in_any_way_untimed_or_timed_is_left_out_with_the_reason():
+    def typo():
+        raise TypeError("an untested library call")
+    calls = {"flaky": 0}
+
+    def flaky_clock(run):
+        if run.__name__ == "flaky":
+            calls["flaky"] += 1
+            raise MemoryError("out of memory in a timed call")
+        return 1.0
+    runners = {"ok": lambda: torch.ones(2), "typo": typo, "flaky": lambda: torch.ones(2)}
+    runners["ok"].__name__, runners["flaky"].__name__ = "ok", "flaky"
+    entry = tuning_cache.fastest(runners, flaky_clock, rounds=3, agrees=nm_autotune.disagreement)
+    assert entry["path"] == "ok" and calls["flaky"] == 1
+    assert entry["ms"]["typo"] == "unavailable: TypeError: an untested library call"
+    assert entry["ms"]["flaky"] == "unavailable: MemoryError: out of memory in a timed call"
+
+
+def test_autotune_checks_every_candidate_against_the_triton_path_and_drops_the_losers_copies(monkeypatch):
+    values, indices, dense = _weights(32, 64, torch.float16, device="cpu")
+    x = torch.randn(64, 64, dtype=torch.float16)
+    right = torch.nn.functional.linear(x, dense)
+    cusparselt._packed[values] = ((0, 0), torch.float16, torch.empty(1))    # what its untimed run left
+    nm_autotune._dense_weights[values] = ((0, 0), torch.float16, dense)
+    monkeypatch.setattr(nm_autotune, "candidates", lambda *a, **k: ["triton", "cusparselt", "dense"])
+    monkeypatch.setattr(nm_autotune, "RUNNERS", {"triton": lambda *a: right, "cusparselt": lambda *a: -right,
+                                                 "dense": lambda *a: right.clone()})
+    monkeypatch.setattr(nm_autotune, "_time_ms", lambda run: 1.0 if run() is right else 0.5)
+    entry = nm_autotune.autotune(x, values, indices, None, 2, 4, 64, keep="speed")
+    assert entry["path"] == "dense" and entry["ms"]["cusparselt"].startswith("disagrees: relative error 2")
+    assert values not in cusparselt._packed and values in nm_autotune._dense_weights
+
+
+def test_a_remembered_path_this_machine_cannot_take_falls_back_to_triton(monkeypatch):
+    monkeypatch.delenv("SPARSECC_NM_PATH", raising=False)
+    monkeypatch.setattr(cusparselt, "available", lambda: False)       # a choice file from a machine that had it
+    monkeypatch.setattr(nm_autotune, "tuning_key", lambda *a: "key")
+    monkeypatch.setattr(nm_autotune, "remembered", lambda key, tune: {"path": "cusparselt"})
+    x = torch.randn(128, 64, dtype=torch.float16)
+    assert nm_autotune.choose_path(x, torch.empty(32, 32), None, None, 2, 4, 64) == "triton"
 
 
 def test_a_failing_reference_hands_the_reference_role_to_the_next_candidate():
@@ -97,6 +142,16 @@ def test_cusparselt_path_refuses_what_cusparselt_cannot_run():
         cusparselt.nm_linear_cusparselt(torch.randn(8, 64), values.float(), indices, None, 2, 4, 64)
 
 
+def test_copies_of_inference_tensors_are_made_every_call_not_kept_stale():
+    """An inference tensor has no version counter: nothing proves a kept copy current, so none is reused."""
+    with torch.inference_mode():
+        values, indices, dense = _weights(16, 32, torch.float32, device="cpu")
+        x = torch.randn(3, 32)
+        first = nm_autotune.RUNNERS["dense"](x, values, indices, None, 2, 4, 32)
+        values.mul_(-1)
+        torch.testing.assert_close(nm_autotune.RUNNERS["dense"](x, values, indices, None, 2, 4, 32), -first)
+
+
 def test_dense_copy_path_is_made_once_per_weight_version_and_matches():
     values, indices, dense = _weights(16, 32, torch.float32, device="cpu")
     x = torch.randn(3, 32)
@@ -153,10 +208,11 @@ def _weights(out: int, k: int, dtype, device="cuda"):
 @pytest.mark.gpu
 @pytest.mark.parametrize("path", ["triton", "cusparselt", "semi_structured", "dense"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_both_cuda_paths_match_the_dense_pruned_linear(path, dtype):
+@pytest.mark.parametrize("tokens", [128, 37])       # 2 x 37: padded to a multiple of 8 for cuSPARSELt
+def test_every_cuda_path_matches_the_dense_pruned_linear(path, dtype, tokens):
     values, indices, dense = _weights(256, 512, dtype)
     bias = torch.randn(256, dtype=dtype, device="cuda")
-    x = torch.randn(2, 128, 512, dtype=dtype, device="cuda")
+    x = torch.randn(2, tokens, 512, dtype=dtype, device="cuda")
     got = nm_autotune.RUNNERS[path](x, values, indices, bias, 2, 4, 512)
     want = torch.nn.functional.linear(x.float(), dense.float(), bias.float())
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-1)

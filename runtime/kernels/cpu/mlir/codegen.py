@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ....nm_format import index_bits, nm_index_bytes
+from .epilogue import reduce_rows, store_output, store_outputs, vector_literal
 
 REGISTER_BITS = 512      # the AVX-512 form's (dense_codegen.py is AVX-512 only)
 MAX_TOKENS = 16          # more tokens: the dense GEMM path
@@ -167,13 +168,10 @@ def unsupported(spec: DecodeSpec) -> Optional[str]:
     windows, accumulators = spec.k // spec.window_columns, rows * unroll * spec.token_groups[0][1]
     if rows < 1 or unroll < 1 or windows % unroll:     # the loop steps `unroll` windows: never past a row's end
         return f"blocking {rows} rows x {unroll} windows: unroll must divide the {windows} windows of a row"
-    if accumulators > ISAS[spec.isa].max_accumulators:
-        return f"{accumulators} accumulators exceed the {ISAS[spec.isa].max_accumulators} that fit {spec.isa}'s registers"
+    fit = ISAS[spec.isa].max_accumulators
+    if accumulators > fit:
+        return f"{accumulators} accumulators exceed the {fit} that fit {spec.isa}'s registers"
     return None
-
-
-def vector_literal(values: list[int]) -> str:
-    return "[" + ", ".join(str(v) for v in values) + "]"
 
 
 def lane_constants(spec: DecodeSpec) -> tuple[list[int], list[int], list[int]]:
@@ -357,61 +355,6 @@ def _store_sums(spec: DecodeSpec, p: str, accs: list[tuple[int, int, int]]) -> l
                       f"{p}yi{j}_{t} = arith.addi {p}yt{j}_{t}, {p}r{j} : index",
                       *store_output(spec.dtype, f"{p}{j}_{t}", f"{p}dot{j}_{t}", f"{p}r{j}", f"{p}yi{j}_{t}")]
     return lines
-
-
-def reduce_rows(p: str, totals: list[str], width: int) -> tuple[list[str], str]:
-    """The lane sums of `totals` (R vector<width x f32>, R a power of two <= width) as one vector<R x f32>, in
-    order: pairs of vectors are merged by two shuffles and an add (each row keeps half as many partial lanes)
-    until one vector holds R groups, then each group is halved the same way down to one lane. R-1 merges and
-    log2(width/R) halvings: ~3 instructions a row against ~8 for reducing each row alone (a 4-level tree)."""
-    lines, vectors, groups, size, level = [], list(totals), 1, width, 0
-    while len(vectors) > 1:
-        half = size // 2
-        firsts = [g * size + i for g in range(groups) for i in range(half)]
-        lo = firsts + [width + i for i in firsts]
-        hi = [i + half for i in lo]
-        merged = []
-        for n, (a, b) in enumerate(zip(vectors[::2], vectors[1::2])):
-            q = f"{p}m{level}_{n}"
-            lines += [f"{q}lo = vector.shuffle {a}, {b} {vector_literal(lo)} : vector<{width}xf32>, vector<{width}xf32>",
-                      f"{q}hi = vector.shuffle {a}, {b} {vector_literal(hi)} : vector<{width}xf32>, vector<{width}xf32>",
-                      f"{q} = arith.addf {q}lo, {q}hi : vector<{width}xf32>"]
-            merged.append(q)
-        vectors, groups, size, level = merged, groups * 2, half, level + 1
-    found, lanes = vectors[0], width
-    while size > 1:
-        half = size // 2
-        lo = [g * size + i for g in range(groups) for i in range(half)]
-        hi = [i + half for i in lo]
-        q = f"{p}h{size}"
-        lines += [f"{q}lo = vector.shuffle {found}, {found} {vector_literal(lo)} : vector<{lanes}xf32>, vector<{lanes}xf32>",
-                  f"{q}hi = vector.shuffle {found}, {found} {vector_literal(hi)} : vector<{lanes}xf32>, vector<{lanes}xf32>",
-                  f"{q} = arith.addf {q}lo, {q}hi : vector<{lanes // 2}xf32>"]
-        found, lanes, size = q, lanes // 2, half
-    return lines, found
-
-
-def store_outputs(dtype: str, q: str, sums: str, rows: int, row: str, index: str) -> list[str]:
-    """y[index + i] = sums[i] + bias[row + i] for i < rows, as `store_output` does one."""
-    vec = f"vector<{rows}xf32>"
-    lines = [f"{q}b = vector.load %bias[{row}] : memref<?xf32>, {vec}",
-             f"{q}out = arith.addf {sums}, {q}b : {vec}"]
-    if dtype == "float32":
-        return lines + [f"vector.store {q}out, %y[{index}] : memref<?xf32>, {vec}"]
-    return lines + [f"{q}half = arith.truncf {q}out : {vec} to vector<{rows}xbf16>",
-                    f"{q}bits = arith.bitcast {q}half : vector<{rows}xbf16> to vector<{rows}xi16>",
-                    f"vector.store {q}bits, %y[{index}] : memref<?xi16>, vector<{rows}xi16>"]
-
-
-def store_output(dtype: str, q: str, dot: str, row: str, index: str) -> list[str]:
-    """y[index] = dot + bias[row], rounded once to the output dtype (nearest even, as torch rounds)."""
-    lines = [f"{q}b = memref.load %bias[{row}] : memref<?xf32>",
-             f"{q}out = arith.addf {dot}, {q}b : f32"]
-    if dtype == "float32":
-        return lines + [f"memref.store {q}out, %y[{index}] : memref<?xf32>"]
-    return lines + [f"{q}half = arith.truncf {q}out : f32 to bf16",
-                    f"{q}bits = arith.bitcast {q}half : bf16 to i16",
-                    f"memref.store {q}bits, %y[{index}] : memref<?xi16>"]
 
 
 def _row_loop(spec: DecodeSpec, p: str, rows: int, unroll: int, begin: str, end: str) -> list[str]:

@@ -16,7 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .codegen import ELEMENT, MAX_ACCUMULATORS, MAX_TOKENS, PASS_PIPELINE, REGISTER_BITS, TOKEN_GROUP, store_output
+from .codegen import ELEMENT, MAX_ACCUMULATORS, MAX_TOKENS, PASS_PIPELINE, REGISTER_BITS, TOKEN_GROUP
+from .epilogue import store_output
 
 __all__ = ["DenseSpec", "dense_kernel_text", "unsupported", "PASS_PIPELINE"]
 BLOCK_ROWS = 4   # rows sharing each x load (4 independent streams; 4 x 4 tokens fill the accumulators)

@@ -27,7 +27,7 @@ from .team import available as team_available
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 MIN_ROWS_PER_CHUNK = 64     # below this a call and a thread hand-off cost more than the rows
 CHUNKS_PER_THREAD = 4       # work sharing granularity: a thread that starts late takes fewer chunks
-ROW_ALIGN = 16              # chunk edges on whole row blocks of the decode kernel (at most 16 rows)
+ROW_ALIGN = 16              # chunk edges on whole row blocks (blocks are 1-16 rows: the accumulator limit)
 # weight bytes from which rows split over torch's threads. Native split (team.py), 2-core Zen 4, 1 token,
 # median ms split | one thread: 2:4 fp32 512x512 (0.5 MiB) 0.036 | 0.050, 4096x4096 1.65 | 2.98, 11008x4096
 # 4.08 | 4.81; 128x512 (0.13 MiB) 0.029 | 0.025 (the hand-off costs more than it saves). Through threads.py's
@@ -35,12 +35,15 @@ ROW_ALIGN = 16              # chunk edges on whole row blocks of the decode kern
 # 32.4 ms fp32, above 16 MiB 25.7 ms).
 MIN_BYTES_TO_SPLIT_NATIVE = 512 << 10
 MIN_BYTES_TO_SPLIT = 16 << 20
-# One token on a weight whose stored values stay in a core's L2 (2 MiB on the project CPU): the call is bound
-# by instructions, not bytes, and 8-row blocks (one x load and one vectorised 8-row reduction per block) beat
-# the streaming blocking (1 row x 2 windows). 2-core Zen 4, 2:4, kernel call alone, median us default | 8x1:
-# fp32 384x128 3.36 | 2.77, 384x512 8.64 | 6.78, 384x1024 12.1 | 9.3; bf16 384x128 2.86 | 2.29, 384x1024
-# 9.83 | 7.48; the AVX2 form (fp32) 384x128 4.21 | 3.63, 384x512 12.9 | 10.8. Larger weights stream from memory,
-# where 8 rows (16 streams a core with their positions) measured up to 14 % slower (fp32 11008x4096 3.0 | 3.4 ms).
+# One token on a weight whose stored values stay in cache (1 MiB of L2 a core on the project CPU; a weight
+# from 512 KiB splits over both cores): the call is bound by instructions, not bytes, and 8-row blocks (one x
+# load and one vectorised 8-row reduction per block) beat the streaming blocking (1 row x 2 windows). 2-core
+# Zen 4, 2:4, the kernel call alone, median us default | 8x1: fp32 384x128 3.36 | 2.77, 384x512 8.64 | 6.78,
+# 384x1024 12.1 | 9.3, 1024x1024 (2 MiB, split) 31 | 29 and 30 | 25 (two runs); bf16 384x128 2.86 | 2.29,
+# 384x1024 9.83 | 7.48; the AVX2 form (fp32) 384x128 4.21 | 3.63, 384x512 12.9 | 10.8. Measured layer by
+# layer, called back to back; a whole decode step evicts some of it (the example transformer end to end gained
+# less, see docs/benchmarks.md). Larger weights stream from memory, where 8 rows (16 streams a core with
+# their positions) measured up to 14 % slower (fp32 11008x4096 3.0 | 3.4 ms). Counted on values alone.
 MAX_COMPACT_BYTES = 2 << 20
 
 
