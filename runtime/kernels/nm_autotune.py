@@ -15,7 +15,7 @@ The first call for a key (device name, dtype, N:M, out x in, token bucket =
 next power of two, keep) times each candidate that runs and keeps the fastest,
 remembered by kernels/tuning_cache.py (in memory and in a JSON file, so a
 later process does not tune again). A candidate whose output disagrees with the
-first one's (the Triton launcher, tested on every backend) is left out with the
+dense product of the pruned weight (fp32, rounded once) is left out with the
 reason: a path never measured on this GPU cannot be chosen for its speed if its
 numbers are wrong. SPARSECC_NM_PATH=triton|cusparselt|semi_structured|dense forces a path.
 """
@@ -92,8 +92,8 @@ RUNNERS: dict[str, Callable] = {"triton": _run_triton, "cusparselt": cusparselt.
 
 def candidates(tokens: int, n: int, m: int, dtype: torch.dtype, out_features: int = 0, in_features: int = 0,
                keep: str = "memory") -> list[str]:
-    """The paths worth timing for this call: the Triton launcher always first (the reference the others are
-    checked against), the 2:4 sparse GEMMs for prefill-sized calls, the dense copy where keep="speed"."""
+    """The paths worth timing for this call: the Triton launcher always (the path every other one falls back
+    to), the 2:4 sparse GEMMs for prefill-sized calls, the dense copy where keep="speed"."""
     paths = ["triton"]
     half_2_4 = (n, m) == (2, 4) and dtype in (torch.float16, torch.bfloat16)
     if half_2_4 and tokens >= MIN_SPARSE_GEMM_TOKENS:
@@ -113,8 +113,16 @@ def disagreement(got: Tensor, want: Tensor) -> Optional[str]:
     norm = partial(torch.linalg.vector_norm, dtype=torch.float32)
     diff = float(norm(got - want)) / max(float(norm(want)), 1e-30)
     if not math.isfinite(diff) or diff > MAX_DISAGREEMENT:
-        return f"relative error {diff:.3g} > {MAX_DISAGREEMENT} against the Triton path"
+        return f"relative error {diff:.3g} > {MAX_DISAGREEMENT} against the dense product"
     return None
+
+
+def dense_product(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], n: int, m: int,
+                  in_features: int) -> Tensor:
+    """What every candidate must compute: x @ W^T + b with W decompressed, in fp32, rounded once to x's dtype
+    (no candidate is the reference: each is checked against this)."""
+    weight = decompress_nm(values, indices, n, m, in_features).float()
+    return F.linear(x.float(), weight, None if bias is None else bias.float()).to(x.dtype)
 
 
 def forget_unchosen(values: Tensor, chosen: str) -> None:
@@ -142,11 +150,12 @@ def _time_ms(run: Callable[[], Tensor], repeats: int = 10) -> float:
 def autotune(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], n: int, m: int,
              in_features: int, keep: str = "memory") -> dict:
     """{"path": fastest, "ms": {path: time or why not}} for this call's shape; a candidate that fails or
-    disagrees with the Triton path's output is left out."""
+    whose output disagrees with the dense product of the pruned weight is left out."""
     paths = candidates(x.numel() // in_features, n, m, x.dtype, values.shape[0], in_features, keep)
     runners = {path: partial(RUNNERS[path], x, values, indices, bias, n, m, in_features) for path in paths}
+    want = dense_product(x, values, indices, bias, n, m, in_features)
     try:
-        entry = fastest(runners, _time_ms, agrees=disagreement)
+        entry = fastest(runners, _time_ms, check=partial(disagreement, want=want))
         forget_unchosen(values, entry["path"])
         return entry
     except RuntimeError as err:

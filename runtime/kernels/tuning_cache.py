@@ -97,35 +97,37 @@ def bucket(tokens: int) -> int:
     return 1 << max(tokens - 1, 0).bit_length()
 
 
+EXPECTED_FAILURES = (RuntimeError, ValueError, NotImplementedError, MemoryError)   # a path that cannot run here
+
+
 def fastest(runners: dict[str, Callable[[], object]], clock: Callable[[Callable[[], object]], float],
-            rounds: int = 1, agrees: Optional[Callable[[Any, Any], Optional[str]]] = None) -> dict:
+            rounds: int = 1, check: Optional[Callable[[Any], Optional[str]]] = None) -> dict:
     """{"path": fastest, "ms": {path: ms or "unavailable: why" or "disagrees: why"}}. Each candidate runs once
     untimed (compiling its kernel, allocating), then `rounds` rounds time every candidate once in turn (a
     drifting machine slows all alike) and each keeps its median; a candidate that raises (untimed or timed)
-    is left out with the reason. With `agrees(output, reference) -> why not or None`, the first candidate
-    that runs is the reference and one whose untimed output disagrees with it is left out too."""
+    is left out with the reason, and one whose untimed output `check` finds wrong (check(output) -> why, or
+    None) too. An exception other than EXPECTED_FAILURES (a bug rather than a path this machine lacks) is
+    also warned about, once per kind: the choice is remembered, so a silent one would stick."""
     timings: dict[str, object] = {}
     samples: dict[str, list[float]] = {}
-    reference: Any = None
     for path, run in runners.items():
         try:
             output = run()
-            why = agrees(output, reference) if agrees is not None and samples else None
-        except Exception as err:  # noqa: BLE001 - any failure of one candidate (kernel, library, memory) leaves it out
-            timings[path] = _unavailable(err)
+            why = check(output) if check is not None else None
+            del output
+        except Exception as err:  # noqa: BLE001 - any failure of one candidate leaves it out (and is said)
+            timings[path] = _unavailable(path, err)
             continue
         if why is not None:
             timings[path] = f"disagrees: {why}"
             continue
-        if agrees is not None and not samples:
-            reference = output
         samples[path] = []
     for _ in range(rounds):
         for path in list(samples):
             try:
                 samples[path].append(clock(runners[path]))
             except Exception as err:  # noqa: BLE001 - as above, in a timed call
-                timings[path] = _unavailable(err)
+                timings[path] = _unavailable(path, err)
                 del samples[path]
     timings.update({path: sorted(times)[len(times) // 2] for path, times in samples.items()})
     timed = {p: t for p, t in timings.items() if isinstance(t, float)}
@@ -134,8 +136,16 @@ def fastest(runners: dict[str, Callable[[], object]], clock: Callable[[Callable[
     return {"path": min(timed, key=timed.get), "ms": timings}
 
 
-def _unavailable(err: Exception) -> str:
-    return f"unavailable: {type(err).__name__}: {(str(err).splitlines() or [''])[0][:120]}"
+def _unavailable(path: str, err: Exception) -> str:
+    why = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:120]}"
+    if not isinstance(err, EXPECTED_FAILURES) and (path, type(err)) not in _warned_failures:
+        _warned_failures.add((path, type(err)))
+        warnings.warn(f"sparsecc: kernel path {path!r} failed while being tuned and is left out ({why}); "
+                      "this looks like a bug: please report it", stacklevel=3)
+    return f"unavailable: {why}"
+
+
+_warned_failures: set = set()
 
 
 def cpu_ms(run: Callable[[], object]) -> float:

@@ -1,5 +1,6 @@
 """The CUDA path choice of nm_linear: candidates, the JSON cache, and (on a GPU) both paths and the tuning."""
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -30,7 +31,8 @@ def test_tuning_leaves_out_a_candidate_whose_numbers_disagree_with_the_reference
     for name, run in runners.items():
         run.__name__ = name
     clock = {"reference": 2.0, "close": 1.0}                 # every other one would be fastest of all
-    entry = tuning_cache.fastest(runners, lambda run: clock.get(run.__name__, 0.5), agrees=nm_autotune.disagreement)
+    entry = tuning_cache.fastest(runners, lambda run: clock.get(run.__name__, 0.5),
+                                 check=partial(nm_autotune.disagreement, want=want))
     assert entry["path"] == "close" and entry["ms"] == {**entry["ms"], "reference": 2.0, "close": 1.0}
     assert entry["ms"]["wrong"].startswith("disagrees: relative error")
     assert entry["ms"]["nan"].startswith("disagrees: relative error nan")
@@ -50,13 +52,14 @@ def test_a_candidate_failing_in_any_way_untimed_or_timed_is_left_out_with_the_re
         return 1.0
     runners = {"ok": lambda: torch.ones(2), "typo": typo, "flaky": lambda: torch.ones(2)}
     runners["ok"].__name__, runners["flaky"].__name__ = "ok", "flaky"
-    entry = tuning_cache.fastest(runners, flaky_clock, rounds=3, agrees=nm_autotune.disagreement)
+    with pytest.warns(UserWarning, match="'typo' failed while being tuned .* looks like a bug"):
+        entry = tuning_cache.fastest(runners, flaky_clock, rounds=3)    # a MemoryError is expected: no warning
     assert entry["path"] == "ok" and calls["flaky"] == 1
     assert entry["ms"]["typo"] == "unavailable: TypeError: an untested library call"
     assert entry["ms"]["flaky"] == "unavailable: MemoryError: out of memory in a timed call"
 
 
-def test_autotune_checks_every_candidate_against_the_triton_path_and_drops_the_losers_copies(monkeypatch):
+def test_autotune_checks_every_candidate_against_the_dense_product_and_drops_the_losers_copies(monkeypatch):
     values, indices, dense = _weights(32, 64, torch.float16, device="cpu")
     x = torch.randn(64, 64, dtype=torch.float16)
     right = torch.nn.functional.linear(x, dense)
@@ -80,13 +83,15 @@ def test_a_remembered_path_this_machine_cannot_take_falls_back_to_triton(monkeyp
     assert nm_autotune.choose_path(x, torch.empty(32, 32), None, None, 2, 4, 64) == "triton"
 
 
-def test_a_failing_reference_hands_the_reference_role_to_the_next_candidate():
+def test_no_candidate_is_the_reference_so_a_failing_one_hands_nothing_on():
+    """Each output is checked against the dense product, not against whichever path ran first."""
     def broken():
         raise RuntimeError("no Triton here")
     want = torch.ones(4)
-    entry = tuning_cache.fastest({"triton": broken, "a": lambda: want, "b": lambda: -want}, lambda run: 1.0,
-                                 agrees=nm_autotune.disagreement)
-    assert entry["path"] == "a" and entry["ms"]["b"].startswith("disagrees")
+    entry = tuning_cache.fastest({"triton": broken, "wrong": lambda: -want, "right": lambda: want.clone()},
+                                 lambda run: 1.0, check=partial(nm_autotune.disagreement, want=want))
+    assert entry["path"] == "right" and entry["ms"]["wrong"].startswith("disagrees")
+    assert entry["ms"]["triton"] == "unavailable: RuntimeError: no Triton here"
 
 
 def _fake_cusparselt(monkeypatch, calls):

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ....nm_format import index_bits, nm_index_bytes
-from .epilogue import reduce_rows, store_output, store_outputs, vector_literal
+from .epilogue import reduce_rows, store_output, vector_literal
 
 REGISTER_BITS = 512      # the AVX-512 form's (dense_codegen.py is AVX-512 only)
 MAX_TOKENS = 16          # more tokens: the dense GEMM path
@@ -347,7 +347,7 @@ def _store_sums(spec: DecodeSpec, p: str, accs: list[tuple[int, int, int]]) -> l
             sums, found = reduce_rows(f"{p}t{t}_", [totals[j, t] for j in range(rows)], width)
             lines += [*sums, f"{p}yt_{t} = arith.muli %out_rows, %c{t} : index",
                       f"{p}yi_{t} = arith.addi {p}yt_{t}, {p}r0 : index",
-                      *store_outputs(spec.dtype, f"{p}v{t}_", found, rows, f"{p}r0", f"{p}yi_{t}")]
+                      *store_output(spec.dtype, f"{p}v{t}_", found, f"{p}r0", f"{p}yi_{t}", rows)]
             continue
         for j in range(rows):
             lines += [f"{p}dot{j}_{t} = vector.reduction <add>, {totals[j, t]} fastmath<reassoc> : {acc_t} into f32",

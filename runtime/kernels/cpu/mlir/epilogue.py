@@ -1,8 +1,7 @@
 """The decode kernels' epilogue as MLIR text: lane reductions, the bias, rounding and the stores of y.
 
-`store_output` writes one (row, token) sum; `reduce_rows` sums the lanes of a block of rows at once into
-one vector of row sums, which `store_outputs` writes as one vector. Shared by the N:M decode kernel
-(codegen.py) and the dense one (dense_codegen.py).
+`store_output` writes one (row, token) sum, or a vector of row sums that `reduce_rows` made from a block
+of rows at once. Shared by the N:M decode kernel (codegen.py) and the dense one (dense_codegen.py).
 """
 from __future__ import annotations
 
@@ -45,24 +44,15 @@ def reduce_rows(p: str, totals: list[str], width: int) -> tuple[list[str], str]:
     return lines, found
 
 
-def store_outputs(dtype: str, q: str, sums: str, rows: int, row: str, index: str) -> list[str]:
-    """y[index + i] = sums[i] + bias[row + i] for i < rows, as `store_output` does one."""
-    vec = f"vector<{rows}xf32>"
-    lines = [f"{q}b = vector.load %bias[{row}] : memref<?xf32>, {vec}",
-             f"{q}out = arith.addf {sums}, {q}b : {vec}"]
+def store_output(dtype: str, q: str, value: str, row: str, index: str, rows: int = 0) -> list[str]:
+    """y[index] = value + bias[row] for one f32 `value`, or with `rows` y[index + i] = value[i] + bias[row + i]
+    for a vector<rows x f32> of row sums; rounded once to the output dtype (nearest even, as torch rounds)."""
+    f32, half, bits = (f"vector<{rows}x{t}>" if rows else t for t in ("f32", "bf16", "i16"))
+    load, store = ("vector.load", "vector.store") if rows else ("memref.load", "memref.store")
+    lines = [f"{q}b = {load} %bias[{row}] : memref<?xf32>{f', {f32}' if rows else ''}",
+             f"{q}out = arith.addf {value}, {q}b : {f32}"]
     if dtype == "float32":
-        return lines + [f"vector.store {q}out, %y[{index}] : memref<?xf32>, {vec}"]
-    return lines + [f"{q}half = arith.truncf {q}out : {vec} to vector<{rows}xbf16>",
-                    f"{q}bits = arith.bitcast {q}half : vector<{rows}xbf16> to vector<{rows}xi16>",
-                    f"vector.store {q}bits, %y[{index}] : memref<?xi16>, vector<{rows}xi16>"]
-
-
-def store_output(dtype: str, q: str, dot: str, row: str, index: str) -> list[str]:
-    """y[index] = dot + bias[row], rounded once to the output dtype (nearest even, as torch rounds)."""
-    lines = [f"{q}b = memref.load %bias[{row}] : memref<?xf32>",
-             f"{q}out = arith.addf {dot}, {q}b : f32"]
-    if dtype == "float32":
-        return lines + [f"memref.store {q}out, %y[{index}] : memref<?xf32>"]
-    return lines + [f"{q}half = arith.truncf {q}out : f32 to bf16",
-                    f"{q}bits = arith.bitcast {q}half : bf16 to i16",
-                    f"memref.store {q}bits, %y[{index}] : memref<?xi16>"]
+        return lines + [f"{store} {q}out, %y[{index}] : memref<?xf32>{f', {f32}' if rows else ''}"]
+    return lines + [f"{q}half = arith.truncf {q}out : {f32} to {half}",
+                    f"{q}bits = arith.bitcast {q}half : {half} to {bits}",
+                    f"{store} {q}bits, %y[{index}] : memref<?xi16>{f', {bits}' if rows else ''}"]
