@@ -29,7 +29,7 @@ import torch.nn.functional as F     # noqa: E402
 
 from sparsecc.runtime.kernels.cpu.mlir import jit, objects                    # noqa: E402
 from sparsecc.runtime.kernels.cpu.mlir.codegen import COMPACT_BLOCKING, DecodeSpec, decode_kernel_text  # noqa: E402
-from sparsecc.runtime.kernels.cpu.mlir.nm_decode import MAX_COMPACT_BYTES, DecodeCall  # noqa: E402
+from sparsecc.runtime.kernels.cpu.mlir.nm_decode import DecodeCall, compact  # noqa: E402
 from sparsecc.runtime.kernels.cpu.mlir.object_cache import use_prebuilt       # noqa: E402
 from sparsecc.runtime.nm_format import compress_nm, nm_mask                   # noqa: E402
 
@@ -42,8 +42,8 @@ TOKENS = [1, 8]
 def v3_kernel(k: int, n: int, m: int, tokens: int, values: torch.Tensor) -> DecodeSpec:
     """The avx2 form's spec, blocked as the runtime blocks it for this weight (nm_decode.decode_spec), its
     x86-64-v3 object offered to the loader (as a verified artifact's would be)."""
-    compact = tokens == 1 and values.numel() * values.element_size() <= MAX_COMPACT_BYTES
-    spec = DecodeSpec("float32", k, n, m, tokens, *(COMPACT_BLOCKING if compact else (0, 0)), isa="avx2")
+    spec = DecodeSpec("float32", k, n, m, tokens, *(COMPACT_BLOCKING if compact(values, tokens) else (0, 0)),
+                      isa="avx2")
     text = decode_kernel_text(spec)
     use_prebuilt({objects.source_sha256(text): objects.build_object(text, spec.name, "x86-64-v3", "")})
     if jit.decode_kernel(spec).origin != "artifact":

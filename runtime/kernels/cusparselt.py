@@ -19,15 +19,15 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
-from ..nm_format import decompress_nm, tensor_version
+from ..nm_format import decompress_nm
 from .tuning_cache import bucket
+from .weight_copies import WeightCopies
 
 DTYPES = (torch.float16, torch.bfloat16)
 SPARSE_MULTIPLE = 16      # cuSPARSELt's sparse operand: rows and columns multiples of 16 (fp16/bf16)
 TOKEN_MULTIPLE = 8        # its dense operand's columns (our tokens)
-_packed = WeakIdKeyDictionary()          # values tensor -> (version, dtype, compressed weight)
+packed_weights = WeightCopies()          # values -> its compressed form, per dtype
 _algorithms: dict[tuple, int] = {}       # (device, dtype, out, in, token bucket, bias?) -> cuSPARSELt algorithm id
 _lock = threading.Lock()
 
@@ -51,18 +51,8 @@ def unsupported(n: int, m: int, dtype: torch.dtype, out_features: int, in_featur
 def compressed_weight(values: Tensor, indices: Tensor, in_features: int, dtype: torch.dtype) -> Tensor:
     """The pruned weight in cuSPARSELt's compressed form, made once per weight, versions (values' and
     indices') and dtype; an inference tensor, which has no version, is compressed every call."""
-    version = (tensor_version(values), tensor_version(indices))
-    cached = _packed.get(values)
-    if cached is not None and cached[0] == version and None not in version and cached[1] == dtype:
-        return cached[2]
-    packed = torch._cslt_compress(decompress_nm(values, indices, 2, 4, in_features).to(dtype).contiguous())
-    _packed[values] = (version, dtype, packed)
-    return packed
-
-
-def forget(values: Tensor) -> None:
-    """Drop the compressed copy of `values` (tuning did not choose this path for it)."""
-    _packed.pop(values, None)
+    return packed_weights.get(values, indices, dtype, lambda: torch._cslt_compress(
+        decompress_nm(values, indices, 2, 4, in_features).to(dtype).contiguous()))
 
 
 def algorithm(packed: Tensor, dense_t: Tensor, bias: Optional[Tensor], key: tuple) -> int:

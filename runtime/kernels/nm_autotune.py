@@ -29,20 +29,20 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
-from ..nm_format import decompress_nm, tensor_version
+from ..nm_format import decompress_nm
 from . import cusparselt
 from .checks import refuse
 from .cpu.nm_linear import nm_linear_problem
 from .tuning_cache import bucket, fastest, remembered
+from .weight_copies import WeightCopies
 
 PATHS = ("triton", "cusparselt", "semi_structured", "dense")
 MIN_SPARSE_GEMM_TOKENS = 64
-MAX_DISAGREEMENT = 1e-2    # |y - y_triton| / |y_triton| above which a candidate is left out (bf16 eps 7.8e-3)
+MAX_DISAGREEMENT = 1e-2    # |y - y_dense| / |y_dense| above which a candidate is left out (bf16 eps 7.8e-3)
 TUNING_VERSION = 2         # in the key: choices made before cuSPARSELt and the dense copy were candidates retune
-_semi_weights = WeakIdKeyDictionary()     # values tensor -> (version, SparseSemiStructuredTensor)
-_dense_weights = WeakIdKeyDictionary()    # values tensor -> (version, dtype, dense weight): keep="speed" only
+_semi_weights = WeightCopies()      # values -> its SparseSemiStructuredTensor
+_dense_weights = WeightCopies()     # values -> its dense weight: keep="speed" only
 
 
 def tuning_key(tokens: int, out_features: int, in_features: int, n: int, m: int, dtype: torch.dtype,
@@ -52,15 +52,10 @@ def tuning_key(tokens: int, out_features: int, in_features: int, n: int, m: int,
 
 
 def semi_structured_weight(values: Tensor, indices: Tensor, n: int, m: int, in_features: int, dtype: torch.dtype):
-    """The dense pruned weight as a SparseSemiStructuredTensor, converted once per weight (and version)."""
-    version = (tensor_version(values), tensor_version(indices))
-    cached = _semi_weights.get(values)
-    if cached is not None and cached[0] == version and None not in version:
-        return cached[1]
+    """The dense pruned weight as a SparseSemiStructuredTensor, converted once per weight, version and dtype."""
     from torch.sparse import to_sparse_semi_structured
-    weight = to_sparse_semi_structured(decompress_nm(values, indices, n, m, in_features).to(dtype))
-    _semi_weights[values] = (version, weight)
-    return weight
+    return _semi_weights.get(values, indices, dtype, lambda: to_sparse_semi_structured(
+        decompress_nm(values, indices, n, m, in_features).to(dtype)))
 
 
 def _run_triton(x, values, indices, bias, n, m, in_features):
@@ -78,12 +73,9 @@ def _run_semi_structured(x, values, indices, bias, n, m, in_features):
 def _run_dense(x, values, indices, bias, n, m, in_features):
     """F.linear on a dense copy of the pruned weight, made once per weight, version and dtype (keep="speed";
     an inference tensor, which has no version, is decompressed every call)."""
-    version = (tensor_version(values), tensor_version(indices))
-    cached = _dense_weights.get(values)
-    if cached is None or cached[0] != version or None in version or cached[1] != x.dtype:
-        cached = (version, x.dtype, decompress_nm(values, indices, n, m, in_features).to(x.dtype))
-        _dense_weights[values] = cached
-    return F.linear(x, cached[2], None if bias is None else bias.to(x.dtype))
+    weight = _dense_weights.get(values, indices, x.dtype,
+                                lambda: decompress_nm(values, indices, n, m, in_features).to(x.dtype))
+    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
 
 RUNNERS: dict[str, Callable] = {"triton": _run_triton, "cusparselt": cusparselt.nm_linear_cusparselt,
@@ -127,12 +119,10 @@ def dense_product(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Ten
 
 def forget_unchosen(values: Tensor, chosen: str) -> None:
     """Drop the copies of `values` that tuning made for paths it did not choose (keep="memory" keeps none)."""
-    if chosen != "semi_structured":
-        _semi_weights.pop(values, None)
-    if chosen != "dense":
-        _dense_weights.pop(values, None)
-    if chosen != "cusparselt":
-        cusparselt.forget(values)
+    for path, copies in (("semi_structured", _semi_weights), ("dense", _dense_weights),
+                         ("cusparselt", cusparselt.packed_weights)):
+        if chosen != path:
+            copies.forget(values)
 
 
 def _time_ms(run: Callable[[], Tensor], repeats: int = 10) -> float:
@@ -178,7 +168,7 @@ def choose_path(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tenso
         return paths[0]
     key = tuning_key(tokens, values.shape[0], in_features, n, m, x.dtype, x.device, keep)
     path = remembered(key, lambda: autotune(x, values, indices, bias, n, m, in_features, keep))["path"]
-    return path if path in paths else "triton"    # a file from a machine with cuSPARSELt: the reference path
+    return path if path in paths else "triton"    # a file from a machine with cuSPARSELt: the path always offered
 
 
 def nm_linear_cuda(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], n: int, m: int,

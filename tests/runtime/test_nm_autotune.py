@@ -63,15 +63,15 @@ def test_autotune_checks_every_candidate_against_the_dense_product_and_drops_the
     values, indices, dense = _weights(32, 64, torch.float16, device="cpu")
     x = torch.randn(64, 64, dtype=torch.float16)
     right = torch.nn.functional.linear(x, dense)
-    cusparselt._packed[values] = ((0, 0), torch.float16, torch.empty(1))    # what its untimed run left
-    nm_autotune._dense_weights[values] = ((0, 0), torch.float16, dense)
+    cusparselt.packed_weights.get(values, indices, torch.float16, lambda: torch.empty(1))   # its untimed run's
+    nm_autotune._dense_weights.get(values, indices, torch.float16, lambda: dense)
     monkeypatch.setattr(nm_autotune, "candidates", lambda *a, **k: ["triton", "cusparselt", "dense"])
     monkeypatch.setattr(nm_autotune, "RUNNERS", {"triton": lambda *a: right, "cusparselt": lambda *a: -right,
                                                  "dense": lambda *a: right.clone()})
     monkeypatch.setattr(nm_autotune, "_time_ms", lambda run: 1.0 if run() is right else 0.5)
     entry = nm_autotune.autotune(x, values, indices, None, 2, 4, 64, keep="speed")
     assert entry["path"] == "dense" and entry["ms"]["cusparselt"].startswith("disagrees: relative error 2")
-    assert values not in cusparselt._packed and values in nm_autotune._dense_weights
+    assert cusparselt.packed_weights.kept(values) is None and nm_autotune._dense_weights.kept(values) is dense
 
 
 def test_a_remembered_path_this_machine_cannot_take_falls_back_to_triton(monkeypatch):
@@ -161,9 +161,9 @@ def test_dense_copy_path_is_made_once_per_weight_version_and_matches():
     values, indices, dense = _weights(16, 32, torch.float32, device="cpu")
     x = torch.randn(3, 32)
     torch.testing.assert_close(nm_autotune.RUNNERS["dense"](x, values, indices, None, 2, 4, 32), x @ dense.T)
-    kept = nm_autotune._dense_weights[values][2]
+    kept = nm_autotune._dense_weights.kept(values)
     nm_autotune.RUNNERS["dense"](x, values, indices, None, 2, 4, 32)
-    assert nm_autotune._dense_weights[values][2] is kept
+    assert nm_autotune._dense_weights.kept(values) is kept
     values.mul_(-1)
     torch.testing.assert_close(nm_autotune.RUNNERS["dense"](x, values, indices, None, 2, 4, 32), -(x @ dense.T))
 

@@ -27,10 +27,10 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
-from ...nm_format import decompress_nm, tensor_version
+from ...nm_format import decompress_nm
 from ..tuning_cache import bucket, choices, cpu_ms, fastest, remembered
+from ..weight_copies import WeightCopies
 from .mlir.host import cpu_model, host_target
 from .mlir.nm_decode import DecodeCall, decode_spec, nm_decompress_mlir, nm_linear_mlir
 
@@ -42,7 +42,7 @@ TUNING_VERSION = 5  # in every key: choices measured with other paths, kernels o
 TUNING_ROUNDS = 7   # timed rounds per candidate, interleaved; the median round decides
 SAMPLES_PER_ROUND = 3  # calls per round, the fastest kept (v2 took one: a busy host's choices were noise)
 BLOCK_ROWS = 256  # 32..512 rows measured at K=4096 and 11008, fp32 and bf16, 512 tokens: 256 best or within noise
-_dense_weights = WeakIdKeyDictionary()   # values tensor -> (version, dense weight): keep="speed" only
+_dense_weights = WeightCopies()   # values -> its decompressed weight: keep="speed" only
 _workspaces = threading.local()          # the "whole" path's decompression buffers, by dtype
 
 
@@ -96,12 +96,9 @@ def taken(found, kernel: str):
 def dense(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], n: int, m: int,
           in_features: int) -> Tensor:
     """F.linear with the weight decompressed once per weight (values and indices state) and kept."""
-    cached = _dense_weights.get(values)
-    version = (tensor_version(values), tensor_version(indices), id(indices), indices.data_ptr())
-    if cached is None or cached[0] != version or None in version[:2]:
-        out = values.new_empty(values.shape[0], in_features)
-        cached = _dense_weights[values] = (version, decompress_tile(values, indices, n, m, in_features, out))
-    return F.linear(x, cached[1], None if bias is None else bias.to(x.dtype))
+    weight = _dense_weights.get(values, indices, None, lambda: decompress_tile(
+        values, indices, n, m, in_features, values.new_empty(values.shape[0], in_features)))
+    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
 
 def whole(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], n: int, m: int,
@@ -125,7 +122,7 @@ def workspace(dtype: torch.dtype, numel: int) -> Tensor:
 
 def holds_dense_copy(values: Tensor) -> bool:
     """Whether the "dense" path keeps a decompressed copy of this weight (keep="speed", chosen)."""
-    return values in _dense_weights
+    return _dense_weights.kept(values) is not None
 
 
 RUNNERS: dict[str, Callable[..., Tensor]] = {"generated": generated, "whole": whole, "tiles": tiles,
@@ -188,7 +185,7 @@ def tune(paths: list[str], x: Tensor, values: Tensor, indices: Tensor, bias: Opt
         runners["generated"] = bound_once(bind, x)
     entry = fastest(runners, quiet_ms, rounds=TUNING_ROUNDS)
     if entry["path"] != "dense":
-        _dense_weights.pop(values, None)   # timed, not chosen: the layer stays compressed in memory
+        _dense_weights.forget(values)   # timed, not chosen: the layer stays compressed in memory
     if entry["path"] != "whole" and not any(e.get("path") == "whole" for e in choices().values()):
         getattr(_workspaces, "by_dtype", {}).pop(values.dtype, None)   # timed, and no layer runs "whole"
     return entry

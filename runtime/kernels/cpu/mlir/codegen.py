@@ -215,9 +215,13 @@ def _header(spec: DecodeSpec) -> list[str]:
             *(select if ISAS[spec.isa].permute_reads == 1 else [])]
 
 
+def _acc_lanes(spec: DecodeSpec) -> int:
+    """fp32 lanes of an accumulator: one per window value (bf16: one per pair, vdpbf16ps)."""
+    return spec.window_values if spec.dtype == "float32" else spec.window_values // 2
+
+
 def _acc_type(spec: DecodeSpec) -> str:
-    width = spec.window_values if spec.dtype == "float32" else spec.window_values // 2
-    return f"vector<{width}xf32>"
+    return f"vector<{_acc_lanes(spec)}xf32>"
 
 
 def _lane_t(spec: DecodeSpec) -> str:
@@ -341,7 +345,7 @@ def _store_sums(spec: DecodeSpec, p: str, accs: list[tuple[int, int, int]]) -> l
             lines.append(f"{p}part{j}_{u}_{t} = arith.addf {total}, {p}sums#{accs.index((j, u, t))} : {acc_t}")
             total = f"{p}part{j}_{u}_{t}"
         totals[j, t] = total
-    width = int(acc_t.split("<")[1].split("x")[0])
+    width = _acc_lanes(spec)
     for t in sorted({t for _, t in totals}):
         if rows > 1 and rows & (rows - 1) == 0 and rows <= width:
             sums, found = reduce_rows(f"{p}t{t}_", [totals[j, t] for j in range(rows)], width)

@@ -61,8 +61,13 @@ def decode_spec(x: Tensor, values: Tensor, n: int, m: int, in_features: int) -> 
     if x.dim() < 1 or x.shape[-1] != in_features or x.numel() == 0:
         return None
     tokens = x.numel() // in_features
-    compact = tokens == 1 and values.numel() * values.element_size() <= MAX_COMPACT_BYTES
-    return runnable_spec(dtype, in_features, n, m, tokens, compact)
+    return runnable_spec(dtype, in_features, n, m, tokens, compact(values, tokens))
+
+
+def compact(values: Tensor, tokens: int) -> bool:
+    """Whether a call takes the blocking for a weight that stays in cache (COMPACT_BLOCKING): one token on
+    at most MAX_COMPACT_BYTES of stored values."""
+    return tokens == 1 and values.numel() * values.element_size() <= MAX_COMPACT_BYTES
 
 
 @functools.lru_cache(maxsize=None)
